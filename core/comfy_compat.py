@@ -1,0 +1,164 @@
+"""The one place that touches ComfyUI. Everything here works without ComfyUI too.
+
+Inside ComfyUI: devices from ``comfy.model_management``, progress through ``comfy.utils.ProgressBar``
+(which also raises on the user's interrupt), model folders from ``folder_paths``.
+Outside: the best local device, a tqdm bar, and plain paths.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("glm_image_nodes")
+
+try:  # pragma: no cover - exercised only inside ComfyUI
+    import comfy.model_management as _mm
+    import comfy.utils as _comfy_utils
+    import folder_paths as _folder_paths
+    IN_COMFYUI = True
+except Exception:  # ImportError, or a partial ComfyUI tree
+    _mm = _comfy_utils = _folder_paths = None
+    IN_COMFYUI = False
+
+
+class Interrupted(RuntimeError):
+    """Raised outside ComfyUI when ``request_interrupt`` was called (ComfyUI raises its own)."""
+
+
+_interrupt_requested = False
+
+
+def request_interrupt() -> None:
+    """Outside ComfyUI: make the running AR or decoder loop stop at its next step."""
+    global _interrupt_requested
+    _interrupt_requested = True
+
+
+def check_interrupt() -> None:
+    global _interrupt_requested
+    if _mm is not None:
+        _mm.throw_exception_if_processing_interrupted()
+    elif _interrupt_requested:
+        _interrupt_requested = False
+        raise Interrupted("interrupted by the user")
+
+
+def get_device() -> torch.device:
+    if _mm is not None:
+        return _mm.get_torch_device()
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    if _mm is not None:
+        return _mm.unet_offload_device()
+    return torch.device("cpu")
+
+
+def soft_empty_cache() -> None:
+    if _mm is not None:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Progress:
+    """Progress for a loop of ``total`` steps: ComfyUI's bar inside ComfyUI, tqdm outside.
+
+    ``update`` also checks for an interrupt, so a loop that reports progress every step can be stopped.
+    """
+
+    def __init__(self, total: int, desc: str = "", enabled: bool = True):
+        self.total = total
+        self._bar = None
+        self._tqdm = None
+        if _comfy_utils is not None:
+            self._bar = _comfy_utils.ProgressBar(total)
+        elif enabled and os.environ.get("GLMIMAGE_NO_PROGRESS") != "1":
+            try:
+                from tqdm import tqdm
+                self._tqdm = tqdm(total=total, desc=desc, leave=False)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1) -> None:
+        check_interrupt()
+        if self._bar is not None:
+            self._bar.update(n)
+        if self._tqdm is not None:
+            self._tqdm.update(n)
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---- model folders ----------------------------------------------------------------------------
+RELEASE_FOLDER = "glm_image"          # whole diffusers-format release folders
+SINGLE_FILE_FOLDERS = {
+    "transformer": "diffusion_models",
+    "vision_language_encoder": "text_encoders",
+    "text_encoder": "text_encoders",
+    "vae": "vae",
+}
+
+
+def register_model_folders() -> None:
+    """Register the ``glm_image`` folder (release folders) with ComfyUI."""
+    if _folder_paths is None:
+        return
+    path = os.path.join(_folder_paths.models_dir, RELEASE_FOLDER)
+    if RELEASE_FOLDER not in _folder_paths.folder_names_and_paths:
+        _folder_paths.folder_names_and_paths[RELEASE_FOLDER] = ([path], set())
+
+
+def list_release_folders() -> list[str]:
+    """Names of release folders (those with a model_index.json) in ComfyUI's ``glm_image`` folders."""
+    if _folder_paths is None:
+        return []
+    names = []
+    for base in _folder_paths.get_folder_paths(RELEASE_FOLDER):
+        if os.path.isdir(base):
+            for name in sorted(os.listdir(base)):
+                if os.path.isfile(os.path.join(base, name, "model_index.json")):
+                    names.append(name)
+    return names
+
+
+def list_single_files(kind: str) -> list[str]:
+    if _folder_paths is None:
+        return []
+    return [n for n in _folder_paths.get_filename_list(kind) if n.endswith(".safetensors")]
+
+
+def resolve_checkpoint(name: str, kind: str) -> str:
+    """Turn a loader's choice into a path: an absolute path as is, else a release folder name in
+    ``models/glm_image`` or a file name in the ComfyUI folder ``kind``."""
+    expanded = os.path.expanduser(name)
+    if os.path.isabs(expanded) or os.path.exists(expanded):
+        if not os.path.exists(expanded):
+            raise FileNotFoundError(f"{name} does not exist.")
+        return expanded
+    if _folder_paths is not None:
+        for base in _folder_paths.get_folder_paths(RELEASE_FOLDER):
+            candidate = os.path.join(base, name)
+            if os.path.isdir(candidate):
+                return candidate
+        path = _folder_paths.get_full_path(kind, name)
+        if path:
+            return path
+    raise FileNotFoundError(
+        f"Checkpoint {name!r} not found. Put a release folder in models/{RELEASE_FOLDER}/, a single file in "
+        f"models/{kind}/, or give an absolute path.")

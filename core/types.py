@@ -1,0 +1,62 @@
+"""Objects passed between the pack's nodes (custom socket types ``GLMIMAGE_*``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# socket type names
+AR_MODEL = "GLMIMAGE_AR"
+TOKENIZER = "GLMIMAGE_TOKENIZER"
+DECODER = "GLMIMAGE_DECODER"
+GLYPH_ENCODER = "GLMIMAGE_GLYPH_ENCODER"
+VAE = "GLMIMAGE_VAE"
+TOKENS = "GLMIMAGE_TOKENS"
+GLYPH = "GLMIMAGE_GLYPH"
+REFERENCES = "GLMIMAGE_REFERENCES"
+
+
+@dataclass
+class TokenGrid:
+    """Semantic-VQ ids of one or more images at 1/32 of the target size.
+
+    ids: int64 ``[B, H/32, W/32]`` with every value in ``[0, 16384)``.
+    preview: int64 ``[B, ph, pw]`` (text-to-image only) or None.
+    """
+    ids: torch.Tensor
+    height: int
+    width: int
+    preview: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.ids.shape[0]
+
+    def upsampled(self) -> torch.Tensor:
+        """Nearest 2x upsample to the decoder's patch grid, flattened row-major: ``[B, (H/16)*(W/16)]``."""
+        ids = self.ids.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+        return ids.flatten(1)
+
+
+@dataclass
+class GlyphConditioning:
+    """Glyph-ByT5 embeddings of the quoted text of a prompt (``cond``) and of ``""`` (``uncond``).
+
+    cond: ``[1, Lg, D]``; uncond: ``[1, Lu, D]``; texts: the strings that were encoded.
+    """
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    texts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReferenceImages:
+    """Reference images for editing, one entry per image.
+
+    latents: normalized VAE latents ``[1, 16, H/8, W/8]``; prior_ids: 2x-upsampled token ids
+    ``[(H/16)*(W/16)]``; token_ids: the d32 ids ``[H/32, W/32]``; sizes: pixel ``(H, W)``.
+    """
+    latents: list[torch.Tensor]
+    prior_ids: list[torch.Tensor]
+    token_ids: list[torch.Tensor]
+    sizes: list[tuple[int, int]]
