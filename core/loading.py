@@ -155,3 +155,25 @@ def resolve_dtype(choice: str, device: torch.device | str, *, component: str, fp
     if choice not in DTYPES:
         raise CheckpointError(f"{component}: unknown dtype {choice!r}; choose one of auto, {', '.join(DTYPES)}.")
     return DTYPES[choice]
+
+
+def component_path(path: str, subfolder: str) -> str:
+    """``path`` may be a release root (with ``model_index.json``), a component folder or a single file;
+    return the component's folder or file."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json")):
+        sub = os.path.join(path, subfolder)
+        if not os.path.isdir(sub):
+            raise CheckpointError(f"{path} is a release folder but has no {subfolder}/ component. "
+                                  f"Download that folder of the release, or choose the component's own file.")
+        return sub
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist.")
+    return path
+
+
+def config_or_none(path: str) -> dict | None:
+    """The component's config.json when ``path`` is a folder (or a file with a config.json beside it)."""
+    folder = path if os.path.isdir(path) else None
+    if folder and os.path.isfile(os.path.join(folder, "config.json")):
+        return read_config(folder)
+    return None
