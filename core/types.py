@@ -60,3 +60,11 @@ class ReferenceImages:
     prior_ids: list[torch.Tensor]
     token_ids: list[torch.Tensor]
     sizes: list[tuple[int, int]]
+
+
+@dataclass
+class ARModel:
+    """The GLM AR model with its text tokenizer (socket ``GLMIMAGE_AR``)."""
+    model: torch.nn.Module
+    tokenizer: object
+    path: str = ""

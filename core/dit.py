@@ -1,0 +1,414 @@
+"""The GLM-Image DiT decoder (diffusers ``GlmImageTransformer2DModel``) and the blocks it shares with CogView4.
+
+One block serves two streams: the text stream (glyph embeddings for GLM-Image, GLM-4 hidden states for
+CogView4) and the image stream (2x2 patches of the latent). Each stream has its own adaLN modulation, but the
+attention (joint over ``[text; image]``) and the feed-forward weights are shared. RoPE touches the image part
+only. Editing adds a reference K/V cache: references are run once in ``write`` mode, the conditional branch
+then attends over ``[cached references; glyph; target]`` in ``read`` mode.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .attention import attention
+from .comfy_compat import get_device
+from .loading import (CheckpointError, component_path, config_or_none, fill_module, load_state_dict, meta_device,
+                      resolve_dtype, safetensors_files)
+
+FP16_REASON = ("the DiT's residual stream exceeds the fp16 range (the reference runs it in bf16 or fp32) and the "
+               "images come out as NaN or noise.")
+KV_MODES = ("write", "read", "skip")
+
+# transformer/config.json of zai-org/GLM-Image
+GLM_IMAGE_DIT_CONFIG = {
+    "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 30, "attention_head_dim": 128,
+    "num_attention_heads": 32, "text_embed_dim": 1472, "time_embed_dim": 512, "condition_dim": 256,
+    "prior_vq_quantizer_codebook_size": 16384,
+}
+
+KVHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+# ---- embeddings ------------------------------------------------------------------------------------------------
+def sincos(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``: ``[cos, sin]``, fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    args = values.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TwoLayerMLP(nn.Module):
+    """``linear_1 -> SiLU -> linear_2`` (diffusers ``TimestepEmbedding`` / ``PixArtAlphaTextProjection``)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeConditionEmbed(nn.Module):
+    """``SiLU(MLP(sincos(t)) + MLP(cat(sincos(c) for c in conditions)))``; each condition is ``[B, 2]``."""
+
+    def __init__(self, dim: int, time_proj_dim: int, condition_dim: int, num_conditions: int):
+        super().__init__()
+        self.time_proj_dim = time_proj_dim
+        self.condition_dim = condition_dim
+        self.timestep_embedder = TwoLayerMLP(time_proj_dim, dim)
+        self.condition_embedder = TwoLayerMLP(2 * num_conditions * condition_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, conditions: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        t = sincos(timestep, self.time_proj_dim)
+        c = torch.cat([sincos(x.flatten(), self.condition_dim).view(x.shape[0], -1) for x in conditions], dim=1)
+        return F.silu(self.timestep_embedder(t.to(dtype)) + self.condition_embedder(c.to(dtype)))
+
+
+class ActivatedLinear(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, activation: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    """diffusers ``FeedForward``: ``net.0.proj`` + activation, ``net.1`` (dropout, no weights), ``net.2``."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, activation: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.net = nn.Sequential(ActivatedLinear(in_dim, hidden_dim, activation), nn.Identity(),
+                                 nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# ---- patches and RoPE ------------------------------------------------------------------------------------------
+def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, C, h, w] -> [B, (h/p)(w/p), C*p*p]``, channel-major inside a patch."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).flatten(3, 5).flatten(1, 2)
+
+
+def unpatchify(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
+    """``[B, (h/p)(w/p), C*p*p] -> [B, C, h, w]``."""
+    b = x.shape[0]
+    x = x.reshape(b, h // p, w // p, -1, p, p)
+    return x.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
+
+
+def rope_2d(rows: torch.Tensor, cols: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[rows*cols, head_dim]`` (fp32) for a row-major grid; frequencies laid out ``[h, w, h, w]``.
+
+    ``rows``/``cols`` are the per-axis position indices (raw for GLM-Image, stretched for CogView4).
+    """
+    axis = head_dim // 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, axis, 2, dtype=torch.float32, device=rows.device)[: axis // 2] / axis))
+    fh = torch.outer(rows.float(), inv_freq)[:, None].expand(len(rows), len(cols), -1)
+    fw = torch.outer(cols.float(), inv_freq)[None, :].expand(len(rows), len(cols), -1)
+    freqs = torch.cat([fh, fw], dim=-1)
+    freqs = torch.cat([freqs, freqs], dim=-1).reshape(len(rows) * len(cols), -1)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate-half RoPE (``cat(-x2, x1)``) on ``x [B, S, H, D]`` in fp32, result in ``x``'s dtype."""
+    cos, sin = (r[None, :, None, :] for r in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# ---- the block -------------------------------------------------------------------------------------------------
+class AdaLNZero(nn.Module):
+    """``norm1``: one Linear giving 12 modulation vectors (image and text interleaved, see ``DiTBlock``)."""
+
+    def __init__(self, time_dim: int, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 12 * dim)
+
+    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m.unsqueeze(1) for m in self.linear(temb).chunk(12, dim=1))
+
+
+class JointAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, heads * head_dim)
+        self.to_k = nn.Linear(dim, heads * head_dim)
+        self.to_v = nn.Linear(dim, heads * head_dim)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_hook: KVHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n_text = text.shape[1]
+        s = torch.cat([text, x], dim=1)
+        q = self.to_q(s).unflatten(2, (self.heads, self.head_dim))
+        k = self.to_k(s).unflatten(2, (self.heads, self.head_dim))
+        v = self.to_v(s).unflatten(2, (self.heads, self.head_dim))
+        q = F.layer_norm(q, (self.head_dim,), eps=1e-5)
+        k = F.layer_norm(k, (self.head_dim,), eps=1e-5)
+        q = torch.cat([q[:, :n_text], apply_rope(q[:, n_text:], rope)], dim=1)
+        k = torch.cat([k[:, :n_text], apply_rope(k[:, n_text:], rope)], dim=1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        if kv_hook is not None:
+            k, v = kv_hook(k, v)
+        o = attention(q, k, v).transpose(1, 2).flatten(2, 3)
+        o = self.to_out[0](o)
+        return o[:, n_text:], o[:, :n_text]
+
+
+class DiTBlock(nn.Module):
+    """CogView4 / GLM-Image transformer block; ``x`` is the image stream, ``text`` the text stream."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, time_dim: int):
+        super().__init__()
+        self.norm1 = AdaLNZero(time_dim, dim)
+        self.attn1 = JointAttention(dim, heads, head_dim)
+        self.ff = FeedForward(dim, 4 * dim, dim, gelu_tanh)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_hook: KVHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        (shift, c_shift, scale, c_scale, gate, c_gate,
+         shift_ff, c_shift_ff, scale_ff, c_scale_ff, gate_ff, c_gate_ff) = self.norm1(temb)
+        dim = x.shape[-1]
+        nx = F.layer_norm(x, (dim,), eps=1e-5) * (1 + scale) + shift
+        nt = F.layer_norm(text, (dim,), eps=1e-5) * (1 + c_scale) + c_shift
+        ax, at = self.attn1(nx, nt, rope, kv_hook)
+        x = x + ax * gate
+        text = text + at * c_gate
+        x = x + self.ff(F.layer_norm(x, (dim,), eps=1e-5) * (1 + scale_ff) + shift_ff) * gate_ff
+        text = text + self.ff(F.layer_norm(text, (dim,), eps=1e-5) * (1 + c_scale_ff) + c_shift_ff) * c_gate_ff
+        return x, text
+
+
+class FinalAdaLN(nn.Module):
+    """``norm_out``: ``LN(x) * (1 + scale) + shift`` with ``(scale, shift) = linear(temb)`` (no SiLU here)."""
+
+    def __init__(self, time_dim: int, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(temb.to(x.dtype)).chunk(2, dim=1)
+        return F.layer_norm(x, (x.shape[-1],), eps=1e-5) * (1 + scale[:, None]) + shift[:, None]
+
+
+# ---- reference K/V cache ---------------------------------------------------------------------------------------
+class ReferenceKVCache:
+    """Post-qk-norm, post-RoPE keys and values of reference images, per layer, as ``[Bc, H, S_refs, D]``.
+
+    Fill it with one ``write`` forward per reference (each reference attends only to itself; their K/V are
+    concatenated). ``read`` prepends the cache to the keys/values of every query; a cache written with batch 1
+    is shared by the whole batch.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def hook(self, layer: int, mode: str) -> KVHook | None:
+        if mode == "write":
+            def write(k, v):
+                if self.keys[layer] is None:
+                    self.keys[layer], self.values[layer] = k, v
+                else:
+                    self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+                    self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+                return k, v
+            return write
+        if mode == "read" and self.keys[layer] is not None:
+            def read(k, v):
+                ck, cv = self.keys[layer], self.values[layer]
+                if ck.shape[0] != k.shape[0]:
+                    if ck.shape[0] != 1:
+                        raise ValueError(f"The reference cache holds {ck.shape[0]} samples but the batch has "
+                                         f"{k.shape[0]}; write it with batch 1 (shared) or the same batch.")
+                    ck, cv = ck.expand(k.shape[0], -1, -1, -1), cv.expand(k.shape[0], -1, -1, -1)
+                return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+            return read
+        return None
+
+
+# ---- the GLM-Image decoder -------------------------------------------------------------------------------------
+class PatchProjector(nn.Module):
+    def __init__(self, in_channels: int, dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_channels * patch_size ** 2, dim)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.proj(patchify(latents, self.patch_size))
+
+
+class GlmImageDiT(nn.Module):
+    """The GLM-Image diffusion decoder; ``forward`` returns the predicted velocity (noise - x0)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        c = self.config
+        dim = c["num_attention_heads"] * c["attention_head_dim"]
+        self.patch_size = c["patch_size"]
+        self.head_dim = c["attention_head_dim"]
+        self.codebook_size = c["prior_vq_quantizer_codebook_size"]
+        self.image_projector = PatchProjector(c["in_channels"], dim, c["patch_size"])
+        self.glyph_projector = FeedForward(c["text_embed_dim"], dim, dim, F.gelu)
+        self.prior_token_embedding = nn.Embedding(c["prior_vq_quantizer_codebook_size"], dim)
+        self.prior_projector = FeedForward(dim, dim, dim, F.silu)
+        self.time_condition_embed = TimeConditionEmbed(c["time_embed_dim"], c["time_embed_dim"], c["condition_dim"], 2)
+        self.transformer_blocks = nn.ModuleList(
+            DiTBlock(dim, c["num_attention_heads"], c["attention_head_dim"], c["time_embed_dim"])
+            for _ in range(c["num_layers"]))
+        self.norm_out = FinalAdaLN(c["time_embed_dim"], dim)
+        self.proj_out = nn.Linear(dim, c["patch_size"] ** 2 * c["out_channels"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj_out.weight.device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.transformer_blocks)
+
+    def new_kv_cache(self) -> ReferenceKVCache:
+        return ReferenceKVCache(self.num_layers)
+
+    def forward(self, latents: torch.Tensor, glyph: torch.Tensor, prior_ids: torch.Tensor,
+                prior_drop: bool | torch.Tensor, timestep: torch.Tensor, target_size: torch.Tensor,
+                crop: torch.Tensor, kv_cache: ReferenceKVCache | None = None, kv_mode: str | None = None) -> torch.Tensor:
+        """latents ``[B,16,h,w]``, glyph ``[B,Lg,Dg]``, prior_ids ``[B,(h/2)(w/2)]`` (or ``[N]``, shared),
+        prior_drop bool / ``[B]`` / ``[B,N]`` (zero the prior embedding before the projector), timestep ``[B]``
+        (what the model is conditioned on, e.g. ``t_raw - 1``), target_size and crop ``[B,2]`` in pixels.
+        ``kv_mode``: ``write`` stores this pass's K/V in ``kv_cache``, ``read`` attends over it too,
+        ``skip``/None ignores it. Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
+        if kv_mode is not None and kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode must be one of {KV_MODES} or None, got {kv_mode!r}")
+        b, _, h, w = latents.shape
+        p = self.patch_size
+        dtype = self.dtype
+        x = self.image_projector(latents.to(dtype))
+        text = self.glyph_projector(glyph.to(dtype))
+
+        if prior_ids.dim() == 1:
+            prior_ids = prior_ids[None]
+        prior = self.prior_token_embedding(prior_ids)
+        drop = torch.as_tensor(prior_drop, dtype=torch.bool, device=prior.device)
+        drop = drop.view(-1, 1) if drop.dim() == 1 else drop
+        prior = torch.where(drop[..., None], torch.zeros((), dtype=prior.dtype, device=prior.device), prior)
+        x = x + self.prior_projector(prior)
+
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
+        temb = self.time_condition_embed(timestep, [crop.to(x.device), target_size.to(x.device)], dtype)
+
+        device = x.device
+        rope = rope_2d(torch.arange(h // p, device=device), torch.arange(w // p, device=device), self.head_dim)
+        for i, block in enumerate(self.transformer_blocks):
+            hook = kv_cache.hook(i, kv_mode) if kv_cache is not None and kv_mode is not None else None
+            x, text = block(x, text, temb, rope, hook)
+        x = self.proj_out(self.norm_out(x, temb))
+        return unpatchify(x, h, w, p)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor of a checkpoint, read from the safetensors headers only."""
+    shapes = {}
+    for f in safetensors_files(path):
+        with safe_open(f, framework="pt") as sf:
+            for key in sf.keys():
+                shapes[key] = tuple(sf.get_slice(key).get_shape())
+    return shapes
+
+
+def count_layers(shapes: dict[str, tuple[int, ...]], source: str) -> int:
+    indices = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
+    if not indices:
+        raise CheckpointError(f"{source} has no transformer_blocks.* tensors; it is not a DiT checkpoint.")
+    return max(indices) + 1
+
+
+def require_keys(shapes: dict[str, tuple[int, ...]], keys: list[str], source: str, what: str) -> None:
+    missing = [k for k in keys if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{source} is not a {what} checkpoint: it lacks {', '.join(missing)}. "
+                              f"Choose the transformer/ component (or its single .safetensors file).")
+
+
+def infer_glm_image_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+    """A config from tensor shapes; the head split (not visible in shapes) keeps the real head_dim of 128."""
+    require_keys(shapes, ["image_projector.proj.weight", "glyph_projector.net.0.proj.weight",
+                          "prior_token_embedding.weight", "proj_out.weight",
+                          "time_condition_embed.condition_embedder.linear_1.weight"], source, "GLM-Image DiT")
+    c = dict(GLM_IMAGE_DIT_CONFIG)
+    dim, patch_in = shapes["image_projector.proj.weight"]
+    c["patch_size"] = int(round(math.sqrt(patch_in / c["in_channels"])))
+    c["out_channels"] = shapes["proj_out.weight"][0] // c["patch_size"] ** 2
+    c["text_embed_dim"] = shapes["glyph_projector.net.0.proj.weight"][1]
+    c["prior_vq_quantizer_codebook_size"] = shapes["prior_token_embedding.weight"][0]
+    c["time_embed_dim"] = shapes["time_condition_embed.timestep_embedder.linear_1.weight"][0]
+    c["condition_dim"] = shapes["time_condition_embed.condition_embedder.linear_1.weight"][1] // 4
+    c["num_layers"] = count_layers(shapes, source)
+    if dim % c["attention_head_dim"]:
+        raise CheckpointError(f"{source}: inner dim {dim} is not a multiple of head_dim {c['attention_head_dim']}; "
+                              f"put the transformer's config.json beside the weights.")
+    c["num_attention_heads"] = dim // c["attention_head_dim"]
+    return c
+
+
+def dit_config(path: str, class_name: str, infer: Callable[[dict, str], dict]) -> dict:
+    """The config.json of a component folder (checked against ``class_name``), else one inferred from shapes."""
+    config = config_or_none(path)
+    if config is None:
+        return infer(tensor_shapes(path), path)
+    found = config.get("_class_name")
+    if found is not None and found != class_name:
+        raise CheckpointError(f"{path}/config.json describes a {found}, not a {class_name}. Choose the matching "
+                              f"loader or the right component folder.")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def load_dit_weights(model: nn.Module, path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    return fill_module(model, load_state_dict(path), source=path, dtype=dtype, device=device)
+
+
+def load_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageDiT:
+    """Load the GLM-Image DiT from a release root, its ``transformer/`` folder or a single .safetensors file.
+
+    ``dtype``: ``auto`` (bf16 where supported, else fp32), ``bf16`` or ``fp32``; fp16 is refused.
+    """
+    path = component_path(path, "transformer")
+    device = torch.device(device) if device is not None else get_device()
+    torch_dtype = resolve_dtype(dtype, device, component="The GLM-Image decoder", fp16_reason=FP16_REASON)
+    config = dit_config(path, "GlmImageTransformer2DModel", infer_glm_image_config)
+    config = {**GLM_IMAGE_DIT_CONFIG, **{k: v for k, v in config.items() if k in GLM_IMAGE_DIT_CONFIG}}
+    with meta_device():
+        model = GlmImageDiT(config)
+    return load_dit_weights(model, path, torch_dtype, device)
+

@@ -1,0 +1,297 @@
+"""The GLM-Image autoregressive model (``vision_language_encoder``, text part only).
+
+GLM-4-0414 decoder: sandwich RMSNorms, GQA with q/k/v biases, a fused ``gate_up_proj`` MLP (gate first),
+partial rotate-half M-RoPE on the first half of each head (frequency chunks [8, 12, 12] take the t/h/w
+position, not interleaved), and an ``lm_head`` over the 16512-id vision vocabulary only, so a sampled index is
+the vocabulary id that is fed back through the shared ``embed_tokens``.
+
+Checkpoint keys ``model.language_model.*`` map to this module with that prefix stripped; ``lm_head.weight`` is
+kept. The vision encoder and VQ (``model.visual.*``, ``model.vqmodel.*``) are never read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from .attention import attention
+from .comfy_compat import get_device
+from .loading import (CheckpointError, checkpoint_keys, component_path, config_or_none, fill_module,
+                      load_state_dict, meta_device, resolve_dtype, safetensors_files)
+
+PREFIX = "model.language_model."
+HEAD = "lm_head."
+FP16_REASON = "GLM-4 hidden activations exceed the float16 range (the reference runs in bfloat16)."
+
+# text_config of the release (zai-org/GLM-Image vision_language_encoder/config.json)
+DEFAULT_TEXT_CONFIG = {
+    "vocab_size": 168064, "vision_vocab_size": 16512, "hidden_size": 4096, "intermediate_size": 13696,
+    "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
+    "rms_norm_eps": 1e-5, "attention_bias": True,
+    "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
+}
+
+
+@dataclass
+class ARConfig:
+    vocab_size: int
+    vision_vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    attention_bias: bool
+    rope_theta: float
+    rotary_dim: int
+    mrope_section: tuple[int, ...]
+
+    @classmethod
+    def from_text_config(cls, cfg: dict) -> "ARConfig":
+        d = {**DEFAULT_TEXT_CONFIG, **{k: v for k, v in cfg.items() if v is not None}}
+        rope = {**DEFAULT_TEXT_CONFIG["rope_parameters"], **(d.get("rope_parameters") or {})}
+        for key in ("rope_theta", "partial_rotary_factor"):  # older configs keep these at the top level
+            if key in cfg and key not in (cfg.get("rope_parameters") or {}):
+                rope[key] = cfg[key]
+        head_dim = cfg.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+        rotary_dim = int(head_dim * rope["partial_rotary_factor"])
+        section = tuple(rope.get("mrope_section") or (8, 12, 12))
+        if sum(section) * 2 != rotary_dim:
+            raise CheckpointError(f"text_config: mrope_section {list(section)} must sum to half the rotary "
+                                  f"dimension ({rotary_dim // 2}).")
+        return cls(vocab_size=d["vocab_size"], vision_vocab_size=d["vision_vocab_size"], hidden_size=d["hidden_size"],
+                   intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+                   num_heads=d["num_attention_heads"], num_kv_heads=d["num_key_value_heads"], head_dim=head_dim,
+                   rms_norm_eps=d["rms_norm_eps"], attention_bias=d["attention_bias"],
+                   rope_theta=float(rope["rope_theta"]), rotary_dim=rotary_dim, mrope_section=section)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x`` [B,H,L,D]; the rest pass through."""
+    n = cos.shape[-1]
+    rot, rest = x[..., :n], x[..., n:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def mrope_cos_sin(cfg: ARConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[B,1,L,rotary_dim]`` from 3D positions ``[3,B,L]`` (t, h, w)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float32,
+                                                      device=position_ids.device) / cfg.rotary_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # [3,B,L,rotary_dim/2]
+    freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(cfg.mrope_section, dim=-1))], dim=-1)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class KVCache:
+    """Preallocated keys/values ``[B, kv_heads, max_len, head_dim]`` per layer.
+
+    ``key_valid`` [B, max_len] marks the slots a query may attend to (False for left padding).
+    """
+
+    def __init__(self, cfg: ARConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 attention_mask: torch.Tensor | None = None):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.padded = attention_mask is not None and not bool(attention_mask.all())
+        if attention_mask is not None:
+            self.key_valid[:, :attention_mask.shape[1]] = attention_mask.to(device=device, dtype=torch.bool)
+
+    @property
+    def max_len(self) -> int:
+        return self.key_valid.shape[1]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, start, mask):
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(start, int):  # prefill / chunk: attend to the filled part of the cache
+            cache_k[:, :, start:start + n] = k
+            cache_v[:, :, start:start + n] = v
+            k, v = cache_k[:, :, :start + n], cache_v[:, :, :start + n]
+        else:  # decode with a device-side index: static shapes over the whole cache
+            slots = start + torch.arange(n, device=x.device)
+            cache_k.index_copy_(2, slots, k)
+            cache_v.index_copy_(2, slots, v)
+            k, v = cache_k, cache_v
+        out = attention(q, k, v, causal=mask is None, mask=mask, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, start, mask):
+        x = x + self.post_self_attn_layernorm(
+            self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start, mask))
+        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GlmImageAR(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vision_vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int, attention_mask: torch.Tensor | None = None) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.dtype, self.device, attention_mask)
+
+    def _mask(self, cache: KVCache, start: int | torch.Tensor, n: int) -> torch.Tensor | None:
+        if isinstance(start, int):
+            if start == 0 and not cache.padded:
+                return None  # plain causal
+            keys = torch.arange(start + n, device=self.device)
+            valid = cache.key_valid[:, :start + n]
+        else:
+            keys = torch.arange(cache.max_len, device=self.device)
+            valid = cache.key_valid
+        queries = start + torch.arange(n, device=self.device)
+        allowed = (keys[None, :] <= queries[:, None])[None] & valid[:, None, :]
+        # a padding query sees nothing valid; let it see itself so its (unused) row stays finite
+        allowed = allowed | (keys[None, :] == queries[:, None])[None]
+        return allowed[:, None]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+                start: int | torch.Tensor) -> torch.Tensor:
+        """Logits (float32) ``[B, L, vision_vocab]`` for ``input_ids`` [B,L] at cache slots ``start..start+L``.
+
+        ``position_ids``: M-RoPE positions [3,B,L]. ``start``: a Python int (prefill, attends to the cache
+        up to the new tokens) or a 0-dim device tensor (decode: static shapes, attends to the whole cache
+        under a mask; suitable for CUDA-graph capture).
+        """
+        n = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        cos, sin = mrope_cos_sin(self.config, position_ids, x.dtype)
+        mask = self._mask(cache, start, n)
+        for layer, k, v in zip(self.layers, cache.k, cache.v):
+            x = layer(x, cos, sin, k, v, start, mask)
+        return self.lm_head(self.norm(x)).float()
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+def _tensor_shapes(path: str, names: set[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for f in safetensors_files(path):
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():
+                if k in names:
+                    shapes[k] = sf.get_slice(k).get_shape()
+    return shapes
+
+
+def _infer_text_config(path: str, keys: list[str]) -> dict:
+    """text_config from tensor shapes (single-file checkpoints); head_dim and RoPE use the release values."""
+    layer = PREFIX + "layers.0."
+    wanted = {PREFIX + "embed_tokens.weight", "lm_head.weight", layer + "self_attn.q_proj.weight",
+              layer + "self_attn.k_proj.weight", layer + "mlp.down_proj.weight"}
+    shapes = _tensor_shapes(path, wanted)
+    missing = sorted(wanted - set(shapes))
+    if missing:
+        raise CheckpointError(f"{path}: cannot infer the AR config, missing {', '.join(missing)}. "
+                              f"Put the release's vision_language_encoder/config.json beside the weights.")
+    head_dim = DEFAULT_TEXT_CONFIG["head_dim"]
+    q_rows, k_rows = shapes[layer + "self_attn.q_proj.weight"][0], shapes[layer + "self_attn.k_proj.weight"][0]
+    if q_rows % head_dim or k_rows % head_dim:
+        raise CheckpointError(f"{path}: q/k projections ({q_rows}, {k_rows} rows) are not multiples of head_dim "
+                              f"{head_dim}; provide the config.json of this checkpoint.")
+    layers = {int(k[len(PREFIX) + len("layers."):].split(".")[0]) for k in keys if k.startswith(PREFIX + "layers.")}
+    vocab, hidden = shapes[PREFIX + "embed_tokens.weight"]
+    return {**DEFAULT_TEXT_CONFIG, "vocab_size": vocab, "hidden_size": hidden,
+            "vision_vocab_size": shapes["lm_head.weight"][0],
+            "intermediate_size": shapes[layer + "mlp.down_proj.weight"][1], "num_hidden_layers": len(layers),
+            "num_attention_heads": q_rows // head_dim, "num_key_value_heads": k_rows // head_dim,
+            "attention_bias": (layer + "self_attn.q_proj.bias") in keys}
+
+
+def load_ar_model(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageAR:
+    """Load the AR model from a release root, its ``vision_language_encoder/`` folder or one safetensors file.
+
+    Only ``model.language_model.*`` and ``lm_head.*`` are read. ``dtype``: auto (bf16 on GPU, fp32 on CPU),
+    bf16 or fp32; fp16 is refused.
+    """
+    device = torch.device(device) if device is not None else get_device()
+    torch_dtype = resolve_dtype(dtype, device, component="The GLM-Image AR model", fp16_reason=FP16_REASON)
+    src = component_path(path, "vision_language_encoder")
+    keys = checkpoint_keys(src)
+    if not any(k.startswith(PREFIX) for k in keys) or "lm_head.weight" not in keys:
+        raise CheckpointError(f"{src} has no GLM-Image language-model weights (expected keys '{PREFIX}*' and "
+                              f"'lm_head.weight'). Choose the release folder or its vision_language_encoder/ "
+                              f"weights, not another component.")
+    config = config_or_none(src)
+    if config is not None:
+        if "text_config" not in config:
+            raise CheckpointError(f"{src}/config.json has no text_config; it is not a GLM-Image "
+                                  f"vision_language_encoder config.")
+        text_config = config["text_config"]
+    else:
+        text_config = _infer_text_config(src, keys)
+    with meta_device():
+        model = GlmImageAR(ARConfig.from_text_config(text_config))
+    state = load_state_dict(src, keep=lambda k: k.startswith(PREFIX) or k.startswith(HEAD), strip_prefix=PREFIX)
+    return fill_module(model, state, source=src, dtype=torch_dtype, device=device)

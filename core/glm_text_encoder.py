@@ -1,0 +1,214 @@
+"""CogView4-6B's text encoder: GLM-4-9B (transformers ``GlmModel``), run up to its penultimate hidden state.
+
+CogView4 conditions on ``GlmModel(ids, output_hidden_states=True).hidden_states[-2]``: the output of
+layer N-2, i.e. the input of the last layer, before the final norm. So the last layer and the final norm
+are neither built nor loaded.
+
+Follows ``transformers/models/glm/modeling_glm.py``: pre-norm layers (no sandwich norms, unlike Glm4 and
+GLM-Image's AR), q/k/v with bias, ``gate_up_proj`` MLP, and a partial rotary (first half of each head)
+in the *interleaved* layout: channel pairs (2i, 2i+1) rotate together with frequency i.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .attention import attention
+from .comfy_compat import check_interrupt, get_device
+from .loading import (CheckpointError, component_path, config_or_none, fill_module, load_state_dict,
+                      meta_device, resolve_dtype, safetensors_files)
+
+
+@dataclass
+class GlmConfig:
+    """The fields of a ``GlmModel`` config.json that the encoder uses (defaults: THUDM/CogView4-6B)."""
+    vocab_size: int = 151552
+    hidden_size: int = 4096
+    intermediate_size: int = 13696
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    rms_norm_eps: float = 1.5625e-07
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    attention_bias: bool = True
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str) -> "GlmConfig":
+        model_type = cfg.get("model_type", "glm")
+        if model_type != "glm":
+            hint = (" Glm4 (GLM-4-0414) has sandwich norms and is a different model." if model_type == "glm4" else "")
+            raise CheckpointError(f"{source}: config model_type is {model_type!r}, expected 'glm' (GLM-4-9B, the "
+                                  f"text_encoder of THUDM/CogView4-6B).{hint}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (GLM-4 uses silu).")
+        rope = dict(cfg.get("rope_parameters") or {})
+        for key in ("rope_theta", "partial_rotary_factor", "rope_type"):  # transformers 4.x kept these at top level
+            if key in cfg and key not in rope:
+                rope[key] = cfg[key]
+        if rope.get("rope_type", "default") != "default":
+            raise CheckpointError(f"{source}: rope_type {rope['rope_type']!r} is not supported (GLM-4 uses 'default').")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in cfg.items() if k in known}
+        values.update({k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope})
+        if values.get("head_dim") is None:
+            values["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        return cls(**values)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin ``[S, rotary_dim]`` with each frequency repeated for its channel pair (f0, f0, f1, f1, ...)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))  # on CPU, as the reference
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)
+    # The reference rounds cos/sin to the activation dtype before interleaving; so do we.
+    cos = freqs.cos().to(dtype).repeat_interleave(2, dim=-1)
+    sin = freqs.sin().to(dtype).repeat_interleave(2, dim=-1)
+    return cos, sin
+
+
+def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of ``x`` [B, H, S, D] in (2i, 2i+1) pairs; pass the rest."""
+    rot, rest = x[..., :cos.shape[-1]], x[..., cos.shape[-1]:]
+    rotated_half = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
+    return torch.cat([rot * cos + rotated_half * sin, rest], dim=-1)
+
+
+class GlmAttention(nn.Module):
+    def __init__(self, cfg: GlmConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_interleaved_rotary(q, cos, sin), apply_interleaved_rotary(k, cos, sin)
+        out = attention(q, k, v, causal=True, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class GlmMLP(nn.Module):
+    def __init__(self, cfg: GlmConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class GlmDecoderLayer(nn.Module):
+    def __init__(self, cfg: GlmConfig):
+        super().__init__()
+        self.self_attn = GlmAttention(cfg)
+        self.mlp = GlmMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GlmTextEncoder(nn.Module):
+    """GLM-4-9B without its last layer and final norm: returns ``hidden_states[-2]`` of ``GlmModel``."""
+
+    def __init__(self, cfg: GlmConfig):
+        super().__init__()
+        if cfg.num_hidden_layers < 2:
+            raise CheckpointError(f"A GLM text encoder needs at least 2 layers, the config has {cfg.num_hidden_layers}.")
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GlmDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers - 1))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids`` [B, S] -> penultimate hidden state [B, S, hidden] in the model's dtype (causal, no mask)."""
+        x = self.embed_tokens(input_ids)
+        cfg = self.config
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = rotary_cos_sin(positions, int(cfg.head_dim * cfg.partial_rotary_factor), cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            check_interrupt()
+            x = layer(x, cos, sin)
+        return x
+
+
+LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for f in safetensors_files(path):
+        with safe_open(f, framework="pt") as sf:
+            for key in sf.keys():
+                shapes[key] = tuple(sf.get_slice(key).get_shape())
+    return shapes
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> GlmConfig:
+    """Config of a single-file checkpoint from its tensor shapes; the rest from the real CogView4-6B config."""
+    shapes = {k.removeprefix("model."): v for k, v in shapes.items()}
+    if "embed_tokens.weight" not in shapes or "layers.0.self_attn.q_proj.weight" not in shapes:
+        raise CheckpointError(f"{source} is not a GLM-4 (GlmModel) checkpoint: it has no embed_tokens.weight or "
+                              f"layers.0.self_attn.q_proj.weight. Choose the text_encoder of THUDM/CogView4-6B.")
+    default = GlmConfig()
+    vocab, hidden = shapes["embed_tokens.weight"]
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := LAYER_KEY.match(k)))
+    head_dim = default.head_dim
+    q_rows, kv_rows = shapes["layers.0.self_attn.q_proj.weight"][0], shapes["layers.0.self_attn.k_proj.weight"][0]
+    if q_rows % head_dim or kv_rows % head_dim:
+        raise CheckpointError(f"{source}: q/k projections of {q_rows}/{kv_rows} rows are not multiples of head_dim "
+                              f"{head_dim}; put the model's config.json beside the file and load the folder.")
+    return GlmConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                     intermediate_size=shapes["layers.0.mlp.down_proj.weight"][1],
+                     num_attention_heads=q_rows // head_dim, num_key_value_heads=kv_rows // head_dim, head_dim=head_dim,
+                     attention_bias="layers.0.self_attn.q_proj.bias" in shapes)
+
+
+def load_glm_text_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmTextEncoder:
+    """Load CogView4's GLM-4-9B text encoder from a release root, its ``text_encoder/`` folder or one
+    safetensors file. The last layer and the final norm are skipped (never read from disk)."""
+    path = component_path(path, "text_encoder")
+    device = torch.device(device) if device is not None else get_device()
+    torch_dtype = resolve_dtype(dtype, device, component="CogView4 text encoder (GLM-4-9B)")
+    raw = config_or_none(path)
+    cfg = GlmConfig.from_dict(raw, path) if raw is not None else infer_config(checkpoint_shapes(path), path)
+
+    unused_layer = cfg.num_hidden_layers - 1
+
+    def wanted(key: str) -> bool:
+        name = key.removeprefix("model.")
+        if name == "norm.weight" or key.startswith("lm_head."):
+            return False
+        m = LAYER_KEY.match(key)
+        return not (m and int(m.group(1)) == unused_layer)
+
+    with meta_device():
+        model = GlmTextEncoder(cfg)
+    state_dict = load_state_dict(path, keep=wanted, strip_prefix="model.")
+    return fill_module(model, state_dict, source=path, dtype=torch_dtype, device=device)

@@ -1,0 +1,100 @@
+"""The glyph path of GLM-Image: quoted prompt text -> ByT5 bytes -> T5 encoder -> one embedding sequence.
+
+Follows diffusers ``GlmImagePipeline.get_glyph_texts`` / ``_get_glyph_embeds`` including their quirks:
+texts are grouped by quote type, every text gets a leading pad when the *number* of texts is even,
+and the valid positions of all texts are concatenated into a single sequence.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from safetensors import safe_open
+
+from .comfy_compat import get_device
+from .loading import (CheckpointError, component_path, config_or_none, fill_module, load_state_dict, meta_device,
+                      resolve_dtype, safetensors_files)
+from .t5_encoder import T5Encoder, encoder_state_keys, infer_config
+from .types import GlyphConditioning
+
+FP16_REASON = "T5 activations exceed the fp16 range (the feed-forward overflows to inf/NaN)."
+
+# the pipeline's regexes, in its order: texts are grouped by quote type, not by position
+QUOTE_PATTERNS = (r"'([^']*)'", r"\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', r"「([^「」]*)」")
+
+# ByT5Tokenizer: pad 0, eos 1, unk 2, byte b -> b + 3, then 125 sentinels <extra_id_i> -> 259 + i
+PAD, EOS = 0, 1
+BYTE_OFFSET = 3
+MAX_LENGTH = 2048
+SPECIAL_IDS = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"<extra_id_{i}>": 259 + i for i in range(125)}}
+STRIPPING = {"<pad>", "</s>", "<unk>"}  # added with lstrip/rstrip: whitespace next to them is dropped
+SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in sorted(SPECIAL_IDS, key=len, reverse=True)) + ")")
+
+
+def load_glyph_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> T5Encoder:
+    """The Glyph-ByT5 T5 encoder from a release root, its ``text_encoder/`` folder or a single safetensors file."""
+    device = torch.device(device) if device is not None else get_device()
+    source = component_path(path, "text_encoder")
+    torch_dtype = resolve_dtype(dtype, device, component="Glyph-ByT5 encoder (T5)", fp16_reason=FP16_REASON)
+    shapes = {}
+    for f in safetensors_files(source):
+        with safe_open(f, framework="pt") as sf:
+            shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+    names = encoder_state_keys(list(shapes))
+    config = config_or_none(source)
+    if config is None:
+        config = infer_config({names[k]: s for k, s in shapes.items() if k in names}, source)
+    elif config.get("model_type", "t5") != "t5":
+        raise CheckpointError(f"{source}/config.json is a {config['model_type']!r} config, not T5; choose the "
+                              f"text_encoder folder of the GLM-Image release.")
+    with meta_device():
+        model = T5Encoder(config)
+    state = {names[k]: v for k, v in load_state_dict(source, keep=names.__contains__).items()}
+    return fill_module(model, state, source=source, dtype=torch_dtype, device=device)
+
+
+def extract_glyph_texts(prompt: str) -> list[str]:
+    """The quoted spans of ``prompt`` ('...', “...”, "...", 「...」, grouped in that order), or ``[""]``."""
+    return [text for pattern in QUOTE_PATTERNS for text in re.findall(pattern, prompt)] or [""]
+
+
+def byt5_ids(text: str, max_length: int = MAX_LENGTH) -> list[int]:
+    """``ByT5Tokenizer(text, max_length=max_length, truncation=True).input_ids``."""
+    parts = SPECIAL_SPLIT.split(text)  # odd positions hold special tokens
+    for i in range(1, len(parts), 2):
+        if parts[i] in STRIPPING:
+            parts[i - 1], parts[i + 1] = parts[i - 1].rstrip(), parts[i + 1].lstrip()
+    ids = []
+    for i, part in enumerate(parts):
+        ids.extend([SPECIAL_IDS[part]] if i % 2 else [b + BYTE_OFFSET for b in part.encode("utf-8")])
+    ids = ids[:max_length - 1]
+    return ids if ids and ids[-1] == EOS else ids + [EOS]  # no second EOS after a literal "</s>"
+
+
+def tokenize_glyph_texts(texts: list[str], max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask ``[N, S]`` as the pipeline builds them (leading pad when N is even)."""
+    lead = [PAD] * ((len(texts) + 1) % 2)
+    seqs = [lead + byt5_ids(t, max_length) for t in texts]
+    longest = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [PAD] * (longest - len(s)) for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in seqs], dtype=torch.long)
+    return ids, mask
+
+
+@torch.inference_mode()
+def encode_glyph_texts(encoder: T5Encoder, texts: list[str]) -> torch.Tensor:
+    """float32 ``[1, L, D]``: the valid positions of every text's encoding, concatenated (on the encoder's device)."""
+    if not texts:
+        raise ValueError("encode_glyph_texts needs at least one text; the pipeline encodes [\"\"] when there is none.")
+    device = encoder.shared.weight.device
+    ids, mask = tokenize_glyph_texts(texts)
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = encoder(ids, mask)
+    return hidden[mask.bool()].unsqueeze(0).float()
+
+
+def glyph_conditioning(encoder: T5Encoder, prompt: str, texts: list[str] | None = None) -> GlyphConditioning:
+    """Glyph embeddings of the prompt's quoted text (or of ``texts`` when given) and of ``""``, float32 on CPU."""
+    texts = list(texts) if texts else extract_glyph_texts(prompt)
+    return GlyphConditioning(cond=encode_glyph_texts(encoder, texts).cpu(),
+                             uncond=encode_glyph_texts(encoder, [""]).cpu(), texts=texts)

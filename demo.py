@@ -1,0 +1,79 @@
+"""Run the text-to-image example workflow in-process, without ComfyUI, and print the time of each stage.
+
+    python demo.py                                   # tiny random weights: the image is noise
+    python demo.py --weights /models/GLM-Image --prompt 'a poster that says "hello"' --width 1024 --height 1024
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from standalone import ROOT, register_pack
+
+WORKFLOW = os.path.join(ROOT, "example_workflows", "glm_image_text_to_image_api.json")
+LOADERS = ("GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDecoderLoader", "GLMImageVAELoader")
+
+
+def build_graph(weights: str, args) -> dict:
+    with open(WORKFLOW, encoding="utf-8") as f:
+        graph = json.load(f)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] in LOADERS:
+            inputs.update(checkpoint=weights, dtype=args.dtype)
+        elif node["class_type"] == "GLMImageARSampler":
+            inputs.update(prompt=args.prompt, width=args.width, height=args.height, seed=args.seed)
+        elif node["class_type"] == "GLMImageGlyphConditioning":
+            inputs.update(prompt=args.prompt)
+        elif node["class_type"] == "GLMImageDecoderSampler":
+            inputs.update(seed=args.seed, steps=args.steps)
+    return graph
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", help="GLM-Image release folder (diffusers layout); default: tiny random weights")
+    parser.add_argument("--prompt", default='A bookshop sign that reads "Open Late"')
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--out", default="outputs")
+    args = parser.parse_args(argv)
+
+    register_pack()
+    from glm_image_nodes.headless.executor import Executor
+    from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
+
+    tiny = args.weights is None
+    weights = args.weights
+    if tiny:
+        from glm_image_nodes.core.tiny_release import write_tiny_release
+        weights = os.path.join(tempfile.gettempdir(), "glm_image_nodes_tiny_release")
+        start = time.perf_counter()
+        write_tiny_release(weights)
+        print(f"tiny random GLM-Image release written to {weights} in {time.perf_counter() - start:.2f} s")
+        print("NOTE: these are random weights, so the image is noise; pass --weights for the real model.")
+    args.width = args.width or (256 if tiny else 1024)
+    args.height = args.height or (256 if tiny else 1024)
+    args.steps = args.steps or (4 if tiny else 50)
+
+    def report(node_id, class_type, seconds):
+        print(f"  {class_type:<28} {seconds:8.2f} s")
+
+    print(f"running {os.path.basename(WORKFLOW)} at {args.width}x{args.height}, {args.steps} steps")
+    start = time.perf_counter()
+    saved = Executor(NODE_CLASS_MAPPINGS, args.out, on_node=report).run(build_graph(weights, args))
+    print(f"  {'total':<28} {time.perf_counter() - start:8.2f} s")
+    for path in saved:
+        print(f"wrote {path}" + (" (noise: tiny random weights)" if tiny else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Run an API-format workflow on a running ComfyUI server: submit, follow progress, save outputs, report errors.
+
+Standard library only, so it runs from any Python:
+
+    python headless/client.py example_workflows/glm_image_text_to_image_api.json \
+        --server http://127.0.0.1:8188 --set 4.prompt="a red fox" --set 4.seed=7 --out outputs/
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import socket
+import struct
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+
+class WorkflowError(RuntimeError):
+    """The server rejected the workflow or a node failed; the message says which node and why."""
+
+
+def _request(server: str, path: str, payload: dict | None = None, timeout: float = 30.0):
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(server.rstrip("/") + path, data=data,
+                                 headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body = resp.read()
+    return body
+
+
+def describe_node_errors(node_errors: dict, graph: dict | None = None) -> str:
+    lines = []
+    for node_id, info in node_errors.items():
+        class_type = info.get("class_type") or (graph or {}).get(node_id, {}).get("class_type", "?")
+        for err in info.get("errors", []):
+            detail = err.get("details") or err.get("message", "")
+            lines.append(f"node {node_id} ({class_type}): {err.get('type', 'error')}: {detail}")
+    return "\n".join(lines)
+
+
+def submit(server: str, graph: dict, client_id: str) -> str:
+    """POST the workflow; return its prompt id, or raise WorkflowError with every node error."""
+    try:
+        body = json.loads(_request(server, "/prompt", {"prompt": graph, "client_id": client_id}))
+    except urllib.error.HTTPError as e:
+        body = json.loads(e.read() or b"{}")
+        error = body.get("error", {})
+        message = error.get("message", f"HTTP {e.code}") if isinstance(error, dict) else str(error)
+        details = describe_node_errors(body.get("node_errors", {}), graph)
+        raise WorkflowError(f"the server rejected the workflow: {message}" + (f"\n{details}" if details else "")) from None
+    if body.get("node_errors"):
+        # ComfyUI still queues the valid branches; a partial run is not what the caller asked for.
+        raise WorkflowError("some nodes failed validation:\n" + describe_node_errors(body["node_errors"], graph))
+    return body["prompt_id"]
+
+
+class _WebSocket:
+    """A minimal RFC 6455 client for ComfyUI's /ws (text frames in, pongs out)."""
+
+    def __init__(self, server: str, client_id: str, timeout: float):
+        url = urllib.parse.urlparse(server)
+        self.sock = socket.create_connection((url.hostname, url.port or 80), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {url.hostname}:{url.port or 80}\r\n"
+                           f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        header = b""
+        while b"\r\n\r\n" not in header:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("websocket handshake closed")
+            header += chunk
+        if b" 101 " not in header.split(b"\r\n", 1)[0]:
+            raise ConnectionError("websocket upgrade refused")
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            data += chunk
+        return data
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def receive(self) -> dict | None:
+        """The next JSON message, or None for a binary (preview) frame."""
+        while True:
+            b0, b1 = self._exact(2)
+            opcode, length = b0 & 0x0F, b1 & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", self._exact(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", self._exact(8))[0]
+            payload = self._exact(length)
+            if opcode == 0x1:
+                return json.loads(payload)
+            if opcode == 0x2:
+                return None
+            if opcode == 0x8:
+                raise ConnectionError("websocket closed by the server")
+            if opcode == 0x9:
+                self._send(0xA, payload)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout: float = 3600.0) -> dict:
+    """Wait until the prompt finishes, reporting progress; return its /history entry or raise WorkflowError."""
+    deadline = time.monotonic() + timeout
+    try:
+        ws = _WebSocket(server, client_id, timeout=5.0)
+    except OSError:
+        ws = None
+    try:
+        while time.monotonic() < deadline:
+            if ws is not None:
+                try:
+                    message = ws.receive()
+                except socket.timeout:
+                    message = None
+                except OSError:
+                    ws.close()
+                    ws = None
+                    message = None
+                if message and message.get("data", {}).get("prompt_id") == prompt_id:
+                    kind, data = message["type"], message["data"]
+                    if kind == "progress":
+                        on_event(f"node {data['node']}: {data['value']}/{data['max']}")
+                    elif kind == "executing" and data.get("node"):
+                        on_event(f"running node {data['node']}")
+            else:
+                time.sleep(0.5)
+            history = json.loads(_request(server, f"/history/{prompt_id}")).get(prompt_id)
+            if history and history.get("status", {}).get("completed") is not None:
+                status = history["status"]
+                if status.get("status_str") == "success":
+                    return history
+                raise WorkflowError(_execution_error(status))
+    finally:
+        if ws is not None:
+            ws.close()
+    raise WorkflowError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+
+def _execution_error(status: dict) -> str:
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                    f"{data.get('exception_type')}: {data.get('exception_message')}")
+        if kind == "execution_interrupted":
+            return f"interrupted at node {data.get('node_id')} ({data.get('node_type')})"
+    return f"the workflow failed: {status}"
+
+
+def save_outputs(server: str, history: dict, out_dir: str) -> list[str]:
+    """Download every image the workflow produced into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    saved = []
+    for output in history.get("outputs", {}).values():
+        for image in output.get("images", []):
+            query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                            "type": image.get("type", "output")})
+            path = os.path.join(out_dir, image["filename"])
+            with open(path, "wb") as f:
+                f.write(_request(server, f"/view?{query}"))
+            saved.append(path)
+    return saved
+
+
+def set_input(graph: dict, assignment: str) -> None:
+    """Apply ``NODE.INPUT=VALUE`` (VALUE parsed as JSON when it can be, else taken as a string)."""
+    target, _, raw = assignment.partition("=")
+    node_id, _, name = target.partition(".")
+    if node_id not in graph or not name:
+        raise WorkflowError(f"--set {assignment}: no node {node_id!r} in the workflow (ids: {', '.join(graph)})")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    graph[node_id]["inputs"][name] = value
+
+
+def run(server: str, graph: dict, out_dir: str, on_event=print) -> list[str]:
+    client_id = uuid.uuid4().hex
+    prompt_id = submit(server, graph, client_id)
+    on_event(f"queued as {prompt_id}")
+    return save_outputs(server, follow(server, prompt_id, client_id, on_event), out_dir)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workflow", help="API-format workflow JSON (ComfyUI: Export (API))")
+    parser.add_argument("--server", default="http://127.0.0.1:8188")
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
+    parser.add_argument("--out", default="outputs")
+    args = parser.parse_args(argv)
+    with open(args.workflow, encoding="utf-8") as f:
+        graph = json.load(f)
+    try:
+        for assignment in args.set:
+            set_input(graph, assignment)
+        for path in run(args.server, graph, args.out):
+            print(f"saved {path}")
+    except (WorkflowError, urllib.error.URLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

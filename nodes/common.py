@@ -1,0 +1,40 @@
+"""Shared bits of the node layer: categories, widget definitions, model-file choices."""
+from __future__ import annotations
+
+from ..core import comfy_compat
+
+CATEGORY = "GLM-Image"
+DTYPES = ["auto", "bf16", "fp32", "fp16"]
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def checkpoint_choices(single_file_folder: str) -> list[str]:
+    """Release folders of ``models/glm_image`` plus single files of ``models/<single_file_folder>``.
+
+    Outside ComfyUI nothing is listed; the loaders also accept a path.
+    """
+    return comfy_compat.list_release_folders() + comfy_compat.list_single_files(single_file_folder)
+
+
+def checkpoint_input(single_file_folder: str, tooltip: str):
+    choices = checkpoint_choices(single_file_folder)
+    # Marks a combo whose values are model files: the workflow validation test accepts any string there.
+    return (choices, {"tooltip": tooltip, "glm_model_file": single_file_folder})
+
+
+def dtype_input():
+    return (DTYPES, {"default": "auto", "tooltip": "Weight dtype. auto: bf16 on GPUs that support it, else fp32."})
+
+
+def seed_input():
+    return ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                    "tooltip": "Same seed, same result on the same device."})
+
+
+def size_input(default: int, what: str):
+    return ("INT", {"default": default, "min": 256, "max": 4096, "step": 32,
+                    "tooltip": f"Output {what} in pixels; a multiple of 32."})
+
+
+def category(sub: str) -> str:
+    return f"{CATEGORY}/{sub}"

@@ -1,0 +1,52 @@
+"""Reference images for editing, and image -> token grid (decode existing images without the AR model)."""
+from __future__ import annotations
+
+from ...core import types
+from ...core.references import prepare_references
+from ...core.semantic_tokenizer import tokenize_images
+from ..common import category, size_input
+
+
+class GLMImageReferenceImages:
+    DESCRIPTION = ("Prepares reference images for editing: sizes normalized (multiples of 32, aspect <= 4, inside the "
+                   "pixel limits) so the AR grid and the decoder grid agree, then VAE latents and semantic tokens per "
+                   "image. Every image of the batch and of the optional inputs becomes one reference.")
+    CATEGORY = category("conditioning")
+    RETURN_TYPES = (types.REFERENCES, "STRING")
+    RETURN_NAMES = ("references", "sizes_used")
+    FUNCTION = "prepare"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"vae": (types.VAE,), "tokenizer": (types.TOKENIZER,), "image": ("IMAGE",)},
+            "optional": {"image_2": ("IMAGE",), "image_3": ("IMAGE",)},
+        }
+
+    def prepare(self, vae, tokenizer, image, image_2=None, image_3=None):
+        images = [img for batch in (image, image_2, image_3) if batch is not None for img in batch]
+        references, note = prepare_references(images, vae, tokenizer)
+        return (references, note)
+
+
+class GLMImageImageToTokens:
+    DESCRIPTION = ("Tokenizes images with the semantic-VQ tokenizer into the token grid of an output of the given "
+                   "size, so the decoder can re-render or vary an existing image without the AR model.")
+    CATEGORY = category("conditioning")
+    RETURN_TYPES = (types.TOKENS,)
+    RETURN_NAMES = ("tokens",)
+    FUNCTION = "tokenize"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tokenizer": (types.TOKENIZER,), "image": ("IMAGE",),
+                             "width": size_input(1024, "width"), "height": size_input(1024, "height")}}
+
+    def tokenize(self, tokenizer, image, width, height):
+        ids = tokenize_images(tokenizer, image, target_height=height, target_width=width)
+        return (types.TokenGrid(ids=ids, height=height - height % 32, width=width - width % 32),)
+
+
+NODE_CLASS_MAPPINGS = {"GLMImageReferenceImages": GLMImageReferenceImages, "GLMImageImageToTokens": GLMImageImageToTokens}
+NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageReferenceImages": "GLM-Image Reference Images",
+                              "GLMImageImageToTokens": "GLM-Image Image to Tokens"}

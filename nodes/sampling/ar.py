@@ -1,0 +1,47 @@
+"""AR token sampling: prompt (and optional reference images) -> a semantic-VQ token grid."""
+from __future__ import annotations
+
+from ...core import types
+from ...core.ar_sampling import generate_token_grid
+from ..common import category, seed_input, size_input
+
+
+class GLMImageARSampler:
+    DESCRIPTION = ("Runs the GLM AR model: writes the grid of semantic-VQ tokens (1/32 of the output size) for the "
+                   "prompt. With references it edits: their tokens enter the context and only the target grid is "
+                   "generated.")
+    CATEGORY = category("sampling")
+    RETURN_TYPES = (types.TOKENS,)
+    RETURN_NAMES = ("tokens",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "ar_model": (types.AR_MODEL,),
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "Put text to render in the image in quotes."}),
+                "width": size_input(1024, "width"),
+                "height": size_input(1024, "height"),
+                "seed": seed_input(),
+                "temperature": ("FLOAT", {"default": 0.9, "min": 0.05, "max": 2.0, "step": 0.01}),
+                "top_p": ("FLOAT", {"default": 0.75, "min": 0.01, "max": 1.0, "step": 0.01}),
+                "top_k": ("INT", {"default": 16512, "min": 1, "max": 16512,
+                                  "tooltip": "16512 (the vision vocabulary) disables top-k."}),
+                "num_images": ("INT", {"default": 1, "min": 1, "max": 16,
+                                       "tooltip": "Images decoded together in one AR loop."}),
+            },
+            "optional": {"references": (types.REFERENCES, {"tooltip": "Reference images for editing."})},
+        }
+
+    def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None):
+        source_grids = references.token_ids if references is not None else None
+        grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
+                                   temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
+                                   source_grids=source_grids)
+        return (grid,)
+
+
+NODE_CLASS_MAPPINGS = {"GLMImageARSampler": GLMImageARSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageARSampler": "GLM-Image AR Token Sampler"}

@@ -1,0 +1,42 @@
+"""VAE decode (LATENT -> IMAGE) and encode (IMAGE -> LATENT)."""
+from __future__ import annotations
+
+from ...core import types
+from ..common import category
+
+
+class GLMImageVAEDecode:
+    DESCRIPTION = "Decodes a latent to an image; large images are decoded in tiles to bound memory."
+    CATEGORY = category("vae")
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (types.VAE,), "latent": ("LATENT",),
+                             "tiling": (["auto", "on", "off"], {"default": "auto",
+                                        "tooltip": "auto tiles images above 1536x1536."})}}
+
+    def decode(self, vae, latent, tiling):
+        tiled = {"auto": None, "on": True, "off": False}[tiling]
+        return (vae.decode(latent["samples"], tiled=tiled),)
+
+
+class GLMImageVAEEncode:
+    DESCRIPTION = "Encodes an image to a latent (posterior mode, normalized as the decoder expects)."
+    CATEGORY = category("vae")
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": (types.VAE,), "image": ("IMAGE",)}}
+
+    def encode(self, vae, image):
+        return ({"samples": vae.encode(image).float().cpu()},)
+
+
+NODE_CLASS_MAPPINGS = {"GLMImageVAEDecode": GLMImageVAEDecode, "GLMImageVAEEncode": GLMImageVAEEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageVAEDecode": "GLM-Image VAE Decode", "GLMImageVAEEncode": "GLM-Image VAE Encode"}

@@ -1,0 +1,83 @@
+"""Every example workflow (UI and API format) matches the pack's node definitions."""
+import glob
+import json
+import os
+
+import pytest
+
+from glm_image_nodes.headless.workflow_format import (all_inputs, input_types, is_widget, output_types,
+                                                      ui_to_api)
+from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*_api.json")))
+UI_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "example_workflows", "*.json")) if not f.endswith("_api.json"))
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_widget(where, name, spec, value):
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(kind, list):
+        if options.get("glm_model_file") or options.get("image_upload"):
+            assert isinstance(value, str) and value, f"{where}: {name} must name a file"
+        else:
+            assert value in kind, f"{where}: {name}={value!r} is not one of {kind}"
+    elif kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {name} must be an int"
+        assert options.get("min", value) <= value <= options.get("max", value), f"{where}: {name}={value} out of range"
+        if "step" in options and name in ("width", "height"):
+            assert value % options["step"] == 0, f"{where}: {name}={value} not a multiple of {options['step']}"
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)), f"{where}: {name} must be a number"
+        assert options.get("min", value) <= value <= options.get("max", value), f"{where}: {name}={value} out of range"
+    elif kind == "STRING":
+        assert isinstance(value, str), f"{where}: {name} must be a string"
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), f"{where}: {name} must be a boolean"
+
+
+def test_there_are_example_workflows():
+    assert API_FILES and UI_FILES
+    assert {os.path.basename(f)[:-len("_api.json")] for f in API_FILES} == {os.path.basename(f)[:-5] for f in UI_FILES}
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=os.path.basename)
+def test_api_workflow_matches_node_definitions(path):
+    graph = load(path)
+    for node_id, node in graph.items():
+        where = f"{os.path.basename(path)} node {node_id} ({node['class_type']})"
+        types = input_types(NODE_CLASS_MAPPINGS, node["class_type"])
+        defined = all_inputs(types)
+        unknown = set(node["inputs"]) - set(defined)
+        assert not unknown, f"{where}: unknown inputs {unknown}"
+        missing = set(types.get("required", {})) - set(node["inputs"])
+        assert not missing, f"{where}: missing required inputs {missing}"
+        for name, value in node["inputs"].items():
+            spec = defined[name]
+            if isinstance(value, list):
+                src_id, slot = value
+                assert src_id in graph, f"{where}: {name} links to missing node {src_id}"
+                produced = output_types(NODE_CLASS_MAPPINGS, graph[src_id]["class_type"])[slot]
+                assert produced == spec[0], f"{where}: {name} expects {spec[0]} but node {src_id} gives {produced}"
+            else:
+                assert is_widget(spec), f"{where}: {name} is a {spec[0]} socket and must be linked"
+                check_widget(where, name, spec, value)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=os.path.basename)
+def test_ui_workflow_is_the_api_twin(path):
+    ui = load(path)
+    api = load(path[:-5] + "_api.json")
+    converted = ui_to_api(ui, NODE_CLASS_MAPPINGS)
+    strip = lambda g: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in g.items()}
+    assert strip(converted) == strip(api)
+    for link in ui["links"]:
+        link_id, src, src_slot, dst, dst_slot, kind = link
+        source = next(n for n in ui["nodes"] if n["id"] == src)
+        target = next(n for n in ui["nodes"] if n["id"] == dst)
+        assert source["outputs"][src_slot]["type"] == kind and link_id in source["outputs"][src_slot]["links"]
+        assert target["inputs"][dst_slot]["link"] == link_id and target["inputs"][dst_slot]["type"] == kind
