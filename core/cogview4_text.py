@@ -39,8 +39,10 @@ class CogView4Tokenizer:
             self.tokenizer.no_truncation()
         if encoding.overflowing:
             dropped = "".join(self.tokenizer.decode(o.ids, skip_special_tokens=True) for o in encoding.overflowing)
+            shown = dropped if len(dropped) <= 300 else dropped[:300] + "..."
             log.warning("CogView4 prompt is longer than %d tokens (the text encoder's limit); it was cut on the %s "
-                        "and this part is ignored: %r", max_tokens, self.truncation_side, dropped)
+                        "and this part (%d characters) is ignored: %r", max_tokens, self.truncation_side,
+                        len(dropped), shown)
         return encoding.ids
 
 

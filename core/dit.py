@@ -9,6 +9,7 @@ then attends over ``[cached references; glyph; target]`` in ``read`` mode.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ from safetensors import safe_open
 
 from .attention import attention
 from .comfy_compat import get_device
+from .flow_schedule import ShiftSettings, read_shift_settings
 from .loading import (CheckpointError, component_path, config_or_none, fill_module, load_state_dict, meta_device,
                       resolve_dtype, safetensors_files)
 
@@ -284,6 +286,7 @@ class GlmImageDiT(nn.Module):
             for _ in range(c["num_layers"]))
         self.norm_out = FinalAdaLN(c["time_embed_dim"], dim)
         self.proj_out = nn.Linear(dim, c["patch_size"] ** 2 * c["out_channels"])
+        self.shift_settings = ShiftSettings()  # the release's scheduler_config.json when loaded from one
 
     @property
     def dtype(self) -> torch.dtype:
@@ -394,8 +397,17 @@ def dit_config(path: str, class_name: str, infer: Callable[[dict, str], dict]) -
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def release_shift_settings(path: str) -> ShiftSettings:
+    """The scheduler settings of the release a component folder belongs to (defaults for a single file)."""
+    root = os.path.dirname(os.path.abspath(path))
+    config = os.path.join(root, "scheduler", "scheduler_config.json")
+    return read_shift_settings(config) if os.path.isfile(config) else ShiftSettings()
+
+
 def load_dit_weights(model: nn.Module, path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    return fill_module(model, load_state_dict(path), source=path, dtype=dtype, device=device)
+    fill_module(model, load_state_dict(path), source=path, dtype=dtype, device=device)
+    model.shift_settings = release_shift_settings(path)
+    return model
 
 
 def load_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageDiT:

@@ -25,7 +25,7 @@ PROMPTS = [
     "x",
     "The words \"HELLO 2024\" on a neon sign,\n\tat night.  Double  spaces and émojis 🐱 and 中文 too",
     "literal specials: [gMASK]<sop> <|endoftext|> <|user|>",
-    "a " * 14,
+    "",
 ]
 
 
@@ -96,10 +96,12 @@ def test_ids_and_embeddings_match_pipeline(release):
         got = encode_cogview4_prompt(encoder, tokenizer, prompt)
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert (got - want).abs().max().item() < ATOL
-    assert ids[0, 0].item() == release.hf_tok.pad_token_id  # "a " * 14 + prefix = 16 -> no pad; check a padded one:
-    short = cogview4_prompt_ids(tokenizer, "x")[0].tolist()
     prefix = release.hf_tok.convert_tokens_to_ids(["[gMASK]", "<sop>"])
-    assert short[:13] == [release.hf_tok.pad_token_id] * 13 and short[13:15] == prefix
+    short = cogview4_prompt_ids(tokenizer, "x")[0].tolist()
+    assert len(short) == 16 and short[:13] == [release.hf_tok.pad_token_id] * 13 and short[13:15] == prefix
+    exact = next(p for p in ("x " * n for n in range(1, 30)) if len(release.hf_tok(p).input_ids) == 16)
+    assert cogview4_prompt_ids(tokenizer, exact)[0, :2].tolist() == prefix  # already 16 long: no pad
+    assert cogview4_prompt_ids(tokenizer, exact + "x").shape == (1, 32)
 
 
 def test_encode_prompt_positive_and_empty_negative(release):

@@ -1,0 +1,185 @@
+"""Decoder sampling: flow-matching Euler with classifier-free guidance, for GLM-Image and CogView4.
+
+Latents, the guidance combination and the Euler step are fp32 whatever the DiT's dtype. The initial noise is
+drawn on the CPU in fp32 from the seed, so a seed gives the same image on every device.
+
+CFG runs both branches in one batched forward only when they have the same shapes: the same glyph (or text)
+length and no reference cache (the conditional branch reads the cache, the unconditional one does not).
+Otherwise it runs two forwards: zero-padding the shorter text stream would change the attention.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .comfy_compat import Progress
+from .flow_schedule import FlowSchedule, cogview4_schedule, glm_image_schedule
+from .types import GlyphConditioning, ReferenceImages
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, noise: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}.")
+        return noise.to(device=device, dtype=torch.float32)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def check_size(height: int, width: int, multiple: int = 16) -> None:
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}.")
+
+
+def batch_of(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    raise ValueError(f"{name} has batch {x.shape[0]} but the sampling batch is {batch}.")
+
+
+def start_point(noise: torch.Tensor, schedule: FlowSchedule, start_latents: torch.Tensor | None,
+                start_sigma: float | None) -> tuple[torch.Tensor, FlowSchedule]:
+    """Pure noise, or for a refine pass ``(1 - s) * start + s * noise`` at the first scheduled sigma <= start."""
+    if (start_latents is None) != (start_sigma is None):
+        raise ValueError("start_latents and start_sigma go together (refine from a latent at a noise level).")
+    if start_latents is None:
+        return noise, schedule
+    schedule = schedule.starting_at(float(start_sigma))
+    if tuple(start_latents.shape) != tuple(noise.shape):
+        raise ValueError(f"start_latents has shape {tuple(start_latents.shape)}, expected {tuple(noise.shape)}.")
+    s = schedule.sigmas[0].to(noise.device)
+    return (1 - s) * start_latents.to(noise) + s * noise, schedule
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    return uncond + guidance * (cond - uncond)
+
+
+def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress: bool, desc: str) -> torch.Tensor:
+    """``x += (sigma[i+1] - sigma[i]) * velocity(x, model_timestep[i])`` in fp32; reports progress per step
+    (which also raises on the user's interrupt)."""
+    sigmas = schedule.sigmas.to(x.device)
+    timesteps = schedule.model_timesteps.to(x.device)
+    with Progress(len(schedule), desc, enabled=progress) as bar:
+        for i in range(len(schedule)):
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, timesteps[i])
+            bar.update()
+    return x
+
+
+# ---- GLM-Image -------------------------------------------------------------------------------------------------
+def write_reference_cache(dit, references: ReferenceImages):
+    """One DiT pass per reference (timestep 0, empty glyph stream, its own size and prior ids) storing its K/V."""
+    cache = dit.new_kv_cache()
+    glyph_dim = dit.config["text_embed_dim"]
+    for i, (latents, ids) in enumerate(zip(references.latents, references.prior_ids)):
+        latents = latents.to(device=dit.device, dtype=dit.dtype)
+        if latents.dim() == 3:
+            latents = latents[None]
+        h, w = latents.shape[-2:]
+        grid = (h // dit.patch_size) * (w // dit.patch_size)
+        ids = ids.reshape(1, -1).to(dit.device)
+        if ids.shape[1] != grid:
+            raise ValueError(f"Reference {i}: {ids.shape[1]} prior ids for a latent of {h}x{w} ({grid} patches). "
+                             f"Reference sides must be multiples of 32 so the token grid and the latent agree.")
+        check_ids(ids, dit.codebook_size, f"reference {i}")
+        dit(latents, latents.new_zeros(1, 0, glyph_dim), ids, False, torch.zeros(1, device=dit.device),
+            torch.tensor([[h * 8, w * 8]], dtype=torch.float32), torch.zeros(1, 2), kv_cache=cache, kv_mode="write")
+    return cache
+
+
+def check_ids(ids: torch.Tensor, codebook_size: int, what: str) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= codebook_size):
+        raise ValueError(f"The {what} token ids must lie in [0, {codebook_size}) but range over "
+                         f"[{int(ids.min())}, {int(ids.max())}]; the AR output probably holds a special token.")
+
+
+@torch.no_grad()
+def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, height: int, width: int, *,
+                   steps: int = 50, guidance: float = 1.5, seed: int = 0, noise: torch.Tensor | None = None,
+                   references: ReferenceImages | None = None, start_latents: torch.Tensor | None = None,
+                   start_sigma: float | None = None, progress: bool = True) -> torch.Tensor:
+    """Denoise GLM-Image latents ``[B, 16, H/8, W/8]`` (fp32, normalized: the VAE de-normalizes them with
+    latents_mean/std) from 2x-upsampled prior ids ``[B, (H/16)(W/16)]`` and glyph conditioning.
+
+    guidance > 1 adds the unconditional branch (glyph of "", prior dropped, references not read).
+    references: editing; their K/V are computed once before the loop and read by every conditional pass.
+    start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
+    """
+    check_size(height, width)
+    device = dit.device
+    if prior_ids.dim() == 1:
+        prior_ids = prior_ids[None]
+    prior_ids = prior_ids.to(device)
+    b = prior_ids.shape[0]
+    grid = (height // 16) * (width // 16)
+    if prior_ids.shape[1] != grid:
+        raise ValueError(f"{prior_ids.shape[1]} prior ids per image but {height}x{width} needs {grid} "
+                         f"((H/16)*(W/16), the 2x-upsampled token grid).")
+    check_ids(prior_ids, dit.codebook_size, "prior")
+
+    schedule = glm_image_schedule(steps, height, width, dit.shift_settings)
+    noise = initial_noise((b, dit.config["in_channels"], height // 8, width // 8), seed, noise, device)
+    x, schedule = start_point(noise, schedule, start_latents, start_sigma)
+
+    cond = batch_of(glyph.cond, b, "glyph.cond").to(device=device, dtype=dit.dtype)
+    uncond = batch_of(glyph.uncond, b, "glyph.uncond").to(device=device, dtype=dit.dtype)
+    cache = write_reference_cache(dit, references) if references is not None and references.latents else None
+    size = torch.tensor([[height, width]], dtype=torch.float32).expand(b, 2)
+    crop = torch.zeros(b, 2)
+    use_cfg = guidance > 1
+    batched = use_cfg and cache is None and cond.shape == uncond.shape
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if batched:
+            both = dit(torch.cat([x, x]), torch.cat([cond, uncond]), torch.cat([prior_ids, prior_ids]),
+                       torch.tensor([False] * b + [True] * b), t.expand(2 * b), torch.cat([size, size]),
+                       torch.cat([crop, crop])).float()
+            return guide(*both.chunk(2), guidance)
+        c = dit(x, cond, prior_ids, False, t.expand(b), size, crop, kv_cache=cache, kv_mode="read").float()
+        if not use_cfg:
+            return c
+        u = dit(x, uncond, prior_ids, True, t.expand(b), size, crop, kv_cache=cache, kv_mode="skip").float()
+        return guide(c, u, guidance)
+
+    return euler(x, schedule, velocity, progress, "GLM-Image decoder")
+
+
+# ---- CogView4 --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor | None, height: int,
+                            width: int, *, steps: int = 50, guidance: float = 5.0, seed: int = 0,
+                            noise: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+    """Denoise CogView4 latents ``[B, 16, H/8, W/8]`` (fp32, CogView4's space: scaling 1.0, no mean/std) from
+    GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` may have another length; unused when
+    guidance <= 1). original_size = target_size = (H, W), crop (0, 0)."""
+    check_size(height, width)
+    device = dit.device
+    b = cond_embeds.shape[0]
+    use_cfg = guidance > 1
+    if use_cfg and uncond_embeds is None:
+        raise ValueError("guidance > 1 needs uncond_embeds (the encoding of the negative prompt, \"\" by default).")
+    schedule = cogview4_schedule(steps, height, width, dit.shift_settings)
+    x = initial_noise((b, dit.config["in_channels"], height // 8, width // 8), seed, noise, device)
+    cond = cond_embeds.to(device=device, dtype=dit.dtype)
+    uncond = batch_of(uncond_embeds, b, "uncond_embeds").to(device=device, dtype=dit.dtype) if use_cfg else None
+    size = torch.tensor([[height, width]], dtype=torch.float32).expand(b, 2)
+    crop = torch.zeros(b, 2)
+    batched = use_cfg and cond.shape == uncond.shape
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if batched:
+            sizes, crops = torch.cat([size, size]), torch.cat([crop, crop])
+            both = dit(torch.cat([x, x]), torch.cat([cond, uncond]), t.expand(2 * b), sizes, sizes, crops).float()
+            return guide(*both.chunk(2), guidance)
+        c = dit(x, cond, t.expand(b), size, size, crop).float()
+        if not use_cfg:
+            return c
+        return guide(c, dit(x, uncond, t.expand(b), size, size, crop).float(), guidance)
+
+    return euler(x, schedule, velocity, progress, "CogView4 decoder")
