@@ -27,7 +27,7 @@ import torch
 from .comfy_compat import Progress, get_device
 from .loading import CheckpointError, read_config, resolve_dtype, safetensors_files
 
-SUPPORTED_MODEL_TYPES = {"glm4v": "Glm4vForConditionalGeneration", "glm46v": "Glm46VForConditionalGeneration"}
+SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # glm46v: Glm46VForConditionalGeneration, a renamed Glm4v
 SUPPORTED_MODELS = "GLM-4.1V-9B-Thinking, GLM-4.1V-9B-Base or GLM-4.6V-Flash (config model_type glm4v or glm46v)"
 INSTALL_HINT = "pip install 'transformers>=5' (the pack's caption extra: pip install 'glm-image-nodes[caption]')"
 
@@ -211,7 +211,7 @@ def caption_image(captioner: Captioner, image: torch.Tensor, preset: str = "deta
 
 
 @torch.inference_mode()
-def caption_score(captioner: Captioner, image: torch.Tensor, prompt_ids: list[int]) -> torch.Tensor:
+def _caption_score(captioner: Captioner, image: torch.Tensor, prompt_ids: list[int]) -> torch.Tensor:
     """Mean log p(prompt token | image, "Describe this image.", earlier prompt tokens), one image."""
     inputs = chat_inputs(captioner, image, CAPS_INSTRUCTION)
     answer = torch.tensor([prompt_ids], device=captioner.device)
@@ -235,7 +235,7 @@ def caption_scores(captioner: Captioner, images: torch.Tensor, prompt: str) -> t
     with Progress(images.shape[0], desc="caption score") as progress:
         scores = []
         for image in images:
-            scores.append(caption_score(captioner, image, prompt_ids))
+            scores.append(_caption_score(captioner, image, prompt_ids))
             progress.update()
     return torch.stack(scores)
 

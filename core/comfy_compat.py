@@ -143,6 +143,17 @@ def list_single_files(kind: str) -> list[str]:
     return [n for n in _folder_paths.get_filename_list(kind) if n.endswith(".safetensors")]
 
 
+def list_model_dirs(kind: str) -> list[str]:
+    """Sub-folders holding a config.json in ComfyUI's ``kind`` folders (multi-file models such as GLM-V)."""
+    if _folder_paths is None:
+        return []
+    names = []
+    for base in _folder_paths.get_folder_paths(kind):
+        if os.path.isdir(base):
+            names += [n for n in sorted(os.listdir(base)) if os.path.isfile(os.path.join(base, n, "config.json"))]
+    return names
+
+
 def resolve_checkpoint(name: str, kind: str) -> str:
     """Turn a loader's choice into a path: an absolute path as is, else a release folder name in
     ``models/glm_image`` or a file name in the ComfyUI folder ``kind``."""
@@ -153,6 +164,10 @@ def resolve_checkpoint(name: str, kind: str) -> str:
         return expanded
     if _folder_paths is not None:
         for base in _folder_paths.get_folder_paths(RELEASE_FOLDER):
+            candidate = os.path.join(base, name)
+            if os.path.isdir(candidate):
+                return candidate
+        for base in _folder_paths.get_folder_paths(kind):
             candidate = os.path.join(base, name)
             if os.path.isdir(candidate):
                 return candidate

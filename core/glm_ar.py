@@ -10,6 +10,7 @@ kept. The vision encoder and VQ (``model.visual.*``, ``model.vqmodel.*``) are ne
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +20,8 @@ from torch import nn
 
 from .attention import attention
 from .comfy_compat import get_device
-from .loading import (CheckpointError, checkpoint_keys, component_path, config_or_none, fill_module,
-                      load_state_dict, meta_device, resolve_dtype, safetensors_files)
+from .loading import (CheckpointError, checkpoint_keys, component_path, fill_module, load_state_dict, meta_device,
+                      read_json, resolve_dtype, safetensors_files)
 
 PREFIX = "model.language_model."
 HEAD = "lm_head."
@@ -269,6 +270,20 @@ def _infer_text_config(path: str, keys: list[str]) -> dict:
             "attention_bias": (layer + "self_attn.q_proj.bias") in keys}
 
 
+def _text_config(src: str, keys: list[str]) -> dict:
+    """The folder's (or the single file's neighbouring) config.json text_config, else inferred from shapes."""
+    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    path = os.path.join(folder, "config.json")
+    if os.path.isfile(path):
+        config = read_json(path)
+        if "text_config" in config:
+            return config["text_config"]
+        if os.path.isdir(src):
+            raise CheckpointError(f"{path} has no text_config; it is not a GLM-Image vision_language_encoder "
+                                  f"config.")
+    return _infer_text_config(src, keys)
+
+
 def load_ar_model(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageAR:
     """Load the AR model from a release root, its ``vision_language_encoder/`` folder or one safetensors file.
 
@@ -283,15 +298,7 @@ def load_ar_model(path: str, dtype: str = "auto", device: torch.device | str | N
         raise CheckpointError(f"{src} has no GLM-Image language-model weights (expected keys '{PREFIX}*' and "
                               f"'lm_head.weight'). Choose the release folder or its vision_language_encoder/ "
                               f"weights, not another component.")
-    config = config_or_none(src)
-    if config is not None:
-        if "text_config" not in config:
-            raise CheckpointError(f"{src}/config.json has no text_config; it is not a GLM-Image "
-                                  f"vision_language_encoder config.")
-        text_config = config["text_config"]
-    else:
-        text_config = _infer_text_config(src, keys)
     with meta_device():
-        model = GlmImageAR(ARConfig.from_text_config(text_config))
+        model = GlmImageAR(ARConfig.from_text_config(_text_config(src, keys)))
     state = load_state_dict(src, keep=lambda k: k.startswith(PREFIX) or k.startswith(HEAD), strip_prefix=PREFIX)
     return fill_module(model, state, source=src, dtype=torch_dtype, device=device)

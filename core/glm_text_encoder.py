@@ -173,9 +173,12 @@ def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
 def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> GlmConfig:
     """Config of a single-file checkpoint from its tensor shapes; the rest from the real CogView4-6B config."""
     shapes = {k.removeprefix("model."): v for k, v in shapes.items()}
-    if "embed_tokens.weight" not in shapes or "layers.0.self_attn.q_proj.weight" not in shapes:
-        raise CheckpointError(f"{source} is not a GLM-4 (GlmModel) checkpoint: it has no embed_tokens.weight or "
-                              f"layers.0.self_attn.q_proj.weight. Choose the text_encoder of THUDM/CogView4-6B.")
+    required = ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
+                "layers.0.mlp.down_proj.weight")
+    absent = [k for k in required if k not in shapes]
+    if absent:
+        raise CheckpointError(f"{source} is not a GLM-4 (GlmModel) checkpoint: it has no {', '.join(absent)}. "
+                              f"Choose the text_encoder of THUDM/CogView4-6B.")
     default = GlmConfig()
     vocab, hidden = shapes["embed_tokens.weight"]
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := LAYER_KEY.match(k)))

@@ -113,7 +113,7 @@ def to_rgb01(image) -> torch.Tensor:
     by 255 or 65535, whichever range holds their values); floats are clamped to 0..1.
     """
     if isinstance(image, Image.Image):
-        image = np.asarray(image if image.mode in ("L", "I;16", "I", "F") else image.convert("RGB"))
+        image = np.array(image if image.mode in ("L", "I;16", "I", "F") else image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint16:  # not every torch build handles uint16 tensors
             image = image.astype(np.float32) / 65535

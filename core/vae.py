@@ -241,27 +241,28 @@ class AutoencoderKL(nn.Module):
 
 
 # ---- tiled decode ------------------------------------------------------------------------------------
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Evenly spread tile origins covering ``size`` with at least ``overlap`` shared between neighbours."""
+def tile_layout(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """Origins and common length of the fewest tiles of at most ``tile`` that cover ``size`` with about
+    ``overlap`` shared between neighbours. With ``overlap <= tile / 3`` no pixel is in three tiles."""
     if size <= tile:
-        return [0]
+        return [0], size
     count = -(-(size - overlap) // (tile - overlap))
-    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+    length = -(-(size + (count - 1) * overlap) // count)
+    return [round(i * (size - length) / (count - 1)) for i in range(count)], length
 
 
-def blend_weights(starts: list[int], tile: int, size: int, scale: int) -> list[torch.Tensor]:
-    """1-D weights per tile (output pixels): linear ramps across each overlap with a neighbour, 1 elsewhere,
-    so that neighbouring weights sum to 1 inside every overlap."""
-    length = min(tile, size) * scale
+def blend_weights(starts: list[int], length: int, scale: int) -> list[torch.Tensor]:
+    """1-D weights per tile in output pixels: linear ramps across each overlap with a neighbour, 1 elsewhere;
+    neighbouring weights sum to 1 inside every overlap."""
     weights = []
     for i, start in enumerate(starts):
-        w = torch.ones(length)
+        w = torch.ones(length * scale)
         if i > 0:
-            n = (starts[i - 1] + tile - start) * scale
+            n = (starts[i - 1] + length - start) * scale
             w[:n] = (torch.arange(n) + 0.5) / n
         if i < len(starts) - 1:
-            n = (start + tile - starts[i + 1]) * scale
-            w[length - n:] = torch.minimum(w[length - n:], (n - 0.5 - torch.arange(n)) / n)
+            n = (start + length - starts[i + 1]) * scale
+            w[w.numel() - n:] = (n - 0.5 - torch.arange(n)) / n
         weights.append(w)
     return weights
 
@@ -331,8 +332,8 @@ class GlmVAE:
         c = self.model.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != c:
             raise ValueError(f"VAE decode expects latents [B, {c}, h, w]; got shape {tuple(latents.shape)}.")
-        if tile_size < 8 or not 0 <= overlap <= tile_size // 2:
-            raise ValueError(f"tile_size must be >= 8 and overlap in 0..tile_size/2; got {tile_size}, {overlap}.")
+        if tile_size < 8 or not 0 <= overlap <= tile_size // 3:
+            raise ValueError(f"tile_size must be >= 8 and overlap in 0..tile_size/3; got {tile_size}, {overlap}.")
         h, w = latents.shape[-2:]
         if tiled is None:
             tiled = h * w > self.AUTO_TILE_LATENT_PIXELS
@@ -346,16 +347,16 @@ class GlmVAE:
     def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
         f = self.downscale
         h, w = z.shape[-2:]
-        rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-        row_w, col_w = blend_weights(rows, tile, h, f), blend_weights(cols, tile, w, f)
+        (rows, tile_h), (cols, tile_w) = tile_layout(h, tile, overlap), tile_layout(w, tile, overlap)
+        row_w, col_w = blend_weights(rows, tile_h, f), blend_weights(cols, tile_w, f)
         out = torch.zeros(1, self.model.config.out_channels, h * f, w * f, device=z.device)
         total = torch.zeros(1, 1, h * f, w * f, device=z.device)
         with Progress(len(rows) * len(cols), desc="VAE decode (tiled)") as progress:
             for y, wy in zip(rows, row_w):
                 for x, wx in zip(cols, col_w):
-                    pixels = self.model.decode(z[..., y:y + tile, x:x + tile]).float()
+                    pixels = self.model.decode(z[..., y:y + tile_h, x:x + tile_w]).float()
                     weight = (wy[:, None] * wx[None, :]).to(z.device)
-                    region = (..., slice(y * f, y * f + pixels.shape[-2]), slice(x * f, x * f + pixels.shape[-1]))
+                    region = (..., slice(y * f, (y + tile_h) * f), slice(x * f, (x + tile_w) * f))
                     out[region] += pixels * weight
                     total[region] += weight
                     progress.update()

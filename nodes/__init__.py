@@ -1,9 +1,9 @@
 """Thin node classes; each validates its inputs, calls one core function and wraps the result."""
 from .conditioning import glyph, references
 from .loaders import glm_image as glm_image_loaders
-from .sampling import ar, decoder, vae
+from .sampling import ar, caption, decoder, vae
 
-_MODULES = (glm_image_loaders, ar, glyph, decoder, vae, references)
+_MODULES = (glm_image_loaders, ar, glyph, decoder, vae, references, caption)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -69,7 +69,7 @@ def test_chat_inputs_match_glm4v_processor(captioner, monkeypatch):
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     pil = (image * 255).round().to(torch.uint8).numpy()
     ref = processor(text=[text], images=[pil], return_tensors="pt", add_special_tokens=False)
-    assert ours["input_ids"].shape[1] == 18 and (ours["input_ids"] == captioner.image_token_id).sum() == 4
+    assert ours["input_ids"].shape[1] == 25 and (ours["input_ids"] == captioner.image_token_id).sum() == 4
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(ours[key].long(), ref[key].long()), key
     assert torch.allclose(ours["pixel_values"], ref["pixel_values"], atol=1e-6)

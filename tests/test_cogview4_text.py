@@ -81,6 +81,29 @@ def test_hidden_states_match_glm_model(release):
     assert err < ATOL
 
 
+def test_bf16_matches_glm_model_in_bf16(release):
+    encoder = load_glm_text_encoder(release.root, dtype="bf16", device="cpu")
+    ref = transformers.GlmModel.from_pretrained(os.path.join(release.root, "text_encoder"), dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, ref.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        want = ref(ids, output_hidden_states=True).hidden_states[-2].float()
+    got = encoder(ids)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+
+
+def test_real_config_is_the_default():
+    real = {  # THUDM/CogView4-6B text_encoder/config.json (transformers 5 layout), the fields that matter
+        "architectures": ["GlmModel"], "model_type": "glm", "vocab_size": 151552, "hidden_size": 4096,
+        "intermediate_size": 13696, "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2,
+        "head_dim": 128, "hidden_act": "silu", "rms_norm_eps": 1.5625e-07, "attention_bias": True,
+        "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_type": "default"},
+        "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "tie_word_embeddings": False}
+    assert gte.GlmConfig.from_dict(real, "reference") == gte.GlmConfig()
+    legacy = {k: v for k, v in real.items() if k != "rope_parameters"} | {"partial_rotary_factor": 0.5}  # 4.x layout
+    assert gte.GlmConfig.from_dict(legacy, "reference") == gte.GlmConfig()
+
+
 def test_ids_and_embeddings_match_pipeline(release):
     encoder = load_glm_text_encoder(os.path.join(release.root, "text_encoder"), dtype="fp32", device="cpu")
     tokenizer = load_cogview4_tokenizer(release.root)

@@ -3,8 +3,8 @@
 ``write_tiny_glmv(folder)`` saves config + safetensors, a byte-level BPE tokenizer with the GLM-4V
 special tokens, a GLM-4.1V-style ``chat_template.jinja`` and the image processor, laid out like the
 ``zai-org/GLM-4.1V-9B-Thinking`` release. No ``Glm4vProcessor`` files: that class needs torchvision
-(for its video processor), which the test environment lacks. Images are tiny: 56x56 pixels are 4x4 patches of 14,
-merged 2x2 into 4 image tokens.
+(for its video processor), which the test environment lacks. Images are tiny: 56x56 pixels are
+4x4 patches of 14, merged 2x2 into 4 image tokens.
 """
 from __future__ import annotations
 
@@ -95,6 +95,8 @@ def write_tiny_glmv(folder: str, seed: int = 0) -> str:
     tokenizer.chat_template = CHAT_TEMPLATE  # saved as chat_template.jinja
     tokenizer.save_pretrained(folder)
     # Saved as "Glm4vImageProcessor" (the release's name); loads as the PIL one when torchvision is absent.
-    image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": IMAGE_SIZE * IMAGE_SIZE})
+    # The pixel limits count the 2 temporal frames: a 56x56 image stays 56x56 (4x4 patches, 4 tokens).
+    image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 2 * 28 * 28,
+                                                   "longest_edge": 2 * IMAGE_SIZE * IMAGE_SIZE})
     image_processor.save_pretrained(folder)
     return folder

@@ -1,6 +1,8 @@
 """Reference images for editing, and image -> token grid (decode existing images without the AR model)."""
 from __future__ import annotations
 
+import torch
+
 from ...core import types
 from ...core.references import prepare_references
 from ...core.semantic_tokenizer import tokenize_images
@@ -43,8 +45,8 @@ class GLMImageImageToTokens:
                              "width": size_input(1024, "width"), "height": size_input(1024, "height")}}
 
     def tokenize(self, tokenizer, image, width, height):
-        ids = tokenize_images(tokenizer, image, target_height=height, target_width=width)
-        return (types.TokenGrid(ids=ids, height=height - height % 32, width=width - width % 32),)
+        ids = torch.stack(tokenize_images(tokenizer, image, target_height=height, target_width=width))
+        return (types.TokenGrid(ids=ids, height=height, width=width),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageReferenceImages": GLMImageReferenceImages, "GLMImageImageToTokens": GLMImageImageToTokens}

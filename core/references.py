@@ -1,0 +1,28 @@
+"""Reference images for editing: sizes normalized up front, then VAE latents and semantic tokens per image."""
+from __future__ import annotations
+
+import torch
+
+from .reference_sizing import normalize_reference_size, resize_reference, to_rgb01
+from .semantic_tokenizer import SemanticTokenizer, tokenize_image
+from .types import ReferenceImages
+from .vae import GlmVAE
+
+
+def prepare_references(images: list, vae: GlmVAE, tokenizer: SemanticTokenizer) -> tuple[ReferenceImages, str]:
+    """Each image (``[H, W, C]`` tensor, array or PIL image; gray, RGBA and 16-bit are converted) becomes one
+    reference. Returns the references and a report of the size used for each."""
+    if not images:
+        raise ValueError("No reference image given.")
+    rgb = [to_rgb01(image) for image in images]
+    sizes = [normalize_reference_size(image.shape[0], image.shape[1]) for image in rgb]  # all checked before any work
+    latents, prior_ids, token_ids, lines = [], [], [], []
+    for i, (image, (height, width, note)) in enumerate(zip(rgb, sizes)):
+        image = resize_reference(image, height, width)
+        latents.append(vae.encode(image[None]).float().cpu())
+        ids = tokenize_image(tokenizer, image)
+        token_ids.append(ids)
+        prior_ids.append(ids.repeat_interleave(2, 0).repeat_interleave(2, 1).flatten())
+        lines.append(f"reference {i + 1}: {height}x{width} (HxW)" + (f"; {note}" if note else ""))
+    return ReferenceImages(latents=latents, prior_ids=prior_ids, token_ids=token_ids,
+                           sizes=[(h, w) for h, w, _ in sizes]), "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Captioning and caption-score reranking with a GLM-V vision-language model (through transformers)."""
+from __future__ import annotations
+
+from ...core import comfy_compat, types
+from ...core.captioner import PRESETS, caption_image, load_captioner, rerank
+from ..common import category, dtype_input, seed_input
+
+
+class GLMImageCaptionerLoader:
+    DESCRIPTION = ("Loads a GLM-V vision-language model (GLM-4.1V-9B-Thinking or GLM-4.6V-Flash release folder) "
+                   "for captions and reranking. Needs transformers>=5.")
+    CATEGORY = category("loaders")
+    RETURN_TYPES = (types.CAPTIONER,)
+    RETURN_NAMES = ("captioner",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "checkpoint": (comfy_compat.list_model_dirs("text_encoders"),
+                           {"tooltip": "A GLM-V release folder inside models/text_encoders, or a path.",
+                            "glm_model_file": "text_encoders"}),
+            "dtype": dtype_input(),
+        }}
+
+    def load(self, checkpoint, dtype):
+        path = comfy_compat.resolve_checkpoint(checkpoint, "text_encoders")
+        return (load_captioner(path, dtype=dtype, device=comfy_compat.get_device()),)
+
+
+class GLMImageCaption:
+    DESCRIPTION = ("Captions each image. 'GLM-Image prompt' writes a prompt for GLM-Image with the text to render "
+                   "in quotes; captions of a batch are separated by blank lines.")
+    CATEGORY = category("captioning")
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("caption",)
+    FUNCTION = "caption"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "captioner": (types.CAPTIONER,),
+                "image": ("IMAGE",),
+                "preset": (list(PRESETS), {"default": "GLM-Image prompt"}),
+                "max_new_tokens": ("INT", {"default": 1024, "min": 16, "max": 8192,
+                                           "tooltip": "Thinking models reason first; keep this high for them."}),
+                "seed": seed_input(),
+            },
+            "optional": {"custom_instruction": ("STRING", {"multiline": True, "default": "",
+                                                           "tooltip": "Replaces the preset's instruction."})},
+        }
+
+    def caption(self, captioner, image, preset, max_new_tokens, seed, custom_instruction=""):
+        captions = [caption_image(captioner, img, preset, max_new_tokens=max_new_tokens, seed=seed,
+                                  custom_instruction=custom_instruction) for img in image]
+        return ("\n\n".join(captions),)
+
+
+class GLMImageRerank:
+    DESCRIPTION = ("Reranks candidate images by CogView's caption score: the mean log-probability of the prompt "
+                   "given each image under the captioner. Returns the best image, all images best first, and "
+                   "the scores.")
+    CATEGORY = category("captioning")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("best", "sorted", "scores")
+    FUNCTION = "rerank"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"captioner": (types.CAPTIONER,), "images": ("IMAGE",),
+                             "prompt": ("STRING", {"multiline": True, "default": ""})}}
+
+    def rerank(self, captioner, images, prompt):
+        order, scores = rerank(captioner, images, prompt)
+        report = "\n".join(f"#{rank + 1}: image {int(i)} score {float(scores[i]):.4f}" for rank, i in enumerate(order))
+        return (images[order[:1]], images[order], report)
+
+
+NODE_CLASS_MAPPINGS = {"GLMImageCaptionerLoader": GLMImageCaptionerLoader, "GLMImageCaption": GLMImageCaption,
+                       "GLMImageRerank": GLMImageRerank}
+NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageCaptionerLoader": "GLM-V Captioner Loader", "GLMImageCaption": "GLM-V Caption",
+                              "GLMImageRerank": "GLM-V Rerank (caption score)"}
