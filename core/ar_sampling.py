@@ -35,9 +35,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 def sample_codebook_ids(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                         generator: torch.Generator) -> torch.Tensor:
     """One codebook id in [0, 16384) per row of ``logits`` [B, V]; no host synchronisation."""
-    logits = logits.clone()
-    logits[:, CODEBOOK_SIZE:] = float("-inf")
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    # dropping ids >= 16384 equals masking them to -inf before the warpers (they would get probability 0)
+    probs = filter_logits(logits[:, :CODEBOOK_SIZE], temperature, top_k, top_p).softmax(dim=-1)
     # argmax(p / Exp(1)) draws from p (like multinomial) with a fixed number of random draws per step
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1)

@@ -112,3 +112,17 @@ def load_cogview4_decoder(path: str, dtype: str = "auto", device: torch.device |
     with meta_device():
         model = CogView4DiT(config)
     return load_dit_weights(model, path, torch_dtype, device)
+
+
+def check_cogview4_size(height: int, width: int) -> None:
+    """CogView4-6B's limits (its README): sides 512..2048, multiples of 32, at most 2^21 pixels."""
+    problems = []
+    if not (512 <= height <= 2048 and 512 <= width <= 2048):
+        problems.append("each side must be 512..2048 px")
+    if height % 32 or width % 32:
+        problems.append("both sides must be multiples of 32")
+    if height * width > 2 ** 21:
+        problems.append(f"at most 2^21 = {2 ** 21} pixels ({height * width} given)")
+    if problems:
+        raise ValueError(f"CogView4 cannot make {width}x{height} (WxH): {'; '.join(problems)}. "
+                         f"Valid sizes include 1024x1024, 1280x768, 768x1280, 1536x1024, 2048x1024 and 1440x1440.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -66,6 +67,25 @@ def soft_empty_cache() -> None:
         _mm.soft_empty_cache()
     elif torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextmanager
+def on_compute_device(*modules: torch.nn.Module):
+    """Run ``modules`` on the compute device, then move them back to the offload device.
+
+    Loaders keep weights on the offload device, so the AR model, then the decoder, each take the GPU only
+    while they run: stages swap instead of sitting side by side (GLM-Image at 1024x1024 fits 24 GB this way).
+    """
+    device, offload = get_device(), offload_device()
+    for module in modules:
+        module.to(device)
+    try:
+        yield device
+    finally:
+        if device != offload:
+            for module in modules:
+                module.to(offload)
+            soft_empty_cache()
 
 
 class Progress:
@@ -141,6 +161,13 @@ def list_single_files(kind: str) -> list[str]:
     if _folder_paths is None:
         return []
     return [n for n in _folder_paths.get_filename_list(kind) if n.endswith(".safetensors")]
+
+
+def list_pt_files(kind: str) -> list[str]:
+    """Legacy ``.pt``/``.pth`` files in ComfyUI's ``kind`` folders (read with ``weights_only=True``)."""
+    if _folder_paths is None:
+        return []
+    return [n for n in _folder_paths.get_filename_list(kind) if n.endswith((".pt", ".pth"))]
 
 
 def list_model_dirs(kind: str) -> list[str]:

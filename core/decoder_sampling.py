@@ -89,7 +89,8 @@ def write_reference_cache(dit, references: ReferenceImages):
                              f"Reference sides must be multiples of 32 so the token grid and the latent agree.")
         check_ids(ids, dit.codebook_size, f"reference {i}")
         dit(latents, latents.new_zeros(1, 0, glyph_dim), ids, False, torch.zeros(1, device=dit.device),
-            torch.tensor([[h * 8, w * 8]], dtype=torch.float32), torch.zeros(1, 2), kv_cache=cache, kv_mode="write")
+            torch.tensor([[h * 8, w * 8]], dtype=torch.float32, device=dit.device),
+            torch.zeros(1, 2, device=dit.device), kv_cache=cache, kv_mode="write")
     return cache
 
 
@@ -130,16 +131,19 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     cond = batch_of(glyph.cond, b, "glyph.cond").to(device=device, dtype=dit.dtype)
     uncond = batch_of(glyph.uncond, b, "glyph.uncond").to(device=device, dtype=dit.dtype)
     cache = write_reference_cache(dit, references) if references is not None and references.latents else None
-    size = torch.tensor([[height, width]], dtype=torch.float32).expand(b, 2)
-    crop = torch.zeros(b, 2)
+    size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
+    crop = torch.zeros(b, 2, device=device)
     use_cfg = guidance > 1
     batched = use_cfg and cache is None and cond.shape == uncond.shape
+    if batched:
+        both_glyph, both_ids = torch.cat([cond, uncond]), torch.cat([prior_ids, prior_ids])
+        both_drop = torch.arange(2 * b, device=device) >= b
+        both_size, both_crop = torch.cat([size, size]), torch.cat([crop, crop])
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if batched:
-            both = dit(torch.cat([x, x]), torch.cat([cond, uncond]), torch.cat([prior_ids, prior_ids]),
-                       torch.tensor([False] * b + [True] * b), t.expand(2 * b), torch.cat([size, size]),
-                       torch.cat([crop, crop])).float()
+            both = dit(torch.cat([x, x]), both_glyph, both_ids, both_drop, t.expand(2 * b), both_size,
+                       both_crop).float()
             return guide(*both.chunk(2), guidance)
         c = dit(x, cond, prior_ids, False, t.expand(b), size, crop, kv_cache=cache, kv_mode="read").float()
         if not use_cfg:
@@ -154,10 +158,12 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
 @torch.no_grad()
 def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor | None, height: int,
                             width: int, *, steps: int = 50, guidance: float = 5.0, seed: int = 0,
-                            noise: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+                            noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
+                            start_sigma: float | None = None, progress: bool = True) -> torch.Tensor:
     """Denoise CogView4 latents ``[B, 16, H/8, W/8]`` (fp32, CogView4's space: scaling 1.0, no mean/std) from
     GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` may have another length; unused when
-    guidance <= 1). original_size = target_size = (H, W), crop (0, 0)."""
+    guidance <= 1). original_size = target_size = (H, W), crop (0, 0).
+    start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise."""
     check_size(height, width)
     device = dit.device
     b = cond_embeds.shape[0]
@@ -165,11 +171,12 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
     if use_cfg and uncond_embeds is None:
         raise ValueError("guidance > 1 needs uncond_embeds (the encoding of the negative prompt, \"\" by default).")
     schedule = cogview4_schedule(steps, height, width, dit.shift_settings)
-    x = initial_noise((b, dit.config["in_channels"], height // 8, width // 8), seed, noise, device)
+    noise = initial_noise((b, dit.config["in_channels"], height // 8, width // 8), seed, noise, device)
+    x, schedule = start_point(noise, schedule, start_latents, start_sigma)
     cond = cond_embeds.to(device=device, dtype=dit.dtype)
     uncond = batch_of(uncond_embeds, b, "uncond_embeds").to(device=device, dtype=dit.dtype) if use_cfg else None
-    size = torch.tensor([[height, width]], dtype=torch.float32).expand(b, 2)
-    crop = torch.zeros(b, 2)
+    size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
+    crop = torch.zeros(b, 2, device=device)
     batched = use_cfg and cond.shape == uncond.shape
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,8 @@ def rope_2d(rows: torch.Tensor, cols: torch.Tensor, head_dim: int) -> tuple[torc
     ``rows``/``cols`` are the per-axis position indices (raw for GLM-Image, stretched for CogView4).
     """
     axis = head_dim // 2
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, axis, 2, dtype=torch.float32, device=rows.device)[: axis // 2] / axis))
+    exponents = torch.arange(0, axis, 2, dtype=torch.float32, device=rows.device)[: axis // 2] / axis
+    inv_freq = 1.0 / (10000.0 ** exponents)
     fh = torch.outer(rows.float(), inv_freq)[:, None].expand(len(rows), len(cols), -1)
     fw = torch.outer(cols.float(), inv_freq)[None, :].expand(len(rows), len(cols), -1)
     freqs = torch.cat([fh, fw], dim=-1)
@@ -305,7 +306,8 @@ class GlmImageDiT(nn.Module):
 
     def forward(self, latents: torch.Tensor, glyph: torch.Tensor, prior_ids: torch.Tensor,
                 prior_drop: bool | torch.Tensor, timestep: torch.Tensor, target_size: torch.Tensor,
-                crop: torch.Tensor, kv_cache: ReferenceKVCache | None = None, kv_mode: str | None = None) -> torch.Tensor:
+                crop: torch.Tensor, kv_cache: ReferenceKVCache | None = None,
+                kv_mode: str | None = None) -> torch.Tensor:
         """latents ``[B,16,h,w]``, glyph ``[B,Lg,Dg]``, prior_ids ``[B,(h/2)(w/2)]`` (or ``[N]``, shared),
         prior_drop bool / ``[B]`` / ``[B,N]`` (zero the prior embedding before the projector), timestep ``[B]``
         (what the model is conditioned on, e.g. ``t_raw - 1``), target_size and crop ``[B,2]`` in pixels.

@@ -74,3 +74,18 @@ class ARModel:
     model: torch.nn.Module
     tokenizer: object
     path: str = ""
+
+
+@dataclass
+class CogView4Conditioning:
+    """CogView4 prompt embeddings (``hidden_states[-2]`` of the GLM-4 text encoder): ``[1, L, 4096]`` each."""
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    prompt: str = ""
+
+
+@dataclass
+class CogView4TextEncoder:
+    """The GLM-4-9B text encoder with its tokenizer (socket ``GLMIMAGE_COGVIEW4_TEXT_ENCODER``)."""
+    model: torch.nn.Module
+    tokenizer: object

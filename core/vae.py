@@ -326,7 +326,8 @@ class GlmVAE:
                overlap: int = 32) -> torch.Tensor:
         """Normalized latents ``[B,C,h,w]`` -> images ``[B,8h,8w,3]`` float32 0..1 on the CPU.
 
-        ``tiled``: None tiles above 1536x1536 output; ``tile_size`` and ``overlap`` are in latent pixels.
+        ``tiled``: None tiles outputs larger than 1536x1536 in area; ``tile_size`` and ``overlap`` (at most
+        a third of it) are in latent pixels.
         The untiled path is exact; tiles are blended linearly across their overlaps.
         """
         c = self.model.config.latent_channels
@@ -350,17 +351,15 @@ class GlmVAE:
         (rows, tile_h), (cols, tile_w) = tile_layout(h, tile, overlap), tile_layout(w, tile, overlap)
         row_w, col_w = blend_weights(rows, tile_h, f), blend_weights(cols, tile_w, f)
         out = torch.zeros(1, self.model.config.out_channels, h * f, w * f, device=z.device)
-        total = torch.zeros(1, 1, h * f, w * f, device=z.device)
         with Progress(len(rows) * len(cols), desc="VAE decode (tiled)") as progress:
             for y, wy in zip(rows, row_w):
                 for x, wx in zip(cols, col_w):
                     pixels = self.model.decode(z[..., y:y + tile_h, x:x + tile_w]).float()
                     weight = (wy[:, None] * wx[None, :]).to(z.device)
                     region = (..., slice(y * f, (y + tile_h) * f), slice(x * f, (x + tile_w) * f))
-                    out[region] += pixels * weight
-                    total[region] += weight
+                    out[region] += pixels * weight  # the weights of overlapping tiles sum to 1
                     progress.update()
-        return out / total
+        return out
 
 
 # ---- loading -----------------------------------------------------------------------------------------

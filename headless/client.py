@@ -157,8 +157,10 @@ def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout:
 def _execution_error(status: dict) -> str:
     for kind, data in status.get("messages", []):
         if kind == "execution_error":
+            # ComfyUI names a custom pack's module by its file path: keep only the class name.
+            exception_type = str(data.get("exception_type")).rsplit(".", 1)[-1]
             return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                    f"{data.get('exception_type')}: {data.get('exception_message')}")
+                    f"{exception_type}: {str(data.get('exception_message')).strip()}")
         if kind == "execution_interrupted":
             return f"interrupted at node {data.get('node_id')} ({data.get('node_type')})"
     return f"the workflow failed: {status}"

@@ -63,6 +63,11 @@ def api_to_ui(graph: dict, node_classes: dict, titles: dict | None = None) -> di
                 link = next(l for l in links if l[3] == ids[node_id] and l[6] == name)
                 link[4] = len(ui_inputs)
                 ui_inputs.append({"name": name, "type": link[5], "link": link[0]})
+                if is_widget(spec):  # a widget turned into an input keeps its (unused) value
+                    ui_inputs[-1]["widget"] = {"name": name}
+                    widgets.append(spec[1].get("default") if len(spec) > 1 else None)
+                    if has_control_widget(spec):
+                        widgets.append("fixed")
             elif is_widget(spec):
                 widgets.append(value if name in node["inputs"] else spec[1].get("default") if len(spec) > 1 else None)
                 if has_control_widget(spec):
@@ -90,14 +95,14 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
         values = list(node.get("widgets_values", []))
         inputs = {}
         for name, spec in types.items():
-            if name in linked:
-                inputs[name] = [str(linked[name][1]), linked[name][2]]
-            elif is_widget(spec):
+            if is_widget(spec):
                 if not values:
                     raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name!r}")
                 inputs[name] = values.pop(0)
                 if has_control_widget(spec):
                     values.pop(0)
+            if name in linked:
+                inputs[name] = [str(linked[name][1]), linked[name][2]]
         if values:
             raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values left over")
         graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}

@@ -1,9 +1,13 @@
 """Thin node classes; each validates its inputs, calls one core function and wraps the result."""
 from .conditioning import glyph, references
+from .loaders import captioner as captioner_loader
+from .loaders import cogview4 as cogview4_loaders
+from .loaders import cogview_vqvae as cogview_vqvae_loader
 from .loaders import glm_image as glm_image_loaders
-from .sampling import ar, caption, decoder, vae
+from .sampling import ar, caption, cogview4, cogview_vqvae, decoder, vae
 
-_MODULES = (glm_image_loaders, ar, glyph, decoder, vae, references, caption)
+_MODULES = (glm_image_loaders, ar, glyph, decoder, vae, references, caption,
+            cogview4_loaders, cogview4, cogview_vqvae, captioner_loader, cogview_vqvae_loader)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

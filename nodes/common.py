@@ -1,7 +1,10 @@
 """Shared bits of the node layer: categories, widget definitions, model-file choices."""
 from __future__ import annotations
 
+import torch
+
 from ..core import comfy_compat
+from ..core.loading import resolve_dtype
 
 CATEGORY = "GLM-Image"
 DTYPES = ["auto", "bf16", "fp32", "fp16"]
@@ -24,6 +27,13 @@ def checkpoint_input(single_file_folder: str, tooltip: str):
 
 def dtype_input():
     return (DTYPES, {"default": "auto", "tooltip": "Weight dtype. auto: bf16 on GPUs that support it, else fp32."})
+
+
+def load_dtype(choice: str) -> str:
+    """Loaders keep weights on the offload device; ``auto`` still means what suits the compute device."""
+    if choice != "auto":
+        return choice
+    return "bf16" if resolve_dtype("auto", comfy_compat.get_device(), component="model") == torch.bfloat16 else "fp32"
 
 
 def seed_input():

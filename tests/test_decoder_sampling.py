@@ -30,7 +30,7 @@ from tiny_dit import SCHEDULER, randomize, single_thread, tiny_glm_image_dit, wr
 
 # Max abs on latents after 3-4 steps. Conditioning on shifted timesteps (diffusers 0.40/0.41) moves them by
 # more than 100x this on the same model (checked in test_tolerance_catches_shifted_timesteps).
-TOL = 1e-4
+TOL = 1e-5
 H, W = 64, 96
 GRID = (H // 16) * (W // 16)
 MEAN = [(-1) ** i * 0.1 * i for i in range(16)]

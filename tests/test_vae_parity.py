@@ -32,7 +32,8 @@ def save_release(root, config: dict, seed: int = 0) -> ReferenceVAE:
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     ref.save_pretrained(root / "vae")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline", "vae": ["diffusers", "AutoencoderKL"]}))
+    index = {"_class_name": "GlmImagePipeline", "vae": ["diffusers", "AutoencoderKL"]}
+    (root / "model_index.json").write_text(json.dumps(index))
     return ref
 
 
@@ -99,7 +100,8 @@ def test_single_file_without_config(tmp_path, caplog):
     assert vae.model.config.block_out_channels == (32, 32, 32, 32) and vae.model.config.layers_per_block == 1
     assert vae.latents_std.flatten()[3].item() == 4.84375  # the real GLM-Image statistics
     latents = torch.randn(1, 16, 4, 6)
-    ref.register_to_config(latents_mean=vae.latents_mean.flatten().tolist(), latents_std=vae.latents_std.flatten().tolist())
+    ref.register_to_config(latents_mean=vae.latents_mean.flatten().tolist(),
+                           latents_std=vae.latents_std.flatten().tolist())
     with torch.no_grad():
         assert (vae.decode(latents) - reference_decode(ref, latents)).abs().max().item() < TOL
     cogview = load_vae(str(single), dtype="fp32", device="cpu", family="cogview4")
@@ -111,8 +113,8 @@ def periodic_latent(h: int, w: int, period: int) -> torch.Tensor:
     so per-tile GroupNorm statistics match the whole image's as closely as they can."""
     y = torch.arange(h).view(h, 1).float()
     x = torch.arange(w).view(1, w).float()
-    channels = [0.8 * torch.sin(2 * math.pi * (x / period + c / 16)) + 0.6 * torch.cos(2 * math.pi * (y / period + c / 7))
-                for c in range(16)]
+    channels = [0.8 * torch.sin(2 * math.pi * (x / period + c / 16))
+                + 0.6 * torch.cos(2 * math.pi * (y / period + c / 7)) for c in range(16)]
     return torch.stack(channels).unsqueeze(0)
 
 

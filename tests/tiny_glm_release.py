@@ -36,10 +36,10 @@ def make_processor(folder: str):
     return GlmImageProcessor.from_pretrained(folder)
 
 
-def make_model():
+def make_model(text_config: dict = TEXT_CONFIG):
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
 
-    config = GlmImageConfig(text_config=TEXT_CONFIG, vision_config=VISION_CONFIG, vq_config=VQ_CONFIG)
+    config = GlmImageConfig(text_config=text_config, vision_config=VISION_CONFIG, vq_config=VQ_CONFIG)
     model = GlmImageForConditionalGeneration(config).eval()
     with torch.no_grad():  # O(1) activations and logits, so the tolerances mean something
         for name, p in model.named_parameters():

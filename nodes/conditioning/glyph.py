@@ -1,7 +1,7 @@
 """Glyph conditioning: the quoted text of the prompt (or an explicit list) -> Glyph-ByT5 embeddings."""
 from __future__ import annotations
 
-from ...core import types
+from ...core import comfy_compat, types
 from ...core.glyph import glyph_conditioning
 from ..common import category
 
@@ -28,7 +28,8 @@ class GLMImageGlyphConditioning:
 
     def encode(self, glyph_encoder, prompt, texts=""):
         explicit = [line for line in texts.splitlines() if line.strip()] or None
-        return (glyph_conditioning(glyph_encoder, prompt, texts=explicit),)
+        with comfy_compat.on_compute_device(glyph_encoder):
+            return (glyph_conditioning(glyph_encoder, prompt, texts=explicit),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageGlyphConditioning": GLMImageGlyphConditioning}

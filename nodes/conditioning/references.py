@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ...core import types
+from ...core import comfy_compat, types
 from ...core.references import prepare_references
 from ...core.semantic_tokenizer import tokenize_images
 from ..common import category, size_input
@@ -27,7 +27,8 @@ class GLMImageReferenceImages:
 
     def prepare(self, vae, tokenizer, image, image_2=None, image_3=None):
         images = [img for batch in (image, image_2, image_3) if batch is not None for img in batch]
-        references, note = prepare_references(images, vae, tokenizer)
+        with comfy_compat.on_compute_device(vae.model, tokenizer):
+            references, note = prepare_references(images, vae, tokenizer)
         return (references, note)
 
 
@@ -45,7 +46,8 @@ class GLMImageImageToTokens:
                              "width": size_input(1024, "width"), "height": size_input(1024, "height")}}
 
     def tokenize(self, tokenizer, image, width, height):
-        ids = torch.stack(tokenize_images(tokenizer, image, target_height=height, target_width=width))
+        with comfy_compat.on_compute_device(tokenizer):
+            ids = torch.stack(tokenize_images(tokenizer, image, target_height=height, target_width=width))
         return (types.TokenGrid(ids=ids, height=height, width=width),)
 
 

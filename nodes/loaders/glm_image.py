@@ -8,7 +8,7 @@ from ...core.glm_ar import load_ar_model
 from ...core.glyph import load_glyph_encoder
 from ...core.semantic_tokenizer import load_semantic_tokenizer
 from ...core.vae import load_vae
-from ..common import category, checkpoint_input, dtype_input
+from ..common import category, checkpoint_input, dtype_input, load_dtype
 
 
 def _path(checkpoint: str, single_file_folder: str) -> str:
@@ -33,7 +33,7 @@ class GLMImageARLoader:
     def load(self, checkpoint, dtype):
         path = _path(checkpoint, "text_encoders")
         tokenizer = load_text_tokenizer(path)
-        model = load_ar_model(path, dtype=dtype, device=comfy_compat.get_device())
+        model = load_ar_model(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device())
         return (types.ARModel(model=model, tokenizer=tokenizer, path=path),)
 
 
@@ -54,7 +54,7 @@ class GLMImageTokenizerLoader:
 
     def load(self, checkpoint, dtype):
         path = _path(checkpoint, "text_encoders")
-        return (load_semantic_tokenizer(path, dtype=dtype, device=comfy_compat.get_device()),)
+        return (load_semantic_tokenizer(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device()),)
 
 
 class GLMImageDecoderLoader:
@@ -74,7 +74,7 @@ class GLMImageDecoderLoader:
 
     def load(self, checkpoint, dtype):
         path = _path(checkpoint, "diffusion_models")
-        return (load_decoder(path, dtype=dtype, device=comfy_compat.get_device()),)
+        return (load_decoder(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device()),)
 
 
 class GLMImageGlyphEncoderLoader:
@@ -94,7 +94,7 @@ class GLMImageGlyphEncoderLoader:
 
     def load(self, checkpoint, dtype):
         path = _path(checkpoint, "text_encoders")
-        return (load_glyph_encoder(path, dtype=dtype, device=comfy_compat.get_device()),)
+        return (load_glyph_encoder(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device()),)
 
 
 class GLMImageVAELoader:
@@ -110,11 +110,14 @@ class GLMImageVAELoader:
         return {"required": {
             "checkpoint": checkpoint_input("vae", "Release folder, or a single safetensors file in models/vae."),
             "dtype": dtype_input(),
+        }, "optional": {
+            "family": (["glm_image", "cogview4"], {"default": "glm_image", "tooltip": "Latent normalization "
+                       "for a single file without config.json; a release folder's config always wins."}),
         }}
 
-    def load(self, checkpoint, dtype):
+    def load(self, checkpoint, dtype, family="glm_image"):
         path = _path(checkpoint, "vae")
-        return (load_vae(path, dtype=dtype, device=comfy_compat.get_device()),)
+        return (load_vae(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device(), family=family),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,7 +1,7 @@
 """AR token sampling: prompt (and optional reference images) -> a semantic-VQ token grid."""
 from __future__ import annotations
 
-from ...core import types
+from ...core import comfy_compat, types
 from ...core.ar_sampling import generate_token_grid
 from ..common import category, seed_input, size_input
 
@@ -37,9 +37,10 @@ class GLMImageARSampler:
 
     def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None):
         source_grids = references.token_ids if references is not None else None
-        grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
-                                   temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
-                                   source_grids=source_grids)
+        with comfy_compat.on_compute_device(ar_model.model):
+            grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
+                                       temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
+                                       source_grids=source_grids)
         return (grid,)
 
 

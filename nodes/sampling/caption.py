@@ -2,30 +2,8 @@
 from __future__ import annotations
 
 from ...core import comfy_compat, types
-from ...core.captioner import PRESETS, caption_image, load_captioner, rerank
-from ..common import category, dtype_input, seed_input
-
-
-class GLMImageCaptionerLoader:
-    DESCRIPTION = ("Loads a GLM-V vision-language model (GLM-4.1V-9B-Thinking or GLM-4.6V-Flash release folder) "
-                   "for captions and reranking. Needs transformers>=5.")
-    CATEGORY = category("loaders")
-    RETURN_TYPES = (types.CAPTIONER,)
-    RETURN_NAMES = ("captioner",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "checkpoint": (comfy_compat.list_model_dirs("text_encoders"),
-                           {"tooltip": "A GLM-V release folder inside models/text_encoders, or a path.",
-                            "glm_model_file": "text_encoders"}),
-            "dtype": dtype_input(),
-        }}
-
-    def load(self, checkpoint, dtype):
-        path = comfy_compat.resolve_checkpoint(checkpoint, "text_encoders")
-        return (load_captioner(path, dtype=dtype, device=comfy_compat.get_device()),)
+from ...core.captioner import PRESETS, caption_image, rerank
+from ..common import category, seed_input
 
 
 class GLMImageCaption:
@@ -47,13 +25,20 @@ class GLMImageCaption:
                                            "tooltip": "Thinking models reason first; keep this high for them."}),
                 "seed": seed_input(),
             },
-            "optional": {"custom_instruction": ("STRING", {"multiline": True, "default": "",
-                                                           "tooltip": "Replaces the preset's instruction."})},
+            "optional": {
+                "custom_instruction": ("STRING", {"multiline": True, "default": "",
+                                                  "tooltip": "Replaces the preset's instruction."}),
+                "append": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "Text added after each caption, e.g. an edit instruction."}),
+            },
         }
 
-    def caption(self, captioner, image, preset, max_new_tokens, seed, custom_instruction=""):
-        captions = [caption_image(captioner, img, preset, max_new_tokens=max_new_tokens, seed=seed,
-                                  custom_instruction=custom_instruction) for img in image]
+    def caption(self, captioner, image, preset, max_new_tokens, seed, custom_instruction="", append=""):
+        with comfy_compat.on_compute_device(captioner.model):
+            captions = [caption_image(captioner, img, preset, max_new_tokens=max_new_tokens, seed=seed,
+                                      custom_instruction=custom_instruction) for img in image]
+        if append.strip():
+            captions = [f"{caption} {append.strip()}" for caption in captions]
         return ("\n\n".join(captions),)
 
 
@@ -72,12 +57,13 @@ class GLMImageRerank:
                              "prompt": ("STRING", {"multiline": True, "default": ""})}}
 
     def rerank(self, captioner, images, prompt):
-        order, scores = rerank(captioner, images, prompt)
+        with comfy_compat.on_compute_device(captioner.model):
+            order, scores = rerank(captioner, images, prompt)
         report = "\n".join(f"#{rank + 1}: image {int(i)} score {float(scores[i]):.4f}" for rank, i in enumerate(order))
         return (images[order[:1]], images[order], report)
 
 
-NODE_CLASS_MAPPINGS = {"GLMImageCaptionerLoader": GLMImageCaptionerLoader, "GLMImageCaption": GLMImageCaption,
+NODE_CLASS_MAPPINGS = {"GLMImageCaption": GLMImageCaption,
                        "GLMImageRerank": GLMImageRerank}
-NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageCaptionerLoader": "GLM-V Captioner Loader", "GLMImageCaption": "GLM-V Caption",
+NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageCaption": "GLM-V Caption",
                               "GLMImageRerank": "GLM-V Rerank (caption score)"}

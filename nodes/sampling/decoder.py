@@ -1,7 +1,7 @@
 """Decoder sampling: token grid + glyph conditioning -> LATENT (flow matching with CFG)."""
 from __future__ import annotations
 
-from ...core import types
+from ...core import comfy_compat, types
 from ...core.decoder_sampling import sample_latents
 from ..common import category, seed_input
 
@@ -30,8 +30,9 @@ class GLMImageDecoderSampler:
         }
 
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None):
-        latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
-                                 steps=steps, guidance=guidance, seed=seed, references=references)
+        with comfy_compat.on_compute_device(decoder):
+            latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
+                                     steps=steps, guidance=guidance, seed=seed, references=references)
         return ({"samples": latents.float().cpu()},)
 
 

@@ -1,7 +1,7 @@
 """VAE decode (LATENT -> IMAGE) and encode (IMAGE -> LATENT)."""
 from __future__ import annotations
 
-from ...core import types
+from ...core import comfy_compat, types
 from ..common import category
 
 
@@ -20,7 +20,8 @@ class GLMImageVAEDecode:
 
     def decode(self, vae, latent, tiling):
         tiled = {"auto": None, "on": True, "off": False}[tiling]
-        return (vae.decode(latent["samples"], tiled=tiled),)
+        with comfy_compat.on_compute_device(vae.model):
+            return (vae.decode(latent["samples"], tiled=tiled),)
 
 
 class GLMImageVAEEncode:
@@ -35,7 +36,8 @@ class GLMImageVAEEncode:
         return {"required": {"vae": (types.VAE,), "image": ("IMAGE",)}}
 
     def encode(self, vae, image):
-        return ({"samples": vae.encode(image).float().cpu()},)
+        with comfy_compat.on_compute_device(vae.model):
+            return ({"samples": vae.encode(image).float().cpu()},)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageVAEDecode": GLMImageVAEDecode, "GLMImageVAEEncode": GLMImageVAEEncode}

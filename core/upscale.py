@@ -1,0 +1,139 @@
+"""2x upscaling by re-decoding with GLM-Image, and SDEdit-style refine passes (GLM-Image and CogView4).
+
+GLM-Image's decoder is trained on the semantic tokens of its target seen at half size, so for a 2x output the
+token grid is the input's own: tokenize the input for the output size, decode at the output size with the input as
+a reference image (the DiT reads its K/V). This keeps the meaning of the image, not its exact pixels.
+
+Refine (``strength`` < 1): VAE-encode a bicubic upsample, noise it to sigma = strength (flow matching: sigma is
+the noise level) and denoise only the rest of the schedule. strength 1 decodes from pure noise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .cogview4_dit import check_cogview4_size
+from .decoder_sampling import sample_cogview4_latents, sample_latents
+from .reference_sizing import MAX_ASPECT, TOKEN_PIXELS, resize_reference, to_rgb01
+from .references import prepare_references
+from .semantic_tokenizer import SemanticTokenizer, preprocess_image
+from .types import GlyphConditioning
+from .vae import GlmVAE
+
+MAX_SIDE = 2048                 # GLM-Image and CogView4 decode at most 2048 px per side
+MIN_INPUT_SIDE = TOKEN_PIXELS   # the reference path needs one 32 px token per side
+LARGE_ALTERNATIVE = ("upscale crops of at most 1024 px and stitch them, or use a model upscaler "
+                     "(core ImageUpscaleWithModel)")
+
+
+def upscale_2x_size(height: int, width: int) -> tuple[int, int]:
+    """The output size of ``upscale_2x``: the input rounded to multiples of 16, doubled. Raises ``ValueError``
+    for inputs the tokenizer and reference path cannot take or outputs above 2048 px per side."""
+    if min(height, width) < MIN_INPUT_SIDE:
+        raise ValueError(f"Image {height}x{width} (HxW) is too small to upscale with GLM-Image: the semantic "
+                         f"tokenizer and the reference path need at least {MIN_INPUT_SIDE} px per side.")
+    out_h, out_w = (2 * 16 * max(1, round(n / 16)) for n in (height, width))
+    if max(height / width, width / height, out_h / out_w, out_w / out_h) > MAX_ASPECT:
+        raise ValueError(f"Image {height}x{width} (HxW) gives {out_h}x{out_w} at 2x: an aspect ratio above "
+                         f"{MAX_ASPECT}, which GLM-Image's tokenizer rejects; crop it first.")
+    if max(out_h, out_w) > MAX_SIDE:
+        raise ValueError(f"Upscaling {height}x{width} (HxW) 2x gives {out_h}x{out_w}, above the {MAX_SIDE} px per "
+                         f"side the decoder handles: {LARGE_ALTERNATIVE}.")
+    return out_h, out_w
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """``scale`` times the size, rounded to multiples of 32."""
+    return tuple(32 * max(1, round(n * scale / 32)) for n in (height, width))
+
+
+def check_strength(strength: float) -> None:
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1] (1 = decode from pure noise), got {strength}.")
+
+
+def output_tokens(tokenizer: SemanticTokenizer, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Token ids ``[height/32, width/32]`` of ``image`` for a decode at ``height`` x ``width``, made as
+    ``tokenize_image`` makes them (Lanczos to the output size, then the processor's bicubic to half of it).
+
+    Below the processor's minimum side (512 px) the processor would enlarge the image and change the grid, so
+    its minimum is lowered to the output's short side: the tokenizer sees exactly half the output size."""
+    cfg = tokenizer.config
+    min_pixels = min(cfg.min_pixels, min(height, width) ** 2)
+    pixels = preprocess_image(resize_reference(image, height, width), min_pixels=min_pixels,
+                              max_pixels=cfg.max_pixels, patch_size=cfg.patch_size)
+    weight = tokenizer.model["visual"].patch_embed.proj.weight
+    return tokenizer(pixels.to(device=weight.device, dtype=weight.dtype))[0].cpu()
+
+
+def upsample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic resize of ``[H, W, 3]`` 0..1 to ``height`` x ``width`` (clamped to 0..1)."""
+    x = image.permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
+    return x[0].permute(1, 2, 0).clamp(0, 1)
+
+
+def downscale_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Area (box-filter) resize of ``[H, W, 3]`` to ``height`` x ``width``: the antialiased way down for PSNR."""
+    x = image.permute(2, 0, 1)[None].float()
+    return F.interpolate(x, size=(height, width), mode="area")[0].permute(1, 2, 0)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two images in 0..1 (inf when equal)."""
+    if a.shape != b.shape:
+        raise ValueError(f"psnr needs images of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def refine_start(image: torch.Tensor, vae: GlmVAE, height: int, width: int, strength: float) -> dict:
+    """``start_latents``/``start_sigma`` for the samplers: the VAE latent of the bicubic upsample, or nothing
+    (pure noise) at strength 1."""
+    if strength >= 1:
+        return {}
+    latents = vae.encode(upsample(image, height, width)[None]).float()
+    return {"start_latents": latents, "start_sigma": float(strength)}
+
+
+def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, glyph: GlyphConditioning,
+               steps: int = 30, guidance: float = 1.5, seed: int = 0, strength: float = 1.0,
+               use_reference: bool = True) -> torch.Tensor:
+    """Upscale one image ``[H, W, 3]`` 0..1 to ``[2H', 2W', 3]`` (H', W': the input rounded to multiples of 16)
+    by re-decoding its semantic tokens at twice the size with the GLM-Image decoder.
+
+    use_reference: the input is also a reference image (its K/V computed once), so the decoder can copy detail.
+    strength < 1: refine the bicubic upsample from that noise level instead of decoding from pure noise.
+    glyph: the glyph-text conditioning (the encoding of "" when the image has no text to render).
+    """
+    image = to_rgb01(image)
+    height, width = upscale_2x_size(*image.shape[:2])
+    check_strength(strength)
+    ids = output_tokens(tokenizer, image, height, width)
+    prior_ids = ids.repeat_interleave(2, 0).repeat_interleave(2, 1).flatten()[None]
+    references = prepare_references([image], vae, tokenizer)[0] if use_reference else None
+    latents = sample_latents(decoder, prior_ids, glyph, height, width, steps=steps, guidance=guidance, seed=seed,
+                             references=references, **refine_start(image, vae, height, width, strength))
+    return vae.decode(latents)[0]
+
+
+def refine_cogview4(image, *, decoder, vae: GlmVAE, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
+                    scale: float = 2.0, steps: int = 30, guidance: float = 5.0, seed: int = 0,
+                    strength: float = 0.5) -> torch.Tensor:
+    """Refine one image ``[H, W, 3]`` 0..1 with CogView4 at ``scale`` times its size (rounded to multiples of 32):
+    bicubic upsample, VAE encode, noise to sigma = strength, denoise the rest with the prompt embeddings
+    ``[1, L, 4096]``. Returns ``[H_out, W_out, 3]``; ``vae`` is CogView4's."""
+    image = to_rgb01(image)
+    height, width = scaled_size(*image.shape[:2], scale)
+    try:
+        check_cogview4_size(height, width)
+    except ValueError as e:
+        hint = f" For larger images: {LARGE_ALTERNATIVE}." if max(height, width) > MAX_SIDE else ""
+        raise ValueError(f"Refining {image.shape[0]}x{image.shape[1]} (HxW) at scale {scale:g}: {e}{hint}") from e
+    check_strength(strength)
+    latents = sample_cogview4_latents(decoder, cond_embeds, uncond_embeds, height, width, steps=steps,
+                                      guidance=guidance, seed=seed,
+                                      **refine_start(image, vae, height, width, strength))
+    return vae.decode(latents)[0]

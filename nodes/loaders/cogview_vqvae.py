@@ -1,0 +1,29 @@
+"""Loader for the CogView (v1) VQ-VAE."""
+from __future__ import annotations
+
+from ...core import comfy_compat, types
+from ...core.cogview_vqvae import load_cogview_vqvae
+from ..common import category
+
+
+class GLMImageCogViewVQVAELoader:
+    DESCRIPTION = ("Loads the CogView VQ-VAE (vqvae_hard_biggerset_011.pt, read with weights_only=True, or a "
+                   "safetensors copy) from models/vae or a path.")
+    CATEGORY = category("loaders")
+    RETURN_TYPES = (types.COGVIEW_VQVAE,)
+    RETURN_NAMES = ("vqvae",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        choices = comfy_compat.list_single_files("vae") + comfy_compat.list_pt_files("vae")
+        return {"required": {"checkpoint": (choices, {"tooltip": "The CogView VQ-VAE checkpoint.",
+                                                      "glm_model_file": "vae"})}}
+
+    def load(self, checkpoint):
+        path = comfy_compat.resolve_checkpoint(checkpoint, "vae")
+        return (load_cogview_vqvae(path, device=comfy_compat.offload_device()),)
+
+
+NODE_CLASS_MAPPINGS = {"GLMImageCogViewVQVAELoader": GLMImageCogViewVQVAELoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageCogViewVQVAELoader": "CogView VQ-VAE Loader"}

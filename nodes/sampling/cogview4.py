@@ -1,0 +1,68 @@
+"""CogView4-6B: prompt encoding (positive and negative) and decoder sampling to LATENT."""
+from __future__ import annotations
+
+from ...core import comfy_compat, types
+from ...core.cogview4_dit import check_cogview4_size
+from ...core.cogview4_text import encode_cogview4_prompt
+from ...core.decoder_sampling import sample_cogview4_latents
+from ..common import category, seed_input, size_input
+
+
+class GLMImageCogView4TextEncode:
+    DESCRIPTION = ("Encodes the prompt and the negative prompt with GLM-4-9B (the second-to-last hidden state, as "
+                   "CogView4 does). Prompts over 1024 tokens are truncated with a warning.")
+    CATEGORY = category("conditioning")
+    RETURN_TYPES = (types.COGVIEW4_CONDITIONING,)
+    RETURN_NAMES = ("conditioning",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": (types.COGVIEW4_TEXT_ENCODER,),
+            "prompt": ("STRING", {"multiline": True, "default": ""}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
+        }}
+
+    def encode(self, text_encoder, prompt, negative_prompt):
+        with comfy_compat.on_compute_device(text_encoder.model):
+            cond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, prompt).cpu()
+            uncond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, negative_prompt).cpu()
+        return (types.CogView4Conditioning(cond=cond, uncond=uncond, prompt=prompt),)
+
+
+class GLMImageCogView4Sampler:
+    DESCRIPTION = ("CogView4-6B text to image: flow matching with CFG (guidance 5.0). Decode the latent with the "
+                   "GLM-Image VAE Decode node and CogView4's VAE.")
+    CATEGORY = category("sampling")
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "decoder": (types.COGVIEW4_DECODER,),
+            "conditioning": (types.COGVIEW4_CONDITIONING,),
+            "width": size_input(1024, "width (512..2048, at most 2^21 pixels)"),
+            "height": size_input(1024, "height (512..2048, at most 2^21 pixels)"),
+            "seed": seed_input(),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 200}),
+            "guidance": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1}),
+            "num_images": ("INT", {"default": 1, "min": 1, "max": 16}),
+        }}
+
+    def sample(self, decoder, conditioning, width, height, seed, steps, guidance, num_images):
+        check_cogview4_size(height, width)
+        cond = conditioning.cond.expand(num_images, -1, -1)
+        uncond = conditioning.uncond.expand(num_images, -1, -1)
+        with comfy_compat.on_compute_device(decoder):
+            latents = sample_cogview4_latents(decoder, cond, uncond, height, width, steps=steps, guidance=guidance,
+                                              seed=seed)
+        return ({"samples": latents.float().cpu()},)
+
+
+NODE_CLASS_MAPPINGS = {"GLMImageCogView4TextEncode": GLMImageCogView4TextEncode,
+                       "GLMImageCogView4Sampler": GLMImageCogView4Sampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageCogView4TextEncode": "CogView4 Text Encode",
+                              "GLMImageCogView4Sampler": "CogView4 Sampler"}

@@ -1,0 +1,197 @@
+"""The pack inside a real, headless ComfyUI: it imports, its nodes are listed, the text-to-image workflow runs
+on a tiny random release, and errors reach the client with the node and the reason.
+
+Enabled by ``GLMIMAGE_COMFYUI=<ComfyUI tree>``, run with ``GLMIMAGE_COMFYUI_PYTHON`` (default ``python3``);
+skipped otherwise. One CPU server serves the whole module; the pack is loaded through a symlink in a
+``custom_nodes:`` folder of ``--extra-model-paths-config``, so nothing is copied into the ComfyUI tree.
+"""
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+COMFYUI = os.environ.get("GLMIMAGE_COMFYUI", "")
+if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
+    pytest.skip("set GLMIMAGE_COMFYUI to a ComfyUI tree (and GLMIMAGE_COMFYUI_PYTHON to its Python) to run",
+                allow_module_level=True)
+PYTHON = os.environ.get("GLMIMAGE_COMFYUI_PYTHON", "python3")
+
+from PIL import Image  # noqa: E402
+
+from glm_image_nodes.core.tiny_release import write_tiny_release  # noqa: E402
+from glm_image_nodes.headless import client  # noqa: E402
+from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+
+pytestmark = pytest.mark.comfyui
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_FOLDER = "glm-image-nodes"
+T2I_WORKFLOW = os.path.join(ROOT, "example_workflows", "glm_image_text_to_image_api.json")
+STARTUP_TIMEOUT_S = 120
+
+
+class Server:
+    def __init__(self, url: str, log_path: str):
+        self.url = url
+        self.log_path = log_path
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def get_json(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
+            return json.loads(resp.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfyui")
+    packs = root / "custom_nodes"
+    packs.mkdir()
+    (packs / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    releases = root / "models" / "glm_image"
+    write_tiny_release(str(releases / "tiny"))
+    # Listed by the loaders (it has a model_index.json) but holds no component: fails at execution time.
+    (releases / "broken").mkdir()
+    (releases / "broken" / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
+    config = root / "extra_model_paths.yaml"
+    config.write_text(f"glm_image_nodes_test:\n    custom_nodes: {packs}\n    glm_image: {releases}\n")
+    for name in ("frontend", "output", "input", "temp", "user"):
+        (root / name).mkdir()
+
+    port = _free_port()
+    log_path = root / "server.log"
+    command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+               "--disable-api-nodes", "--front-end-root", str(root / "frontend"),
+               "--extra-model-paths-config", str(config), "--output-directory", str(root / "output"),
+               "--input-directory", str(root / "input"), "--temp-directory", str(root / "temp"),
+               "--user-directory", str(root / "user"), "--database-url", "sqlite:///:memory:"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = Server(f"http://127.0.0.1:{port}", str(log_path))
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with code {process.returncode} during startup:\n{server.log()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI did not answer /system_stats within {STARTUP_TIMEOUT_S} s:\n{server.log()}")
+            try:
+                server.get_json("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.25)
+        yield server
+    finally:
+        _stop(process)
+
+
+def _t2i_graph() -> dict:
+    """The example workflow at 256x256 with 2 decoder steps, every loader on the tiny release."""
+    with open(T2I_WORKFLOW, encoding="utf-8") as f:
+        graph = json.load(f)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if "checkpoint" in inputs:
+            inputs["checkpoint"] = "tiny"
+        if node["class_type"] == "GLMImageARSampler":
+            inputs.update(width=256, height=256)
+        if node["class_type"] == "GLMImageDecoderSampler":
+            inputs["steps"] = 2
+    return graph
+
+
+def _node_id(graph: dict, class_type: str) -> str:
+    (node_id,) = [i for i, node in graph.items() if node["class_type"] == class_type]
+    return node_id
+
+
+def test_pack_imports_and_lists_its_nodes(comfy):
+    failed = [line for line in comfy.log().splitlines() if "IMPORT FAILED" in line and PACK_FOLDER in line]
+    assert not failed, f"the pack failed to import:\n{comfy.log()}"
+    info = comfy.get_json("/object_info")
+    missing = sorted(set(NODE_CLASS_MAPPINGS) - set(info))
+    assert not missing, f"not in /object_info: {missing}"
+    for name in NODE_CLASS_MAPPINGS:
+        assert info[name]["category"].startswith("GLM-Image/"), (name, info[name]["category"])
+        assert info[name]["python_module"] == f"custom_nodes.{PACK_FOLDER}", (name, info[name]["python_module"])
+    checkpoints = info["GLMImageARLoader"]["input"]["required"]["checkpoint"][0]
+    assert "tiny" in checkpoints, checkpoints
+
+
+def test_text_to_image_runs_with_websocket_progress(comfy, tmp_path):
+    graph = _t2i_graph()
+    events = []
+    saved = client.run(comfy.url, graph, str(tmp_path), events.append)
+    assert len(saved) == 1, saved
+    with Image.open(saved[0]) as image:
+        assert image.format == "PNG" and image.size == (256, 256), (image.format, image.size)
+    # Progress only arrives over the websocket (the polling fallback reports none); both samplers report it.
+    progressed = {event.split(":")[0] for event in events if event.startswith("node ") and "/" in event}
+    for sampler in ("GLMImageARSampler", "GLMImageDecoderSampler"):
+        assert f"node {_node_id(graph, sampler)}" in progressed, (sampler, events)
+
+
+def test_missing_component_surfaces_as_execution_error(comfy, tmp_path):
+    graph = {
+        "1": {"class_type": "GLMImageVAELoader", "inputs": {"checkpoint": "broken", "dtype": "auto"}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+        "3": {"class_type": "GLMImageVAEDecode", "inputs": {"vae": ["1", 0], "latent": ["2", 0], "tiling": "auto"}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "broken"}},
+    }
+    with pytest.raises(client.WorkflowError) as error:
+        client.run(comfy.url, graph, str(tmp_path), lambda event: None)
+    message = str(error.value)
+    assert message.startswith("node 1 (GLMImageVAELoader) failed: CheckpointError: "), message
+    assert "broken is a release folder but has no vae/ component" in message, message
+
+
+def test_node_exception_names_the_node(comfy, tmp_path):
+    # A core 4-channel latent wired into the 16-channel GLM-Image VAE: the decode node raises.
+    graph = {
+        "1": {"class_type": "GLMImageVAELoader", "inputs": {"checkpoint": "tiny", "dtype": "auto"}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+        "3": {"class_type": "GLMImageVAEDecode", "inputs": {"vae": ["1", 0], "latent": ["2", 0], "tiling": "auto"}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "wrong_latent"}},
+    }
+    with pytest.raises(client.WorkflowError) as error:
+        client.run(comfy.url, graph, str(tmp_path), lambda event: None)
+    assert str(error.value) == ("node 3 (GLMImageVAEDecode) failed: ValueError: VAE decode expects latents "
+                                "[B, 16, h, w]; got shape (1, 4, 32, 32)."), str(error.value)
+
+
+def test_invalid_combo_value_is_rejected_by_validation(comfy, tmp_path):
+    graph = _t2i_graph()
+    graph[_node_id(graph, "GLMImageARLoader")]["inputs"]["checkpoint"] = "no-such-release"
+    with pytest.raises(client.WorkflowError) as error:
+        client.run(comfy.url, graph, str(tmp_path), lambda event: None)
+    message = str(error.value)
+    assert message.startswith("the server rejected the workflow: "), message  # the 400 path
+    assert f"node {_node_id(graph, 'GLMImageARLoader')} (GLMImageARLoader): value_not_in_list" in message, message
+    assert "no-such-release" in message, message
