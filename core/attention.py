@@ -11,8 +11,6 @@ import torch.nn.functional as F
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    if k.shape[1] != q.shape[1]:
-        repeat = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+    # enable_gqa broadcasts the KV heads inside the kernel instead of copying the cache per step.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])

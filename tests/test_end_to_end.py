@@ -36,11 +36,14 @@ from glm_image_nodes.nodes.sampling.vae import GLMImageVAEDecode, GLMImageVAEEnc
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dit import SCHEDULER, randomize, tiny_glm_image_dit  # noqa: E402
 
-# Max abs error on 0..1 pixels (fp32). Conditioning the DiT on the shifted timesteps (the diffusers 0.40/0.41
-# bug) moves the same images by far more (asserted: > 100x this).
-PIXEL_TOL = 1e-4
+# Max abs error on 0..1 pixels (fp32; measured ~1e-7). Conditioning the DiT on the shifted timesteps (the
+# diffusers 0.40/0.41 bug) moves the same image by > 100x this (asserted). The tiny random VAE shrinks latent
+# differences ~30x into pixels, hence a tolerance tighter than 1e-4.
+PIXEL_TOL = 1e-5
 PROMPT = "A sign that says \"OPEN\" and 'late'"
-H = W = 256                     # target: an 8x8 d32 token grid, 16x16 decoder patches
+# Target: an 8x16 d32 token grid. Not 256x256: there mu = 1 and the shifted sigmas equal the unshifted ones,
+# so conditioning on the shifted timesteps would differ by 1 (of 1000) only.
+H, W = 256, 512
 REF = 512                       # reference side: inside 512..2048 and a multiple of 32, so used as is
 SEED, STEPS, GUIDANCE = 7, 3, 1.5
 CODEBOOK = 64                   # the tiny DiT's prior codebook and the tiny VQ's
@@ -137,7 +140,7 @@ def test_text_to_image_matches_pipeline(release, nodes, monkeypatch):
     want = pipeline_image(pipe, tokens)
     got = pack_image(nodes, tokens)
     assert got.shape == want.shape == (1, H, W, 3) and got.dtype == torch.float32
-    assert float(want.std()) > 0.05  # a real picture, not a flat gray the tolerance could not tell apart
+    assert float(want.std()) > 0.02  # a picture, not a flat gray the tolerance could not tell apart
     err = (got - want).abs().max().item()
     print(f"text-to-image: max abs pixel error {err:.2e}")
     assert err <= PIXEL_TOL, err
@@ -192,7 +195,7 @@ def test_vae_round_trip_and_token_grid_checks(nodes):
     sampler = GLMImageDecoderSampler()
     ids = target_tokens().ids
     for bad, what in ((TokenGrid(ids=ids, height=H, width=2 * W), "too few ids"),
-                      (TokenGrid(ids=ids.reshape(1, 4, 16), height=H, width=W), "right count, wrong layout"),
+                      (TokenGrid(ids=ids.reshape(1, W // 32, H // 32), height=H, width=W), "transposed grid"),
                       (TokenGrid(ids=ids[0], height=H, width=W), "no batch dimension")):
         with pytest.raises(ValueError, match=r"token grid|prior ids"):
             sampler.sample(nodes["decoder"], bad, nodes["glyph"], seed=0, steps=1, guidance=1.0)

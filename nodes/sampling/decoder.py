@@ -6,6 +6,16 @@ from ...core.decoder_sampling import sample_latents
 from ..common import category, seed_input
 
 
+def check_token_grid(tokens: types.TokenGrid) -> None:
+    """The ids must be ``[B, H/32, W/32]``: a grid of the right count but another shape would be
+    upsampled row-major into the wrong places without any error downstream."""
+    want = (tokens.height // 32, tokens.width // 32)
+    if tokens.ids.dim() != 3 or tuple(tokens.ids.shape[1:]) != want:
+        raise ValueError(f"The token grid has ids of shape {tuple(tokens.ids.shape)} but its size "
+                         f"{tokens.height}x{tokens.width} (HxW) needs [B, {want[0]}, {want[1]}] (H/32, W/32). "
+                         f"Feed the tokens of an AR sampler or Image to Tokens node made for this size.")
+
+
 class GLMImageDecoderSampler:
     DESCRIPTION = ("Runs the DiT decoder: turns a token grid (plus the glyph embeddings of the quoted text, and "
                    "reference images when editing) into a latent, 50 Euler flow-matching steps with CFG 1.5 by default.")
@@ -30,6 +40,7 @@ class GLMImageDecoderSampler:
         }
 
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None):
+        check_token_grid(tokens)
         with comfy_compat.on_compute_device(decoder):
             latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
                                      steps=steps, guidance=guidance, seed=seed, references=references)

@@ -1,0 +1,82 @@
+"""2x upscale by GLM-Image re-decoding, and a CogView4 refine pass (IMAGE -> IMAGE)."""
+from __future__ import annotations
+
+import torch
+
+from ...core import comfy_compat, types
+from ...core.upscale import refine_cogview4, upscale_2x
+from ..common import category, seed_input
+
+STRENGTH_TOOLTIP = ("Noise level (flow-matching sigma) the bicubic upsample is refined from; 1.0 decodes from pure "
+                    "noise. Below the last sigma of the schedule (about 0.06 at 512 px, 0.1 at 1024 px with 30 steps) "
+                    "no step is left and the result is the VAE round trip of the upsample.")
+
+
+class GLMImageUpscale:
+    DESCRIPTION = ("Upscales 2x by re-decoding the image's own semantic tokens at twice the size with the GLM-Image "
+                   "decoder, the input as reference image. Keeps the content, not the exact pixels. Outputs up to "
+                   "2048 px per side; each image of the batch is upscaled with the same seed.")
+    CATEGORY = category("upscale")
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "upscale"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "decoder": (types.DECODER,),
+            "vae": (types.VAE,),
+            "tokenizer": (types.TOKENIZER,),
+            "glyph": (types.GLYPH, {"tooltip": "Glyph text of the image (encode \"\" when it has none)."}),
+            "image": ("IMAGE",),
+            "seed": seed_input(),
+            "steps": ("INT", {"default": 30, "min": 1, "max": 200}),
+            "guidance": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 20.0, "step": 0.05}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 1.0, "step": 0.01, "tooltip": STRENGTH_TOOLTIP}),
+            "use_reference": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Let the decoder read the input as a reference image."}),
+        }}
+
+    def upscale(self, decoder, vae, tokenizer, glyph, image, seed, steps, guidance, strength, use_reference):
+        with comfy_compat.on_compute_device(decoder, vae.model, tokenizer):
+            out = [upscale_2x(img, decoder=decoder, vae=vae, tokenizer=tokenizer, glyph=glyph, steps=steps,
+                              guidance=guidance, seed=seed, strength=strength, use_reference=use_reference)
+                   for img in image]
+        return (torch.stack(out),)
+
+
+class GLMImageCogView4Refine:
+    DESCRIPTION = ("Refines an image with CogView4 at up to 2x its size: bicubic upsample, noise to `strength`, "
+                   "then denoise the rest of the schedule with the prompt. Use CogView4's VAE. Sides 512..2048 px "
+                   "after scaling.")
+    CATEGORY = category("upscale")
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "refine"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "decoder": (types.COGVIEW4_DECODER,),
+            "vae": (types.VAE,),
+            "conditioning": (types.COGVIEW4_CONDITIONING,),
+            "image": ("IMAGE",),
+            "scale": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 2.0, "step": 0.05,
+                                "tooltip": "Output size over input size; rounded to multiples of 32."}),
+            "seed": seed_input(),
+            "steps": ("INT", {"default": 30, "min": 1, "max": 200}),
+            "guidance": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1}),
+            "strength": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 1.0, "step": 0.01, "tooltip": STRENGTH_TOOLTIP}),
+        }}
+
+    def refine(self, decoder, vae, conditioning, image, scale, seed, steps, guidance, strength):
+        with comfy_compat.on_compute_device(decoder, vae.model):
+            out = [refine_cogview4(img, decoder=decoder, vae=vae, cond_embeds=conditioning.cond,
+                                   uncond_embeds=conditioning.uncond, scale=scale, steps=steps, guidance=guidance,
+                                   seed=seed, strength=strength)
+                   for img in image]
+        return (torch.stack(out),)
+
+
+NODE_CLASS_MAPPINGS = {"GLMImageUpscale": GLMImageUpscale, "GLMImageCogView4Refine": GLMImageCogView4Refine}
+NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageUpscale": "GLM-Image Upscale 2x", "GLMImageCogView4Refine": "CogView4 Refine"}
