@@ -123,8 +123,10 @@ def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout:
         ws = _WebSocket(server, client_id, timeout=5.0)
     except OSError:
         ws = None
+    last_poll = 0.0
     try:
         while time.monotonic() < deadline:
+            message = None
             if ws is not None:
                 try:
                     message = ws.receive()
@@ -142,6 +144,12 @@ def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout:
                         on_event(f"running node {data['node']}")
             else:
                 time.sleep(0.5)
+            # /history is only written when the run ends (then "executing" with node None follows); polling it
+            # after every progress message or preview frame would make the client lag far behind the server.
+            frequent = message is None or message.get("type") in ("progress", "progress_state")
+            if ws is not None and frequent and time.monotonic() - last_poll < 1.0:
+                continue
+            last_poll = time.monotonic()
             history = json.loads(_request(server, f"/history/{prompt_id}")).get(prompt_id)
             if history and history.get("status", {}).get("completed") is not None:
                 status = history["status"]

@@ -197,7 +197,7 @@ def test_vae_round_trip_and_token_grid_checks(nodes):
     for bad, what in ((TokenGrid(ids=ids, height=H, width=2 * W), "too few ids"),
                       (TokenGrid(ids=ids.reshape(1, W // 32, H // 32), height=H, width=W), "transposed grid"),
                       (TokenGrid(ids=ids[0], height=H, width=W), "no batch dimension")):
-        with pytest.raises(ValueError, match=r"token grid|prior ids"):
+        with pytest.raises(ValueError, match="token grid"):
             sampler.sample(nodes["decoder"], bad, nodes["glyph"], seed=0, steps=1, guidance=1.0)
         print(f"rejected: {what}")
 

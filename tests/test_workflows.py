@@ -45,11 +45,9 @@ def test_there_are_example_workflows():
     assert {os.path.basename(f)[:-len("_api.json")] for f in API_FILES} == {os.path.basename(f)[:-5] for f in UI_FILES}
 
 
-@pytest.mark.parametrize("path", API_FILES, ids=os.path.basename)
-def test_api_workflow_matches_node_definitions(path):
-    graph = load(path)
+def check_graph(label, graph):
     for node_id, node in graph.items():
-        where = f"{os.path.basename(path)} node {node_id} ({node['class_type']})"
+        where = f"{label} node {node_id} ({node['class_type']})"
         types = input_types(NODE_CLASS_MAPPINGS, node["class_type"])
         defined = all_inputs(types)
         unknown = set(node["inputs"]) - set(defined)
@@ -68,6 +66,11 @@ def test_api_workflow_matches_node_definitions(path):
                 check_widget(where, name, spec, value)
 
 
+@pytest.mark.parametrize("path", API_FILES, ids=os.path.basename)
+def test_api_workflow_matches_node_definitions(path):
+    check_graph(os.path.basename(path), load(path))
+
+
 @pytest.mark.parametrize("path", UI_FILES, ids=os.path.basename)
 def test_ui_workflow_is_the_api_twin(path):
     ui = load(path)
@@ -81,3 +84,18 @@ def test_ui_workflow_is_the_api_twin(path):
         target = next(n for n in ui["nodes"] if n["id"] == dst)
         assert source["outputs"][src_slot]["type"] == kind and link_id in source["outputs"][src_slot]["links"]
         assert target["inputs"][dst_slot]["link"] == link_id and target["inputs"][dst_slot]["type"] == kind
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda g: g["5"]["inputs"].update(width=1000), "not a multiple of 32"),
+    (lambda g: g["5"]["inputs"].update(top_p=1.5), "out of range"),
+    (lambda g: g["8"]["inputs"].update(tiling="sometimes"), "is not one of"),
+    (lambda g: g["7"]["inputs"].update(tokens=["6", 0]), "expects GLMIMAGE_TOKENS"),
+    (lambda g: g["6"]["inputs"].update(font="serif"), "unknown inputs"),
+    (lambda g: g["7"]["inputs"].pop("seed"), "missing required inputs"),
+])
+def test_validation_catches_broken_workflows(mutate, message):
+    graph = load(os.path.join(ROOT, "example_workflows", "glm_image_text_to_image_api.json"))
+    mutate(graph)
+    with pytest.raises(AssertionError, match=message):
+        check_graph("broken", graph)
