@@ -115,7 +115,7 @@ def test_output_size_and_decoder_inputs(glm, monkeypatch, height, width):
 
 
 def test_refine_starts_from_noised_upsample(glm, monkeypatch):
-    image = landscape()
+    image = landscape(128)
     samples = spy(monkeypatch, "sample_latents")
     forwards = []
     hook = glm.decoder.register_forward_hook(lambda m, args, out: forwards.append(out.shape[0]))
@@ -124,11 +124,11 @@ def test_refine_starts_from_noised_upsample(glm, monkeypatch):
                          steps=10, strength=0.3, use_reference=False)
     finally:
         hook.remove()
-    assert out.shape == (512, 512, 3)
+    assert out.shape == (256, 256, 3)
     kwargs = samples[0][1]
     assert kwargs["start_sigma"] == 0.3 and kwargs["references"] is None
-    assert torch.equal(kwargs["start_latents"], glm.vae.encode(upsample(image, 512, 512)[None]).float())
-    remaining = len(glm_image_schedule(10, 512, 512).starting_at(0.3))
+    assert torch.equal(kwargs["start_latents"], glm.vae.encode(upsample(image, 256, 256)[None]).float())
+    remaining = len(glm_image_schedule(10, 256, 256).starting_at(0.3))
     assert 0 < remaining < 10 and len(forwards) == remaining  # one batched CFG forward per remaining step
 
 
