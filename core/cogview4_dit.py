@@ -10,8 +10,19 @@ import torch
 import torch.nn as nn
 
 from .comfy_compat import get_device
-from .dit import (FP16_REASON, DiTBlock, FinalAdaLN, TimeConditionEmbed, count_layers, dit_config, load_dit_weights,
-                  patchify, require_keys, rope_2d, unpatchify)
+from .dit import (
+    FP16_REASON,
+    DiTBlock,
+    FinalAdaLN,
+    TimeConditionEmbed,
+    count_layers,
+    dit_config,
+    load_dit_weights,
+    patchify,
+    require_keys,
+    rope_2d,
+    unpatchify,
+)
 from .flow_schedule import ShiftSettings
 from .loading import CheckpointError, component_path, meta_device, resolve_dtype
 

@@ -15,13 +15,20 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from .attention import attention
 from .comfy_compat import get_device
 from .flow_schedule import ShiftSettings, read_shift_settings
-from .loading import (CheckpointError, component_path, config_or_none, fill_module, load_state_dict, meta_device,
-                      resolve_dtype, safetensors_files)
+from .loading import (
+    CheckpointError,
+    checkpoint_shapes,
+    component_path,
+    config_or_none,
+    fill_module,
+    load_state_dict,
+    meta_device,
+    resolve_dtype,
+)
 
 FP16_REASON = ("the DiT's residual stream exceeds the fp16 range (the reference runs it in bf16 or fp32) and the "
                "images come out as NaN or noise.")
@@ -342,16 +349,6 @@ class GlmImageDiT(nn.Module):
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
-def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Shapes of every tensor of a checkpoint, read from the safetensors headers only."""
-    shapes = {}
-    for f in safetensors_files(path):
-        with safe_open(f, framework="pt") as sf:
-            for key in sf.keys():
-                shapes[key] = tuple(sf.get_slice(key).get_shape())
-    return shapes
-
-
 def count_layers(shapes: dict[str, tuple[int, ...]], source: str) -> int:
     indices = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
     if not indices:
@@ -391,7 +388,7 @@ def dit_config(path: str, class_name: str, infer: Callable[[dict, str], dict]) -
     """The config.json of a component folder (checked against ``class_name``), else one inferred from shapes."""
     config = config_or_none(path)
     if config is None:
-        return infer(tensor_shapes(path), path)
+        return infer(checkpoint_shapes(path), path)
     found = config.get("_class_name")
     if found is not None and found != class_name:
         raise CheckpointError(f"{path}/config.json describes a {found}, not a {class_name}. Choose the matching "

@@ -15,13 +15,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from .attention import attention
 from .comfy_compat import get_device
-from .loading import (CheckpointError, checkpoint_keys, component_path, fill_module, load_state_dict, meta_device,
-                      read_json, resolve_dtype, safetensors_files)
+from .loading import (
+    CheckpointError,
+    checkpoint_keys,
+    checkpoint_shapes,
+    component_path,
+    fill_module,
+    load_state_dict,
+    meta_device,
+    read_json,
+    resolve_dtype,
+)
 
 PREFIX = "model.language_model."
 HEAD = "lm_head."
@@ -236,22 +244,12 @@ class GlmImageAR(nn.Module):
 
 # ---- loading ---------------------------------------------------------------------------------------------
 
-def _tensor_shapes(path: str, names: set[str]) -> dict[str, list[int]]:
-    shapes = {}
-    for f in safetensors_files(path):
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                if k in names:
-                    shapes[k] = sf.get_slice(k).get_shape()
-    return shapes
-
-
 def _infer_text_config(path: str, keys: list[str]) -> dict:
     """text_config from tensor shapes (single-file checkpoints); head_dim and RoPE use the release values."""
     layer = PREFIX + "layers.0."
     wanted = {PREFIX + "embed_tokens.weight", "lm_head.weight", layer + "self_attn.q_proj.weight",
               layer + "self_attn.k_proj.weight", layer + "mlp.down_proj.weight"}
-    shapes = _tensor_shapes(path, wanted)
+    shapes = checkpoint_shapes(path, keep=wanted.__contains__)
     missing = sorted(wanted - set(shapes))
     if missing:
         raise CheckpointError(f"{path}: cannot infer the AR config, missing {', '.join(missing)}. "

@@ -16,12 +16,19 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from .attention import attention
 from .comfy_compat import check_interrupt, get_device
-from .loading import (CheckpointError, component_path, config_or_none, fill_module, load_state_dict,
-                      meta_device, resolve_dtype, safetensors_files)
+from .loading import (
+    CheckpointError,
+    checkpoint_shapes,
+    component_path,
+    config_or_none,
+    fill_module,
+    load_state_dict,
+    meta_device,
+    resolve_dtype,
+)
 
 
 @dataclass
@@ -159,15 +166,6 @@ class GlmTextEncoder(nn.Module):
 
 
 LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
-
-
-def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for f in safetensors_files(path):
-        with safe_open(f, framework="pt") as sf:
-            for key in sf.keys():
-                shapes[key] = tuple(sf.get_slice(key).get_shape())
-    return shapes
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> GlmConfig:

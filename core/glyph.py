@@ -9,11 +9,18 @@ from __future__ import annotations
 import re
 
 import torch
-from safetensors import safe_open
 
 from .comfy_compat import get_device
-from .loading import (CheckpointError, component_path, config_or_none, fill_module, load_state_dict, meta_device,
-                      resolve_dtype, safetensors_files)
+from .loading import (
+    CheckpointError,
+    checkpoint_shapes,
+    component_path,
+    config_or_none,
+    fill_module,
+    load_state_dict,
+    meta_device,
+    resolve_dtype,
+)
 from .t5_encoder import T5Encoder, encoder_state_keys, infer_config
 from .types import GlyphConditioning
 
@@ -36,10 +43,7 @@ def load_glyph_encoder(path: str, dtype: str = "auto", device: torch.device | st
     device = torch.device(device) if device is not None else get_device()
     source = component_path(path, "text_encoder")
     torch_dtype = resolve_dtype(dtype, device, component="Glyph-ByT5 encoder (T5)", fp16_reason=FP16_REASON)
-    shapes = {}
-    for f in safetensors_files(source):
-        with safe_open(f, framework="pt") as sf:
-            shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+    shapes = checkpoint_shapes(source)
     names = encoder_state_keys(list(shapes))
     config = config_or_none(source)
     if config is None:

@@ -69,12 +69,35 @@ def safetensors_files(path: str) -> list[str]:
                           f"or sharded files with a *{INDEX_SUFFIX}).")
 
 
+@contextmanager
+def open_safetensors(file: str):
+    """``safe_open`` with an error that names the file when it is truncated or not safetensors."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except Exception as e:  # SafetensorError has no stable import path across versions
+        raise CheckpointError(f"{file} cannot be read as safetensors ({e}). The file is incomplete or "
+                              f"corrupt: download it again.") from e
+    with handle as sf:
+        yield sf
+
+
 def checkpoint_keys(path: str) -> list[str]:
     keys: list[str] = []
     for f in safetensors_files(path):
-        with safe_open(f, framework="pt") as sf:
+        with open_safetensors(f) as sf:
             keys.extend(sf.keys())
     return keys
+
+
+def checkpoint_shapes(path: str, keep: Callable[[str], bool] | None = None) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a checkpoint, from the safetensors headers only (no tensor data is read)."""
+    shapes = {}
+    for f in safetensors_files(path):
+        with open_safetensors(f) as sf:
+            for key in sf.keys():
+                if keep is None or keep(key):
+                    shapes[key] = tuple(sf.get_slice(key).get_shape())
+    return shapes
 
 
 def load_state_dict(path: str, keep: Callable[[str], bool] | None = None,
@@ -83,7 +106,7 @@ def load_state_dict(path: str, keep: Callable[[str], bool] | None = None,
     prefixes = (strip_prefix,) if isinstance(strip_prefix, str) else tuple(strip_prefix)
     out: dict[str, torch.Tensor] = {}
     for f in safetensors_files(path):
-        with safe_open(f, framework="pt") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
                 if keep is not None and not keep(key):
                     continue

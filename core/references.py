@@ -1,8 +1,6 @@
 """Reference images for editing: sizes normalized up front, then VAE latents and semantic tokens per image."""
 from __future__ import annotations
 
-import torch
-
 from .reference_sizing import normalize_reference_size, resize_reference, to_rgb01
 from .semantic_tokenizer import SemanticTokenizer, tokenize_image
 from .types import ReferenceImages

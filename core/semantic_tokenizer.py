@@ -18,15 +18,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
 from torch import nn
 
 from .attention import attention
 from .comfy_compat import get_device
-from .loading import (INDEX_SUFFIX, CheckpointError, checkpoint_keys, component_path, fill_module, load_state_dict,
-                      meta_device, read_config, read_json, resolve_dtype, safetensors_files)
-from .reference_sizing import (MAX_PIXELS, MIN_PIXELS, PATCH_SIZE, TOKEN_PIXELS, resize_reference, smart_resize,
-                               to_rgb01, to_uint8)
+from .loading import (
+    INDEX_SUFFIX,
+    CheckpointError,
+    checkpoint_keys,
+    component_path,
+    fill_module,
+    load_state_dict,
+    meta_device,
+    open_safetensors,
+    read_config,
+    read_json,
+    resolve_dtype,
+    safetensors_files,
+)
+from .reference_sizing import (
+    MAX_PIXELS,
+    MIN_PIXELS,
+    PATCH_SIZE,
+    TOKEN_PIXELS,
+    resize_reference,
+    smart_resize,
+    to_rgb01,
+    to_uint8,
+)
 
 VISION_PREFIX = "model.visual."
 VQ_PREFIX = "model.vqmodel."
@@ -333,7 +352,7 @@ def load_semantic_tokenizer(path: str, dtype: str = "auto", device: torch.device
     else:
         shapes = {}
         for f, keys in keys_by_file.items():
-            with safe_open(f, framework="pt") as sf:
+            with open_safetensors(f) as sf:
                 shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in keys if _wanted(k)})
         cfg = SemanticTokenizerConfig.from_shapes(shapes)
     for name, value in _processor_limits(path).items():

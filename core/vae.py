@@ -11,13 +11,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from .attention import attention
 from .comfy_compat import Progress, get_device, log
-from .loading import (CheckpointError, component_path, config_or_none, fill_module, load_state_dict,
-                      meta_device, read_json, resolve_dtype, safetensors_files)
+from .loading import (
+    CheckpointError,
+    checkpoint_shapes,
+    component_path,
+    config_or_none,
+    fill_module,
+    load_state_dict,
+    meta_device,
+    read_json,
+    resolve_dtype,
+)
 
 FP16_REASON = "the VAE's activations overflow fp16 (NaN, black images)."
 
@@ -363,15 +371,6 @@ class GlmVAE:
 
 
 # ---- loading -----------------------------------------------------------------------------------------
-def shapes_of(path: str) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for f in safetensors_files(path):
-        with safe_open(f, framework="pt") as sf:
-            for key in sf.keys():
-                shapes[key] = tuple(sf.get_slice(key).get_shape())
-    return shapes
-
-
 def check_format(shapes: dict[str, tuple[int, ...]], source: str) -> None:
     if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
         sample = ", ".join(sorted(shapes)[:3])
@@ -417,7 +416,7 @@ def load_vae(path: str, dtype: str = "auto", device: torch.device | str | None =
         config = config_or_none(path)
         if config is not None and family is not None:
             log.info("VAE: %s has a config.json; its latent normalization is used, not family=%s.", path, family)
-    shapes = shapes_of(path)
+    shapes = checkpoint_shapes(path)
     check_format(shapes, path)
     if config is not None:
         cfg = VAEConfig.from_dict(config, source=path)

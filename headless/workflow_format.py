@@ -42,7 +42,12 @@ def has_control_widget(spec: tuple) -> bool:
     return len(spec) > 1 and bool(spec[1].get("control_after_generate"))
 
 
-def api_to_ui(graph: dict, node_classes: dict, titles: dict | None = None) -> dict:
+def _widget_values(spec: tuple, value) -> list:
+    """The ``widgets_values`` entries of one widget: its value, plus the seed control's when it has one."""
+    return [value, "fixed"] if has_control_widget(spec) else [value]
+
+
+def api_to_ui(graph: dict, node_classes: dict) -> dict:
     nodes, links = [], []
     ids = {node_id: int(node_id) for node_id in graph}
     outgoing: dict[tuple[int, int], list[int]] = {}
@@ -59,35 +64,33 @@ def api_to_ui(graph: dict, node_classes: dict, titles: dict | None = None) -> di
         ui_inputs, widgets = [], []
         for name, spec in types.items():
             value = node["inputs"].get(name)
+            default = spec[1].get("default") if len(spec) > 1 else None
             if isinstance(value, list):
-                link = next(l for l in links if l[3] == ids[node_id] and l[6] == name)
+                link = next(link for link in links if link[3] == ids[node_id] and link[6] == name)
                 link[4] = len(ui_inputs)
                 ui_inputs.append({"name": name, "type": link[5], "link": link[0]})
                 if is_widget(spec):  # a widget turned into an input keeps its (unused) value
                     ui_inputs[-1]["widget"] = {"name": name}
-                    widgets.append(spec[1].get("default") if len(spec) > 1 else None)
-                    if has_control_widget(spec):
-                        widgets.append("fixed")
+                    widgets += _widget_values(spec, default)
             elif is_widget(spec):
-                widgets.append(value if name in node["inputs"] else spec[1].get("default") if len(spec) > 1 else None)
-                if has_control_widget(spec):
-                    widgets.append("fixed")
+                widgets += _widget_values(spec, value if name in node["inputs"] else default)
             else:
                 ui_inputs.append({"name": name, "type": spec[0], "link": None})
         outputs = [{"name": t, "type": t, "slot_index": i, "links": outgoing.get((ids[node_id], i), [])}
                    for i, t in enumerate(output_types(node_classes, node["class_type"]))]
-        nodes.append({"id": ids[node_id], "type": node["class_type"], "pos": [60 + 380 * (order % 4), 80 + 320 * (order // 4)],
-                      "size": [340, 180], "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs,
-                      "outputs": outputs, "title": (titles or {}).get(node_id, node.get("_meta", {}).get("title")),
-                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
-        if nodes[-1]["title"] is None:
-            del nodes[-1]["title"]
+        ui_node = {"id": ids[node_id], "type": node["class_type"],
+                   "pos": [60 + 380 * (order % 4), 80 + 320 * (order // 4)], "size": [340, 180], "flags": {},
+                   "order": order, "mode": 0, "inputs": ui_inputs, "outputs": outputs,
+                   "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets}
+        if node.get("_meta", {}).get("title"):
+            ui_node["title"] = node["_meta"]["title"]
+        nodes.append(ui_node)
     return {"last_node_id": max(ids.values()), "last_link_id": len(links), "nodes": nodes,
-            "links": [l[:6] for l in links], "groups": [], "config": {}, "extra": {}, "version": 0.4}
+            "links": [link[:6] for link in links], "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
 def ui_to_api(workflow: dict, node_classes: dict) -> dict:
-    links = {l[0]: l for l in workflow["links"]}
+    links = {link[0]: link for link in workflow["links"]}
     graph = {}
     for node in sorted(workflow["nodes"], key=lambda n: n["id"]):
         types = all_inputs(input_types(node_classes, node["type"]))

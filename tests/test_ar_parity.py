@@ -8,15 +8,14 @@ import os
 
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-from tiny_glm_release import TEXT_CONFIG, make_model, make_release
-
 from glm_image_nodes.core import comfy_compat, loading
 from glm_image_nodes.core.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.core.ar_sampling import filter_logits, generate_token_grid
 from glm_image_nodes.core.glm_ar import load_ar_model
 from glm_image_nodes.core.loading import CheckpointError
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tiny_glm_release import TEXT_CONFIG, make_model, make_release
 
 LOGITS_ATOL = 2e-5   # fp32; measured 2.4e-6 .. 4.0e-6 on logits of magnitude 5-6
 
@@ -244,8 +243,7 @@ def test_seeds_and_editing(release):
 
 
 def test_filter_logits_matches_transformers_warpers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     logits = torch.randn(3, 500) * 3
     for temperature, top_k, top_p in [(0.9, 16512, 0.75), (0.7, 20, 0.9), (1.3, 5, 1.0), (1.0, 500, 0.3)]:
         ref = TemperatureLogitsWarper(temperature)(None, logits) if temperature != 1.0 else logits

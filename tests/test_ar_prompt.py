@@ -3,12 +3,11 @@ import os
 
 import pytest
 import torch
-from PIL import Image
-from tiny_glm_release import make_processor, rope_index_reference
-
 from glm_image_nodes.core.ar_prompt import build_ar_inputs, load_text_tokenizer, target_grid
 from glm_image_nodes.core.loading import CheckpointError
 from glm_image_nodes.core.tiny_tokenizer import write_tiny_glm_image_tokenizer
+from PIL import Image
+from tiny_glm_release import make_processor, rope_index_reference
 
 PROMPT = 'A red fox reading a newspaper titled "DAILY 32", watercolor. Ünïcode ok?'
 

@@ -8,8 +8,16 @@ import torch
 
 pytest.importorskip("transformers")
 
-from glm_image_nodes.core.captioner import (CAPS_INSTRUCTION, PRESETS, caption_image, caption_scores, chat_inputs,
-                                            load_captioner, rerank, strip_reasoning)
+from glm_image_nodes.core.captioner import (
+    CAPS_INSTRUCTION,
+    PRESETS,
+    caption_image,
+    caption_scores,
+    chat_inputs,
+    load_captioner,
+    rerank,
+    strip_reasoning,
+)
 from glm_image_nodes.core.loading import CheckpointError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from glm_image_nodes.headless import client
 
 PNG = b"\x89PNG\r\n\x1a\nfake"

@@ -8,7 +8,6 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
 from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
-
 from glm_image_nodes.core.cogview4_dit import load_cogview4_decoder  # noqa: E402
 from glm_image_nodes.core.decoder_sampling import sample_cogview4_latents  # noqa: E402
 from glm_image_nodes.core.loading import CheckpointError  # noqa: E402

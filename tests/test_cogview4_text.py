@@ -12,8 +12,7 @@ transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
 from glm_image_nodes.core import glm_text_encoder as gte  # noqa: E402
-from glm_image_nodes.core.cogview4_text import (cogview4_prompt_ids, encode_cogview4_prompt,  # noqa: E402
-                                                 load_cogview4_tokenizer)
+from glm_image_nodes.core.cogview4_text import cogview4_prompt_ids, encode_cogview4_prompt, load_cogview4_tokenizer  # noqa: E402
 from glm_image_nodes.core.glm_text_encoder import load_glm_text_encoder  # noqa: E402
 from glm_image_nodes.core.loading import CheckpointError  # noqa: E402
 from glm_image_nodes.core.tiny_tokenizer_glm4 import write_tiny_glm4_tokenizer  # noqa: E402

@@ -1,10 +1,9 @@
 """The CogView v1 VQ-VAE: release layout, nearest codes, round trip, safe loading."""
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from glm_image_nodes.core.cogview_vqvae import load_cogview_vqvae, write_random_cogview_vqvae
 from glm_image_nodes.core.loading import CheckpointError
+from safetensors.torch import load_file, save_file
 
 RELEASE_SHAPES = {  # cogview_and_tokenizers.md section 1.1
     "module.enc_b.blocks.0.weight": (512, 3, 4, 4), "module.enc_b.blocks.0.bias": (512,),

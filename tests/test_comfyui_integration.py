@@ -5,7 +5,6 @@ Enabled by ``GLMIMAGE_COMFYUI=<ComfyUI tree>``, run with ``GLMIMAGE_COMFYUI_PYTH
 skipped otherwise. One CPU server serves the whole module; the pack is loaded through a symlink in a
 ``custom_nodes:`` folder of ``--extra-model-paths-config``, so nothing is copied into the ComfyUI tree.
 """
-import copy
 import json
 import os
 import signal
@@ -23,11 +22,10 @@ if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
                 allow_module_level=True)
 PYTHON = os.environ.get("GLMIMAGE_COMFYUI_PYTHON", "python3")
 
-from PIL import Image  # noqa: E402
-
 from glm_image_nodes.core.tiny_release import write_tiny_release  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+from PIL import Image  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

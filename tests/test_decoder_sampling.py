@@ -16,14 +16,13 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import ByT5Tokenizer, T5Config, T5EncoderModel  # noqa: E402
-
 from glm_image_nodes.core import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.decoder_sampling import sample_latents  # noqa: E402
 from glm_image_nodes.core.dit import load_decoder  # noqa: E402
 from glm_image_nodes.core.flow_schedule import FlowSchedule  # noqa: E402
 from glm_image_nodes.core.types import GlyphConditioning, ReferenceImages  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import ByT5Tokenizer, T5Config, T5EncoderModel  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dit import SCHEDULER, randomize, single_thread, tiny_glm_image_dit, write_release  # noqa: E402

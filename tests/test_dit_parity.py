@@ -9,7 +9,6 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache  # noqa: E402
-
 from glm_image_nodes.core.dit import load_decoder  # noqa: E402
 from glm_image_nodes.core.flow_schedule import ShiftSettings  # noqa: E402
 from glm_image_nodes.core.loading import CheckpointError  # noqa: E402

@@ -19,19 +19,21 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import (ByT5Tokenizer, GlmImageConfig, GlmImageForConditionalGeneration, T5Config,  # noqa: E402
-                          T5EncoderModel)
-
 from glm_image_nodes.core import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.flow_schedule import FlowSchedule  # noqa: E402
 from glm_image_nodes.core.types import TokenGrid  # noqa: E402
 from glm_image_nodes.nodes.conditioning.glyph import GLMImageGlyphConditioning  # noqa: E402
 from glm_image_nodes.nodes.conditioning.references import GLMImageReferenceImages  # noqa: E402
-from glm_image_nodes.nodes.loaders.glm_image import (GLMImageDecoderLoader, GLMImageGlyphEncoderLoader,  # noqa: E402
-                                                     GLMImageTokenizerLoader, GLMImageVAELoader)
+from glm_image_nodes.nodes.loaders.glm_image import (  # noqa: E402
+    GLMImageDecoderLoader,
+    GLMImageGlyphEncoderLoader,
+    GLMImageTokenizerLoader,
+    GLMImageVAELoader,
+)
 from glm_image_nodes.nodes.sampling.decoder import GLMImageDecoderSampler  # noqa: E402
 from glm_image_nodes.nodes.sampling.vae import GLMImageVAEDecode, GLMImageVAEEncode  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import ByT5Tokenizer, GlmImageConfig, GlmImageForConditionalGeneration, T5Config, T5EncoderModel  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dit import SCHEDULER, randomize, tiny_glm_image_dit  # noqa: E402

@@ -8,12 +8,16 @@ import warnings
 import pytest
 import torch
 from diffusers.pipelines.glm_image.pipeline_glm_image import GlmImagePipeline
+from glm_image_nodes.core.glyph import (
+    encode_glyph_texts,
+    extract_glyph_texts,
+    glyph_conditioning,
+    load_glyph_encoder,
+    tokenize_glyph_texts,
+)
+from glm_image_nodes.core.loading import CheckpointError
 from safetensors.torch import save_file
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-from glm_image_nodes.core.glyph import (encode_glyph_texts, extract_glyph_texts, glyph_conditioning,
-                                        load_glyph_encoder, tokenize_glyph_texts)
-from glm_image_nodes.core.loading import CheckpointError
 
 ATOL = 1e-5  # fp32, max abs error
 PROMPTS = [

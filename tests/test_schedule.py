@@ -9,9 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps  # noqa: E402
-
-from glm_image_nodes.core.flow_schedule import (ShiftSettings, cogview4_schedule, glm_image_schedule,  # noqa: E402
-                                                read_shift_settings)
+from glm_image_nodes.core.flow_schedule import ShiftSettings, cogview4_schedule, glm_image_schedule, read_shift_settings  # noqa: E402
 from glm_image_nodes.core.loading import CheckpointError  # noqa: E402
 
 REFERENCE = "/work/shared/reference"

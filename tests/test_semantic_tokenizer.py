@@ -12,16 +12,26 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
-
 from glm_image_nodes.core import loading
 from glm_image_nodes.core.loading import CheckpointError, meta_device
-from glm_image_nodes.core.reference_sizing import (normalize_reference_size, resize_reference, smart_resize, to_rgb01,
-                                                   to_uint8)
-from glm_image_nodes.core.semantic_tokenizer import (SemanticTokenizer, SemanticTokenizerConfig,
-                                                     load_semantic_tokenizer, preprocess_image, state_dict_for_release,
-                                                     tokenize_image, tokenize_images)
+from glm_image_nodes.core.reference_sizing import (
+    normalize_reference_size,
+    resize_reference,
+    smart_resize,
+    to_rgb01,
+    to_uint8,
+)
+from glm_image_nodes.core.semantic_tokenizer import (
+    SemanticTokenizer,
+    SemanticTokenizerConfig,
+    load_semantic_tokenizer,
+    preprocess_image,
+    state_dict_for_release,
+    tokenize_image,
+    tokenize_images,
+)
+from PIL import Image
+from safetensors.torch import save_file
 
 REFERENCE = "/work/shared/reference/glm_image"
 FEATURE_TOL = 1e-5   # max abs error of the vision features (fp32)

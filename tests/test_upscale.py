@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from glm_image_nodes.core import upscale
 from glm_image_nodes.core.cogview4_dit import load_cogview4_decoder
 from glm_image_nodes.core.decoder_sampling import sample_cogview4_latents
@@ -22,8 +21,7 @@ from glm_image_nodes.core.glyph import glyph_conditioning, load_glyph_encoder
 from glm_image_nodes.core.reference_sizing import normalize_reference_size
 from glm_image_nodes.core.semantic_tokenizer import load_semantic_tokenizer, tokenize_image
 from glm_image_nodes.core.tiny_release import write_tiny_release
-from glm_image_nodes.core.upscale import (downscale_to, output_tokens, psnr, refine_cogview4, upsample,
-                                          upscale_2x)
+from glm_image_nodes.core.upscale import downscale_to, output_tokens, psnr, refine_cogview4, upsample, upscale_2x
 from glm_image_nodes.core.vae import load_vae
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +69,7 @@ def landscape(size: int = 256, detail: bool = True, seed: int = 0) -> torch.Tens
         sign = (x > 0.5) & (x < 0.92) & (y > 0.86) & (y < 0.96)
         img[sign] = torch.tensor([0.95, 0.95, 0.9])
         dashes = torch.rand(size // 6 + 1, generator=g) > 0.35
-        strokes = sign & (py % 6 < 3) & (py >= int(0.87 * size)) & (py < int(0.95 * size)) & dashes[px // 6] & (px % 6 < 5)
+        strokes = sign & (y > 0.87) & (y < 0.95) & (py % 6 < 3) & dashes[px // 6] & (px % 6 < 5)
         img[strokes] = torch.tensor([0.1, 0.1, 0.1])
     return img.clamp(0, 1)
 
@@ -232,3 +230,15 @@ def test_fidelity_figures(glm):
         print(f"PSNR {name}: {value:.2f} dB")
     assert baseline_smooth > 30 and baseline > 30
     assert all(math.isfinite(v) for v in figures.values())
+
+
+def test_nodes(glm):
+    from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
+    node = NODE_CLASS_MAPPINGS["GLMImageUpscale"]
+    refine = NODE_CLASS_MAPPINGS["GLMImageCogView4Refine"]
+    assert node.CATEGORY == refine.CATEGORY == "GLM-Image/upscale"
+    assert set(refine.INPUT_TYPES()["required"]) >= {"decoder", "vae", "conditioning", "image", "scale", "strength"}
+    batch = torch.stack([landscape(64, seed=0), landscape(64, seed=1)])
+    (out,) = node().upscale(glm.decoder, glm.vae, glm.tokenizer, glm.glyph, batch, seed=0, steps=2, guidance=1.5,
+                            strength=1.0, use_reference=True)
+    assert out.shape == (2, 128, 128, 3) and not torch.equal(out[0], out[1])

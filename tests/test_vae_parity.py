@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 from diffusers import AutoencoderKL as ReferenceVAE
-
 from glm_image_nodes.core.loading import CheckpointError
 from glm_image_nodes.core.vae import blend_weights, load_vae, tile_layout
 

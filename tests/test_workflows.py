@@ -4,9 +4,7 @@ import json
 import os
 
 import pytest
-
-from glm_image_nodes.headless.workflow_format import (all_inputs, input_types, is_widget, output_types,
-                                                      ui_to_api)
+from glm_image_nodes.headless.workflow_format import all_inputs, input_types, is_widget, output_types, ui_to_api
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,6 +15,10 @@ UI_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "example_workflows", "
 def load(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def strip_meta(graph):
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in graph.items()}
 
 
 def check_widget(where, name, spec, value):
@@ -76,8 +78,7 @@ def test_ui_workflow_is_the_api_twin(path):
     ui = load(path)
     api = load(path[:-5] + "_api.json")
     converted = ui_to_api(ui, NODE_CLASS_MAPPINGS)
-    strip = lambda g: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in g.items()}
-    assert strip(converted) == strip(api)
+    assert strip_meta(converted) == strip_meta(api)
     for link in ui["links"]:
         link_id, src, src_slot, dst, dst_slot, kind = link
         source = next(n for n in ui["nodes"] if n["id"] == src)

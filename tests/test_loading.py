@@ -1,0 +1,60 @@
+"""Checkpoint reading: clear errors that name the file, the key and what to do."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from glm_image_nodes.core import comfy_compat
+from glm_image_nodes.core.loading import (CheckpointError, checkpoint_keys, checkpoint_shapes, component_path,
+                                          fill_module, load_state_dict, meta_device, resolve_dtype)
+
+
+def test_corrupt_file_names_the_file(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors cannot be read as safetensors.*download it again"):
+        checkpoint_keys(str(tmp_path))
+
+
+def test_sharded_folder_reads_through_the_index(tmp_path):
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(3, 4)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_shapes(str(tmp_path)) == {"a": (2,), "b": (3, 4)}
+    assert list(load_state_dict(str(tmp_path), keep=lambda k: k == "b")) == ["b"]
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing: model-00002-of-00002.safetensors"):
+        checkpoint_keys(str(tmp_path))
+
+
+def test_release_root_without_the_component(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="has no vae/ component"):
+        component_path(str(tmp_path), "vae")
+
+
+def test_fill_module_names_missing_and_mismatched_tensors():
+    with meta_device():
+        module = torch.nn.Linear(4, 3)
+    with pytest.raises(CheckpointError, match="missing keys \\(1\\): bias"):
+        fill_module(module, {"weight": torch.zeros(3, 4)}, source="x.safetensors")
+    with pytest.raises(CheckpointError, match="tensor weight has shape \\(4, 4\\) but the config expects \\(3, 4\\)"):
+        fill_module(module, {"weight": torch.zeros(4, 4), "bias": torch.zeros(3)}, source="x.safetensors")
+    filled = fill_module(module, {"weight": torch.ones(3, 4), "bias": torch.zeros(3)}, source="x", dtype=torch.bfloat16)
+    assert filled.weight.dtype == torch.bfloat16 and filled.weight.device.type == "cpu"
+
+
+def test_dtype_choices():
+    assert resolve_dtype("auto", "cpu", component="X") == torch.float32
+    assert resolve_dtype("bf16", "cpu", component="X") == torch.bfloat16
+    with pytest.raises(CheckpointError, match="X cannot run in fp16: it overflows. Choose bf16 or fp32."):
+        resolve_dtype("fp16", "cpu", component="X", fp16_reason="it overflows.")
+
+
+def test_on_compute_device_returns_models_to_the_offload_device():
+    module = torch.nn.Linear(2, 2)
+    with comfy_compat.on_compute_device(module) as device:
+        assert module.weight.device.type == torch.device(device).type
+    assert module.weight.device == comfy_compat.offload_device()
