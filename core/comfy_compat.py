@@ -69,18 +69,27 @@ def soft_empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+class OutOfMemory(RuntimeError):
+    """Out of device memory, with the stage that ran out and what to lower."""
+
+
 @contextmanager
-def on_compute_device(*modules: torch.nn.Module):
+def on_compute_device(*modules: torch.nn.Module, stage: str = "this node",
+                      advice: str = "lower the image size or the number of images"):
     """Run ``modules`` on the compute device, then move them back to the offload device.
 
     Loaders keep weights on the offload device, so the AR model, then the decoder, each take the GPU only
     while they run: stages swap instead of sitting side by side (GLM-Image at 1024x1024 fits 24 GB this way).
+    Running out of memory frees what the stage took and says what to lower.
     """
     device, offload = get_device(), offload_device()
-    for module in modules:
-        module.to(device)
     try:
+        for module in modules:
+            module.to(device)
         yield device
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemory(f"Out of memory on {device} in {stage}: {advice}, or close other programs using the "
+                          f"GPU. ({str(e).splitlines()[0]})") from None
     finally:
         if device != offload:
             for module in modules:

@@ -58,3 +58,12 @@ def test_on_compute_device_returns_models_to_the_offload_device():
     with comfy_compat.on_compute_device(module) as device:
         assert module.weight.device.type == torch.device(device).type
     assert module.weight.device == comfy_compat.offload_device()
+
+
+def test_out_of_memory_names_the_stage_and_what_to_lower():
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(comfy_compat.OutOfMemory, match="in decoder sampling: lower the output size"):
+        with comfy_compat.on_compute_device(module, stage="decoder sampling", advice="lower the output size"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert module.weight.device == comfy_compat.offload_device()
+    assert module(torch.ones(1, 2)).shape == (1, 2)  # still usable

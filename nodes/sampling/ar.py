@@ -37,7 +37,8 @@ class GLMImageARSampler:
 
     def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None):
         source_grids = references.token_ids if references is not None else None
-        with comfy_compat.on_compute_device(ar_model.model):
+        with comfy_compat.on_compute_device(
+                ar_model.model, stage="AR token sampling", advice="lower num_images or the output size"):
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
                                        source_grids=source_grids)

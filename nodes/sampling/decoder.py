@@ -41,7 +41,8 @@ class GLMImageDecoderSampler:
 
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None):
         check_token_grid(tokens)
-        with comfy_compat.on_compute_device(decoder):
+        with comfy_compat.on_compute_device(
+                decoder, stage="decoder sampling", advice="lower the output size or the number of images"):
             latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
                                      steps=steps, guidance=guidance, seed=seed, references=references)
         return ({"samples": latents.float().cpu()},)

@@ -20,7 +20,7 @@ class GLMImageVAEDecode:
 
     def decode(self, vae, latent, tiling):
         tiled = {"auto": None, "on": True, "off": False}[tiling]
-        with comfy_compat.on_compute_device(vae.model):
+        with comfy_compat.on_compute_device(vae.model, stage="VAE decode", advice="set tiling to on"):
             return (vae.decode(latent["samples"], tiled=tiled),)
 
 
@@ -36,7 +36,8 @@ class GLMImageVAEEncode:
         return {"required": {"vae": (types.VAE,), "image": ("IMAGE",)}}
 
     def encode(self, vae, image):
-        with comfy_compat.on_compute_device(vae.model):
+        with comfy_compat.on_compute_device(vae.model, stage="VAE encode",
+                                             advice="encode fewer or smaller images"):
             return ({"samples": vae.encode(image).float().cpu()},)
 
 
