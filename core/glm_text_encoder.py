@@ -15,10 +15,10 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import attention
 from .comfy_compat import check_interrupt, get_device
+from .glm_ar import MLP, RMSNorm
 from .loading import (
     CheckpointError,
     checkpoint_shapes,
@@ -69,19 +69,6 @@ class GlmConfig:
         return cls(**values)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
 def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin ``[S, rotary_dim]`` with each frequency repeated for its channel pair (f0, f0, f1, f1, ...)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))  # on CPU, as the reference
@@ -118,22 +105,11 @@ class GlmAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
-class GlmMLP(nn.Module):
-    def __init__(self, cfg: GlmConfig):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
-
-
 class GlmDecoderLayer(nn.Module):
     def __init__(self, cfg: GlmConfig):
         super().__init__()
         self.self_attn = GlmAttention(cfg)
-        self.mlp = GlmMLP(cfg)
+        self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

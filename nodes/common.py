@@ -48,3 +48,26 @@ def size_input(default: int, what: str):
 
 def category(sub: str) -> str:
     return f"{CATEGORY}/{sub}"
+
+
+class ModelLoader:
+    """A loader node: ``checkpoint`` (release folder, single file or path) + ``dtype`` -> one model.
+
+    Subclasses set ``FOLDER`` (the ComfyUI folder for single files), ``TOOLTIP`` and ``load_model``.
+    Weights go to the offload device; sampling nodes move them to the GPU while they run.
+    """
+    CATEGORY = category("loaders")
+    FUNCTION = "load"
+    FOLDER = "text_encoders"
+    TOOLTIP = ""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"checkpoint": checkpoint_input(cls.FOLDER, cls.TOOLTIP), "dtype": dtype_input()}}
+
+    def load(self, checkpoint, dtype, **options):
+        path = comfy_compat.resolve_checkpoint(checkpoint, self.FOLDER)
+        return (self.load_model(path, load_dtype(dtype), comfy_compat.offload_device(), **options),)
+
+    def load_model(self, path: str, dtype: str, device, **options):
+        raise NotImplementedError

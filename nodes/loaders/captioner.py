@@ -3,16 +3,14 @@ from __future__ import annotations
 
 from ...core import comfy_compat, types
 from ...core.captioner import load_captioner
-from ..common import category, dtype_input, load_dtype
+from ..common import ModelLoader, dtype_input
 
 
-class GLMImageCaptionerLoader:
+class GLMImageCaptionerLoader(ModelLoader):
     DESCRIPTION = ("Loads a GLM-V vision-language model (GLM-4.1V-9B-Thinking or GLM-4.6V-Flash release folder) "
                    "for captions and reranking. Needs transformers>=5.")
-    CATEGORY = category("loaders")
     RETURN_TYPES = (types.CAPTIONER,)
     RETURN_NAMES = ("captioner",)
-    FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -23,9 +21,8 @@ class GLMImageCaptionerLoader:
             "dtype": dtype_input(),
         }}
 
-    def load(self, checkpoint, dtype):
-        path = comfy_compat.resolve_checkpoint(checkpoint, "text_encoders")
-        return (load_captioner(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device()),)
+    def load_model(self, path, dtype, device):
+        return load_captioner(path, dtype=dtype, device=device)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCaptionerLoader": GLMImageCaptionerLoader}

@@ -1,54 +1,36 @@
 """Loaders for CogView4-6B: the GLM-4-9B text encoder (with its tokenizer) and the DiT decoder."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
+from ...core import types
 from ...core.cogview4_dit import load_cogview4_decoder
 from ...core.cogview4_text import load_cogview4_tokenizer
 from ...core.glm_text_encoder import load_glm_text_encoder
-from ..common import category, checkpoint_input, dtype_input, load_dtype
+from ..common import ModelLoader
 
 
-class GLMImageCogView4TextEncoderLoader:
+class GLMImageCogView4TextEncoderLoader(ModelLoader):
     DESCRIPTION = ("Loads CogView4's GLM-4-9B text encoder (all layers but the last, which CogView4 does not use) "
-                   "and its tokenizer. It runs once per prompt; free it before sampling on small cards.")
-    CATEGORY = category("loaders")
+                   "and its tokenizer. It runs once per prompt and goes back to the offload device after.")
     RETURN_TYPES = (types.COGVIEW4_TEXT_ENCODER,)
     RETURN_NAMES = ("text_encoder",)
-    FUNCTION = "load"
+    TOOLTIP = ("CogView4-6B release folder in models/glm_image, or a single safetensors file with tokenizer.json "
+               "beside it.")
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "checkpoint": checkpoint_input("text_encoders", "CogView4-6B release folder in models/glm_image, or a "
-                                           "single safetensors file with tokenizer.json beside it."),
-            "dtype": dtype_input(),
-        }}
-
-    def load(self, checkpoint, dtype):
-        path = comfy_compat.resolve_checkpoint(checkpoint, "text_encoders")
+    def load_model(self, path, dtype, device):
         tokenizer = load_cogview4_tokenizer(path)
-        model = load_glm_text_encoder(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device())
-        return (types.CogView4TextEncoder(model=model, tokenizer=tokenizer),)
+        return types.CogView4TextEncoder(model=load_glm_text_encoder(path, dtype=dtype, device=device),
+                                         tokenizer=tokenizer)
 
 
-class GLMImageCogView4DecoderLoader:
+class GLMImageCogView4DecoderLoader(ModelLoader):
     DESCRIPTION = "Loads the CogView4-6B DiT (28 layers, the GLM-Image decoder's block design)."
-    CATEGORY = category("loaders")
     RETURN_TYPES = (types.COGVIEW4_DECODER,)
     RETURN_NAMES = ("decoder",)
-    FUNCTION = "load"
+    FOLDER = "diffusion_models"
+    TOOLTIP = "CogView4-6B release folder, or a single safetensors file in models/diffusion_models."
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "checkpoint": checkpoint_input("diffusion_models", "CogView4-6B release folder, or a single safetensors "
-                                           "file in models/diffusion_models."),
-            "dtype": dtype_input(),
-        }}
-
-    def load(self, checkpoint, dtype):
-        path = comfy_compat.resolve_checkpoint(checkpoint, "diffusion_models")
-        return (load_cogview4_decoder(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device()),)
+    def load_model(self, path, dtype, device):
+        return load_cogview4_decoder(path, dtype=dtype, device=device)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCogView4TextEncoderLoader": GLMImageCogView4TextEncoderLoader,

@@ -1,123 +1,78 @@
 """Loaders for the GLM-Image components: AR model, semantic tokenizer, DiT decoder, Glyph-ByT5, VAE."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
+from ...core import types
 from ...core.ar_prompt import load_text_tokenizer
 from ...core.dit import load_decoder
 from ...core.glm_ar import load_ar_model
 from ...core.glyph import load_glyph_encoder
 from ...core.semantic_tokenizer import load_semantic_tokenizer
 from ...core.vae import load_vae
-from ..common import category, checkpoint_input, dtype_input, load_dtype
+from ..common import ModelLoader
 
 
-def _path(checkpoint: str, single_file_folder: str) -> str:
-    return comfy_compat.resolve_checkpoint(checkpoint, single_file_folder)
-
-
-class GLMImageARLoader:
+class GLMImageARLoader(ModelLoader):
     DESCRIPTION = "Loads the 9B GLM autoregressive model (vision_language_encoder) and its text tokenizer."
-    CATEGORY = category("loaders")
     RETURN_TYPES = (types.AR_MODEL,)
     RETURN_NAMES = ("ar_model",)
-    FUNCTION = "load"
+    TOOLTIP = ("Release folder in models/glm_image, or a single safetensors file in models/text_encoders with "
+               "tokenizer.json beside it.")
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "checkpoint": checkpoint_input("text_encoders", "Release folder in models/glm_image, or a single "
-                                           "safetensors file in models/text_encoders with tokenizer.json beside it."),
-            "dtype": dtype_input(),
-        }}
-
-    def load(self, checkpoint, dtype):
-        path = _path(checkpoint, "text_encoders")
+    def load_model(self, path, dtype, device):
         tokenizer = load_text_tokenizer(path)
-        model = load_ar_model(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device())
-        return (types.ARModel(model=model, tokenizer=tokenizer, path=path),)
+        return types.ARModel(model=load_ar_model(path, dtype=dtype, device=device), tokenizer=tokenizer, path=path)
 
 
-class GLMImageTokenizerLoader:
+class GLMImageTokenizerLoader(ModelLoader):
     DESCRIPTION = ("Loads only the semantic-VQ tokenizer (vision encoder + codebook, ~1.2B parameters) out of the "
                    "AR checkpoint, never the 9B decoder.")
-    CATEGORY = category("loaders")
     RETURN_TYPES = (types.TOKENIZER,)
     RETURN_NAMES = ("tokenizer",)
-    FUNCTION = "load"
+    TOOLTIP = "Release folder, or the AR model's single safetensors file."
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "checkpoint": checkpoint_input("text_encoders", "Release folder, or the AR model's single safetensors file."),
-            "dtype": dtype_input(),
-        }}
-
-    def load(self, checkpoint, dtype):
-        path = _path(checkpoint, "text_encoders")
-        return (load_semantic_tokenizer(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device()),)
+    def load_model(self, path, dtype, device):
+        return load_semantic_tokenizer(path, dtype=dtype, device=device)
 
 
-class GLMImageDecoderLoader:
+class GLMImageDecoderLoader(ModelLoader):
     DESCRIPTION = "Loads the 7B DiT decoder (transformer)."
-    CATEGORY = category("loaders")
     RETURN_TYPES = (types.DECODER,)
     RETURN_NAMES = ("decoder",)
-    FUNCTION = "load"
+    FOLDER = "diffusion_models"
+    TOOLTIP = "Release folder, or a single safetensors file in models/diffusion_models."
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "checkpoint": checkpoint_input("diffusion_models", "Release folder, or a single safetensors file in "
-                                           "models/diffusion_models."),
-            "dtype": dtype_input(),
-        }}
-
-    def load(self, checkpoint, dtype):
-        path = _path(checkpoint, "diffusion_models")
-        return (load_decoder(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device()),)
+    def load_model(self, path, dtype, device):
+        return load_decoder(path, dtype=dtype, device=device)
 
 
-class GLMImageGlyphEncoderLoader:
+class GLMImageGlyphEncoderLoader(ModelLoader):
     DESCRIPTION = "Loads the Glyph-ByT5 text encoder that embeds the quoted text of the prompt."
-    CATEGORY = category("loaders")
     RETURN_TYPES = (types.GLYPH_ENCODER,)
     RETURN_NAMES = ("glyph_encoder",)
-    FUNCTION = "load"
+    TOOLTIP = "Release folder, or a single safetensors file in models/text_encoders."
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "checkpoint": checkpoint_input("text_encoders", "Release folder, or a single safetensors file in "
-                                           "models/text_encoders."),
-            "dtype": dtype_input(),
-        }}
-
-    def load(self, checkpoint, dtype):
-        path = _path(checkpoint, "text_encoders")
-        return (load_glyph_encoder(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device()),)
+    def load_model(self, path, dtype, device):
+        return load_glyph_encoder(path, dtype=dtype, device=device)
 
 
-class GLMImageVAELoader:
+class GLMImageVAELoader(ModelLoader):
     DESCRIPTION = ("Loads a 16-channel VAE (GLM-Image or CogView4); the latent normalization (per-channel mean/std "
                    "or scaling/shift) is read from its config.")
-    CATEGORY = category("loaders")
     RETURN_TYPES = (types.VAE,)
     RETURN_NAMES = ("vae",)
-    FUNCTION = "load"
+    FOLDER = "vae"
+    TOOLTIP = "Release folder, or a single safetensors file in models/vae."
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "checkpoint": checkpoint_input("vae", "Release folder, or a single safetensors file in models/vae."),
-            "dtype": dtype_input(),
-        }, "optional": {
-            "family": (["glm_image", "cogview4"], {"default": "glm_image", "tooltip": "Latent normalization "
-                       "for a single file without config.json; a release folder's config always wins."}),
-        }}
+        inputs = super().INPUT_TYPES()
+        inputs["optional"] = {"family": (["glm_image", "cogview4"], {
+            "default": "glm_image",
+            "tooltip": "Latent normalization for a single file without config.json; a release folder's config wins."})}
+        return inputs
 
-    def load(self, checkpoint, dtype, family="glm_image"):
-        path = _path(checkpoint, "vae")
-        return (load_vae(path, dtype=load_dtype(dtype), device=comfy_compat.offload_device(), family=family),)
+    def load_model(self, path, dtype, device, family="glm_image"):
+        return load_vae(path, dtype=dtype, device=device, family=family)
 
 
 NODE_CLASS_MAPPINGS = {
