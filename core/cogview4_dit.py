@@ -9,22 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .comfy_compat import get_device
 from .dit import (
-    FP16_REASON,
     DiTBlock,
     FinalAdaLN,
     TimeConditionEmbed,
     count_layers,
-    dit_config,
-    load_dit_weights,
+    load_dit,
     patchify,
     require_keys,
     rope_2d,
     unpatchify,
 )
 from .flow_schedule import ShiftSettings
-from .loading import CheckpointError, component_path, meta_device, resolve_dtype
+from .loading import CheckpointError
 
 # transformer/config.json of THUDM/CogView4-6B
 COGVIEW4_DIT_CONFIG = {
@@ -115,14 +112,8 @@ def load_cogview4_decoder(path: str, dtype: str = "auto", device: torch.device |
 
     ``dtype``: ``auto`` (bf16 where supported, else fp32), ``bf16`` or ``fp32``; fp16 is refused.
     """
-    path = component_path(path, "transformer")
-    device = torch.device(device) if device is not None else get_device()
-    torch_dtype = resolve_dtype(dtype, device, component="The CogView4 decoder", fp16_reason=FP16_REASON)
-    config = dit_config(path, "CogView4Transformer2DModel", infer_cogview4_config)
-    config = {**COGVIEW4_DIT_CONFIG, **{k: v for k, v in config.items() if k in COGVIEW4_DIT_CONFIG}}
-    with meta_device():
-        model = CogView4DiT(config)
-    return load_dit_weights(model, path, torch_dtype, device)
+    return load_dit(path, dtype, device, model_class=CogView4DiT, class_name="CogView4Transformer2DModel",
+                    infer=infer_cogview4_config, defaults=COGVIEW4_DIT_CONFIG, component="The CogView4 decoder")
 
 
 def check_cogview4_size(height: int, width: int) -> None:

@@ -403,8 +403,17 @@ def release_shift_settings(path: str) -> ShiftSettings:
     return read_shift_settings(config) if os.path.isfile(config) else ShiftSettings()
 
 
-def load_dit_weights(model: nn.Module, path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    fill_module(model, load_state_dict(path), source=path, dtype=dtype, device=device)
+def load_dit(path: str, dtype: str, device: torch.device | str | None, *, model_class: type, class_name: str,
+             infer: Callable[[dict, str], dict], defaults: dict, component: str) -> nn.Module:
+    """Build ``model_class`` on the meta device from the folder's config (or shapes) and fill it from the weights."""
+    path = component_path(path, "transformer")
+    device = torch.device(device) if device is not None else get_device()
+    torch_dtype = resolve_dtype(dtype, device, component=component, fp16_reason=FP16_REASON)
+    config = dit_config(path, class_name, infer)
+    config = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+    with meta_device():
+        model = model_class(config)
+    fill_module(model, load_state_dict(path), source=path, dtype=torch_dtype, device=device)
     model.shift_settings = release_shift_settings(path)
     return model
 
@@ -414,12 +423,5 @@ def load_decoder(path: str, dtype: str = "auto", device: torch.device | str | No
 
     ``dtype``: ``auto`` (bf16 where supported, else fp32), ``bf16`` or ``fp32``; fp16 is refused.
     """
-    path = component_path(path, "transformer")
-    device = torch.device(device) if device is not None else get_device()
-    torch_dtype = resolve_dtype(dtype, device, component="The GLM-Image decoder", fp16_reason=FP16_REASON)
-    config = dit_config(path, "GlmImageTransformer2DModel", infer_glm_image_config)
-    config = {**GLM_IMAGE_DIT_CONFIG, **{k: v for k, v in config.items() if k in GLM_IMAGE_DIT_CONFIG}}
-    with meta_device():
-        model = GlmImageDiT(config)
-    return load_dit_weights(model, path, torch_dtype, device)
-
+    return load_dit(path, dtype, device, model_class=GlmImageDiT, class_name="GlmImageTransformer2DModel",
+                    infer=infer_glm_image_config, defaults=GLM_IMAGE_DIT_CONFIG, component="The GLM-Image decoder")

@@ -3,11 +3,18 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from glm_image_nodes.core import comfy_compat
-from glm_image_nodes.core.loading import (CheckpointError, checkpoint_keys, checkpoint_shapes, component_path,
-                                          fill_module, load_state_dict, meta_device, resolve_dtype)
+from glm_image_nodes.core.loading import (
+    CheckpointError,
+    checkpoint_keys,
+    checkpoint_shapes,
+    component_path,
+    fill_module,
+    load_state_dict,
+    meta_device,
+    resolve_dtype,
+)
+from safetensors.torch import save_file
 
 
 def test_corrupt_file_names_the_file(tmp_path):
