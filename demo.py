@@ -14,7 +14,7 @@ import time
 
 from standalone import ROOT, register_pack
 
-WORKFLOW = os.path.join(ROOT, "example_workflows", "glm_image_text_to_image_api.json")
+WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json")
 LOADERS = ("GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDecoderLoader", "GLMImageVAELoader")
 
 

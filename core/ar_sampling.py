@@ -93,7 +93,7 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     index = torch.tensor(length, device=device)
 
     with Progress(total, "GLM-Image AR tokens", enabled=progress) as bar:
-        logits = model(input_ids, positions, cache, 0)[:, -1]
+        logits = model(input_ids, positions, cache, 0, last_only=True)[:, -1]
         tokens = sample_codebook_ids(logits, temperature, top_k, top_p, generator)
         out[:, 0] = tokens
         bar.update()

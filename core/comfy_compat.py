@@ -69,8 +69,13 @@ def soft_empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-class OutOfMemory(RuntimeError):
-    """Out of device memory, with the stage that ran out and what to lower."""
+class OutOfMemory(torch.OutOfMemoryError):
+    """Out of device memory, with the stage that ran out and what to lower. A ``torch.OutOfMemoryError``, so
+    ComfyUI's own recovery (unloading its models) still runs."""
+
+
+def _weight_bytes(modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
 @contextmanager
@@ -80,16 +85,28 @@ def on_compute_device(*modules: torch.nn.Module, stage: str = "this node",
 
     Loaders keep weights on the offload device, so the AR model, then the decoder, each take the GPU only
     while they run: stages swap instead of sitting side by side (GLM-Image at 1024x1024 fits 24 GB this way).
+    Inside ComfyUI, its memory manager first frees room for the weights (unloading other models).
     Running out of memory frees what the stage took and says what to lower.
     """
     device, offload = get_device(), offload_device()
+    weights = _weight_bytes(modules)
     try:
-        for module in modules:
-            module.to(device)
-        yield device
-    except torch.OutOfMemoryError as e:
-        raise OutOfMemory(f"Out of memory on {device} in {stage}: {advice}, or close other programs using the "
-                          f"GPU. ({str(e).splitlines()[0]})") from None
+        if _mm is not None and device.type != "cpu":
+            _mm.free_memory(int(weights * 1.2) + (1 << 30), device)
+        try:
+            for module in modules:
+                module.to(device)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(f"Out of memory on {device} moving the weights of {stage} ({weights / 2**30:.1f} GB) "
+                              f"there: unload other models or close other programs using the GPU, or load the "
+                              f"model in bf16.") from None
+        try:
+            yield device
+        except torch.OutOfMemoryError as e:
+            if isinstance(e, OutOfMemory):
+                raise
+            raise OutOfMemory(f"Out of memory on {device} in {stage}: {advice}, or close other programs using "
+                              f"the GPU. ({str(e).splitlines()[0]})") from None
     finally:
         if device != offload:
             for module in modules:

@@ -226,8 +226,9 @@ class GlmImageAR(nn.Module):
         return allowed[:, None]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                start: int | torch.Tensor) -> torch.Tensor:
-        """Logits (float32) ``[B, L, vision_vocab]`` for ``input_ids`` [B,L] at cache slots ``start..start+L``.
+                start: int | torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32) ``[B, L, vision_vocab]`` for ``input_ids`` [B,L] at cache slots ``start..start+L``
+        (``[B, 1, vision_vocab]`` of the last position with ``last_only``: a long prefill needs no more).
 
         ``position_ids``: M-RoPE positions [3,B,L]. ``start``: a Python int (prefill, attends to the cache
         up to the new tokens) or a 0-dim device tensor (decode: static shapes, attends to the whole cache
@@ -239,6 +240,8 @@ class GlmImageAR(nn.Module):
         mask = self._mask(cache, start, n)
         for layer, k, v in zip(self.layers, cache.k, cache.v):
             x = layer(x, cos, sin, k, v, start, mask)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
 
 

@@ -37,6 +37,7 @@ from .loading import (
     safetensors_files,
 )
 from .reference_sizing import (
+    MAX_ASPECT,
     MAX_PIXELS,
     MIN_PIXELS,
     PATCH_SIZE,
@@ -246,30 +247,43 @@ def preprocess_image(image, *, min_pixels: int = MIN_PIXELS, max_pixels: int = M
     return ((x - 0.5) / 0.5).permute(2, 0, 1)[None].contiguous()
 
 
+def check_output_size(height: int, width: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Token grids exist for output sizes with sides that are multiples of 32, at most sqrt(max_pixels)
+    (2048 px) and an aspect ratio of at most 4."""
+    longest = int(round(max_pixels ** 0.5))
+    problems = []
+    if height % TOKEN_PIXELS or width % TOKEN_PIXELS or min(height, width) < TOKEN_PIXELS:
+        problems.append(f"sides must be multiples of {TOKEN_PIXELS}")
+    if max(height, width) > longest:
+        problems.append(f"sides must be at most {longest} px")
+    if min(height, width) > 0 and max(height, width) / min(height, width) > MAX_ASPECT:
+        problems.append(f"the aspect ratio must be at most {MAX_ASPECT}")
+    if problems:
+        raise ValueError(f"No token grid for an output of {width}x{height} (WxH): {'; '.join(problems)}. "
+                         f"Choose a size such as 1024x1024, 1152x896 or 2048x1024.")
+
+
 def tokenize_image(tokenizer: SemanticTokenizer, image, target_height: int | None = None,
                    target_width: int | None = None) -> torch.Tensor:
     """Token ids ``[h, w]`` int64 of one image (``[H, W, 3]`` in 0..1, or anything ``to_rgb01`` takes).
 
-    With a target size (both multiples of 32; see ``normalize_reference_size``) the image is first resized
-    to it the way diffusers resizes references (PIL Lanczos), so the grid is exactly
-    ``(target_height / 32, target_width / 32)`` and matches the decoder grid of that size. Without one the
-    processor's own ``smart_resize`` decides; the grid of an H x W image is (H/32, W/32) when H and W are
-    multiples of 32 with sides in 512..2048.
+    With a target (output) size the image is first resized to it the way diffusers resizes references (PIL
+    Lanczos), so the grid is exactly ``(target_height / 32, target_width / 32)`` and matches the decoder grid
+    of that size. Below the processor's minimum side (512 px) the processor would enlarge the image and change
+    the grid, so its minimum is lowered to the target's short side. Without a target the processor's own
+    ``smart_resize`` decides; the grid of an H x W image is (H/32, W/32) when H and W are multiples of 32 with
+    sides in 512..2048.
     """
     image = to_rgb01(image)
     cfg = tokenizer.config
     if (target_height is None) != (target_width is None):
         raise ValueError("Give both target_height and target_width, or neither.")
+    min_pixels = cfg.min_pixels
     if target_height is not None:
-        grid = tuple(n // cfg.patch_size for n in smart_resize(target_height, target_width, factor=cfg.patch_size,
-                                                                min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels))
-        if target_height % TOKEN_PIXELS or target_width % TOKEN_PIXELS or \
-                grid != (target_height // TOKEN_PIXELS, target_width // TOKEN_PIXELS):
-            raise ValueError(f"Target size {target_height}x{target_width} must be multiples of {TOKEN_PIXELS} inside the "
-                             f"processor's limits (min_pixels={cfg.min_pixels}, max_pixels={cfg.max_pixels}); "
-                             f"use normalize_reference_size to pick one.")
+        check_output_size(target_height, target_width, cfg.max_pixels)
+        min_pixels = min(min_pixels, min(target_height, target_width) ** 2)
         image = resize_reference(image, target_height, target_width)
-    pixels = preprocess_image(image, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, patch_size=cfg.patch_size)
+    pixels = preprocess_image(image, min_pixels=min_pixels, max_pixels=cfg.max_pixels, patch_size=cfg.patch_size)
     weight = tokenizer.model["visual"].patch_embed.proj.weight
     return tokenizer(pixels.to(device=weight.device, dtype=weight.dtype))[0].cpu()
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from .cogview4_dit import check_cogview4_size
 from .decoder_sampling import sample_cogview4_latents, sample_latents
-from .reference_sizing import MAX_ASPECT, TOKEN_PIXELS, resize_reference, to_rgb01
+from .reference_sizing import MAX_ASPECT, TOKEN_PIXELS, to_rgb01
 from .references import prepare_references
-from .semantic_tokenizer import SemanticTokenizer, preprocess_image
+from .semantic_tokenizer import SemanticTokenizer, tokenize_image
 from .types import GlyphConditioning
 from .vae import GlmVAE
 
@@ -52,20 +52,6 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
 def check_strength(strength: float) -> None:
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1] (1 = decode from pure noise), got {strength}.")
-
-
-def output_tokens(tokenizer: SemanticTokenizer, image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Token ids ``[height/32, width/32]`` of ``image`` for a decode at ``height`` x ``width``, made as
-    ``tokenize_image`` makes them (Lanczos to the output size, then the processor's bicubic to half of it).
-
-    Below the processor's minimum side (512 px) the processor would enlarge the image and change the grid, so
-    its minimum is lowered to the output's short side: the tokenizer sees exactly half the output size."""
-    cfg = tokenizer.config
-    min_pixels = min(cfg.min_pixels, min(height, width) ** 2)
-    pixels = preprocess_image(resize_reference(image, height, width), min_pixels=min_pixels,
-                              max_pixels=cfg.max_pixels, patch_size=cfg.patch_size)
-    weight = tokenizer.model["visual"].patch_embed.proj.weight
-    return tokenizer(pixels.to(device=weight.device, dtype=weight.dtype))[0].cpu()
 
 
 def upsample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -111,7 +97,7 @@ def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, gly
     image = to_rgb01(image)
     height, width = upscale_2x_size(*image.shape[:2])
     check_strength(strength)
-    ids = output_tokens(tokenizer, image, height, width)
+    ids = tokenize_image(tokenizer, image, height, width)
     prior_ids = ids.repeat_interleave(2, 0).repeat_interleave(2, 1).flatten()[None]
     references = prepare_references([image], vae, tokenizer)[0] if use_reference else None
     latents = sample_latents(decoder, prior_ids, glyph, height, width, steps=steps, guidance=guidance, seed=seed,

@@ -2,8 +2,8 @@
 
 Standard library only, so it runs from any Python:
 
-    python headless/client.py example_workflows/glm_image_text_to_image_api.json \
-        --server http://127.0.0.1:8188 --set 4.prompt="a red fox" --set 4.seed=7 --out outputs/
+    python headless/client.py example_workflows/api/glm_image_text_to_image.json --server http://127.0.0.1:8188 \
+        --set 5.prompt='a sign that says "OPEN"' --set 6.prompt='a sign that says "OPEN"' --set 5.seed=7 --out outputs/
 """
 from __future__ import annotations
 
@@ -190,16 +190,24 @@ def save_outputs(server: str, history: dict, out_dir: str) -> list[str]:
 
 
 def set_input(graph: dict, assignment: str) -> None:
-    """Apply ``NODE.INPUT=VALUE`` (VALUE parsed as JSON when it can be, else taken as a string)."""
+    """Apply ``NODE.INPUT=VALUE`` to an input the node already has. VALUE is taken as a string where the input
+    holds one, else parsed as JSON (numbers, booleans, lists)."""
     target, _, raw = assignment.partition("=")
     node_id, _, name = target.partition(".")
     if node_id not in graph or not name:
         raise WorkflowError(f"--set {assignment}: no node {node_id!r} in the workflow (ids: {', '.join(graph)})")
+    inputs = graph[node_id]["inputs"]
+    if name not in inputs:
+        raise WorkflowError(f"--set {assignment}: node {node_id} ({graph[node_id]['class_type']}) has no input "
+                            f"{name!r}; its inputs: {', '.join(inputs)}")
+    if isinstance(inputs[name], str):
+        inputs[name] = raw
+        return
     try:
-        value = json.loads(raw)
+        inputs[name] = json.loads(raw)
     except json.JSONDecodeError:
-        value = raw
-    graph[node_id]["inputs"][name] = value
+        raise WorkflowError(f"--set {assignment}: {raw!r} is not a valid value for {name} "
+                            f"(currently {inputs[name]!r})") from None
 
 
 def run(server: str, graph: dict, out_dir: str, on_event=print) -> list[str]:

@@ -41,9 +41,9 @@ def seed_input():
                     "tooltip": "Same seed, same result on the same device."})
 
 
-def size_input(default: int, what: str):
-    return ("INT", {"default": default, "min": 256, "max": 4096, "step": 32,
-                    "tooltip": f"Output {what} in pixels; a multiple of 32."})
+def size_input(default: int, what: str, minimum: int = 256, note: str = ""):
+    return ("INT", {"default": default, "min": minimum, "max": 2048, "step": 32,
+                    "tooltip": f"Output {what} in pixels; a multiple of 32, at most 2048.{note}"})
 
 
 def category(sub: str) -> str:

@@ -89,6 +89,11 @@ def test_set_input_parses_values():
     graph = {"5": {"class_type": "GLMImageARSampler", "inputs": {"seed": 1, "prompt": "a"}}}
     client.set_input(graph, "5.seed=7")
     client.set_input(graph, '5.prompt=a sign that says "hi"')
-    assert graph["5"]["inputs"] == {"seed": 7, "prompt": 'a sign that says "hi"'}
+    client.set_input(graph, "5.prompt=42")  # a string input stays a string
+    assert graph["5"]["inputs"] == {"seed": 7, "prompt": "42"}
     with pytest.raises(client.WorkflowError, match="no node '6'"):
         client.set_input(graph, "6.seed=1")
+    with pytest.raises(client.WorkflowError, match=r"has no input 'steps'; its inputs: seed, prompt"):
+        client.set_input(graph, "5.steps=3")
+    with pytest.raises(client.WorkflowError, match="not a valid value for seed"):
+        client.set_input(graph, "5.seed=seven")

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.comfyui
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_FOLDER = "glm-image-nodes"
-T2I_WORKFLOW = os.path.join(ROOT, "example_workflows", "glm_image_text_to_image_api.json")
+T2I_WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json")
 STARTUP_TIMEOUT_S = 120
 
 

@@ -74,3 +74,18 @@ def test_out_of_memory_names_the_stage_and_what_to_lower():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert module.weight.device == comfy_compat.offload_device()
     assert module(torch.ones(1, 2)).shape == (1, 2)  # still usable
+
+
+def test_out_of_memory_while_moving_weights_says_so(monkeypatch):
+    class Huge(torch.nn.Linear):
+        def to(self, device, *args, **kwargs):
+            if torch.device(device).type == "meta":  # stands in for a GPU without room
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().to(device, *args, **kwargs)
+
+    module = Huge(4, 4)
+    monkeypatch.setattr(comfy_compat, "get_device", lambda: torch.device("meta"))
+    with pytest.raises(comfy_compat.OutOfMemory, match=r"moving the weights of AR token sampling \(0\.0 GB\)"):
+        with comfy_compat.on_compute_device(module, stage="AR token sampling"):
+            pass
+    assert isinstance(comfy_compat.OutOfMemory("x"), torch.OutOfMemoryError)

@@ -120,8 +120,12 @@ def test_target_size_and_batch(release, processor):
         assert torch.equal(got, reference_ids(model, processor, resize_reference(image, 512, 704))[2])
     with pytest.raises(ValueError, match="multiples of 32"):
         tokenize_image(tokenizer, images[0], 500, 704)
-    with pytest.raises(ValueError, match="normalize_reference_size"):
-        tokenize_image(tokenizer, images[0], 256, 256)          # would be scaled by smart_resize
+    # below the processor's 512 px minimum side the grid still follows the target (its minimum is lowered)
+    assert tuple(tokenize_image(tokenizer, images[0], 256, 320).shape) == (8, 10)
+    with pytest.raises(ValueError, match="at most 2048 px"):
+        tokenize_image(tokenizer, images[0], 4096, 1024)
+    with pytest.raises(ValueError, match="aspect ratio must be at most 4"):
+        tokenize_image(tokenizer, images[0], 2048, 256)
 
 
 def test_loader_reads_only_vision_and_vq(release, monkeypatch):

@@ -8,8 +8,9 @@ from glm_image_nodes.headless.workflow_format import all_inputs, input_types, is
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-API_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*_api.json")))
-UI_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "example_workflows", "*.json")) if not f.endswith("_api.json"))
+# UI format beside each other (ComfyUI's template browser lists them); the API-format twins in api/.
+UI_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+API_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "api", "*.json")))
 
 
 def load(path):
@@ -44,7 +45,7 @@ def check_widget(where, name, spec, value):
 
 def test_there_are_example_workflows():
     assert API_FILES and UI_FILES
-    assert {os.path.basename(f)[:-len("_api.json")] for f in API_FILES} == {os.path.basename(f)[:-5] for f in UI_FILES}
+    assert {os.path.basename(f) for f in API_FILES} == {os.path.basename(f) for f in UI_FILES}
 
 
 def check_graph(label, graph):
@@ -76,7 +77,7 @@ def test_api_workflow_matches_node_definitions(path):
 @pytest.mark.parametrize("path", UI_FILES, ids=os.path.basename)
 def test_ui_workflow_is_the_api_twin(path):
     ui = load(path)
-    api = load(path[:-5] + "_api.json")
+    api = load(os.path.join(os.path.dirname(path), "api", os.path.basename(path)))
     converted = ui_to_api(ui, NODE_CLASS_MAPPINGS)
     assert strip_meta(converted) == strip_meta(api)
     for link in ui["links"]:
@@ -96,7 +97,7 @@ def test_ui_workflow_is_the_api_twin(path):
     (lambda g: g["7"]["inputs"].pop("seed"), "missing required inputs"),
 ])
 def test_validation_catches_broken_workflows(mutate, message):
-    graph = load(os.path.join(ROOT, "example_workflows", "glm_image_text_to_image_api.json"))
+    graph = load(os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json"))
     mutate(graph)
     with pytest.raises(AssertionError, match=message):
         check_graph("broken", graph)

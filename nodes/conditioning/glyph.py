@@ -27,7 +27,7 @@ class GLMImageGlyphConditioning:
         }
 
     def encode(self, glyph_encoder, prompt, texts=""):
-        explicit = [line for line in texts.splitlines() if line.strip()] or None
+        explicit = [line.strip() for line in texts.splitlines() if line.strip()] or None
         with comfy_compat.on_compute_device(glyph_encoder):
             return (glyph_conditioning(glyph_encoder, prompt, texts=explicit),)
 

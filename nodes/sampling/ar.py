@@ -6,6 +6,19 @@ from ...core.ar_sampling import generate_token_grid
 from ..common import category, seed_input, size_input
 
 
+SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
+
+
+def output_size(width: int, height: int, references) -> tuple[int, int]:
+    if width and height:
+        return width, height
+    if references is None:
+        raise ValueError("width and height 0 mean the size of the first reference image, but no references are "
+                         "connected: connect references or set the output size.")
+    ref_height, ref_width = references.sizes[0]
+    return width or ref_width, height or ref_height
+
+
 class GLMImageARSampler:
     DESCRIPTION = ("Runs the GLM AR model: writes the grid of semantic-VQ tokens (1/32 of the output size) for the "
                    "prompt. With references it edits: their tokens enter the context and only the target grid is "
@@ -22,8 +35,8 @@ class GLMImageARSampler:
                 "ar_model": (types.AR_MODEL,),
                 "prompt": ("STRING", {"multiline": True, "default": "",
                                       "tooltip": "Put text to render in the image in quotes."}),
-                "width": size_input(1024, "width"),
-                "height": size_input(1024, "height"),
+                "width": size_input(1024, "width", 0, SAME_AS_REFERENCE),
+                "height": size_input(1024, "height", 0, SAME_AS_REFERENCE),
                 "seed": seed_input(),
                 "temperature": ("FLOAT", {"default": 0.9, "min": 0.05, "max": 2.0, "step": 0.01}),
                 "top_p": ("FLOAT", {"default": 0.75, "min": 0.01, "max": 1.0, "step": 0.01}),
@@ -36,6 +49,7 @@ class GLMImageARSampler:
         }
 
     def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None):
+        width, height = output_size(width, height, references)
         source_grids = references.token_ids if references is not None else None
         with comfy_compat.on_compute_device(
                 ar_model.model, stage="AR token sampling", advice="lower num_images or the output size"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ...core import comfy_compat, types
 from ...core.captioner import PRESETS, caption_image, rerank
-from ..common import category, seed_input
+from ..common import MAX_SEED, category
 
 
 class GLMImageCaption:
@@ -23,7 +23,9 @@ class GLMImageCaption:
                 "preset": (list(PRESETS), {"default": "GLM-Image prompt"}),
                 "max_new_tokens": ("INT", {"default": 1024, "min": 16, "max": 8192,
                                            "tooltip": "Thinking models reason first; keep this high for them."}),
-                "seed": seed_input(),
+                "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                          "tooltip": "0 decodes greedily (the same caption every time)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Used when temperature > 0."}),
             },
             "optional": {
                 "custom_instruction": ("STRING", {"multiline": True, "default": "",
@@ -33,10 +35,11 @@ class GLMImageCaption:
             },
         }
 
-    def caption(self, captioner, image, preset, max_new_tokens, seed, custom_instruction="", append=""):
+    def caption(self, captioner, image, preset, max_new_tokens, temperature, seed, custom_instruction="", append=""):
         with comfy_compat.on_compute_device(captioner.model):
             captions = [caption_image(captioner, img, preset, max_new_tokens=max_new_tokens, seed=seed,
-                                      custom_instruction=custom_instruction) for img in image]
+                                      custom_instruction=custom_instruction, temperature=temperature)
+                        for img in image]
         if append.strip():
             captions = [f"{caption} {append.strip()}" for caption in captions]
         return ("\n\n".join(captions),)

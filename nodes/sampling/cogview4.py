@@ -44,8 +44,8 @@ class GLMImageCogView4Sampler:
         return {"required": {
             "decoder": (types.COGVIEW4_DECODER,),
             "conditioning": (types.COGVIEW4_CONDITIONING,),
-            "width": size_input(1024, "width (512..2048, at most 2^21 pixels)"),
-            "height": size_input(1024, "height (512..2048, at most 2^21 pixels)"),
+            "width": size_input(1024, "width", 512, " CogView4: 512..2048, at most 2^21 pixels."),
+            "height": size_input(1024, "height", 512, " CogView4: 512..2048, at most 2^21 pixels."),
             "seed": seed_input(),
             "steps": ("INT", {"default": 50, "min": 1, "max": 200}),
             "guidance": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1}),
