@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import gc
@@ -543,7 +544,7 @@ class Bench:
         prior = side.generate(job, ar_clock, "default")
         ar = ar_figures(ar_clock, now(self.device), job.tokens, 1)
         if prior is not None:
-            image_job = ImageJob(**{**image_job.__dict__, "prior_ids": prior})
+            image_job = dataclasses.replace(image_job, prior_ids=prior)
         dec_clock = Clock(self.device, min(self.args.decoder_steps_timed or image_job.steps, image_job.steps))
         latents = side.denoise(image_job, dec_clock)
         dec = decoder_figures(dec_clock, now(self.device), image_job.steps)
@@ -620,6 +621,9 @@ class Bench:
             pairs.update({k: (pack["probe"][k], ref["probe"][k]) for k in ("dit", "glyph", "vae")})
         out = {}
         for k, (a, b) in pairs.items():
+            if a.shape != b.shape:
+                out[k] = {"error": f"pack {tuple(a.shape)} vs reference {tuple(b.shape)}"}
+                continue
             diff, scale = float((a - b).abs().max()), float(b.abs().max())
             out[k] = {"max_abs_diff": diff, "max_abs_reference": scale, "relative": diff / scale}
         return out
@@ -793,8 +797,9 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     for name, s in report["sanity"].items():
-        print(f"sanity {name}: max |pack - reference| = {s['max_abs_diff']:.3g} "
-              f"(reference max |x| = {s['max_abs_reference']:.3g}, relative {s['relative']:.2g})")
+        print(f"sanity {name}: " + (s["error"] if "error" in s else
+                                    f"max |pack - reference| = {s['max_abs_diff']:.3g} (reference max |x| = "
+                                    f"{s['max_abs_reference']:.3g}, relative {s['relative']:.2g})"))
     print(table)
     return report
 

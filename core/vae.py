@@ -278,7 +278,20 @@ def blend_weights(starts: list[int], length: int, scale: int) -> list[torch.Tens
 class GlmVAE:
     """The loaded VAE plus its latent normalization; what the pack's VAE socket carries."""
 
-    AUTO_TILE_LATENT_PIXELS = 192 * 192  # decode images above 1536x1536 in tiles
+    # Peak activation of an untiled decode, in full-resolution tensors of the last up block's width: the
+    # resnet input, its two convolution outputs, GroupNorm and SiLU temporaries, and the upsampler.
+    DECODE_TENSORS_AT_FULL_RES = 6
+
+    def fits_untiled(self, height: int, width: int) -> bool:
+        """Whether an untiled decode to ``height`` x ``width`` fits the free memory of a CUDA device (always
+        on other devices). Tiles use their own GroupNorm statistics, so tiling changes pixels slightly: it is
+        only chosen when the exact decode would run out of memory."""
+        if self.device.type != "cuda":
+            return True
+        channels = self.model.config.block_out_channels[0]
+        need = self.DECODE_TENSORS_AT_FULL_RES * channels * height * width * self.model.decoder.conv_out.weight.element_size()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return need < 0.8 * free
 
     def __init__(self, model: AutoencoderKL):
         self.model = model
@@ -334,8 +347,8 @@ class GlmVAE:
                overlap: int = 32) -> torch.Tensor:
         """Normalized latents ``[B,C,h,w]`` -> images ``[B,8h,8w,3]`` float32 0..1 on the CPU.
 
-        ``tiled``: None tiles outputs larger than 1536x1536 in area; ``tile_size`` and ``overlap`` (at most
-        a third of it) are in latent pixels.
+        ``tiled``: None tiles only when the exact decode would not fit the free GPU memory (``fits_untiled``);
+        ``tile_size`` and ``overlap`` (at most a third of it) are in latent pixels.
         The untiled path is exact; tiles are blended linearly across their overlaps.
         """
         c = self.model.config.latent_channels
@@ -345,7 +358,7 @@ class GlmVAE:
             raise ValueError(f"tile_size must be >= 8 and overlap in 0..tile_size/3; got {tile_size}, {overlap}.")
         h, w = latents.shape[-2:]
         if tiled is None:
-            tiled = h * w > self.AUTO_TILE_LATENT_PIXELS
+            tiled = not self.fits_untiled(h * self.downscale, w * self.downscale)
         images = []
         for z in latents:
             z = self.denormalize(z.unsqueeze(0).to(device=self.device, dtype=self.dtype))

@@ -6,7 +6,7 @@ from ..common import category
 
 
 class GLMImageVAEDecode:
-    DESCRIPTION = "Decodes a latent to an image; large images are decoded in tiles to bound memory."
+    DESCRIPTION = "Decodes a latent to an image; in tiles when the exact decode would not fit the GPU memory."
     CATEGORY = category("vae")
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -16,7 +16,8 @@ class GLMImageVAEDecode:
     def INPUT_TYPES(cls):
         return {"required": {"vae": (types.VAE,), "latent": ("LATENT",),
                              "tiling": (["auto", "on", "off"], {"default": "auto",
-                                        "tooltip": "auto tiles images above 1536x1536."})}}
+                                        "tooltip": "auto tiles only when the exact decode would not fit the free "
+                                                   "GPU memory (tiles change pixels slightly)."})}}
 
     def decode(self, vae, latent, tiling):
         tiled = {"auto": None, "on": True, "off": False}[tiling]
