@@ -5,7 +5,6 @@ from ...core import comfy_compat, types
 from ...core.ar_sampling import generate_token_grid
 from ..common import category, seed_input, size_input
 
-
 SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
 
 
