@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         write_tiny_release(weights)
         print(f"tiny random GLM-Image release written to {weights} in {time.perf_counter() - start:.2f} s")
         print("NOTE: these are random weights, so the image is noise; pass --weights for the real model.")
-    args.width = args.width or (256 if tiny else 1024)
-    args.height = args.height or (256 if tiny else 1024)
+    args.width = args.width or (512 if tiny else 1024)
+    args.height = args.height or (512 if tiny else 1024)
     args.steps = args.steps or (4 if tiny else 50)
 
     def report(node_id, class_type, seconds):

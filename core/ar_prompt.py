@@ -113,6 +113,17 @@ class TargetGrid:
     pw: int
 
 
+def check_glm_image_size(height: int, width: int) -> None:
+    """GLM-Image's documented output sizes: sides in 512..2048 px, multiples of 32 (the reference floors other
+    sizes silently; the pack asks for a valid one instead)."""
+    def nearest(side: int) -> int:
+        return min(2048, max(512, round(side / 32) * 32))
+
+    if height % 32 or width % 32 or not (512 <= height <= 2048 and 512 <= width <= 2048):
+        raise ValueError(f"GLM-Image makes images with sides of 512..2048 px in multiples of 32; {width}x{height} "
+                         f"(WxH) is not one. The nearest valid size is {nearest(width)}x{nearest(height)}.")
+
+
 def target_grid(height: int, width: int) -> TargetGrid:
     """The processor's ``_get_target_shape``: sizes floored to multiples of 32, preview of ~256 tokens."""
     h, w = (int(height) // GRID_FACTOR) * GRID_FACTOR, (int(width) // GRID_FACTOR) * GRID_FACTOR

@@ -85,6 +85,10 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     device = model.device
     batch, length = inputs.input_ids.shape
     total = inputs.num_new_tokens
+    context = model.config.max_position_embeddings
+    if length + total > context:
+        raise ValueError(f"The prompt is {length} tokens and the grid needs {total} more, over the model's context of "
+                         f"{context} tokens: shorten the prompt (or use fewer or smaller reference images).")
     input_ids, positions = inputs.input_ids.to(device), inputs.position_ids.to(device)
     decode_positions = inputs.decode_position_ids.to(device)
     cache = model.new_cache(batch, length + total - 1, inputs.attention_mask)

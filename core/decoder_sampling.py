@@ -29,6 +29,13 @@ def initial_noise(shape: tuple[int, ...], seed: int, noise: torch.Tensor | None,
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
+def check_steps_and_guidance(steps: int, guidance: float) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1 (got {steps}); 50 is the reference's default.")
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0 (got {guidance}); 1.0 turns CFG off.")
+
+
 def check_size(height: int, width: int, multiple: int = 16) -> None:
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}.")
@@ -113,6 +120,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
     """
     check_size(height, width)
+    check_steps_and_guidance(steps, guidance)
     device = dit.device
     if prior_ids.dim() == 1:
         prior_ids = prior_ids[None]
@@ -165,6 +173,7 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
     guidance <= 1). original_size = target_size = (H, W), crop (0, 0).
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise."""
     check_size(height, width)
+    check_steps_and_guidance(steps, guidance)
     device = dit.device
     b = cond_embeds.shape[0]
     use_cfg = guidance > 1

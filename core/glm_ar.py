@@ -59,6 +59,7 @@ class ARConfig:
     rope_theta: float
     rotary_dim: int
     mrope_section: tuple[int, ...]
+    max_position_embeddings: int = 131072
 
     @classmethod
     def from_text_config(cls, cfg: dict) -> "ARConfig":
@@ -77,7 +78,8 @@ class ARConfig:
                    intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
                    num_heads=d["num_attention_heads"], num_kv_heads=d["num_key_value_heads"], head_dim=head_dim,
                    rms_norm_eps=d["rms_norm_eps"], attention_bias=d["attention_bias"],
-                   rope_theta=float(rope["rope_theta"]), rotary_dim=rotary_dim, mrope_section=section)
+                   rope_theta=float(rope["rope_theta"]), rotary_dim=rotary_dim, mrope_section=section,
+                   max_position_embeddings=int(d.get("max_position_embeddings") or 131072))
 
 
 class RMSNorm(nn.Module):

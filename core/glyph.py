@@ -6,6 +6,7 @@ and the valid positions of all texts are concatenated into a single sequence.
 """
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -23,6 +24,8 @@ from .loading import (
 )
 from .t5_encoder import T5Encoder, encoder_state_keys, infer_config
 from .types import GlyphConditioning
+
+log = logging.getLogger(__name__)
 
 FP16_REASON = "T5 activations exceed the fp16 range (the feed-forward overflows to inf/NaN)."
 
@@ -71,6 +74,9 @@ def byt5_ids(text: str, max_length: int = MAX_LENGTH) -> list[int]:
     ids = []
     for i, part in enumerate(parts):
         ids.extend([SPECIAL_IDS[part]] if i % 2 else [b + BYTE_OFFSET for b in part.encode("utf-8")])
+    if len(ids) >= max_length:
+        log.warning("Glyph text of %d bytes truncated to %d ByT5 tokens, as the reference does: %.60r...",
+                    len(ids), max_length - 1, text)
     ids = ids[:max_length - 1]
     return ids if ids and ids[-1] == EOS else ids + [EOS]  # no second EOS after a literal "</s>"
 

@@ -286,3 +286,14 @@ def test_bad_sampling_arguments(release):
         generate_token_grid(model, tok, "a cat", 64, 64, seed=0, temperature=0)
     with pytest.raises(ValueError, match="top_p"):
         generate_token_grid(model, tok, "a cat", 64, 64, seed=0, top_p=0)
+
+
+def test_prompt_longer_than_the_context_is_refused(release):
+    _, _, _, model, tok = release
+    context = model.config.max_position_embeddings
+    model.config.max_position_embeddings = 300
+    try:
+        with pytest.raises(ValueError, match="over the model's context of 300 tokens: shorten the prompt"):
+            generate_token_grid(model, tok, "a cat " * 40, 256, 256, seed=0)
+    finally:
+        model.config.max_position_embeddings = context

@@ -111,7 +111,7 @@ def comfy(tmp_path_factory):
 
 
 def _t2i_graph() -> dict:
-    """The example workflow at 256x256 with 2 decoder steps, every loader on the tiny release."""
+    """The example workflow at 512x512 with 2 decoder steps, every loader on the tiny release."""
     with open(T2I_WORKFLOW, encoding="utf-8") as f:
         graph = json.load(f)
     for node in graph.values():
@@ -119,7 +119,7 @@ def _t2i_graph() -> dict:
         if "checkpoint" in inputs:
             inputs["checkpoint"] = "tiny"
         if node["class_type"] == "GLMImageARSampler":
-            inputs.update(width=256, height=256)
+            inputs.update(width=512, height=512)
         if node["class_type"] == "GLMImageDecoderSampler":
             inputs["steps"] = 2
     return graph
@@ -149,7 +149,7 @@ def test_text_to_image_runs_with_websocket_progress(comfy, tmp_path):
     saved = client.run(comfy.url, graph, str(tmp_path), events.append)
     assert len(saved) == 1, saved
     with Image.open(saved[0]) as image:
-        assert image.format == "PNG" and image.size == (256, 256), (image.format, image.size)
+        assert image.format == "PNG" and image.size == (512, 512), (image.format, image.size)
     # Progress only arrives over the websocket (the polling fallback reports none); both samplers report it.
     progressed = {event.split(":")[0] for event in events if event.startswith("node ") and "/" in event}
     for sampler in ("GLMImageARSampler", "GLMImageDecoderSampler"):

@@ -216,7 +216,7 @@ def test_demo_writes_a_png(tmp_path, monkeypatch, capsys):
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 1
     with Image.open(pngs[0]) as png:
-        assert png.size == (256, 256) and png.mode == "RGB"
+        assert png.size == (512, 512) and png.mode == "RGB"
     assert "random weights, so the image is noise" in printed
     for stage in ("GLMImageARSampler", "GLMImageGlyphConditioning", "GLMImageDecoderSampler", "GLMImageVAEDecode",
                   "SaveImage", "total"):

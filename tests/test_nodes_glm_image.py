@@ -25,3 +25,19 @@ def test_size_widgets_stop_at_2048_in_steps_of_32(node, names):
     for name in names:
         options = required[name][1]
         assert options["max"] == 2048 and options["step"] == 32 and options["min"] % 32 == 0
+
+
+@pytest.mark.parametrize("width,height,nearest", [(1000, 1024, "992x1024"), (256, 512, "512x512"),
+                                                  (2048, 4096, "2048x2048"), (720, 1280, "704x1280")])
+def test_ar_sampler_asks_for_a_valid_size_before_running(width, height, nearest):
+    with pytest.raises(ValueError, match=f"sides of 512..2048 px in multiples of 32.*nearest valid size is {nearest}"):
+        NODES["GLMImageARSampler"]().sample(None, "a cat", width, height, seed=0, temperature=0.9, top_p=0.75,
+                                            top_k=16512, num_images=1)
+
+
+def test_decoder_sampler_checks_steps_and_guidance():
+    from glm_image_nodes.core.decoder_sampling import check_steps_and_guidance
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        check_steps_and_guidance(0, 1.5)
+    with pytest.raises(ValueError, match="guidance must be >= 0"):
+        check_steps_and_guidance(50, -1.0)

@@ -101,3 +101,12 @@ def test_validation_catches_broken_workflows(mutate, message):
     mutate(graph)
     with pytest.raises(AssertionError, match=message):
         check_graph("broken", graph)
+
+
+def test_readme_lists_every_node_with_its_inputs():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        rows = {line.split("|")[1].strip().strip("`"): line for line in f if line.startswith("| `GLMImage")}
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        assert node_id in rows, f"README's node reference lacks {node_id}"
+        for name in all_inputs(cls.INPUT_TYPES()):
+            assert f"`{name}`" in rows[node_id], f"README's row for {node_id} lacks the input {name}"

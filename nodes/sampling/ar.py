@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ...core import comfy_compat, types
+from ...core.ar_prompt import check_glm_image_size
 from ...core.ar_sampling import generate_token_grid
 from ..common import category, seed_input, size_input
 
@@ -49,6 +50,7 @@ class GLMImageARSampler:
 
     def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None):
         width, height = output_size(width, height, references)
+        check_glm_image_size(height, width)
         source_grids = references.token_ids if references is not None else None
         with comfy_compat.on_compute_device(
                 ar_model.model, stage="AR token sampling", advice="lower num_images or the output size"):
