@@ -12,9 +12,10 @@ from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, re
 from glm_image_nodes.core.flow_schedule import ShiftSettings, cogview4_schedule, glm_image_schedule, read_shift_settings  # noqa: E402
 from glm_image_nodes.core.loading import CheckpointError  # noqa: E402
 
-REFERENCE = "/work/shared/reference"
-GLM_SCHEDULER = os.path.join(REFERENCE, "glm_image", "scheduler")
-COGVIEW4_SCHEDULER = os.path.join(REFERENCE, "cogview4_6b", "scheduler")
+# copies of the release configs (../shared/reference) kept in the repo
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs")
+GLM_SCHEDULER = os.path.join(CONFIGS, "full", "scheduler")
+COGVIEW4_SCHEDULER = os.path.join(CONFIGS, "cogview4_6b", "scheduler")
 SIZES = [(64, 96), (512, 512), (1024, 1024), (1024, 1152), (1152, 768), (2048, 2048)]
 
 

@@ -33,7 +33,8 @@ from glm_image_nodes.core.semantic_tokenizer import (
 from PIL import Image
 from safetensors.torch import save_file
 
-REFERENCE = "/work/shared/reference/glm_image"
+# copies of the release configs (../shared/reference/glm_image) kept in the repo
+REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs", "full")
 FEATURE_TOL = 1e-5   # max abs error of the vision features (fp32)
 
 
