@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .reference_sizing import normalize_reference_size, resize_reference, to_rgb01
 from .semantic_tokenizer import SemanticTokenizer, tokenize_image
-from .types import ReferenceImages
+from .types import ReferenceImages, upsample_ids
 from .vae import GlmVAE
 
 
@@ -20,7 +20,7 @@ def prepare_references(images: list, vae: GlmVAE, tokenizer: SemanticTokenizer) 
         latents.append(vae.encode(image[None]).float().cpu())
         ids = tokenize_image(tokenizer, image)
         token_ids.append(ids)
-        prior_ids.append(ids.repeat_interleave(2, 0).repeat_interleave(2, 1).flatten())
+        prior_ids.append(upsample_ids(ids))
         lines.append(f"reference {i + 1}: {height}x{width} (HxW)" + (f"; {note}" if note else ""))
     return ReferenceImages(latents=latents, prior_ids=prior_ids, token_ids=token_ids,
                            sizes=[(h, w) for h, w, _ in sizes]), "\n".join(lines)

@@ -22,6 +22,12 @@ COGVIEW4_DECODER = "GLMIMAGE_COGVIEW4_DECODER"
 COGVIEW4_CONDITIONING = "GLMIMAGE_COGVIEW4_CONDITIONING"
 
 
+def upsample_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids ``[..., h, w]`` nearest-upsampled 2x to the decoder's patch grid, flattened row-major:
+    ``[..., 2h * 2w]`` (the prior ids the DiT adds to its patch embeddings)."""
+    return ids.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1).flatten(-2)
+
+
 @dataclass
 class TokenGrid:
     """Semantic-VQ ids of one or more images at 1/32 of the target size.
@@ -40,8 +46,7 @@ class TokenGrid:
 
     def upsampled(self) -> torch.Tensor:
         """Nearest 2x upsample to the decoder's patch grid, flattened row-major: ``[B, (H/16)*(W/16)]``."""
-        ids = self.ids.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-        return ids.flatten(1)
+        return upsample_ids(self.ids)
 
 
 @dataclass

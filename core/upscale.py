@@ -19,7 +19,7 @@ from .decoder_sampling import sample_cogview4_latents, sample_latents
 from .reference_sizing import MAX_ASPECT, TOKEN_PIXELS, to_rgb01
 from .references import prepare_references
 from .semantic_tokenizer import SemanticTokenizer, tokenize_image
-from .types import GlyphConditioning
+from .types import GlyphConditioning, upsample_ids
 from .vae import GlmVAE
 
 MAX_SIDE = 2048                 # GLM-Image and CogView4 decode at most 2048 px per side
@@ -98,7 +98,7 @@ def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, gly
     height, width = upscale_2x_size(*image.shape[:2])
     check_strength(strength)
     ids = tokenize_image(tokenizer, image, height, width)
-    prior_ids = ids.repeat_interleave(2, 0).repeat_interleave(2, 1).flatten()[None]
+    prior_ids = upsample_ids(ids)[None]
     references = prepare_references([image], vae, tokenizer)[0] if use_reference else None
     latents = sample_latents(decoder, prior_ids, glyph, height, width, steps=steps, guidance=guidance, seed=seed,
                              references=references, **refine_start(image, vae, height, width, strength))
