@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     weights = args.weights
     if tiny:
         import torch
-        from glm_image_nodes.core.tiny_release import write_tiny_release
+        from glm_image_nodes.testing.tiny_release import write_tiny_release
         torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than they save
         weights = os.path.join(tempfile.gettempdir(), "glm_image_nodes_tiny_release")
         start = time.perf_counter()

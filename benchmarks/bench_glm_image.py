@@ -45,21 +45,18 @@ register_pack()
 os.environ.setdefault("GLMIMAGE_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
-from glm_image_nodes.core import comfy_compat, decoder_sampling  # noqa: E402
-from glm_image_nodes.core.ar_prompt import (  # noqa: E402
-    ARInputs,
-    build_ar_inputs,
-    load_text_tokenizer,
-)
-from glm_image_nodes.core.ar_sampling import generate_token_grid  # noqa: E402
-from glm_image_nodes.core.dit import GlmImageDiT  # noqa: E402
-from glm_image_nodes.core.flow_schedule import read_shift_settings  # noqa: E402
-from glm_image_nodes.core.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR  # noqa: E402
-from glm_image_nodes.core.glyph import glyph_conditioning, tokenize_glyph_texts  # noqa: E402
-from glm_image_nodes.core.t5_encoder import T5Encoder  # noqa: E402
-from glm_image_nodes.core.tiny_tokenizer import write_tiny_glm_image_tokenizer  # noqa: E402
-from glm_image_nodes.core.types import TokenGrid  # noqa: E402
-from glm_image_nodes.core.vae import AutoencoderKL, GlmVAE, VAEConfig  # noqa: E402
+from glm_image_nodes.core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR  # noqa: E402
+from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT  # noqa: E402
+from glm_image_nodes.core.models.t5_encoder import T5Encoder  # noqa: E402
+from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig  # noqa: E402
+from glm_image_nodes.core.runtime import comfy_compat  # noqa: E402
+from glm_image_nodes.core.runtime.handles import TokenGrid  # noqa: E402
+from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
+from glm_image_nodes.core.stages.ar_prompt import ARInputs, build_ar_inputs, load_text_tokenizer  # noqa: E402
+from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
+from glm_image_nodes.core.stages.flow_schedule import read_shift_settings  # noqa: E402
+from glm_image_nodes.core.stages.glyph import glyph_conditioning, tokenize_glyph_texts  # noqa: E402
+from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 STAGES = ("ar", "decoder", "vae", "e2e")

@@ -39,22 +39,19 @@ from bench_glm_image import (
     reset_peak,
     weights_gib,
 )
-from glm_image_nodes.core import comfy_compat, types
-from glm_image_nodes.core.cogview4_dit import COGVIEW4_DIT_CONFIG, CogView4DiT
-from glm_image_nodes.core.cogview4_text import (
-    CogView4Tokenizer,
-    load_cogview4_tokenizer,
-)
-from glm_image_nodes.core.flow_schedule import read_shift_settings
-from glm_image_nodes.core.glm_text_encoder import GlmConfig, GlmTextEncoder
-from glm_image_nodes.core.loading import read_json
-from glm_image_nodes.core.tiny_tokenizer_glm4 import write_tiny_glm4_tokenizer
-from glm_image_nodes.core.vae import AutoencoderKL, GlmVAE, VAEConfig
+from glm_image_nodes.core.models.cogview4_dit import COGVIEW4_DIT_CONFIG, CogView4DiT
+from glm_image_nodes.core.models.glm_text_encoder import GlmConfig, GlmTextEncoder
+from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig
+from glm_image_nodes.core.runtime import comfy_compat, handles
+from glm_image_nodes.core.runtime.loading import read_json
+from glm_image_nodes.core.stages.cogview4_text import CogView4Tokenizer, load_cogview4_tokenizer
+from glm_image_nodes.core.stages.flow_schedule import read_shift_settings
 from glm_image_nodes.nodes.sampling.cogview4 import (
     GLMImageCogView4Sampler,
     GLMImageCogView4TextEncode,
 )
 from glm_image_nodes.nodes.sampling.vae import GLMImageVAEDecode
+from glm_image_nodes.testing.tiny_glm4_tokenizer import write_tiny_glm4_tokenizer
 
 CONFIGS = os.path.join(BENCHMARKS, "configs", "cogview4_6b")  # the release's config files
 COMPONENTS = ("text_encoder", "transformer", "vae")
@@ -103,12 +100,12 @@ def make_vae(configs: dict) -> AutoencoderKL:
     return AutoencoderKL(VAEConfig.from_dict(configs["vae"], "vae/config.json"))
 
 
-def text_encoder_loader(configs: dict, tokenizer_folder: str, dtype: torch.dtype, seed: int) -> types.CogView4TextEncoder:
+def text_encoder_loader(configs: dict, tokenizer_folder: str, dtype: torch.dtype, seed: int) -> handles.CogView4TextEncoder:
     """What GLMImageCogView4TextEncoderLoader returns: GLM-4 without its last layer and final norm, and the
     tokenizer, on the offload device."""
     model = build_pack_module(lambda: make_text_encoder(configs), comfy_compat.offload_device(), dtype, seed,
                               key=lambda name: "text_encoder.model." + name)
-    return types.CogView4TextEncoder(model=model, tokenizer=load_cogview4_tokenizer(tokenizer_folder))
+    return handles.CogView4TextEncoder(model=model, tokenizer=load_cogview4_tokenizer(tokenizer_folder))
 
 
 def decoder_loader(configs: dict, dtype: torch.dtype, seed: int) -> CogView4DiT:

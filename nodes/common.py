@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..core import comfy_compat
-from ..core.loading import resolve_dtype
+from ..core.runtime import comfy_compat
+from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
+from ..core.runtime.loading import resolve_dtype
 
 CATEGORY = "GLM-Image"
 DTYPES = ["auto", "bf16", "fp32", "fp16"]
@@ -42,8 +43,8 @@ def seed_input():
 
 
 def size_input(default: int, what: str, minimum: int = 256, note: str = ""):
-    return ("INT", {"default": default, "min": minimum, "max": 2048, "step": 32,
-                    "tooltip": f"Output {what} in pixels; a multiple of 32, at most 2048.{note}"})
+    return ("INT", {"default": default, "min": minimum, "max": MAX_SIDE, "step": SIDE_MULTIPLE,
+                    "tooltip": f"Output {what} in pixels; a multiple of {SIDE_MULTIPLE}, at most {MAX_SIDE}.{note}"})
 
 
 def category(sub: str) -> str:

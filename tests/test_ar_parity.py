@@ -8,11 +8,11 @@ import os
 
 import pytest
 import torch
-from glm_image_nodes.core import comfy_compat, loading
-from glm_image_nodes.core.ar_prompt import build_ar_inputs, load_text_tokenizer
-from glm_image_nodes.core.ar_sampling import filter_logits, generate_token_grid
-from glm_image_nodes.core.glm_ar import load_ar_model
-from glm_image_nodes.core.loading import CheckpointError
+from glm_image_nodes.core.models.glm_ar import load_ar_model
+from glm_image_nodes.core.runtime import comfy_compat, loading
+from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
+from glm_image_nodes.core.stages.ar_sampling import filter_logits, generate_token_grid
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_glm_release import TEXT_CONFIG, make_model, make_release

@@ -3,9 +3,10 @@ import os
 
 import pytest
 import torch
-from glm_image_nodes.core.ar_prompt import build_ar_inputs, load_text_tokenizer, target_grid
-from glm_image_nodes.core.loading import CheckpointError
-from glm_image_nodes.core.tiny_tokenizer import write_tiny_glm_image_tokenizer
+from glm_image_nodes.core.runtime.geometry import target_grid
+from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
+from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer
 from PIL import Image
 from tiny_glm_release import make_processor, rope_index_reference
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from glm_image_nodes.core.attention import attention
+from glm_image_nodes.core.runtime.attention import attention
 
 
 def reference(q, k, v, mask=None, causal=False):

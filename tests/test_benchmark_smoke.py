@@ -12,7 +12,8 @@ import sys
 
 import pytest
 import torch
-from glm_image_nodes.core import ar_sampling, comfy_compat, decoder_sampling
+from glm_image_nodes.core.runtime import comfy_compat
+from glm_image_nodes.core.stages import ar_sampling, decoder_sampling
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

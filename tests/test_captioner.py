@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from glm_image_nodes.core.captioner import (
+from glm_image_nodes.core.models.captioner import (
     CAPS_INSTRUCTION,
     PRESETS,
     caption_image,
@@ -18,7 +18,7 @@ from glm_image_nodes.core.captioner import (
     rerank,
     strip_reasoning,
 )
-from glm_image_nodes.core.loading import CheckpointError
+from glm_image_nodes.core.runtime.loading import CheckpointError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_glmv import IMAGE_SIZE, write_tiny_glmv  # noqa: E402

@@ -13,12 +13,12 @@ import sys
 
 import pytest
 import torch
-from glm_image_nodes.core.tiny_tokenizer_glm4 import write_tiny_glm4_tokenizer
 from glm_image_nodes.nodes.loaders.cogview4 import (
     GLMImageCogView4DecoderLoader,
     GLMImageCogView4TextEncoderLoader,
 )
 from glm_image_nodes.nodes.loaders.glm_image import GLMImageVAELoader
+from glm_image_nodes.testing.tiny_glm4_tokenizer import write_tiny_glm4_tokenizer
 from safetensors.torch import save_file
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cogview4_memory.py")

@@ -11,14 +11,18 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
-from glm_image_nodes.core import glm_text_encoder as gte  # noqa: E402
-from glm_image_nodes.core.cogview4_text import cogview4_prompt_ids, encode_cogview4_prompt, load_cogview4_tokenizer  # noqa: E402
-from glm_image_nodes.core.glm_text_encoder import load_glm_text_encoder  # noqa: E402
-from glm_image_nodes.core.loading import CheckpointError  # noqa: E402
-from glm_image_nodes.core.tiny_tokenizer_glm4 import write_tiny_glm4_tokenizer  # noqa: E402
+from glm_image_nodes.core.models import glm_text_encoder as gte  # noqa: E402
+from glm_image_nodes.core.models.glm_text_encoder import load_glm_text_encoder  # noqa: E402
+from glm_image_nodes.core.runtime.loading import CheckpointError  # noqa: E402
+from glm_image_nodes.core.stages.cogview4_text import (  # noqa: E402
+    cogview4_prompt_ids,
+    encode_cogview4_prompt,
+    load_cogview4_tokenizer,
+)
+from glm_image_nodes.testing.tiny_glm4_tokenizer import write_tiny_glm4_tokenizer  # noqa: E402
 
 ATOL = 1e-5  # fp32 max abs error against the reference
-LOGGER = "glm_image_nodes.core.cogview4_text"
+LOGGER = "glm_image_nodes.core.stages.cogview4_text"
 PROMPTS = [
     "a photo of a cat sitting on a wooden table",
     "x",
@@ -175,14 +179,14 @@ def test_long_prompt_truncated_with_warning(release, caplog):
 
 def test_last_layer_and_final_norm_not_loaded(release, monkeypatch):
     loaded = []
-    real = gte.load_state_dict
+    real = gte.loading.load_state_dict
 
     def spy(*args, **kwargs):
         sd = real(*args, **kwargs)
         loaded.extend(sd)
         return sd
 
-    monkeypatch.setattr(gte, "load_state_dict", spy)
+    monkeypatch.setattr(gte.loading, "load_state_dict", spy)
     encoder = load_glm_text_encoder(release.root, dtype="fp32", device="cpu")
     assert loaded and "embed_tokens.weight" in loaded and any(k.startswith("layers.1.") for k in loaded)
     assert "norm.weight" not in loaded

@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache  # noqa: E402
-from glm_image_nodes.core.dit import load_decoder  # noqa: E402
-from glm_image_nodes.core.flow_schedule import ShiftSettings  # noqa: E402
-from glm_image_nodes.core.loading import CheckpointError  # noqa: E402
+from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
+from glm_image_nodes.core.runtime.loading import CheckpointError  # noqa: E402
+from glm_image_nodes.core.stages.flow_schedule import ShiftSettings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dit import GLM_TINY, single_thread, tiny_glm_image_dit, write_release  # noqa: E402

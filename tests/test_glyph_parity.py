@@ -8,14 +8,14 @@ import warnings
 import pytest
 import torch
 from diffusers.pipelines.glm_image.pipeline_glm_image import GlmImagePipeline
-from glm_image_nodes.core.glyph import (
+from glm_image_nodes.core.models.t5_encoder import load_glyph_encoder
+from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.stages.glyph import (
     encode_glyph_texts,
     extract_glyph_texts,
     glyph_conditioning,
-    load_glyph_encoder,
     tokenize_glyph_texts,
 )
-from glm_image_nodes.core.loading import CheckpointError
 from safetensors.torch import save_file
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 

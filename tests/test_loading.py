@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-from glm_image_nodes.core import comfy_compat
-from glm_image_nodes.core.loading import (
+from glm_image_nodes.core.runtime import comfy_compat
+from glm_image_nodes.core.runtime.loading import (
     CheckpointError,
     checkpoint_keys,
     checkpoint_shapes,

@@ -11,10 +11,10 @@ transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from glm_image_nodes.core.cogview_vqvae import write_random_cogview_vqvae  # noqa: E402
-from glm_image_nodes.core.tiny_tokenizer_glm4 import write_tiny_glm4_tokenizer  # noqa: E402
 from glm_image_nodes.headless.executor import Executor  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES  # noqa: E402
+from glm_image_nodes.testing.tiny_cogview_vqvae import write_random_cogview_vqvae  # noqa: E402
+from glm_image_nodes.testing.tiny_glm4_tokenizer import write_tiny_glm4_tokenizer  # noqa: E402
 from tiny_dit import tiny_cogview4_dit, write_release  # noqa: E402
 from tiny_glmv import IMAGE_SIZE, write_tiny_glmv  # noqa: E402
 

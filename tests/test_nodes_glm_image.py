@@ -1,6 +1,6 @@
 """GLM-Image node details that need no model: output size from references, widget limits."""
 import pytest
-from glm_image_nodes.core.types import ReferenceImages
+from glm_image_nodes.core.runtime.handles import ReferenceImages
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES
 from glm_image_nodes.nodes.sampling.ar import output_size
 
@@ -36,7 +36,7 @@ def test_ar_sampler_asks_for_a_valid_size_before_running(width, height, nearest)
 
 
 def test_decoder_sampler_checks_steps_and_guidance():
-    from glm_image_nodes.core.decoder_sampling import check_steps_and_guidance
+    from glm_image_nodes.core.stages.decoder_sampling import check_steps_and_guidance
     with pytest.raises(ValueError, match="steps must be at least 1"):
         check_steps_and_guidance(0, 1.5)
     with pytest.raises(ValueError, match="guidance must be >= 0"):

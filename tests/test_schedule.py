@@ -9,8 +9,13 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps  # noqa: E402
-from glm_image_nodes.core.flow_schedule import ShiftSettings, cogview4_schedule, glm_image_schedule, read_shift_settings  # noqa: E402
-from glm_image_nodes.core.loading import CheckpointError  # noqa: E402
+from glm_image_nodes.core.runtime.loading import CheckpointError  # noqa: E402
+from glm_image_nodes.core.stages.flow_schedule import (  # noqa: E402
+    ShiftSettings,
+    cogview4_schedule,
+    glm_image_schedule,
+    read_shift_settings,
+)
 
 # copies of the release configs (../shared/reference) kept in the repo
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs")

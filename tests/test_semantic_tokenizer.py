@@ -12,16 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from glm_image_nodes.core import loading
-from glm_image_nodes.core.loading import CheckpointError, meta_device
-from glm_image_nodes.core.reference_sizing import (
-    normalize_reference_size,
-    resize_reference,
-    smart_resize,
-    to_rgb01,
-    to_uint8,
-)
-from glm_image_nodes.core.semantic_tokenizer import (
+from glm_image_nodes.core.models.semantic_tokenizer import (
     SemanticTokenizer,
     SemanticTokenizerConfig,
     load_semantic_tokenizer,
@@ -30,6 +21,10 @@ from glm_image_nodes.core.semantic_tokenizer import (
     tokenize_image,
     tokenize_images,
 )
+from glm_image_nodes.core.runtime import loading
+from glm_image_nodes.core.runtime.geometry import normalize_reference_size, smart_resize
+from glm_image_nodes.core.runtime.images import resize_reference, to_rgb01, to_uint8
+from glm_image_nodes.core.runtime.loading import CheckpointError, meta_device
 from PIL import Image
 from safetensors.torch import save_file
 

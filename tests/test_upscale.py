@@ -12,17 +12,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from glm_image_nodes.core import upscale
-from glm_image_nodes.core.cogview4_dit import load_cogview4_decoder
-from glm_image_nodes.core.decoder_sampling import sample_cogview4_latents
-from glm_image_nodes.core.dit import load_decoder
-from glm_image_nodes.core.flow_schedule import cogview4_schedule, glm_image_schedule
-from glm_image_nodes.core.glyph import glyph_conditioning, load_glyph_encoder
-from glm_image_nodes.core.reference_sizing import normalize_reference_size
-from glm_image_nodes.core.semantic_tokenizer import load_semantic_tokenizer, tokenize_image
-from glm_image_nodes.core.tiny_release import write_tiny_release
-from glm_image_nodes.core.upscale import downscale_to, psnr, refine_cogview4, upsample, upscale_2x
-from glm_image_nodes.core.vae import load_vae
+from glm_image_nodes.core.models.cogview4_dit import load_cogview4_decoder
+from glm_image_nodes.core.models.glm_image_dit import load_decoder
+from glm_image_nodes.core.models.semantic_tokenizer import load_semantic_tokenizer, tokenize_image
+from glm_image_nodes.core.models.t5_encoder import load_glyph_encoder
+from glm_image_nodes.core.models.vae import load_vae
+from glm_image_nodes.core.runtime.geometry import normalize_reference_size
+from glm_image_nodes.core.stages import upscale
+from glm_image_nodes.core.stages.decoder_sampling import sample_cogview4_latents
+from glm_image_nodes.core.stages.flow_schedule import cogview4_schedule, glm_image_schedule
+from glm_image_nodes.core.stages.glyph import glyph_conditioning
+from glm_image_nodes.core.stages.upscale import downscale_to, psnr, refine_cogview4, upsample, upscale_2x
+from glm_image_nodes.testing.tiny_release import write_tiny_release
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dit import SCHEDULER, tiny_cogview4_dit, write_release  # noqa: E402

@@ -10,7 +10,7 @@ import json
 import os
 
 import torch
-from glm_image_nodes.core.tiny_tokenizer import CHAT_TEMPLATE, write_tiny_glm_image_tokenizer
+from glm_image_nodes.testing.tiny_glm_image_tokenizer import CHAT_TEMPLATE, write_tiny_glm_image_tokenizer
 
 TEXT_CONFIG = dict(vocab_size=168064, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,

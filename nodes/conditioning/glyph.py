@@ -1,8 +1,8 @@
 """Glyph conditioning: the quoted text of the prompt (or an explicit list) -> Glyph-ByT5 embeddings."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
-from ...core.glyph import glyph_conditioning
+from ...core.runtime import comfy_compat, handles
+from ...core.stages.glyph import glyph_conditioning
 from ..common import category
 
 
@@ -10,7 +10,7 @@ class GLMImageGlyphConditioning:
     DESCRIPTION = ("Embeds the text to render with Glyph-ByT5: the prompt's quoted spans ('...', “...”, \"...\", "
                    "「...」), or the texts given one per line.")
     CATEGORY = category("conditioning")
-    RETURN_TYPES = (types.GLYPH,)
+    RETURN_TYPES = (handles.GLYPH,)
     RETURN_NAMES = ("glyph",)
     FUNCTION = "encode"
 
@@ -18,7 +18,7 @@ class GLMImageGlyphConditioning:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "glyph_encoder": (types.GLYPH_ENCODER,),
+                "glyph_encoder": (handles.GLYPH_ENCODER,),
                 "prompt": ("STRING", {"multiline": True, "default": "",
                                       "tooltip": "The same prompt as the AR sampler's; only quoted text is used."}),
             },

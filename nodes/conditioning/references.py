@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ...core import comfy_compat, types
-from ...core.references import prepare_references
-from ...core.semantic_tokenizer import tokenize_images
+from ...core.models.semantic_tokenizer import tokenize_images
+from ...core.runtime import comfy_compat, handles
+from ...core.stages.references import prepare_references
 from ..common import category, size_input
 
 
@@ -14,14 +14,14 @@ class GLMImageReferenceImages:
                    "pixel limits) so the AR grid and the decoder grid agree, then VAE latents and semantic tokens per "
                    "image. Every image of the batch and of the optional inputs becomes one reference.")
     CATEGORY = category("conditioning")
-    RETURN_TYPES = (types.REFERENCES, "STRING")
+    RETURN_TYPES = (handles.REFERENCES, "STRING")
     RETURN_NAMES = ("references", "sizes_used")
     FUNCTION = "prepare"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"vae": (types.VAE,), "tokenizer": (types.TOKENIZER,), "image": ("IMAGE",)},
+            "required": {"vae": (handles.VAE,), "tokenizer": (handles.TOKENIZER,), "image": ("IMAGE",)},
             "optional": {"image_2": ("IMAGE",), "image_3": ("IMAGE",)},
         }
 
@@ -36,19 +36,19 @@ class GLMImageImageToTokens:
     DESCRIPTION = ("Tokenizes images with the semantic-VQ tokenizer into the token grid of an output of the given "
                    "size, so the decoder can re-render or vary an existing image without the AR model.")
     CATEGORY = category("conditioning")
-    RETURN_TYPES = (types.TOKENS,)
+    RETURN_TYPES = (handles.TOKENS,)
     RETURN_NAMES = ("tokens",)
     FUNCTION = "tokenize"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"tokenizer": (types.TOKENIZER,), "image": ("IMAGE",),
+        return {"required": {"tokenizer": (handles.TOKENIZER,), "image": ("IMAGE",),
                              "width": size_input(1024, "width"), "height": size_input(1024, "height")}}
 
     def tokenize(self, tokenizer, image, width, height):
         with comfy_compat.on_compute_device(tokenizer):
             ids = torch.stack(tokenize_images(tokenizer, image, target_height=height, target_width=width))
-        return (types.TokenGrid(ids=ids, height=height, width=width),)
+        return (handles.TokenGrid(ids=ids, height=height, width=width),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageReferenceImages": GLMImageReferenceImages, "GLMImageImageToTokens": GLMImageImageToTokens}

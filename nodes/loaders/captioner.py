@@ -1,15 +1,15 @@
 """Loader for a GLM-V vision-language model (captions and reranking), through transformers."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
-from ...core.captioner import load_captioner
+from ...core.models.captioner import load_captioner
+from ...core.runtime import comfy_compat, handles
 from ..common import ModelLoader, dtype_input
 
 
 class GLMImageCaptionerLoader(ModelLoader):
     DESCRIPTION = ("Loads a GLM-V vision-language model (GLM-4.1V-9B-Thinking or GLM-4.6V-Flash release folder) "
                    "for captions and reranking. Needs transformers>=5.")
-    RETURN_TYPES = (types.CAPTIONER,)
+    RETURN_TYPES = (handles.CAPTIONER,)
     RETURN_NAMES = ("captioner",)
 
     @classmethod

@@ -1,8 +1,8 @@
 """Loader for the CogView (v1) VQ-VAE."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
-from ...core.cogview_vqvae import load_cogview_vqvae
+from ...core.models.cogview_vqvae import load_cogview_vqvae
+from ...core.runtime import comfy_compat, handles
 from ..common import category
 
 
@@ -10,7 +10,7 @@ class GLMImageCogViewVQVAELoader:
     DESCRIPTION = ("Loads the CogView VQ-VAE (vqvae_hard_biggerset_011.pt, read with weights_only=True, or a "
                    "safetensors copy) from models/vae or a path.")
     CATEGORY = category("loaders")
-    RETURN_TYPES = (types.COGVIEW_VQVAE,)
+    RETURN_TYPES = (handles.COGVIEW_VQVAE,)
     RETURN_NAMES = ("vqvae",)
     FUNCTION = "load"
 

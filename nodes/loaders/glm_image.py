@@ -1,32 +1,32 @@
 """Loaders for the GLM-Image components: AR model, semantic tokenizer, DiT decoder, Glyph-ByT5, VAE."""
 from __future__ import annotations
 
-from ...core import types
-from ...core.ar_prompt import load_text_tokenizer
-from ...core.dit import load_decoder
-from ...core.glm_ar import load_ar_model
-from ...core.glyph import load_glyph_encoder
-from ...core.semantic_tokenizer import load_semantic_tokenizer
-from ...core.vae import load_vae
+from ...core.models.glm_ar import load_ar_model
+from ...core.models.glm_image_dit import load_decoder
+from ...core.models.semantic_tokenizer import load_semantic_tokenizer
+from ...core.models.t5_encoder import load_glyph_encoder
+from ...core.models.vae import load_vae
+from ...core.runtime import handles
+from ...core.stages.ar_prompt import load_text_tokenizer
 from ..common import ModelLoader
 
 
 class GLMImageARLoader(ModelLoader):
     DESCRIPTION = "Loads the 9B GLM autoregressive model (vision_language_encoder) and its text tokenizer."
-    RETURN_TYPES = (types.AR_MODEL,)
+    RETURN_TYPES = (handles.AR_MODEL,)
     RETURN_NAMES = ("ar_model",)
     TOOLTIP = ("Release folder in models/glm_image, or a single safetensors file in models/text_encoders with "
                "tokenizer.json beside it.")
 
     def load_model(self, path, dtype, device):
         tokenizer = load_text_tokenizer(path)
-        return types.ARModel(model=load_ar_model(path, dtype=dtype, device=device), tokenizer=tokenizer, path=path)
+        return handles.ARModel(model=load_ar_model(path, dtype=dtype, device=device), tokenizer=tokenizer, path=path)
 
 
 class GLMImageTokenizerLoader(ModelLoader):
     DESCRIPTION = ("Loads only the semantic-VQ tokenizer (vision encoder + codebook, ~1.2B parameters) out of the "
                    "AR checkpoint, never the 9B decoder.")
-    RETURN_TYPES = (types.TOKENIZER,)
+    RETURN_TYPES = (handles.TOKENIZER,)
     RETURN_NAMES = ("tokenizer",)
     TOOLTIP = "Release folder, or the AR model's single safetensors file."
 
@@ -36,7 +36,7 @@ class GLMImageTokenizerLoader(ModelLoader):
 
 class GLMImageDecoderLoader(ModelLoader):
     DESCRIPTION = "Loads the 7B DiT decoder (transformer)."
-    RETURN_TYPES = (types.DECODER,)
+    RETURN_TYPES = (handles.DECODER,)
     RETURN_NAMES = ("decoder",)
     FOLDER = "diffusion_models"
     TOOLTIP = "Release folder, or a single safetensors file in models/diffusion_models."
@@ -47,7 +47,7 @@ class GLMImageDecoderLoader(ModelLoader):
 
 class GLMImageGlyphEncoderLoader(ModelLoader):
     DESCRIPTION = "Loads the Glyph-ByT5 text encoder that embeds the quoted text of the prompt."
-    RETURN_TYPES = (types.GLYPH_ENCODER,)
+    RETURN_TYPES = (handles.GLYPH_ENCODER,)
     RETURN_NAMES = ("glyph_encoder",)
     TOOLTIP = "Release folder, or a single safetensors file in models/text_encoders."
 
@@ -58,7 +58,7 @@ class GLMImageGlyphEncoderLoader(ModelLoader):
 class GLMImageVAELoader(ModelLoader):
     DESCRIPTION = ("Loads a 16-channel VAE (GLM-Image or CogView4); the latent normalization (per-channel mean/std "
                    "or scaling/shift) is read from its config.")
-    RETURN_TYPES = (types.VAE,)
+    RETURN_TYPES = (handles.VAE,)
     RETURN_NAMES = ("vae",)
     FOLDER = "vae"
     TOOLTIP = "Release folder, or a single safetensors file in models/vae."

@@ -1,9 +1,9 @@
 """AR token sampling: prompt (and optional reference images) -> a semantic-VQ token grid."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
-from ...core.ar_prompt import check_glm_image_size
-from ...core.ar_sampling import generate_token_grid
+from ...core.runtime import comfy_compat, handles
+from ...core.runtime.geometry import check_glm_image_size
+from ...core.stages.ar_sampling import generate_token_grid
 from ..common import category, seed_input, size_input
 
 SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
@@ -24,7 +24,7 @@ class GLMImageARSampler:
                    "prompt. With references it edits: their tokens enter the context and only the target grid is "
                    "generated.")
     CATEGORY = category("sampling")
-    RETURN_TYPES = (types.TOKENS,)
+    RETURN_TYPES = (handles.TOKENS,)
     RETURN_NAMES = ("tokens",)
     FUNCTION = "sample"
 
@@ -32,7 +32,7 @@ class GLMImageARSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "ar_model": (types.AR_MODEL,),
+                "ar_model": (handles.AR_MODEL,),
                 "prompt": ("STRING", {"multiline": True, "default": "",
                                       "tooltip": "Put text to render in the image in quotes."}),
                 "width": size_input(1024, "width", 0, SAME_AS_REFERENCE),
@@ -45,7 +45,7 @@ class GLMImageARSampler:
                 "num_images": ("INT", {"default": 1, "min": 1, "max": 16,
                                        "tooltip": "Images decoded together in one AR loop."}),
             },
-            "optional": {"references": (types.REFERENCES, {"tooltip": "Reference images for editing."})},
+            "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images for editing."})},
         }
 
     def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None):

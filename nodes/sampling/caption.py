@@ -1,8 +1,8 @@
 """Captioning and caption-score reranking with a GLM-V vision-language model (through transformers)."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
-from ...core.captioner import PRESETS, caption_image, rerank
+from ...core.models.captioner import PRESETS, caption_image, rerank
+from ...core.runtime import comfy_compat, handles
 from ..common import MAX_SEED, category
 
 
@@ -18,7 +18,7 @@ class GLMImageCaption:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "captioner": (types.CAPTIONER,),
+                "captioner": (handles.CAPTIONER,),
                 "image": ("IMAGE",),
                 "preset": (list(PRESETS), {"default": "GLM-Image prompt"}),
                 "max_new_tokens": ("INT", {"default": 1024, "min": 16, "max": 8192,
@@ -56,7 +56,7 @@ class GLMImageRerank:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"captioner": (types.CAPTIONER,), "images": ("IMAGE",),
+        return {"required": {"captioner": (handles.CAPTIONER,), "images": ("IMAGE",),
                              "prompt": ("STRING", {"multiline": True, "default": ""})}}
 
     def rerank(self, captioner, images, prompt):

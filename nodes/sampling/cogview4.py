@@ -1,10 +1,10 @@
 """CogView4-6B: prompt encoding (positive and negative) and decoder sampling to LATENT."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
-from ...core.cogview4_dit import check_cogview4_size
-from ...core.cogview4_text import encode_cogview4_prompt
-from ...core.decoder_sampling import sample_cogview4_latents
+from ...core.runtime import comfy_compat, handles
+from ...core.runtime.geometry import check_cogview4_size
+from ...core.stages.cogview4_text import encode_cogview4_prompt
+from ...core.stages.decoder_sampling import sample_cogview4_latents
 from ..common import category, seed_input, size_input
 
 
@@ -12,14 +12,14 @@ class GLMImageCogView4TextEncode:
     DESCRIPTION = ("Encodes the prompt and the negative prompt with GLM-4-9B (the second-to-last hidden state, as "
                    "CogView4 does). Prompts over 1024 tokens are truncated with a warning.")
     CATEGORY = category("conditioning")
-    RETURN_TYPES = (types.COGVIEW4_CONDITIONING,)
+    RETURN_TYPES = (handles.COGVIEW4_CONDITIONING,)
     RETURN_NAMES = ("conditioning",)
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": (types.COGVIEW4_TEXT_ENCODER,),
+            "text_encoder": (handles.COGVIEW4_TEXT_ENCODER,),
             "prompt": ("STRING", {"multiline": True, "default": ""}),
             "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
         }}
@@ -28,7 +28,7 @@ class GLMImageCogView4TextEncode:
         with comfy_compat.on_compute_device(text_encoder.model):
             cond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, prompt).cpu()
             uncond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, negative_prompt).cpu()
-        return (types.CogView4Conditioning(cond=cond, uncond=uncond, prompt=prompt),)
+        return (handles.CogView4Conditioning(cond=cond, uncond=uncond, prompt=prompt),)
 
 
 class GLMImageCogView4Sampler:
@@ -42,8 +42,8 @@ class GLMImageCogView4Sampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "decoder": (types.COGVIEW4_DECODER,),
-            "conditioning": (types.COGVIEW4_CONDITIONING,),
+            "decoder": (handles.COGVIEW4_DECODER,),
+            "conditioning": (handles.COGVIEW4_CONDITIONING,),
             "width": size_input(1024, "width", 512, " CogView4: 512..2048, at most 2^21 pixels."),
             "height": size_input(1024, "height", 512, " CogView4: 512..2048, at most 2^21 pixels."),
             "seed": seed_input(),

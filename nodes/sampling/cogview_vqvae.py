@@ -1,7 +1,7 @@
 """The CogView (v1) VQ-VAE: 8192 codes, 8x downsampling; IMAGE <-> token grid."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
+from ...core.runtime import comfy_compat, handles
 from ..common import category
 
 
@@ -9,13 +9,13 @@ class GLMImageCogViewVQEncode:
     DESCRIPTION = ("Encodes images to 8192-code token grids (1/8 of the size; sides must be multiples of 8) with the "
                    "release's input normalization.")
     CATEGORY = category("cogview")
-    RETURN_TYPES = (types.COGVIEW_VQ_TOKENS,)
+    RETURN_TYPES = (handles.COGVIEW_VQ_TOKENS,)
     RETURN_NAMES = ("tokens",)
     FUNCTION = "encode"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vqvae": (types.COGVIEW_VQVAE,), "image": ("IMAGE",)}}
+        return {"required": {"vqvae": (handles.COGVIEW_VQVAE,), "image": ("IMAGE",)}}
 
     def encode(self, vqvae, image):
         with comfy_compat.on_compute_device(vqvae):
@@ -31,7 +31,7 @@ class GLMImageCogViewVQDecode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vqvae": (types.COGVIEW_VQVAE,), "tokens": (types.COGVIEW_VQ_TOKENS,)}}
+        return {"required": {"vqvae": (handles.COGVIEW_VQVAE,), "tokens": (handles.COGVIEW_VQ_TOKENS,)}}
 
     def decode(self, vqvae, tokens):
         with comfy_compat.on_compute_device(vqvae):

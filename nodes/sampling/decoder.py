@@ -1,12 +1,12 @@
 """Decoder sampling: token grid + glyph conditioning -> LATENT (flow matching with CFG)."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
-from ...core.decoder_sampling import sample_latents
+from ...core.runtime import comfy_compat, handles
+from ...core.stages.decoder_sampling import sample_latents
 from ..common import category, seed_input
 
 
-def check_token_grid(tokens: types.TokenGrid) -> None:
+def check_token_grid(tokens: handles.TokenGrid) -> None:
     """The ids must be ``[B, H/32, W/32]``: a grid of the right count but another shape would be
     upsampled row-major into the wrong places without any error downstream."""
     want = (tokens.height // 32, tokens.width // 32)
@@ -28,15 +28,15 @@ class GLMImageDecoderSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "decoder": (types.DECODER,),
-                "tokens": (types.TOKENS,),
-                "glyph": (types.GLYPH,),
+                "decoder": (handles.DECODER,),
+                "tokens": (handles.TOKENS,),
+                "glyph": (handles.GLYPH,),
                 "seed": seed_input(),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 200}),
                 "guidance": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 20.0, "step": 0.05,
                                        "tooltip": "Classifier-free guidance; 1.0 disables the unconditional pass."}),
             },
-            "optional": {"references": (types.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."})},
+            "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."})},
         }
 
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None):

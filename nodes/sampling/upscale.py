@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ...core import comfy_compat, types
-from ...core.upscale import refine_cogview4, upscale_2x
+from ...core.runtime import comfy_compat, handles
+from ...core.stages.upscale import refine_cogview4, upscale_2x
 from ..common import category, seed_input
 
 STRENGTH_TOOLTIP = ("Noise level (flow-matching sigma) the bicubic upsample is refined from; 1.0 decodes from pure "
@@ -24,10 +24,10 @@ class GLMImageUpscale:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "decoder": (types.DECODER,),
-            "vae": (types.VAE,),
-            "tokenizer": (types.TOKENIZER,),
-            "glyph": (types.GLYPH, {"tooltip": "Glyph text of the image (encode \"\" when it has none)."}),
+            "decoder": (handles.DECODER,),
+            "vae": (handles.VAE,),
+            "tokenizer": (handles.TOKENIZER,),
+            "glyph": (handles.GLYPH, {"tooltip": "Glyph text of the image (encode \"\" when it has none)."}),
             "image": ("IMAGE",),
             "seed": seed_input(),
             "steps": ("INT", {"default": 30, "min": 1, "max": 200}),
@@ -57,9 +57,9 @@ class GLMImageCogView4Refine:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "decoder": (types.COGVIEW4_DECODER,),
-            "vae": (types.VAE,),
-            "conditioning": (types.COGVIEW4_CONDITIONING,),
+            "decoder": (handles.COGVIEW4_DECODER,),
+            "vae": (handles.VAE,),
+            "conditioning": (handles.COGVIEW4_CONDITIONING,),
             "image": ("IMAGE",),
             "scale": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 2.0, "step": 0.05,
                                 "tooltip": "Output size over input size; rounded to multiples of 32."}),

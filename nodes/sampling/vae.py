@@ -1,7 +1,7 @@
 """VAE decode (LATENT -> IMAGE) and encode (IMAGE -> LATENT)."""
 from __future__ import annotations
 
-from ...core import comfy_compat, types
+from ...core.runtime import comfy_compat, handles
 from ..common import category
 
 
@@ -14,7 +14,7 @@ class GLMImageVAEDecode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": (types.VAE,), "latent": ("LATENT",),
+        return {"required": {"vae": (handles.VAE,), "latent": ("LATENT",),
                              "tiling": (["auto", "on", "off"], {"default": "auto",
                                         "tooltip": "auto tiles only when the exact decode would not fit the free "
                                                    "GPU memory (tiles change pixels slightly)."})}}
@@ -34,7 +34,7 @@ class GLMImageVAEEncode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": (types.VAE,), "image": ("IMAGE",)}}
+        return {"required": {"vae": (handles.VAE,), "image": ("IMAGE",)}}
 
     def encode(self, vae, image):
         with comfy_compat.on_compute_device(vae.model, stage="VAE encode",

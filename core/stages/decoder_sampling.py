@@ -13,9 +13,10 @@ from typing import Callable
 
 import torch
 
-from .comfy_compat import Progress
+from ..runtime.comfy_compat import Progress
+from ..runtime.geometry import check_latent_size
+from ..runtime.handles import GlyphConditioning, ReferenceImages
 from .flow_schedule import FlowSchedule, cogview4_schedule, glm_image_schedule
-from .types import GlyphConditioning, ReferenceImages
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -34,11 +35,6 @@ def check_steps_and_guidance(steps: int, guidance: float) -> None:
         raise ValueError(f"steps must be at least 1 (got {steps}); 50 is the reference's default.")
     if guidance < 0:
         raise ValueError(f"guidance must be >= 0 (got {guidance}); 1.0 turns CFG off.")
-
-
-def check_size(height: int, width: int, multiple: int = 16) -> None:
-    if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}.")
 
 
 def batch_of(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -119,7 +115,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     references: editing; their K/V are computed once before the loop and read by every conditional pass.
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
     """
-    check_size(height, width)
+    check_latent_size(height, width)
     check_steps_and_guidance(steps, guidance)
     device = dit.device
     if prior_ids.dim() == 1:
@@ -172,7 +168,7 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
     GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` may have another length; unused when
     guidance <= 1). original_size = target_size = (H, W), crop (0, 0).
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise."""
-    check_size(height, width)
+    check_latent_size(height, width)
     check_steps_and_guidance(steps, guidance)
     device = dit.device
     b = cond_embeds.shape[0]

@@ -1,10 +1,11 @@
 """Reference images for editing: sizes normalized up front, then VAE latents and semantic tokens per image."""
 from __future__ import annotations
 
-from .reference_sizing import normalize_reference_size, resize_reference, to_rgb01
-from .semantic_tokenizer import SemanticTokenizer, tokenize_image
-from .types import ReferenceImages, upsample_ids
-from .vae import GlmVAE
+from ..models.semantic_tokenizer import SemanticTokenizer, tokenize_image
+from ..models.vae import GlmVAE
+from ..runtime.geometry import normalize_reference_size
+from ..runtime.handles import ReferenceImages, upsample_ids
+from ..runtime.images import resize_reference, to_rgb01
 
 
 def prepare_references(images: list, vae: GlmVAE, tokenizer: SemanticTokenizer) -> tuple[ReferenceImages, str]:

@@ -12,11 +12,10 @@ import os
 import pickle
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from .comfy_compat import get_device
-from .loading import CheckpointError, fill_module, load_state_dict, meta_device
+from ..runtime.comfy_compat import get_device
+from ..runtime.loading import CheckpointError, fill_module, load_state_dict, meta_device
 
 MEAN = (0.79093, 0.76271, 0.75340)  # dataset statistics of the release's input normalization
 STD = (0.30379, 0.32279, 0.32800)
@@ -162,25 +161,3 @@ def load_cogview_vqvae(path: str, device: torch.device | str | None = None) -> C
         model = CogViewVQVAE(channel, embed_dim, n_embed)
     device = torch.device(device) if device is not None else get_device()
     return fill_module(model, sd, source=path, dtype=torch.float32, device=device, ignore=lambda k: k in EMA_STATE)
-
-
-def write_random_cogview_vqvae(path: str, format: str = "pt", seed: int = 0, *, channel: int = 512,
-                               embed_dim: int = 256, n_embed: int = 8192) -> str:
-    """Write a random checkpoint in the release layout (``module.`` prefix, EMA buffers included) for tests
-    and demos; the defaults give the release's shapes."""
-    if format not in ("pt", "safetensors"):
-        raise ValueError(f"format must be 'pt' or 'safetensors'; got {format!r}.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CogViewVQVAE(channel, embed_dim, n_embed)
-        embed = torch.empty(embed_dim, n_embed)
-        nn.init.xavier_uniform_(embed, gain=nn.init.calculate_gain("tanh"))  # the release's initialization
-    model.quantize_t.embed.copy_(embed)
-    sd = {f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    sd["module.quantize_t.cluster_size"] = torch.zeros(n_embed)
-    sd["module.quantize_t.embed_avg"] = embed.clone()
-    if format == "pt":
-        torch.save(sd, path)
-    else:
-        save_file(sd, path)
-    return path

@@ -12,8 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
-from .loading import CheckpointError
+from ..runtime import loading
+from ..runtime.attention import attention
+from ..runtime.comfy_compat import get_device
+from ..runtime.loading import CheckpointError
+
+FP16_REASON = "T5 activations exceed the fp16 range (the feed-forward overflows to inf/NaN)."
 
 # the GLM-Image text_encoder/config.json, used where a single file does not say
 DEFAULT_CONFIG = {"d_model": 1472, "d_ff": 3584, "d_kv": 64, "num_heads": 6, "num_layers": 12, "vocab_size": 384,
@@ -188,3 +192,22 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
     return {**DEFAULT_CONFIG, "vocab_size": vocab, "d_model": d_model, "num_heads": heads,
             "relative_attention_num_buckets": buckets, "num_layers": layers,
             "d_kv": shapes[q_key][0] // heads, "d_ff": shapes[wi_key][0]}
+
+
+def load_glyph_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> T5Encoder:
+    """The Glyph-ByT5 T5 encoder from a release root, its ``text_encoder/`` folder or a single safetensors file."""
+    device = torch.device(device) if device is not None else get_device()
+    source = loading.component_path(path, "text_encoder")
+    torch_dtype = loading.resolve_dtype(dtype, device, component="Glyph-ByT5 encoder (T5)", fp16_reason=FP16_REASON)
+    shapes = loading.checkpoint_shapes(source)
+    names = encoder_state_keys(list(shapes))
+    config = loading.config_or_none(source)
+    if config is None:
+        config = infer_config({names[k]: s for k, s in shapes.items() if k in names}, source)
+    elif config.get("model_type", "t5") != "t5":
+        raise CheckpointError(f"{source}/config.json is a {config['model_type']!r} config, not T5; choose the "
+                              f"text_encoder folder of the GLM-Image release.")
+    with loading.meta_device():
+        model = T5Encoder(config)
+    state = {names[k]: v for k, v in loading.load_state_dict(source, keep=names.__contains__).items()}
+    return loading.fill_module(model, state, source=source, dtype=torch_dtype, device=device)

@@ -12,11 +12,12 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .dit import GlmImageDiT
-from .glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR
-from .t5_encoder import T5Encoder
-from .tiny_tokenizer import TINY_VOCAB_SIZE, write_tiny_glm_image_tokenizer
-from .vae import AutoencoderKL, VAEConfig
+from ..core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR
+from ..core.models.glm_image_dit import GlmImageDiT
+from ..core.models.semantic_tokenizer import SemanticTokenizer, state_dict_for_release
+from ..core.models.t5_encoder import T5Encoder
+from ..core.models.vae import AutoencoderKL, VAEConfig
+from .tiny_glm_image_tokenizer import TINY_VOCAB_SIZE, write_tiny_glm_image_tokenizer
 
 REFERENCE_VAE = {
     "latents_mean": [-0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875, -0.9453125,
@@ -92,7 +93,6 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> dict[str,
 
 def _vision_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The ``model.visual.*`` and ``model.vqmodel.*`` tensors of the AR checkpoint (semantic tokenizer)."""
-    from .semantic_tokenizer import SemanticTokenizer, state_dict_for_release  # noqa: PLC0415 (optional part)
     tokenizer = SemanticTokenizer.from_configs(VISION_CONFIG, VQ_CONFIG)
     return state_dict_for_release(_randomize(tokenizer, generator))
 

@@ -16,19 +16,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 
-from .attention import attention
-from .comfy_compat import check_interrupt, get_device
-from .glm_ar import MLP, RMSNorm
-from .loading import (
-    CheckpointError,
-    checkpoint_shapes,
-    component_path,
-    config_or_none,
-    fill_module,
-    load_state_dict,
-    meta_device,
-    resolve_dtype,
-)
+from ..runtime import loading
+from ..runtime.attention import attention
+from ..runtime.comfy_compat import check_interrupt, get_device
+from ..runtime.loading import CheckpointError
+from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections
 
 
 @dataclass
@@ -86,36 +78,15 @@ def apply_interleaved_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return torch.cat([rot * cos + rotated_half * sin, rest], dim=-1)
 
 
-class GlmAttention(nn.Module):
+class GlmAttention(GroupedQueryProjections):
     def __init__(self, cfg: GlmConfig):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        super().__init__(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                         cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
         q, k = apply_interleaved_rotary(q, cos, sin), apply_interleaved_rotary(k, cos, sin)
-        out = attention(q, k, v, causal=True, scale=self.head_dim ** -0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-
-class GlmDecoderLayer(nn.Module):
-    def __init__(self, cfg: GlmConfig):
-        super().__init__()
-        self.self_attn = GlmAttention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.merge(attention(q, k, v, causal=True, scale=self.head_dim ** -0.5))
 
 
 class GlmTextEncoder(nn.Module):
@@ -127,7 +98,10 @@ class GlmTextEncoder(nn.Module):
             raise CheckpointError(f"A GLM text encoder needs at least 2 layers, the config has {cfg.num_hidden_layers}.")
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(GlmDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers - 1))
+        self.layers = nn.ModuleList(
+            GlmDecoderLayer(GlmAttention(cfg), cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps,
+                            sandwich_norms=False)
+            for _ in range(cfg.num_hidden_layers - 1))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids`` [B, S] -> penultimate hidden state [B, S, hidden] in the model's dtype (causal, no mask)."""
@@ -170,11 +144,11 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> GlmConfig:
 def load_glm_text_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmTextEncoder:
     """Load CogView4's GLM-4-9B text encoder from a release root, its ``text_encoder/`` folder or one
     safetensors file. The last layer and the final norm are skipped (never read from disk)."""
-    path = component_path(path, "text_encoder")
+    path = loading.component_path(path, "text_encoder")
     device = torch.device(device) if device is not None else get_device()
-    torch_dtype = resolve_dtype(dtype, device, component="CogView4 text encoder (GLM-4-9B)")
-    raw = config_or_none(path)
-    cfg = GlmConfig.from_dict(raw, path) if raw is not None else infer_config(checkpoint_shapes(path), path)
+    torch_dtype = loading.resolve_dtype(dtype, device, component="CogView4 text encoder (GLM-4-9B)")
+    raw = loading.config_or_none(path)
+    cfg = GlmConfig.from_dict(raw, path) if raw is not None else infer_config(loading.checkpoint_shapes(path), path)
 
     unused_layer = cfg.num_hidden_layers - 1
 
@@ -185,7 +159,7 @@ def load_glm_text_encoder(path: str, dtype: str = "auto", device: torch.device |
         m = LAYER_KEY.match(key)
         return not (m and int(m.group(1)) == unused_layer)
 
-    with meta_device():
+    with loading.meta_device():
         model = GlmTextEncoder(cfg)
-    state_dict = load_state_dict(path, keep=wanted, strip_prefix="model.")
-    return fill_module(model, state_dict, source=path, dtype=torch_dtype, device=device)
+    state_dict = loading.load_state_dict(path, keep=wanted, strip_prefix="model.")
+    return loading.fill_module(model, state_dict, source=path, dtype=torch_dtype, device=device)

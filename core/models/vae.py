@@ -13,19 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
-from .comfy_compat import Progress, get_device, log
-from .loading import (
-    CheckpointError,
-    checkpoint_shapes,
-    component_path,
-    config_or_none,
-    fill_module,
-    load_state_dict,
-    meta_device,
-    read_json,
-    resolve_dtype,
-)
+from ..runtime import loading
+from ..runtime.attention import attention
+from ..runtime.comfy_compat import Progress, get_device, log
+from ..runtime.loading import CheckpointError
 
 FP16_REASON = "the VAE's activations overflow fp16 (NaN, black images)."
 
@@ -421,15 +412,15 @@ def load_vae(path: str, dtype: str = "auto", device: torch.device | str | None =
     if family is not None and family not in FAMILY_NORMALIZATION:
         raise ValueError(f"family must be one of {', '.join(FAMILY_NORMALIZATION)}; got {family!r}.")
     device = torch.device(device) if device is not None else get_device()
-    torch_dtype = resolve_dtype(dtype, device, component="The VAE", fp16_reason=FP16_REASON)
-    path = component_path(path, "vae")
+    torch_dtype = loading.resolve_dtype(dtype, device, component="The VAE", fp16_reason=FP16_REASON)
+    path = loading.component_path(path, "vae")
     if isinstance(config, str):
-        config = read_json(config)
+        config = loading.read_json(config)
     if config is None:
-        config = config_or_none(path)
+        config = loading.config_or_none(path)
         if config is not None and family is not None:
             log.info("VAE: %s has a config.json; its latent normalization is used, not family=%s.", path, family)
-    shapes = checkpoint_shapes(path)
+    shapes = loading.checkpoint_shapes(path)
     check_format(shapes, path)
     if config is not None:
         cfg = VAEConfig.from_dict(config, source=path)
@@ -439,7 +430,7 @@ def load_vae(path: str, dtype: str = "auto", device: torch.device | str | None =
             log.info("VAE: %s has no config.json; using GLM-Image's latent normalization (per-channel mean/std). "
                      "Pass family='cogview4' for a CogView4 VAE.", os.path.basename(path))
         cfg = infer_config(shapes, family)
-    with meta_device():
+    with loading.meta_device():
         model = AutoencoderKL(cfg)
-    fill_module(model, load_state_dict(path), source=path, dtype=torch_dtype, device=device)
+    loading.fill_module(model, loading.load_state_dict(path), source=path, dtype=torch_dtype, device=device)
     return GlmVAE(model)

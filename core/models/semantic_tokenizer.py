@@ -20,33 +20,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .attention import attention
-from .comfy_compat import get_device
-from .loading import (
-    INDEX_SUFFIX,
-    CheckpointError,
-    checkpoint_keys,
-    component_path,
-    fill_module,
-    load_state_dict,
-    meta_device,
-    open_safetensors,
-    read_config,
-    read_json,
-    resolve_dtype,
-    safetensors_files,
-)
-from .reference_sizing import (
-    MAX_ASPECT,
-    MAX_PIXELS,
-    MIN_PIXELS,
-    PATCH_SIZE,
-    TOKEN_PIXELS,
-    resize_reference,
-    smart_resize,
-    to_rgb01,
-    to_uint8,
-)
+from ..runtime import loading
+from ..runtime.attention import attention
+from ..runtime.comfy_compat import get_device
+from ..runtime.geometry import MAX_PIXELS, MIN_PIXELS, PATCH_SIZE, check_token_grid_size, smart_resize
+from ..runtime.images import resize_reference, to_rgb01, to_uint8
+from ..runtime.loading import CheckpointError
 
 VISION_PREFIX = "model.visual."
 VQ_PREFIX = "model.vqmodel."
@@ -247,22 +226,6 @@ def preprocess_image(image, *, min_pixels: int = MIN_PIXELS, max_pixels: int = M
     return ((x - 0.5) / 0.5).permute(2, 0, 1)[None].contiguous()
 
 
-def check_output_size(height: int, width: int, max_pixels: int = MAX_PIXELS) -> None:
-    """Token grids exist for output sizes with sides that are multiples of 32, at most sqrt(max_pixels)
-    (2048 px) and an aspect ratio of at most 4."""
-    longest = int(round(max_pixels ** 0.5))
-    problems = []
-    if height % TOKEN_PIXELS or width % TOKEN_PIXELS or min(height, width) < TOKEN_PIXELS:
-        problems.append(f"sides must be multiples of {TOKEN_PIXELS}")
-    if max(height, width) > longest:
-        problems.append(f"sides must be at most {longest} px")
-    if min(height, width) > 0 and max(height, width) / min(height, width) > MAX_ASPECT:
-        problems.append(f"the aspect ratio must be at most {MAX_ASPECT}")
-    if problems:
-        raise ValueError(f"No token grid for an output of {width}x{height} (WxH): {'; '.join(problems)}. "
-                         f"Choose a size such as 1024x1024, 1152x896 or 2048x1024.")
-
-
 def tokenize_image(tokenizer: SemanticTokenizer, image, target_height: int | None = None,
                    target_width: int | None = None) -> torch.Tensor:
     """Token ids ``[h, w]`` int64 of one image (``[H, W, 3]`` in 0..1, or anything ``to_rgb01`` takes).
@@ -280,7 +243,7 @@ def tokenize_image(tokenizer: SemanticTokenizer, image, target_height: int | Non
         raise ValueError("Give both target_height and target_width, or neither.")
     min_pixels = cfg.min_pixels
     if target_height is not None:
-        check_output_size(target_height, target_width, cfg.max_pixels)
+        check_token_grid_size(target_height, target_width, cfg.max_pixels)
         min_pixels = min(min_pixels, min(target_height, target_width) ** 2)
         image = resize_reference(image, target_height, target_width)
     pixels = preprocess_image(image, min_pixels=min_pixels, max_pixels=cfg.max_pixels, patch_size=cfg.patch_size)
@@ -314,9 +277,9 @@ def _tokenizer_keys_by_file(path: str) -> dict[str, list[str]]:
     """The tokenizer's keys, grouped by the safetensors file holding them. A sharded folder is resolved
     through its index, so shards holding only language-model weights are never opened."""
     if os.path.isdir(path):
-        indexes = sorted(n for n in os.listdir(path) if n.endswith(INDEX_SUFFIX))
+        indexes = sorted(n for n in os.listdir(path) if n.endswith(loading.INDEX_SUFFIX))
         if indexes:
-            weight_map = read_json(os.path.join(path, indexes[0])).get("weight_map", {})
+            weight_map = loading.read_json(os.path.join(path, indexes[0])).get("weight_map", {})
             by_file: dict[str, list[str]] = {}
             for key, shard in weight_map.items():
                 by_file.setdefault(os.path.join(path, shard), []).append(key)
@@ -327,7 +290,7 @@ def _tokenizer_keys_by_file(path: str) -> dict[str, list[str]]:
                     raise CheckpointError(f"{path}: the index {indexes[0]} lists shards that are missing and hold "
                                           f"vision/VQ weights: {', '.join(needed)}. Download them too.")
             return {f: keys for f, keys in by_file.items() if os.path.isfile(f)}
-    return {f: checkpoint_keys(f) for f in safetensors_files(path)}
+    return {f: loading.checkpoint_keys(f) for f in loading.safetensors_files(path)}
 
 
 def _check_prefixes(all_keys: list[str], source: str) -> None:
@@ -348,7 +311,7 @@ def _processor_limits(path: str) -> dict:
     config = os.path.join(path, "processor", "preprocessor_config.json")
     if not (os.path.isdir(path) and os.path.isfile(config)):
         return {}
-    values = read_json(config)
+    values = loading.read_json(config)
     return {k: int(values[k]) for k in ("min_pixels", "max_pixels") if k in values}
 
 
@@ -358,26 +321,26 @@ def load_semantic_tokenizer(path: str, dtype: str = "auto", device: torch.device
     and ``model.vqmodel.*``. Only those tensors are read. The VQ stays in float32 whatever ``dtype`` is,
     so the 16384-way nearest-code search does not tie in bf16."""
     device = torch.device(device) if device is not None else get_device()
-    folder = component_path(path, "vision_language_encoder")
+    folder = loading.component_path(path, "vision_language_encoder")
     keys_by_file = _tokenizer_keys_by_file(folder)
     _check_prefixes([k for keys in keys_by_file.values() for k in keys], folder)
     if os.path.isdir(folder):
-        cfg = SemanticTokenizerConfig.from_release_config(read_config(folder), folder)
+        cfg = SemanticTokenizerConfig.from_release_config(loading.read_config(folder), folder)
     else:
         shapes = {}
         for f, keys in keys_by_file.items():
-            with open_safetensors(f) as sf:
+            with loading.open_safetensors(f) as sf:
                 shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in keys if _wanted(k)})
         cfg = SemanticTokenizerConfig.from_shapes(shapes)
     for name, value in _processor_limits(path).items():
         setattr(cfg, name, value)
-    with meta_device():
+    with loading.meta_device():
         tokenizer = SemanticTokenizer(cfg)
     state_dict = {}
     for f, keys in keys_by_file.items():
         wanted = {k for k in keys if _wanted(k)}
         if wanted:
-            state_dict.update(load_state_dict(f, keep=wanted.__contains__))
-    return fill_module(tokenizer, state_dict, source=folder,
-                       dtype=resolve_dtype(dtype, device, component="semantic tokenizer"), device=device,
+            state_dict.update(loading.load_state_dict(f, keep=wanted.__contains__))
+    return loading.fill_module(tokenizer, state_dict, source=folder,
+                       dtype=loading.resolve_dtype(dtype, device, component="semantic tokenizer"), device=device,
                        keep_fp32=lambda k: k.startswith(VQ_PREFIX))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from tokenizers import AddedToken, Tokenizer, processors
 
-from .glm_text_encoder import GlmTextEncoder
-from .loading import CheckpointError, component_path
+from ..models.glm_text_encoder import GlmTextEncoder
+from ..runtime.loading import CheckpointError, component_path
 
 log = logging.getLogger(__name__)
 

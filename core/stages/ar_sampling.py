@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from ..models.glm_ar import GlmImageAR, KVCache
+from ..runtime.comfy_compat import Progress
+from ..runtime.handles import TokenGrid
 from .ar_prompt import CODEBOOK_SIZE, TextTokenizer, build_ar_inputs
-from .comfy_compat import Progress
-from .glm_ar import GlmImageAR, KVCache
-from .types import TokenGrid
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

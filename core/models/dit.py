@@ -1,4 +1,5 @@
-"""The GLM-Image DiT decoder (diffusers ``GlmImageTransformer2DModel``) and the blocks it shares with CogView4.
+"""The DiT trunk shared by the GLM-Image decoder and CogView4-6B (diffusers ``GlmImageTransformer2DModel`` and
+``CogView4Transformer2DModel`` share their block code), with the loading steps both use.
 
 One block serves two streams: the text stream (glyph embeddings for GLM-Image, GLM-4 hidden states for
 CogView4) and the image stream (2x2 patches of the latent). Each stream has its own adaLN modulation, but the
@@ -16,30 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
-from .comfy_compat import get_device
-from .flow_schedule import ShiftSettings, read_shift_settings
-from .loading import (
-    CheckpointError,
-    checkpoint_shapes,
-    component_path,
-    config_or_none,
-    fill_module,
-    load_state_dict,
-    meta_device,
-    resolve_dtype,
-)
+from ..runtime import loading
+from ..runtime.attention import attention
+from ..runtime.comfy_compat import get_device
+from ..runtime.loading import CheckpointError
+from ..stages.flow_schedule import ShiftSettings, read_shift_settings
 
 FP16_REASON = ("the DiT's residual stream exceeds the fp16 range (the reference runs it in bf16 or fp32) and the "
                "images come out as NaN or noise.")
 KV_MODES = ("write", "read", "skip")
-
-# transformer/config.json of zai-org/GLM-Image
-GLM_IMAGE_DIT_CONFIG = {
-    "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 30, "attention_head_dim": 128,
-    "num_attention_heads": 32, "text_embed_dim": 1472, "time_embed_dim": 512, "condition_dim": 256,
-    "prior_vq_quantizer_codebook_size": 16384,
-}
 
 KVHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -262,39 +248,30 @@ class ReferenceKVCache:
         return None
 
 
-# ---- the GLM-Image decoder -------------------------------------------------------------------------------------
-class PatchProjector(nn.Module):
-    def __init__(self, in_channels: int, dim: int, patch_size: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Linear(in_channels * patch_size ** 2, dim)
+# ---- the trunk -------------------------------------------------------------------------------------------------
+class DiTTrunk(nn.Module):
+    """What GLM-Image and CogView4 share: ``transformer_blocks``, ``norm_out`` and ``proj_out``.
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.proj(patchify(latents, self.patch_size))
-
-
-class GlmImageDiT(nn.Module):
-    """The GLM-Image diffusion decoder; ``forward`` returns the predicted velocity (noise - x0)."""
+    A subclass builds its input embeddings, then calls ``add_trunk`` (so the parameters keep the release's
+    order), and its ``forward`` runs ``run_blocks`` and ``output``.
+    """
 
     def __init__(self, config: dict):
         super().__init__()
         self.config = dict(config)
         c = self.config
-        dim = c["num_attention_heads"] * c["attention_head_dim"]
+        self.dim = c["num_attention_heads"] * c["attention_head_dim"]
         self.patch_size = c["patch_size"]
         self.head_dim = c["attention_head_dim"]
-        self.codebook_size = c["prior_vq_quantizer_codebook_size"]
-        self.image_projector = PatchProjector(c["in_channels"], dim, c["patch_size"])
-        self.glyph_projector = FeedForward(c["text_embed_dim"], dim, dim, F.gelu)
-        self.prior_token_embedding = nn.Embedding(c["prior_vq_quantizer_codebook_size"], dim)
-        self.prior_projector = FeedForward(dim, dim, dim, F.silu)
-        self.time_condition_embed = TimeConditionEmbed(c["time_embed_dim"], c["time_embed_dim"], c["condition_dim"], 2)
-        self.transformer_blocks = nn.ModuleList(
-            DiTBlock(dim, c["num_attention_heads"], c["attention_head_dim"], c["time_embed_dim"])
-            for _ in range(c["num_layers"]))
-        self.norm_out = FinalAdaLN(c["time_embed_dim"], dim)
-        self.proj_out = nn.Linear(dim, c["patch_size"] ** 2 * c["out_channels"])
         self.shift_settings = ShiftSettings()  # the release's scheduler_config.json when loaded from one
+
+    def add_trunk(self) -> None:
+        c = self.config
+        self.transformer_blocks = nn.ModuleList(
+            DiTBlock(self.dim, c["num_attention_heads"], c["attention_head_dim"], c["time_embed_dim"])
+            for _ in range(c["num_layers"]))
+        self.norm_out = FinalAdaLN(c["time_embed_dim"], self.dim)
+        self.proj_out = nn.Linear(self.dim, c["patch_size"] ** 2 * c["out_channels"])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -308,44 +285,17 @@ class GlmImageDiT(nn.Module):
     def num_layers(self) -> int:
         return len(self.transformer_blocks)
 
-    def new_kv_cache(self) -> ReferenceKVCache:
-        return ReferenceKVCache(self.num_layers)
-
-    def forward(self, latents: torch.Tensor, glyph: torch.Tensor, prior_ids: torch.Tensor,
-                prior_drop: bool | torch.Tensor, timestep: torch.Tensor, target_size: torch.Tensor,
-                crop: torch.Tensor, kv_cache: ReferenceKVCache | None = None,
-                kv_mode: str | None = None) -> torch.Tensor:
-        """latents ``[B,16,h,w]``, glyph ``[B,Lg,Dg]``, prior_ids ``[B,(h/2)(w/2)]`` (or ``[N]``, shared),
-        prior_drop bool / ``[B]`` / ``[B,N]`` (zero the prior embedding before the projector), timestep ``[B]``
-        (what the model is conditioned on, e.g. ``t_raw - 1``), target_size and crop ``[B,2]`` in pixels.
-        ``kv_mode``: ``write`` stores this pass's K/V in ``kv_cache``, ``read`` attends over it too,
-        ``skip``/None ignores it. Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
-        if kv_mode is not None and kv_mode not in KV_MODES:
-            raise ValueError(f"kv_mode must be one of {KV_MODES} or None, got {kv_mode!r}")
-        b, _, h, w = latents.shape
-        p = self.patch_size
-        dtype = self.dtype
-        x = self.image_projector(latents.to(dtype))
-        text = self.glyph_projector(glyph.to(dtype))
-
-        if prior_ids.dim() == 1:
-            prior_ids = prior_ids[None]
-        prior = self.prior_token_embedding(prior_ids)
-        drop = torch.as_tensor(prior_drop, dtype=torch.bool, device=prior.device)
-        drop = drop.view(-1, 1) if drop.dim() == 1 else drop
-        prior = torch.where(drop[..., None], torch.zeros((), dtype=prior.dtype, device=prior.device), prior)
-        x = x + self.prior_projector(prior)
-
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
-        temb = self.time_condition_embed(timestep, [crop.to(x.device), target_size.to(x.device)], dtype)
-
-        device = x.device
-        rope = rope_2d(torch.arange(h // p, device=device), torch.arange(w // p, device=device), self.head_dim)
+    def run_blocks(self, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor],
+                   kv_hook: Callable[[int], KVHook | None] | None = None) -> torch.Tensor:
+        """The image stream after every block; ``kv_hook(layer)`` gives that layer's K/V hook, if any."""
         for i, block in enumerate(self.transformer_blocks):
-            hook = kv_cache.hook(i, kv_mode) if kv_cache is not None and kv_mode is not None else None
-            x, text = block(x, text, temb, rope, hook)
-        x = self.proj_out(self.norm_out(x, temb))
-        return unpatchify(x, h, w, p)
+            x, text = block(x, text, temb, rope, kv_hook(i) if kv_hook is not None else None)
+        return x
+
+    def output(self, x: torch.Tensor, temb: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Final adaLN and projection back to latent patches: ``[B, C, h, w]``."""
+        return unpatchify(self.proj_out(self.norm_out(x, temb)), h, w, self.patch_size)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -363,19 +313,16 @@ def require_keys(shapes: dict[str, tuple[int, ...]], keys: list[str], source: st
                               f"Choose the transformer/ component (or its single .safetensors file).")
 
 
-def infer_glm_image_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
-    """A config from tensor shapes; the head split (not visible in shapes) keeps the real head_dim of 128."""
-    require_keys(shapes, ["image_projector.proj.weight", "glyph_projector.net.0.proj.weight",
-                          "prior_token_embedding.weight", "proj_out.weight",
-                          "time_condition_embed.condition_embedder.linear_1.weight"], source, "GLM-Image DiT")
-    c = dict(GLM_IMAGE_DIT_CONFIG)
-    dim, patch_in = shapes["image_projector.proj.weight"]
+def infer_trunk_config(shapes: dict[str, tuple[int, ...]], source: str, *, defaults: dict, patch_key: str,
+                       text_key: str, num_conditions: int) -> dict:
+    """The trunk's config from tensor shapes; the head split (not visible in shapes) keeps the default head_dim."""
+    c = dict(defaults)
+    dim, patch_in = shapes[patch_key]
     c["patch_size"] = int(round(math.sqrt(patch_in / c["in_channels"])))
     c["out_channels"] = shapes["proj_out.weight"][0] // c["patch_size"] ** 2
-    c["text_embed_dim"] = shapes["glyph_projector.net.0.proj.weight"][1]
-    c["prior_vq_quantizer_codebook_size"] = shapes["prior_token_embedding.weight"][0]
+    c["text_embed_dim"] = shapes[text_key][1]
     c["time_embed_dim"] = shapes["time_condition_embed.timestep_embedder.linear_1.weight"][0]
-    c["condition_dim"] = shapes["time_condition_embed.condition_embedder.linear_1.weight"][1] // 4
+    c["condition_dim"] = shapes["time_condition_embed.condition_embedder.linear_1.weight"][1] // (2 * num_conditions)
     c["num_layers"] = count_layers(shapes, source)
     if dim % c["attention_head_dim"]:
         raise CheckpointError(f"{source}: inner dim {dim} is not a multiple of head_dim {c['attention_head_dim']}; "
@@ -386,9 +333,9 @@ def infer_glm_image_config(shapes: dict[str, tuple[int, ...]], source: str) -> d
 
 def dit_config(path: str, class_name: str, infer: Callable[[dict, str], dict]) -> dict:
     """The config.json of a component folder (checked against ``class_name``), else one inferred from shapes."""
-    config = config_or_none(path)
+    config = loading.config_or_none(path)
     if config is None:
-        return infer(checkpoint_shapes(path), path)
+        return infer(loading.checkpoint_shapes(path), path)
     found = config.get("_class_name")
     if found is not None and found != class_name:
         raise CheckpointError(f"{path}/config.json describes a {found}, not a {class_name}. Choose the matching "
@@ -406,22 +353,13 @@ def release_shift_settings(path: str) -> ShiftSettings:
 def load_dit(path: str, dtype: str, device: torch.device | str | None, *, model_class: type, class_name: str,
              infer: Callable[[dict, str], dict], defaults: dict, component: str) -> nn.Module:
     """Build ``model_class`` on the meta device from the folder's config (or shapes) and fill it from the weights."""
-    path = component_path(path, "transformer")
+    path = loading.component_path(path, "transformer")
     device = torch.device(device) if device is not None else get_device()
-    torch_dtype = resolve_dtype(dtype, device, component=component, fp16_reason=FP16_REASON)
+    torch_dtype = loading.resolve_dtype(dtype, device, component=component, fp16_reason=FP16_REASON)
     config = dit_config(path, class_name, infer)
     config = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
-    with meta_device():
+    with loading.meta_device():
         model = model_class(config)
-    fill_module(model, load_state_dict(path), source=path, dtype=torch_dtype, device=device)
+    loading.fill_module(model, loading.load_state_dict(path), source=path, dtype=torch_dtype, device=device)
     model.shift_settings = release_shift_settings(path)
     return model
-
-
-def load_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageDiT:
-    """Load the GLM-Image DiT from a release root, its ``transformer/`` folder or a single .safetensors file.
-
-    ``dtype``: ``auto`` (bf16 where supported, else fp32), ``bf16`` or ``fp32``; fp16 is refused.
-    """
-    return load_dit(path, dtype, device, model_class=GlmImageDiT, class_name="GlmImageTransformer2DModel",
-                    infer=infer_glm_image_config, defaults=GLM_IMAGE_DIT_CONFIG, component="The GLM-Image decoder")

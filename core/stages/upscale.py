@@ -14,39 +14,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .cogview4_dit import check_cogview4_size
+from ..models.semantic_tokenizer import SemanticTokenizer, tokenize_image
+from ..models.vae import GlmVAE
+from ..runtime.geometry import LARGE_ALTERNATIVE, MAX_SIDE, check_cogview4_size, scaled_size, upscale_2x_size
+from ..runtime.handles import GlyphConditioning, upsample_ids
+from ..runtime.images import to_rgb01
 from .decoder_sampling import sample_cogview4_latents, sample_latents
-from .reference_sizing import MAX_ASPECT, TOKEN_PIXELS, to_rgb01
 from .references import prepare_references
-from .semantic_tokenizer import SemanticTokenizer, tokenize_image
-from .types import GlyphConditioning, upsample_ids
-from .vae import GlmVAE
-
-MAX_SIDE = 2048                 # GLM-Image and CogView4 decode at most 2048 px per side
-MIN_INPUT_SIDE = TOKEN_PIXELS   # the reference path needs one 32 px token per side
-LARGE_ALTERNATIVE = ("upscale crops of at most 1024 px and stitch them, or use a model upscaler "
-                     "(core ImageUpscaleWithModel)")
-
-
-def upscale_2x_size(height: int, width: int) -> tuple[int, int]:
-    """The output size of ``upscale_2x``: the input rounded to multiples of 16, doubled. Raises ``ValueError``
-    for inputs the tokenizer and reference path cannot take or outputs above 2048 px per side."""
-    if min(height, width) < MIN_INPUT_SIDE:
-        raise ValueError(f"Image {height}x{width} (HxW) is too small to upscale with GLM-Image: the semantic "
-                         f"tokenizer and the reference path need at least {MIN_INPUT_SIDE} px per side.")
-    out_h, out_w = (2 * 16 * max(1, round(n / 16)) for n in (height, width))
-    if max(height / width, width / height, out_h / out_w, out_w / out_h) > MAX_ASPECT:
-        raise ValueError(f"Image {height}x{width} (HxW) gives {out_h}x{out_w} at 2x: an aspect ratio above "
-                         f"{MAX_ASPECT}, which GLM-Image's tokenizer rejects; crop it first.")
-    if max(out_h, out_w) > MAX_SIDE:
-        raise ValueError(f"Upscaling {height}x{width} (HxW) 2x gives {out_h}x{out_w}, above the {MAX_SIDE} px per "
-                         f"side the decoder handles: {LARGE_ALTERNATIVE}.")
-    return out_h, out_w
-
-
-def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
-    """``scale`` times the size, rounded to multiples of 32."""
-    return tuple(32 * max(1, round(n * scale / 32)) for n in (height, width))
 
 
 def check_strength(strength: float) -> None:

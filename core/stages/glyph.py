@@ -11,23 +11,10 @@ import re
 
 import torch
 
-from .comfy_compat import get_device
-from .loading import (
-    CheckpointError,
-    checkpoint_shapes,
-    component_path,
-    config_or_none,
-    fill_module,
-    load_state_dict,
-    meta_device,
-    resolve_dtype,
-)
-from .t5_encoder import T5Encoder, encoder_state_keys, infer_config
-from .types import GlyphConditioning
+from ..models.t5_encoder import T5Encoder
+from ..runtime.handles import GlyphConditioning
 
 log = logging.getLogger(__name__)
-
-FP16_REASON = "T5 activations exceed the fp16 range (the feed-forward overflows to inf/NaN)."
 
 # the pipeline's regexes, in its order: texts are grouped by quote type, not by position
 QUOTE_PATTERNS = (r"'([^']*)'", r"\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"', r"「([^「」]*)」")
@@ -39,25 +26,6 @@ MAX_LENGTH = 2048
 SPECIAL_IDS = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"<extra_id_{i}>": 259 + i for i in range(125)}}
 STRIPPING = {"<pad>", "</s>", "<unk>"}  # added with lstrip/rstrip: whitespace next to them is dropped
 SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in sorted(SPECIAL_IDS, key=len, reverse=True)) + ")")
-
-
-def load_glyph_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> T5Encoder:
-    """The Glyph-ByT5 T5 encoder from a release root, its ``text_encoder/`` folder or a single safetensors file."""
-    device = torch.device(device) if device is not None else get_device()
-    source = component_path(path, "text_encoder")
-    torch_dtype = resolve_dtype(dtype, device, component="Glyph-ByT5 encoder (T5)", fp16_reason=FP16_REASON)
-    shapes = checkpoint_shapes(source)
-    names = encoder_state_keys(list(shapes))
-    config = config_or_none(source)
-    if config is None:
-        config = infer_config({names[k]: s for k, s in shapes.items() if k in names}, source)
-    elif config.get("model_type", "t5") != "t5":
-        raise CheckpointError(f"{source}/config.json is a {config['model_type']!r} config, not T5; choose the "
-                              f"text_encoder folder of the GLM-Image release.")
-    with meta_device():
-        model = T5Encoder(config)
-    state = {names[k]: v for k, v in load_state_dict(source, keep=names.__contains__).items()}
-    return fill_module(model, state, source=source, dtype=torch_dtype, device=device)
 
 
 def extract_glyph_texts(prompt: str) -> list[str]:

@@ -14,22 +14,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
-from .comfy_compat import get_device
-from .loading import (
-    CheckpointError,
-    checkpoint_keys,
-    checkpoint_shapes,
-    component_path,
-    fill_module,
-    load_state_dict,
-    meta_device,
-    read_json,
-    resolve_dtype,
-)
+from ..runtime import loading
+from ..runtime.attention import attention
+from ..runtime.comfy_compat import get_device
+from ..runtime.loading import CheckpointError
+from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections, RMSNorm
 
 PREFIX = "model.language_model."
 HEAD = "lm_head."
@@ -82,18 +73,6 @@ class ARConfig:
                    max_position_embeddings=int(d.get("max_position_embeddings") or 131072))
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -137,20 +116,13 @@ class KVCache:
         return self.key_valid.shape[1]
 
 
-class Attention(nn.Module):
+class Attention(GroupedQueryProjections):
     def __init__(self, cfg: ARConfig):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        super().__init__(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias)
 
     def forward(self, x, cos, sin, cache_k, cache_v, start, mask):
-        b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        n = x.shape[1]
+        q, k, v = self.project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(start, int):  # prefill / chunk: attend to the filled part of the cache
             cache_k[:, :, start:start + n] = k
@@ -162,34 +134,7 @@ class Attention(nn.Module):
             cache_v.index_copy_(2, slots, v)
             k, v = cache_k, cache_v
         out = attention(q, k, v, causal=mask is None, mask=mask, scale=self.head_dim ** -0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ARConfig):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ARConfig):
-        super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x, cos, sin, cache_k, cache_v, start, mask):
-        x = x + self.post_self_attn_layernorm(
-            self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start, mask))
-        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+        return self.merge(out)
 
 
 class GlmImageAR(nn.Module):
@@ -197,7 +142,10 @@ class GlmImageAR(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            GlmDecoderLayer(Attention(cfg), cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps,
+                            sandwich_norms=True)
+            for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vision_vocab_size, bias=False)
 
@@ -254,7 +202,7 @@ def _infer_text_config(path: str, keys: list[str]) -> dict:
     layer = PREFIX + "layers.0."
     wanted = {PREFIX + "embed_tokens.weight", "lm_head.weight", layer + "self_attn.q_proj.weight",
               layer + "self_attn.k_proj.weight", layer + "mlp.down_proj.weight"}
-    shapes = checkpoint_shapes(path, keep=wanted.__contains__)
+    shapes = loading.checkpoint_shapes(path, keep=wanted.__contains__)
     missing = sorted(wanted - set(shapes))
     if missing:
         raise CheckpointError(f"{path}: cannot infer the AR config, missing {', '.join(missing)}. "
@@ -278,7 +226,7 @@ def _text_config(src: str, keys: list[str]) -> dict:
     folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
     path = os.path.join(folder, "config.json")
     if os.path.isfile(path):
-        config = read_json(path)
+        config = loading.read_json(path)
         if "text_config" in config:
             return config["text_config"]
         if os.path.isdir(src):
@@ -294,14 +242,14 @@ def load_ar_model(path: str, dtype: str = "auto", device: torch.device | str | N
     bf16 or fp32; fp16 is refused.
     """
     device = torch.device(device) if device is not None else get_device()
-    torch_dtype = resolve_dtype(dtype, device, component="The GLM-Image AR model", fp16_reason=FP16_REASON)
-    src = component_path(path, "vision_language_encoder")
-    keys = checkpoint_keys(src)
+    torch_dtype = loading.resolve_dtype(dtype, device, component="The GLM-Image AR model", fp16_reason=FP16_REASON)
+    src = loading.component_path(path, "vision_language_encoder")
+    keys = loading.checkpoint_keys(src)
     if not any(k.startswith(PREFIX) for k in keys) or "lm_head.weight" not in keys:
         raise CheckpointError(f"{src} has no GLM-Image language-model weights (expected keys '{PREFIX}*' and "
                               f"'lm_head.weight'). Choose the release folder or its vision_language_encoder/ "
                               f"weights, not another component.")
-    with meta_device():
+    with loading.meta_device():
         model = GlmImageAR(ARConfig.from_text_config(_text_config(src, keys)))
-    state = load_state_dict(src, keep=lambda k: k.startswith(PREFIX) or k.startswith(HEAD), strip_prefix=PREFIX)
-    return fill_module(model, state, source=src, dtype=torch_dtype, device=device)
+    state = loading.load_state_dict(src, keep=lambda k: k.startswith(PREFIX) or k.startswith(HEAD), strip_prefix=PREFIX)
+    return loading.fill_module(model, state, source=src, dtype=torch_dtype, device=device)

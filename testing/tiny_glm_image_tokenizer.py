@@ -6,7 +6,7 @@ by +16512, and the special tokens keep their real ids (``<|endoftext|>`` 167841,
 (GLM ids 0..255, so ids 16512..16767) plus a few merges, enough for any prompt. Ids between the last merge
 and 167841 are unused, so a tiny model still needs ``vocab_size`` > 167855 (the real 168064 is used).
 
-Written with the ``tokenizers`` library only; loads with ``core.ar_prompt.load_text_tokenizer`` and with
+Written with the ``tokenizers`` library only; loads with ``core.stages.ar_prompt.load_text_tokenizer`` and with
 transformers' ``PreTrainedTokenizerFast`` / ``GlmImageProcessor`` (``tokenizer_config.json`` names the
 processor's special-token attributes).
 """

@@ -12,14 +12,14 @@ of the processor's list to the first (preview before the large grid in text-to-i
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, processors
 
-from .loading import CheckpointError
+from ..runtime.geometry import TargetGrid, target_grid
+from ..runtime.loading import CheckpointError
 
 IMAGE_START = "<|dit_token_16384|>"   # the processor's bos_token
 IMAGE_END = "<|dit_token_16385|>"
@@ -27,7 +27,6 @@ IMAGE_TOKEN = "<|image|>"
 GRID_BOS, GRID_EOS = "<sop>", "<eop>"
 PAD = "<|endoftext|>"
 CODEBOOK_SIZE = 16384
-GRID_FACTOR = 32
 
 
 class TextTokenizer:
@@ -99,41 +98,6 @@ def load_text_tokenizer(path: str) -> TextTokenizer:
         raise CheckpointError(f"{file} is not a valid tokenizers file ({e}); re-download it.") from e
     _apply_tokenizer_config(backend, os.path.dirname(file))
     return TextTokenizer(backend, file)
-
-
-# ---- sizes -------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TargetGrid:
-    height: int   # pixels, floored to a multiple of 32
-    width: int
-    th: int       # token grid (1/32)
-    tw: int
-    ph: int       # preview grid (text-to-image)
-    pw: int
-
-
-def check_glm_image_size(height: int, width: int) -> None:
-    """GLM-Image's documented output sizes: sides in 512..2048 px, multiples of 32 (the reference floors other
-    sizes silently; the pack asks for a valid one instead)."""
-    def nearest(side: int) -> int:
-        return min(2048, max(512, round(side / 32) * 32))
-
-    if height % 32 or width % 32 or not (512 <= height <= 2048 and 512 <= width <= 2048):
-        raise ValueError(f"GLM-Image makes images with sides of 512..2048 px in multiples of 32; {width}x{height} "
-                         f"(WxH) is not one. The nearest valid size is {nearest(width)}x{nearest(height)}.")
-
-
-def target_grid(height: int, width: int) -> TargetGrid:
-    """The processor's ``_get_target_shape``: sizes floored to multiples of 32, preview of ~256 tokens."""
-    h, w = (int(height) // GRID_FACTOR) * GRID_FACTOR, (int(width) // GRID_FACTOR) * GRID_FACTOR
-    if h < GRID_FACTOR or w < GRID_FACTOR:
-        raise ValueError(f"Size {width}x{height} gives no token grid: width and height must be at least "
-                         f"{GRID_FACTOR} (they are floored to multiples of {GRID_FACTOR}).")
-    th, tw = h // GRID_FACTOR, w // GRID_FACTOR
-    ratio = th / tw
-    ph, pw = int(math.sqrt(ratio) * (GRID_FACTOR // 2)), int(math.sqrt(1 / ratio) * (GRID_FACTOR // 2))
-    return TargetGrid(h, w, th, tw, ph, pw)
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The networks, one module each, with their config and checkpoint loader (``torch.nn`` only)."""

@@ -1,0 +1,115 @@
+"""The GLM-Image DiT decoder (diffusers ``GlmImageTransformer2DModel``) on the shared trunk.
+
+GLM-Image's inputs: 2x2 latent patches plus the embedding of the 2x-upsampled semantic-VQ prior ids (zeroed
+when dropped for CFG), the glyph projector for the Glyph-ByT5 text stream, the conditions ``[crop, target_size]``
+and raw (unstretched) 2D RoPE positions. Editing adds a reference K/V cache.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dit import (
+    KV_MODES,
+    DiTTrunk,
+    FeedForward,
+    ReferenceKVCache,
+    TimeConditionEmbed,
+    infer_trunk_config,
+    load_dit,
+    patchify,
+    require_keys,
+    rope_2d,
+)
+
+# transformer/config.json of zai-org/GLM-Image
+GLM_IMAGE_DIT_CONFIG = {
+    "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 30, "attention_head_dim": 128,
+    "num_attention_heads": 32, "text_embed_dim": 1472, "time_embed_dim": 512, "condition_dim": 256,
+    "prior_vq_quantizer_codebook_size": 16384,
+}
+
+
+# ---- the decoder -----------------------------------------------------------------------------------------------
+class PatchProjector(nn.Module):
+    def __init__(self, in_channels: int, dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_channels * patch_size ** 2, dim)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.proj(patchify(latents, self.patch_size))
+
+
+class GlmImageDiT(DiTTrunk):
+    """The GLM-Image diffusion decoder; ``forward`` returns the predicted velocity (noise - x0)."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        c, dim = self.config, self.dim
+        self.codebook_size = c["prior_vq_quantizer_codebook_size"]
+        self.image_projector = PatchProjector(c["in_channels"], dim, c["patch_size"])
+        self.glyph_projector = FeedForward(c["text_embed_dim"], dim, dim, F.gelu)
+        self.prior_token_embedding = nn.Embedding(c["prior_vq_quantizer_codebook_size"], dim)
+        self.prior_projector = FeedForward(dim, dim, dim, F.silu)
+        self.time_condition_embed = TimeConditionEmbed(c["time_embed_dim"], c["time_embed_dim"], c["condition_dim"], 2)
+        self.add_trunk()
+
+    def new_kv_cache(self) -> ReferenceKVCache:
+        return ReferenceKVCache(self.num_layers)
+
+    def forward(self, latents: torch.Tensor, glyph: torch.Tensor, prior_ids: torch.Tensor,
+                prior_drop: bool | torch.Tensor, timestep: torch.Tensor, target_size: torch.Tensor,
+                crop: torch.Tensor, kv_cache: ReferenceKVCache | None = None,
+                kv_mode: str | None = None) -> torch.Tensor:
+        """latents ``[B,16,h,w]``, glyph ``[B,Lg,Dg]``, prior_ids ``[B,(h/2)(w/2)]`` (or ``[N]``, shared),
+        prior_drop bool / ``[B]`` / ``[B,N]`` (zero the prior embedding before the projector), timestep ``[B]``
+        (what the model is conditioned on, e.g. ``t_raw - 1``), target_size and crop ``[B,2]`` in pixels.
+        ``kv_mode``: ``write`` stores this pass's K/V in ``kv_cache``, ``read`` attends over it too,
+        ``skip``/None ignores it. Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
+        if kv_mode is not None and kv_mode not in KV_MODES:
+            raise ValueError(f"kv_mode must be one of {KV_MODES} or None, got {kv_mode!r}")
+        b, _, h, w = latents.shape
+        p = self.patch_size
+        dtype = self.dtype
+        x = self.image_projector(latents.to(dtype))
+        text = self.glyph_projector(glyph.to(dtype))
+
+        if prior_ids.dim() == 1:
+            prior_ids = prior_ids[None]
+        prior = self.prior_token_embedding(prior_ids)
+        drop = torch.as_tensor(prior_drop, dtype=torch.bool, device=prior.device)
+        drop = drop.view(-1, 1) if drop.dim() == 1 else drop
+        prior = torch.where(drop[..., None], torch.zeros((), dtype=prior.dtype, device=prior.device), prior)
+        x = x + self.prior_projector(prior)
+
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
+        temb = self.time_condition_embed(timestep, [crop.to(x.device), target_size.to(x.device)], dtype)
+
+        device = x.device
+        rope = rope_2d(torch.arange(h // p, device=device), torch.arange(w // p, device=device), self.head_dim)
+        hooks = (lambda i: kv_cache.hook(i, kv_mode)) if kv_cache is not None and kv_mode is not None else None
+        x = self.run_blocks(x, text, temb, rope, hooks)
+        return self.output(x, temb, h, w)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+def infer_glm_image_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+    """A config from tensor shapes; the head split (not visible in shapes) keeps the real head_dim of 128."""
+    require_keys(shapes, ["image_projector.proj.weight", "glyph_projector.net.0.proj.weight",
+                          "prior_token_embedding.weight", "proj_out.weight",
+                          "time_condition_embed.condition_embedder.linear_1.weight"], source, "GLM-Image DiT")
+    c = infer_trunk_config(shapes, source, defaults=GLM_IMAGE_DIT_CONFIG, patch_key="image_projector.proj.weight",
+                           text_key="glyph_projector.net.0.proj.weight", num_conditions=2)
+    c["prior_vq_quantizer_codebook_size"] = shapes["prior_token_embedding.weight"][0]
+    return c
+
+
+def load_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageDiT:
+    """Load the GLM-Image DiT from a release root, its ``transformer/`` folder or a single .safetensors file.
+
+    ``dtype``: ``auto`` (bf16 where supported, else fp32), ``bf16`` or ``fp32``; fp16 is refused.
+    """
+    return load_dit(path, dtype, device, model_class=GlmImageDiT, class_name="GlmImageTransformer2DModel",
+                    infer=infer_glm_image_config, defaults=GLM_IMAGE_DIT_CONFIG, component="The GLM-Image decoder")
