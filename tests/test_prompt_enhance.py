@@ -24,7 +24,7 @@ from glm_image_nodes.core.stages.prompt_enhance import (  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_glmv import write_tiny_glmv  # noqa: E402
+from tiny_glmv import reference_processor, write_tiny_glmv  # noqa: E402
 
 PROMPT = 'a bakery window with a sign that says "Fresh Bread"'
 NEW_TOKENS = 12
@@ -37,13 +37,7 @@ def captioner(tmp_path_factory):
 
 @pytest.fixture()
 def processor(captioner, monkeypatch):
-    from transformers import Glm4vProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    # Glm4vProcessor insists on a torchvision video processor; a text-only chat never touches it.
-    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
-    return Glm4vProcessor(image_processor=captioner.image_processor, tokenizer=captioner.tokenizer,
-                          video_processor=None, chat_template=captioner.chat_template)
+    return reference_processor(captioner, monkeypatch)
 
 
 def reference(captioner, processor, messages):

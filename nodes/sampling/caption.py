@@ -8,6 +8,18 @@ from ...core.stages.prompt_enhance import LANGUAGES, enhance_prompt
 from ..common import MAX_SEED, category
 
 
+def reply_inputs(reply: str, note: str = "") -> dict:
+    """The widgets of a GLM-V reply: max_new_tokens, temperature, seed; ``reply`` names what greedy decoding
+    keeps the same."""
+    return {
+        "max_new_tokens": ("INT", {"default": 1024, "min": 16, "max": 8192,
+                                   "tooltip": "Thinking models reason first; keep this high for them."}),
+        "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                  "tooltip": f"0 decodes greedily (the same {reply} every time){note}."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Used when temperature > 0."}),
+    }
+
+
 class GLMImageCaption:
     DESCRIPTION = ("Captions each image. 'GLM-Image prompt' writes a prompt for GLM-Image with the text to render "
                    "in quotes; captions of a batch are separated by blank lines.")
@@ -23,11 +35,7 @@ class GLMImageCaption:
                 "captioner": (handles.CAPTIONER,),
                 "image": ("IMAGE",),
                 "preset": (list(PRESETS), {"default": "GLM-Image prompt"}),
-                "max_new_tokens": ("INT", {"default": 1024, "min": 16, "max": 8192,
-                                           "tooltip": "Thinking models reason first; keep this high for them."}),
-                "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                          "tooltip": "0 decodes greedily (the same caption every time)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Used when temperature > 0."}),
+                **reply_inputs("caption"),
             },
             "optional": {
                 "custom_instruction": ("STRING", {"multiline": True, "default": "",
@@ -86,12 +94,7 @@ class GLMImagePromptEnhance:
             "language": (list(LANGUAGES), {"default": "auto",
                                            "tooltip": "Language of the rewrite; auto: Chinese when the prompt is "
                                                       "mostly Chinese, else English."}),
-            "max_new_tokens": ("INT", {"default": 1024, "min": 16, "max": 8192,
-                                       "tooltip": "Thinking models reason first; keep this high for them."}),
-            "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                      "tooltip": "0 decodes greedily (the same rewrite every time); the official "
-                                                 "utility uses 1.0."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Used when temperature > 0."}),
+            **reply_inputs("rewrite", "; the official utility uses 1.0"),
         }}
 
     def enhance(self, captioner, prompt, language, max_new_tokens, temperature, seed):
