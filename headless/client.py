@@ -174,7 +174,6 @@ def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout:
                 if message and message.get("data", {}).get("prompt_id") in (prompt_id, None):
                     kind, data = message["type"], message["data"]
                     if kind == "preview":
-                        on_event(f"node {data['node']}: preview ({data['image_type']}, {len(data['image'])} bytes)")
                         if on_preview is not None:
                             on_preview(data["node"], data["image_type"], data["image"])
                     elif kind == "progress":
