@@ -272,3 +272,29 @@ def resolve_checkpoint(name: str, kind: str) -> str:
     raise FileNotFoundError(
         f"Checkpoint {name!r} not found. Put a release folder in models/{RELEASE_FOLDER}/, a single file in "
         f"models/{kind}/, or give an absolute path.")
+
+
+LORA_FOLDER = "loras"
+
+
+def list_lora_files() -> list[str]:
+    """The files of ComfyUI's ``loras`` folders (a PEFT adapter shows as ``<folder>/adapter_model.safetensors``)."""
+    if _folder_paths is None:
+        return []
+    return list(_folder_paths.get_filename_list(LORA_FOLDER))
+
+
+def resolve_lora(name: str) -> str:
+    """A LoRA node's choice as a path: a path as is, else a file (or PEFT adapter folder) in ``models/loras``."""
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        return expanded
+    if _folder_paths is not None and not os.path.isabs(expanded):
+        path = _folder_paths.get_full_path(LORA_FOLDER, name)
+        if path:
+            return path
+        for base in _folder_paths.get_folder_paths(LORA_FOLDER):
+            if os.path.isdir(os.path.join(base, name)):
+                return os.path.join(base, name)
+    raise FileNotFoundError(f"LoRA {name!r} not found. Put it in models/{LORA_FOLDER}/ (a PEFT adapter as its "
+                            f"folder), or give a path.")
