@@ -50,6 +50,10 @@ def test_peft_adapter_onto_the_ar_model(models, ar_factors, tmp_path):
     assert torch.equal(layer.down, down) and torch.equal(layer.up, up) and layer.scale == 8 / 4
     # the weights file itself (the ComfyUI loras folder lists files) reads the config beside it
     assert read_lora(str(tmp_path / "adapter" / "adapter_model.safetensors")).layers.keys() == ar_factors.keys()
+    # trained on the inner GlmImageModel: language_model.* without the leading model.
+    inner = write_peft_adapter(str(tmp_path / "inner"), {k.removeprefix("model."): v for k, v in ar_factors.items()},
+                               r=4, alpha=8)
+    assert load_lora(inner, AR, models[0]).layers.keys() == lora.layers.keys()
 
 
 def test_rslora_and_rank_alpha_patterns_follow_peft(models, ar_factors, tmp_path):

@@ -24,16 +24,26 @@ SHOWN = 8  # module names quoted in a message
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """A model LoRAs can be applied to. ``reference_name``: a pack module name -> the reference's name for it."""
+    """A model LoRAs can be applied to. ``reference_names``: a pack module name -> the names trainers give it
+    (the reference's full name first)."""
     name: str
     node: str
-    reference_name: Callable[[str], str]
+    reference_names: Callable[[str], tuple[str, ...]]
+
+    def reference_name(self, module: str) -> str:
+        return self.reference_names(module)[0]
 
 
-AR = LoraTarget("the GLM-Image AR model", "GLM-Image AR LoRA Loader",
-                lambda module: module if module.startswith("lm_head") else "model.language_model." + module)
-GLM_IMAGE_DIT = LoraTarget("the GLM-Image DiT decoder", "GLM-Image Decoder LoRA Loader", lambda module: module)
-COGVIEW4_DIT = LoraTarget("the CogView4 DiT", "CogView4 LoRA Loader", lambda module: module)
+def _ar_names(module: str) -> tuple[str, ...]:
+    """``GlmImageForConditionalGeneration`` names (and those of a LoRA trained on its inner ``GlmImageModel``)."""
+    if module.startswith("lm_head"):
+        return (module,)
+    return ("model.language_model." + module, "language_model." + module)
+
+
+AR = LoraTarget("the GLM-Image AR model", "GLM-Image AR LoRA Loader", _ar_names)
+GLM_IMAGE_DIT = LoraTarget("the GLM-Image DiT decoder", "GLM-Image Decoder LoRA Loader", lambda module: (module,))
+COGVIEW4_DIT = LoraTarget("the CogView4 DiT", "CogView4 LoRA Loader", lambda module: (module,))
 
 # What a LoRA's module names say about the model it was trained for; the first that matches any name wins.
 SIGNATURES = (
@@ -90,7 +100,7 @@ def map_lora(file: LoraFile, target: LoraTarget, model: nn.Module) -> Lora:
     shapes = linear_shapes(model)
     lookup: dict[str, str] = {}
     for module in shapes:
-        for alias in (module, target.reference_name(module)):
+        for alias in (module, *target.reference_names(module)):
             lookup[alias] = module
             lookup[alias.replace(".", "_")] = module  # kohya spells the path with underscores
     layers: dict[str, LoraLayer] = {}
