@@ -166,9 +166,10 @@ def rope_kv_write(q, k, v, cos, sin, cache_k, cache_v, index):
     return rope.rope_kv_write_reference(q, k, v, cos, sin, cache_k, cache_v, index)
 
 
-def decode_attention_fused(q) -> bool:
-    """Whether ``decode_attention`` runs fused for this query (else the caller's masked SDPA does)."""
-    return use_fused(q) and q.shape[2] == 1
+def decode_attention_fused(x) -> bool:
+    """Whether one-token decode attention for activations like ``x`` runs as the fused kernel (which masks by
+    itself from ``key_valid`` and the slot index) rather than as SDPA under the caller's mask."""
+    return use_fused(x)
 
 
 def decode_attention_op(q, cache_k, cache_v, key_valid, index, scale: float):
