@@ -79,3 +79,40 @@ def test_decode_steps_choice_is_checked(release):
         _edit(model, tok, decode_steps="fast")
     # without CUDA, "cuda graph" runs the eager step
     assert torch.equal(_edit(model, tok, decode_steps="cuda graph").ids, _edit(model, tok).ids)
+
+
+def test_step_runner_replays_one_graph_per_token(monkeypatch):
+    """The CUDA path's bookkeeping with stand-ins for the CUDA calls: two warm-up steps, one capture, then one
+    replay per token and no other step call."""
+    from glm_image_nodes.core.stages import ar_sampling
+    events = []
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    class Capture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            events.append("capture")
+
+        def __exit__(self, *exc):
+            return False
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    fake = type("cuda", (), dict(CUDAGraph=Graph, graph=Capture, Stream=Stream, current_stream=Stream,
+                                 stream=lambda s: Capture(None)))
+    monkeypatch.setattr(ar_sampling.torch, "cuda", fake)
+    run = ar_sampling.StepRunner("cuda graph", torch.device("cuda"), lambda: events.append("step"))
+    for _ in range(6):
+        run()
+    assert events == ["capture", "step", "capture", "step", "capture", "step"] + ["replay"] * 4
+    eager = ar_sampling.StepRunner("cuda graph", torch.device("cpu"), lambda: events.append("cpu"))
+    events.clear()
+    eager()
+    assert events == ["cpu"]

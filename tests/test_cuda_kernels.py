@@ -62,23 +62,6 @@ def test_silu_mul(interpret, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 3])
-def test_rope_kv_write(interpret, dtype, n):
-    b, heads, kv_heads, d, rotary, length = 2, 4, 2, 32, 16, 10
-    q, k, v = (randn(b, n, h * d, dtype=dtype, seed=s) for s, h in ((6, heads), (7, kv_heads), (8, kv_heads)))
-    angles = randn(b, 1, n, rotary // 2, seed=9)
-    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
-    index = torch.tensor(5)
-    caches = [randn(b, kv_heads, length, d, dtype=dtype, seed=10) for _ in range(2)]
-    mine = [c.clone() for c in caches]
-    want = rope.rope_kv_write_reference(q, k, v, cos, sin, *caches, index)
-    got = rope.rope_kv_write_triton(q, k, v, cos, sin, *mine, index)
-    assert_matches(got, want)
-    for g, w in zip(mine, caches):
-        assert torch.equal(g, w)  # elementwise in the same order: bit-equal, other slots untouched
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_qk_layernorm_rope(interpret, dtype):
     b, s, heads, d, n_text = 2, 7, 3, 32, 2
     t = randn(b, s, heads * d, dtype=dtype, seed=11, scale=4).unflatten(2, (heads, d))
@@ -103,34 +86,46 @@ def test_adaln_epilogues(interpret, dtype):
     assert_matches(got[1], want[1])
 
 
+def decode_inputs(dtype, b=2, heads=8, kv_heads=2, d=32, rotary=16, length=40):
+    q, k, v = (randn(b, 1, h * d, dtype=dtype, seed=s) for s, h in ((16, heads), (17, kv_heads), (18, kv_heads)))
+    angles = randn(b, 1, 1, rotary // 2, seed=19)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    caches = randn(b, kv_heads, length, d, dtype=dtype, seed=20), randn(b, kv_heads, length, d, dtype=dtype, seed=21)
+    valid = torch.ones(b, length, dtype=torch.bool)
+    valid[1, :5] = False  # left padding of the second prompt
+    return q, k, v, cos, sin, caches, valid
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("length,index", [(40, 0), (40, 17), (200, 199), (200, 70)])
 def test_decode_attention(interpret, monkeypatch, dtype, length, index):
-    monkeypatch.setattr(decode_attention, "TARGET_PROGRAMS", 8)  # several splits, some past the current slot
-    b, heads, kv_heads, d = 2, 8, 2, 16
-    q = randn(b, heads, 1, d, dtype=dtype, seed=16)
-    cache_k, cache_v = randn(b, kv_heads, length, d, dtype=dtype, seed=17), randn(b, kv_heads, length, d, dtype=dtype,
-                                                                                     seed=18)
-    valid = torch.ones(b, length, dtype=torch.bool)
-    valid[1, :5] = False  # left padding of the second prompt
+    """RoPE of q and the new k, the cache write at ``index`` and attention over the cache, split over programs
+    (some of them past the current slot)."""
+    monkeypatch.setattr(decode_attention, "TARGET_PROGRAMS", 8)
+    q, k, v, cos, sin, caches, valid = decode_inputs(dtype, length=length)
+    mine = [c.clone() for c in caches]
     idx = torch.tensor(index)
-    got = decode_attention.decode_attention_triton(q, cache_k, cache_v, valid, idx, d ** -0.5)
-    want = decode_attention.decode_attention_reference(q.float(), cache_k.float(), cache_v.float(), valid, idx,
-                                                        d ** -0.5)
+    got = decode_attention.decode_attention_triton(q, k, v, cos, sin, *mine, valid, idx, 32 ** -0.5)
+    want = decode_attention.decode_attention_reference(q, k, v, cos, sin, *caches, valid, idx, 32 ** -0.5)
+    for g, w in zip(mine, caches):
+        assert torch.equal(g, w)  # the new slot rounded like the reference, every other slot untouched
+    # fp32 reference attention over the same (rounded) cache, to compare the kernel's fp32 softmax with
+    q_rot = rope.rope_kv_write_reference(q, k, v, cos, sin, *[c.clone() for c in caches], idx)
+    exact = decode_attention.F.scaled_dot_product_attention(
+        q_rot.float(), *(c.float().repeat_interleave(4, 1) for c in caches),
+        attn_mask=decode_attention.decode_mask(valid, idx), scale=32 ** -0.5).transpose(1, 2).reshape(2, 1, -1)
     tol = FP32_TOL if dtype == torch.float32 else 2 ** -7  # bf16: one rounding of an fp32-exact result
-    assert (got.float() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+    assert got.shape == want.shape == (2, 1, 8 * 32) and got.dtype == dtype
+    assert (got.float() - exact).abs().max().item() <= tol * max(1.0, exact.abs().max().item())
 
 
 def test_custom_ops_pass_opcheck():
     x, w = randn(2, 3, 32), randn(32)
-    q, k, v = randn(1, 1, 4 * 16), randn(1, 1, 2 * 16), randn(1, 1, 2 * 16)
-    cos, sin = torch.ones(1, 1, 1, 8), torch.zeros(1, 1, 1, 8)
-    caches = randn(1, 2, 6, 16), randn(1, 2, 6, 16)
+    q, k, v, cos, sin, caches, valid = decode_inputs(torch.float32)
     mod = randn(2, 1, 32)
     cases = {
         "rms_norm": (x, w, 1e-5), "add_rms_norm": (x, x * 2, w, w, 1e-5), "silu_mul": (x,),
-        "rope_kv_write": (q, k, v, cos, sin, *caches, torch.tensor(2)),
-        "decode_attention": (randn(1, 4, 1, 16), *caches, torch.ones(1, 6, dtype=torch.bool), torch.tensor(3), 0.25),
+        "decode_attention": (q, k, v, cos, sin, *caches, valid, torch.tensor(3), 0.25),
         "qk_layernorm_rope": (randn(2, 5, 2, 16), torch.ones(3, 16), torch.zeros(3, 16), 2),
         "layernorm_modulate": (x, mod, mod), "gated_residual": (x, x, mod),
         "gated_residual_layernorm_modulate": (x, x, mod, mod, mod),
@@ -154,11 +149,8 @@ def _launches(monkeypatch):
         q, kv = torch.empty(1, 1, 4096, **t), torch.empty(1, 1, 256, **t)
         cos = torch.empty(1, 1, 1, 64, **t)
         cache = torch.empty(1, 2, 2560, 128, **t)
-        out += recorded_launches(monkeypatch, rope, rope.rope_kv_write_triton, q, kv, kv, cos, cos, cache, cache,
-                                 torch.empty((), dtype=torch.long, **meta))
         out += recorded_launches(monkeypatch, decode_attention, decode_attention.decode_attention_triton,
-                                 torch.empty(1, 32, 1, 128, **t), cache, cache,
-                                 torch.empty(1, 2560, dtype=torch.bool, **meta),
+                                 q, kv, kv, cos, cos, cache, cache, torch.empty(1, 2560, dtype=torch.bool, **meta),
                                  torch.empty((), dtype=torch.long, **meta), 128 ** -0.5)
         freqs = torch.empty(4096, 128, dtype=torch.float32, **meta)
         out += recorded_launches(monkeypatch, rope, rope.qk_layernorm_rope_triton,
@@ -174,8 +166,7 @@ def _launches(monkeypatch):
 def test_every_kernel_compiles_for_sm90a_without_spills(monkeypatch):
     launches = _launches(monkeypatch)
     kernels = {launch.kernel.__name__ for launch in launches}
-    assert kernels == {"rms_norm_kernel", "add_rms_norm_kernel", "silu_mul_kernel", "rope_kv_write_kernel",
-                       "decode_partial_kernel", "decode_merge_kernel", "qk_layernorm_rope_kernel", "adaln_kernel"}
+    assert kernels == {"rms_norm_kernel", "add_rms_norm_kernel", "silu_mul_kernel", "decode_partial_kernel", "decode_merge_kernel", "qk_layernorm_rope_kernel", "adaln_kernel"}
     for launch in launches:
         report = ptxas_report(compile_sm90(launch))
         assert report["spill_bytes"] == 0, (launch.kernel.__name__, launch.kwargs, report["log"])

@@ -75,12 +75,6 @@ def _silu_mul_fake(gate_up):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
-def _rope_kv_fake(q, k, v, cos, sin, cache_k, cache_v, index):
-    b, n, _ = q.shape
-    d = cache_k.shape[-1]
-    return q.new_empty(b, q.shape[2] // d, n, d)
-
-
 def _qk_fake(t, cos, sin, n_text):
     return t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3])
 
@@ -98,14 +92,10 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return activations.silu_mul_reference(gate_up)
 
 
-def _rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   cache_k: torch.Tensor, cache_v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return rope.rope_kv_write_reference(q, k, v, cos, sin, cache_k, cache_v, index)
-
-
-def _decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, key_valid: torch.Tensor,
-                      index: torch.Tensor, scale: float) -> torch.Tensor:
-    return decode_attention.decode_attention_reference(q, cache_k, cache_v, key_valid, index, scale)
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache_k: torch.Tensor, cache_v: torch.Tensor, key_valid: torch.Tensor, index: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    return decode_attention.decode_attention_reference(q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale)
 
 
 def _qk_layernorm_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_text: int) -> torch.Tensor:
@@ -129,10 +119,8 @@ OPS = {
     "rms_norm": _op("rms_norm", _rms_norm, norms.rms_norm_triton, _like),
     "add_rms_norm": _op("add_rms_norm", _add_rms_norm, norms.add_rms_norm_triton, _norm_pair),
     "silu_mul": _op("silu_mul", _silu_mul, activations.silu_mul_triton, _silu_mul_fake),
-    "rope_kv_write": _op("rope_kv_write", _rope_kv_write, rope.rope_kv_write_triton, _rope_kv_fake,
-                         mutates_args=("cache_k", "cache_v")),
     "decode_attention": _op("decode_attention", _decode_attention, decode_attention.decode_attention_triton,
-                            lambda q, *_: torch.empty_like(q)),
+                            lambda q, *_: torch.empty_like(q), mutates_args=("cache_k", "cache_v")),
     "qk_layernorm_rope": _op("qk_layernorm_rope", _qk_layernorm_rope, rope.qk_layernorm_rope_triton, _qk_fake),
     "layernorm_modulate": _op("layernorm_modulate", _layernorm_modulate, adaln.layernorm_modulate_triton, _like),
     "gated_residual": _op("gated_residual", _gated_residual, adaln.gated_residual_triton, _like),
@@ -159,21 +147,16 @@ def silu_mul(gate_up):
     return OPS["silu_mul"](gate_up) if use_fused(gate_up) else activations.silu_mul_reference(gate_up)
 
 
-def rope_kv_write(q, k, v, cos, sin, cache_k, cache_v, index):
-    """Rotated q ``[B, heads, n, D]`` from projections ``[B, n, heads * D]``; k and v go to cache slot ``index``."""
-    if use_fused(q) and index.dim() == 0:
-        return OPS["rope_kv_write"](q, k, v, cos, sin, cache_k, cache_v, index)
-    return rope.rope_kv_write_reference(q, k, v, cos, sin, cache_k, cache_v, index)
-
-
 def decode_attention_fused(x) -> bool:
-    """Whether one-token decode attention for activations like ``x`` runs as the fused kernel (which masks by
-    itself from ``key_valid`` and the slot index) rather than as SDPA under the caller's mask."""
+    """Whether one-token decode attention for activations like ``x`` runs as the fused kernel (RoPE, cache
+    write, and masking by itself from ``key_valid`` and the slot index) rather than as SDPA under the
+    caller's mask."""
     return use_fused(x)
 
 
-def decode_attention_op(q, cache_k, cache_v, key_valid, index, scale: float):
-    return OPS["decode_attention"](q, cache_k, cache_v, key_valid, index, scale)
+def decode_attention_op(q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale: float):
+    """``[B, 1, heads * D]`` from the projections ``q``/``k``/``v`` ``[B, 1, * D]``; k/v go to slot ``index``."""
+    return OPS["decode_attention"](q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale)
 
 
 def qk_layernorm_rope(t, cos, sin, n_text: int):

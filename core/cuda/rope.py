@@ -1,7 +1,8 @@
 """Rotary embeddings fused with what surrounds them.
 
-- ``rope_kv_write``: the AR step's partial M-RoPE (rotate-half on the first ``cos.shape[-1]`` dims) of q and
-  k straight from the projections, with the rotated k and v written into their static KV-cache slots.
+- ``rope_kv_write_reference``: the AR step's partial M-RoPE (rotate-half on the first ``cos.shape[-1]`` dims)
+  of q and k straight from the projections, with the rotated k and v written into their static KV-cache
+  slots (fused into the decode attention kernel, ``decode_attention``).
 - ``qk_layernorm_rope``: the DiT's per-head q/k LayerNorm and 2D RoPE on the image tokens, written
   ``[B, H, S, D]`` for attention; the rotation reads the normalized values once in fp32, instead of casting
   the whole q/k tensors to fp32 and back.
@@ -59,38 +60,6 @@ def qk_layernorm_rope_reference(t: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 if HAVE_TRITON:
     @triton.jit
-    def rope_kv_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, ck_ptr, cv_ptr, index_ptr,
-                             n, heads, sq_b, sq_t, sk_b, sk_t, sc_b, sc_t, so_b, so_h, so_t, sc_cb, sc_ch, sc_cl,
-                             D: tl.constexpr, R: tl.constexpr):
-        bt = tl.program_id(0)
-        head = tl.program_id(1)
-        b = bt // n
-        t = bt % n
-        dtype: tl.constexpr = q_out_ptr.dtype.element_ty
-        offs = tl.arange(0, D)
-        rotated = offs < R
-        partner = tl.where(offs < R // 2, offs + R // 2, offs - R // 2)
-        sign = tl.where(offs < R // 2, -1.0, 1.0)
-        cos = tl.load(cos_ptr + b * sc_b + t * sc_t + offs, mask=rotated, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + b * sc_b + t * sc_t + offs, mask=rotated, other=0.0).to(tl.float32)
-        if head < heads:
-            src = q_ptr + b * sq_b + t * sq_t + head * D
-        else:
-            src = k_ptr + b * sk_b + t * sk_t + (head - heads) * D
-        x = tl.load(src + offs).to(tl.float32)
-        xp = tl.load(src + partner, mask=rotated, other=0.0).to(tl.float32)
-        out = round_to(round_to(x * cos, dtype) + round_to(sign * xp * sin, dtype), dtype)
-        out = tl.where(rotated, out, x)
-        if head < heads:
-            tl.store(q_out_ptr + b * so_b + head * so_h + t * so_t + offs, out.to(dtype))
-        else:
-            slot = tl.load(index_ptr) + t
-            dst = b * sc_cb + (head - heads) * sc_ch + slot * sc_cl + offs
-            tl.store(ck_ptr + dst, out.to(dtype))
-            v = tl.load(v_ptr + b * sk_b + t * sk_t + (head - heads) * D + offs)
-            tl.store(cv_ptr + dst, v)
-
-    @triton.jit
     def qk_layernorm_rope_kernel(t_ptr, cos_ptr, sin_ptr, out_ptr, seq, heads, n_text, st_b, st_s, st_h,
                                  so_b, so_h, so_s, eps, D: tl.constexpr, BLOCK_H: tl.constexpr):
         pid = tl.program_id(0)
@@ -116,20 +85,6 @@ if HAVE_TRITON:
             normed = round_to(normed * cos[None, :] + (sign[None, :] * normed_p) * sin[None, :], dtype)
         dst = out_ptr + b * so_b + offs_h[:, None] * so_h + s * so_s + offs_d[None, :]
         tl.store(dst, normed.to(dtype), mask=mask)
-
-
-def rope_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         cache_k: torch.Tensor, cache_v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    b, n, _ = q.shape
-    kv_heads, d = cache_k.shape[1], cache_k.shape[3]
-    heads = q.shape[2] // d
-    q_out = torch.empty(b, heads, n, d, dtype=q.dtype, device=q.device)
-    cos, sin = cos.expand(b, 1, n, -1), sin.expand(b, 1, n, -1)
-    rope_kv_write_kernel[(b * n, heads + kv_heads)](
-        q, k, v, cos, sin, q_out, cache_k, cache_v, index, n, heads, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), cos.stride(0), cos.stride(2), q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), D=d, R=cos.shape[-1], num_warps=1)
-    return q_out
 
 
 def qk_layernorm_rope_triton(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_text: int) -> torch.Tensor:

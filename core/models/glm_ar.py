@@ -120,12 +120,10 @@ class Attention(GroupedQueryProjections):
             cache_v[:, :, start:start + n] = v
             out = attention(q, cache_k[:, :, :start + n], cache_v[:, :, :start + n], causal=mask is None, mask=mask,
                             scale=scale)
-        else:  # decode with a device-side index: static shapes over the whole cache
-            q = dispatch.rope_kv_write(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache_k, cache_v,
-                                       start)
-            out = cached_decode_attention(q, cache_k, cache_v, mask=mask, key_valid=key_valid, index=start,
-                                          scale=scale)
-        return self.merge(out)
+            return self.merge(out)
+        # decode with a device-side index: static shapes over the whole cache
+        return self.o_proj(cached_decode_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache_k,
+                                                   cache_v, mask=mask, key_valid=key_valid, index=start, scale=scale))
 
 
 class GlmImageAR(nn.Module):
@@ -166,18 +164,20 @@ class GlmImageAR(nn.Module):
         allowed = allowed | (keys[None, :] == queries[:, None])[None]
         return allowed[:, None]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                start: int | torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: KVCache,
+                start: int | torch.Tensor, last_only: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (float32) ``[B, L, vision_vocab]`` for ``input_ids`` [B,L] at cache slots ``start..start+L``
         (``[B, 1, vision_vocab]`` of the last position with ``last_only``: a long prefill needs no more).
 
         ``position_ids``: M-RoPE positions [3,B,L]. ``start``: a Python int (prefill, attends to the cache
         up to the new tokens) or a 0-dim device tensor (decode: static shapes, attends to the whole cache
-        under a mask; suitable for CUDA-graph capture).
+        under a mask; suitable for CUDA-graph capture). ``rope``: the ``mrope_cos_sin`` of ``position_ids``,
+        precomputed (a decode loop computes every step's at once).
         """
         n = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
-        cos, sin = mrope_cos_sin(self.config, position_ids, x.dtype)
+        cos, sin = rope if rope is not None else mrope_cos_sin(self.config, position_ids, x.dtype)
         fused_decode = not isinstance(start, int) and n == 1 and dispatch.decode_attention_fused(x)
         mask = None if fused_decode else self._mask(cache, start, n)  # the fused kernel masks by itself
         h = self.layers[0].input_layernorm(x)

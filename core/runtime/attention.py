@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..cuda import dispatch
+from ..cuda.rope import rope_kv_write_reference
 
 BACKENDS = ("auto", "sdpa", "sage", "flash")
 CUDA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -117,11 +118,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return out.reshape(b, hq, sq, d)
 
 
-def cached_decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, *,
-                            mask: torch.Tensor | None, key_valid: torch.Tensor, index: torch.Tensor,
-                            scale: float) -> torch.Tensor:
-    """AR decode over the whole static cache: the fused kernel (``mask`` None, see
-    ``dispatch.decode_attention_fused``) or SDPA under the reference's ``mask``."""
-    if mask is None and q.shape[2] == 1 and dispatch.decode_attention_fused(q):
-        return dispatch.decode_attention_op(q, cache_k, cache_v, key_valid, index, scale)
-    return attention(q, cache_k, cache_v, mask=mask, scale=scale)
+def cached_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            cache_k: torch.Tensor, cache_v: torch.Tensor, *, mask: torch.Tensor | None,
+                            key_valid: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+    """AR decode over the whole static cache, from the projections ``[B, n, * D]``: RoPE, the k/v cache write at
+    slot ``index`` and attention; returns the ``o_proj`` input ``[B, n, heads * D]``. The fused kernel when
+    the model asked for it (``mask`` None, see ``dispatch.decode_attention_fused``), else the torch reference
+    and SDPA under the reference's ``mask``."""
+    b, n, _ = q.shape
+    if mask is None and n == 1 and dispatch.decode_attention_fused(q):
+        return dispatch.decode_attention_op(q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale)
+    q = rope_kv_write_reference(q, k, v, cos, sin, cache_k, cache_v, index)
+    return attention(q, cache_k, cache_v, mask=mask, scale=scale).transpose(1, 2).reshape(b, n, -1)

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from ..models.glm_ar import GlmImageAR, KVCache
+from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
 from ..runtime.comfy_compat import Progress
 from ..runtime.handles import TokenGrid
 from .ar_prompt import CODEBOOK_SIZE, TextTokenizer, build_ar_inputs
@@ -84,7 +84,8 @@ class DecodeState:
     tokens: torch.Tensor     # [B, 1] the last sampled ids, fed next
     index: torch.Tensor      # 0-dim: the cache slot of ``tokens``
     step: torch.Tensor       # 0-dim: k, the token this step produces
-    positions: torch.Tensor  # [3, B, total] M-RoPE positions; token k comes from feeding token k-1 at k-1
+    cos: torch.Tensor        # [B, 1, total, R] M-RoPE of the decode positions; token k comes from feeding
+    sin: torch.Tensor        # token k-1 at position k-1
     out: torch.Tensor        # [B, total] every produced id
     noise: SamplingNoise
 
@@ -97,8 +98,9 @@ def decode_step(model: GlmImageAR, cache: KVCache, state: DecodeState, temperatu
     ``torch.compile(fullgraph=True)`` and captured in a CUDA graph (one replay per token).
     """
     k = state.step
-    positions = state.positions.index_select(2, (k - 1).view(1))
-    logits = model(state.tokens, positions, cache, state.index)[:, -1]
+    position = (k - 1).view(1)
+    rope = state.cos.index_select(2, position), state.sin.index_select(2, position)
+    logits = model(state.tokens, None, cache, state.index, rope=rope)[:, -1]
     ids = sample_codebook_ids(logits, temperature, top_k, top_p, state.noise.at(k))
     state.out.index_copy_(1, k.view(1), ids[:, None])
     state.tokens.copy_(ids[:, None])
@@ -193,10 +195,10 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     decode_positions = inputs.decode_position_ids.to(device)
     cache = model.new_cache(batch, length + total - 1, inputs.attention_mask)
     noise = SamplingNoise(torch.Generator(device=device).manual_seed(int(seed)), batch, device, temperature == 0)
+    cos, sin = mrope_cos_sin(model.config, decode_positions, model.dtype)
     state = DecodeState(tokens=torch.empty(batch, 1, dtype=torch.long, device=device),
-                        index=torch.tensor(length, device=device), step=torch.tensor(1, device=device),
-                        positions=decode_positions, out=torch.empty(batch, total, dtype=torch.long, device=device),
-                        noise=noise)
+                        index=torch.tensor(length, device=device), step=torch.tensor(1, device=device), cos=cos,
+                        sin=sin, out=torch.empty(batch, total, dtype=torch.long, device=device), noise=noise)
     step = compiled_decode_step() if decode_steps == "compiled" else decode_step
     run = StepRunner(decode_steps, device, partial(step, model, cache, state, temperature, top_k, top_p))
 
