@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     result = {"meta": {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": str(device),
                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                        "args": vars(args)}, "rows": rows}
-    print(f"| step_cache | steps with blocks skipped | s/step | time / off | PSNR vs off (dB) |\n|---|---|---|---|---|")
+    print("| step_cache | steps with blocks skipped | s/step | time / off | PSNR vs off (dB) |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['threshold']:g} | {100 * r['steps_skipped']:.0f}% | {r['seconds_per_step']:.4f} | "
               f"{r['time_vs_off']:.3f} | {r['psnr_db_vs_off']:.1f} |")

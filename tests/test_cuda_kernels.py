@@ -10,12 +10,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from triton_harness import compile_sm90, interpreted, ptxas_report, recorded_launches  # noqa: E402
-
 from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dispatch, norms, rope  # noqa: E402
+from triton_harness import compile_sm90, interpreted, ptxas_report, recorded_launches  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 FP32_TOL = 2e-5

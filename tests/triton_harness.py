@@ -28,8 +28,8 @@ TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.uint8: "u8", torch
 
 
 def interpreted(monkeypatch):
-    import triton.language as tl
     import triton.experimental.gluon  # noqa: F401  (imported lazily by the launcher; it wants real JITFunctions)
+    import triton.language as tl
     import triton.language.standard as standard
     monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
     # The interpreter patches triton.language's builtins while a kernel runs and, for nested device functions
