@@ -166,11 +166,12 @@ def _check_sampling(temperature: float, top_k: int, top_p: float, num_images: in
 def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int,
                         width: int, *, seed: int, temperature: float = 0.9, top_p: float = 0.75,
                         top_k: int = 16512, num_images: int = 1, source_grids: list[torch.Tensor] | None = None,
-                        progress: bool = True, decode_steps: str = "eager") -> TokenGrid:
+                        progress: bool = True, preview=None, decode_steps: str = "eager") -> TokenGrid:
     """Sample the token grid(s) for ``prompt`` at ``height`` x ``width`` (floored to multiples of 32).
 
     Returns a TokenGrid with ids [B, H/32, W/32] (B = prompts x num_images, prompt-major), the preview grids
     for text-to-image, on the CPU. ``source_grids``: [h, w] id grids of reference images (editing).
+    ``preview(ids_written [B, n], grids)``: a live preview for the progress bar, or None (``token_preview``).
     ``decode_steps``: ``eager``; ``cuda graph`` (the eager step captured once, one graph replay per token, on
     CUDA); ``compiled`` (``torch.compile(fullgraph=True)``, also captured on CUDA). Tokens are the same for a
     seed whichever is chosen (up to kernel rounding on GPUs).
@@ -207,11 +208,11 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
         noise.refill_for(0)
         state.tokens[:, 0] = sample_codebook_ids(logits, temperature, top_k, top_p, noise.at(0))
         state.out[:, 0] = state.tokens[:, 0]
-        bar.update()
+        bar.update(preview=preview(state.out[:, :1], inputs.grids) if preview is not None else None)
         for k in range(1, total):
             noise.refill_for(k)
             run()
-            bar.update()
+            bar.update(preview=preview(state.out[:, :k + 1], inputs.grids) if preview is not None else None)
 
     out = state.out
     out = out.cpu()

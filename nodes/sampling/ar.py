@@ -5,6 +5,7 @@ from ...core.runtime import comfy_compat, handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_glm_image_size
 from ...core.stages.ar_sampling import DECODE_STEPS, generate_token_grid
+from ...core.stages.token_preview import ar_preview
 from ..common import attention_input, category, seed_input, size_input
 
 SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
@@ -68,7 +69,8 @@ class GLMImageARSampler:
                 attention_backend(attention):
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
-                                       source_grids=source_grids, decode_steps=decode_steps)
+                                       source_grids=source_grids, preview=ar_preview(ar_model.model),
+                                       decode_steps=decode_steps)
         return (grid,)
 
 

@@ -6,6 +6,7 @@ from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_cogview4_size
 from ...core.stages.cogview4_text import encode_cogview4_prompt
 from ...core.stages.decoder_sampling import sample_cogview4_latents
+from ...core.stages.latent_preview import COGVIEW4, decoder_preview
 from ..common import category, dit_speed_inputs, seed_input, size_input
 
 
@@ -59,9 +60,11 @@ class GLMImageCogView4Sampler:
         check_backend(attention)
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
+        preview = decoder_preview(COGVIEW4)
         with comfy_compat.on_compute_device(decoder), attention_backend(attention):
             latents = sample_cogview4_latents(decoder, cond, uncond, height, width, steps=steps, guidance=guidance,
-                                              seed=seed, compile_blocks=compile, step_cache=step_cache)
+                                              seed=seed, preview=preview, compile_blocks=compile,
+                                              step_cache=step_cache)
         return ({"samples": latents.float().cpu()},)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ...core.runtime import comfy_compat, handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.stages.decoder_sampling import sample_latents
+from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
 from ..common import category, dit_speed_inputs, seed_input
 
 
@@ -45,12 +46,13 @@ class GLMImageDecoderSampler:
                step_cache=0.0):
         check_token_grid(tokens)
         check_backend(attention)
+        preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
         with comfy_compat.on_compute_device(
                 decoder, stage="decoder sampling", advice="lower the output size or the number of images"), \
                 attention_backend(attention):
             latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
                                      steps=steps, guidance=guidance, seed=seed, references=references,
-                                     compile_blocks=compile, step_cache=step_cache)
+                                     preview=preview, compile_blocks=compile, step_cache=step_cache)
         return ({"samples": latents.float().cpu()},)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ...core.runtime import comfy_compat, handles
+from ...core.stages.latent_preview import COGVIEW4, GLM_IMAGE, decoder_preview
 from ...core.stages.upscale import refine_cogview4, upscale_2x
 from ..common import category, seed_input
 
@@ -38,9 +39,11 @@ class GLMImageUpscale:
         }}
 
     def upscale(self, decoder, vae, tokenizer, glyph, image, seed, steps, guidance, strength, use_reference):
+        preview = decoder_preview(GLM_IMAGE, vae)
         with comfy_compat.on_compute_device(decoder, vae.model, tokenizer):
             out = [upscale_2x(img, decoder=decoder, vae=vae, tokenizer=tokenizer, glyph=glyph, steps=steps,
-                              guidance=guidance, seed=seed, strength=strength, use_reference=use_reference)
+                              guidance=guidance, seed=seed, strength=strength, use_reference=use_reference,
+                              preview=preview)
                    for img in image]
         return (torch.stack(out),)
 
@@ -70,10 +73,11 @@ class GLMImageCogView4Refine:
         }}
 
     def refine(self, decoder, vae, conditioning, image, scale, seed, steps, guidance, strength):
+        preview = decoder_preview(COGVIEW4, vae)
         with comfy_compat.on_compute_device(decoder, vae.model):
             out = [refine_cogview4(img, decoder=decoder, vae=vae, cond_embeds=conditioning.cond,
                                    uncond_embeds=conditioning.uncond, scale=scale, steps=steps, guidance=guidance,
-                                   seed=seed, strength=strength)
+                                   seed=seed, strength=strength, preview=preview)
                    for img in image]
         return (torch.stack(out),)
 
