@@ -126,7 +126,6 @@ def rope_2d(rows: torch.Tensor, cols: torch.Tensor, head_dim: int) -> tuple[torc
     return freqs.cos(), freqs.sin()
 
 
-
 # ---- the block -------------------------------------------------------------------------------------------------
 class AdaLNZero(nn.Module):
     """``norm1``: one Linear giving 12 modulation vectors (image and text interleaved, see ``DiTBlock``)."""
