@@ -86,3 +86,25 @@ def test_flash_and_sage_wrappers_keep_layout_gqa_and_causality(monkeypatch):
     assert torch.allclose(entry.flash(q, k, v, False, None), reference(q, k, v), atol=1e-6)
     q = torch.randn(2, 8, 9, 16)
     assert torch.allclose(entry.sage(q, k, v, True, None), reference(q, k, v, causal=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("node,args", [
+    ("GLMImageARSampler", dict(ar_model=None, prompt="a cat", width=1024, height=1024, seed=0, temperature=0.9,
+                               top_p=0.75, top_k=16512, num_images=1)),
+    ("GLMImageDecoderSampler", None),
+    ("GLMImageCogView4Sampler", dict(decoder=None, conditioning=None, width=1024, height=1024, seed=0, steps=50,
+                                     guidance=5.0, num_images=1)),
+])
+def test_sampler_nodes_refuse_a_missing_attention_package_before_any_work(node, args, monkeypatch):
+    """The nodes check the attention choice before touching a model (None here would fail later)."""
+    from glm_image_nodes.core.runtime import attention as entry
+    from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
+    from glm_image_nodes.nodes.sampling import decoder as decoder_node
+    monkeypatch.setattr(entry, "installed", lambda backend: backend in ("auto", "sdpa"))
+    optional = NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["optional"]
+    assert optional["attention"][0] == ["auto", "sdpa", "sage", "flash"]
+    if args is None:  # the decoder sampler checks the token grid first; give it a valid one
+        monkeypatch.setattr(decoder_node, "check_token_grid", lambda tokens: None)
+        args = dict(decoder=None, tokens=None, glyph=None, seed=0, steps=50, guidance=1.5)
+    with pytest.raises(ValueError, match="attention 'sage' needs its package.*pip install sageattention"):
+        NODE_CLASS_MAPPINGS[node]().sample(**args, attention="sage")
