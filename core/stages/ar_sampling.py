@@ -1,8 +1,9 @@
 """AR sampling: prompt -> semantic-VQ token grid, with a static KV cache and one token per decode step.
 
 Sampling follows transformers' order (temperature, top-k, top-p with the boundary token kept) on device with a
-``torch.Generator`` seeded from ``seed``. Unlike the reference, ids >= 16384 (end-of-image and the reserved
-ids) are masked at every step, so the result always has exactly the grid's number of codebook ids.
+``torch.Generator`` seeded from ``seed``. Unlike the reference, ids >= the codebook size (16384 in the release:
+end-of-image and the reserved ids) are masked at every step, so the result always has exactly the grid's
+number of codebook ids.
 
 Batches: several prompts (left-padded, attention mask, per-sample positions) and/or ``num_images`` samples
 per prompt run in one decode loop; every sample shares the same ``source_grids``.
@@ -12,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from ..models.glm_ar import GlmImageAR, KVCache
-from ..runtime.comfy_compat import Progress
+from ..runtime import checks
+from ..runtime.comfy_compat import OutOfMemory, Progress, available_memory
 from ..runtime.handles import TokenGrid
-from .ar_prompt import CODEBOOK_SIZE, TextTokenizer, build_ar_inputs
+from .ar_prompt import TextTokenizer, build_ar_inputs
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -33,10 +35,10 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def sample_codebook_ids(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                        generator: torch.Generator) -> torch.Tensor:
-    """One codebook id in [0, 16384) per row of ``logits`` [B, V]; no host synchronisation."""
-    # dropping ids >= 16384 equals masking them to -inf before the warpers (they would get probability 0)
-    probs = filter_logits(logits[:, :CODEBOOK_SIZE], temperature, top_k, top_p).softmax(dim=-1)
+                        generator: torch.Generator, codebook_size: int = 16384) -> torch.Tensor:
+    """One codebook id in [0, codebook_size) per row of ``logits`` [B, V]; no host synchronisation."""
+    # dropping ids >= codebook_size equals masking them to -inf before the warpers (they would get probability 0)
+    probs = filter_logits(logits[:, :codebook_size], temperature, top_k, top_p).softmax(dim=-1)
     # argmax(p / Exp(1)) draws from p (like multinomial) with a fixed number of random draws per step
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1)
@@ -44,25 +46,34 @@ def sample_codebook_ids(logits: torch.Tensor, temperature: float, top_k: int, to
 
 def decode_step(model: GlmImageAR, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
                 index: torch.Tensor, generator: torch.Generator, temperature: float, top_k: int,
-                top_p: float) -> torch.Tensor:
+                top_p: float, codebook_size: int = 16384) -> torch.Tensor:
     """Feed ``tokens`` [B,1] at cache slot ``index`` (0-dim device tensor) and sample the next ids [B].
 
     Static shapes and no host sync, so it can be captured in a CUDA graph with ``tokens``, ``positions``
     [3,B,1] and ``index`` as static inputs.
     """
     logits = model(tokens, positions, cache, index)[:, -1]
-    return sample_codebook_ids(logits, temperature, top_k, top_p, generator)
+    return sample_codebook_ids(logits, temperature, top_k, top_p, generator, codebook_size)
 
 
-def _check_sampling(temperature: float, top_k: int, top_p: float, num_images: int) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); greedy decoding is not supported.")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (got {top_p}).")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (got {top_k}); 16512 disables it.")
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1 (got {num_images}).")
+def check_sampling_settings(temperature: float, top_k: int, top_p: float, num_images: int) -> None:
+    """The AR sampler's settings (the node's VALIDATE_INPUTS calls this too)."""
+    checks.check_float(temperature, "temperature", 0.0, low_open=True,
+                       fix="Use a temperature above 0 (0.9 is the release's default); greedy decoding is not "
+                           "supported.")
+    checks.check_float(top_p, "top_p", 0.0, 1.0, low_open=True, fix="Use a top_p in (0, 1] (1 disables it).")
+    checks.check_int(top_k, "top_k", 1, fix="Use a top_k of at least 1; 16512 (the vision vocabulary) disables it.")
+    checks.check_count(num_images, "num_images")
+
+
+def check_prefill_fits(model: GlmImageAR, batch: int, length: int, cache_len: int, padded: bool) -> None:
+    """Refuse, before allocating, a generation whose KV cache and prefill would not fit the free memory."""
+    need = model.generation_bytes(batch, length, cache_len, padded)
+    free = available_memory(model.device, need)
+    if free is not None and need > free:
+        raise OutOfMemory(f"AR token sampling of a {length}-token prompt for {batch} image(s) needs about "
+                          f"{need / 2 ** 30:.1f} GB (KV cache and prefill) but only {free / 2 ** 30:.1f} GB are "
+                          f"free on {model.device}: shorten the prompt, or lower num_images or the output size.")
 
 
 @torch.inference_mode()
@@ -75,10 +86,17 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     Returns a TokenGrid with ids [B, H/32, W/32] (B = prompts x num_images, prompt-major), the preview grids
     for text-to-image, on the CPU. ``source_grids``: [h, w] id grids of reference images (editing).
     """
-    _check_sampling(temperature, top_k, top_p, num_images)
+    check_sampling_settings(temperature, top_k, top_p, num_images)
+    checks.check_seed(seed)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("No prompt given.")
+    for p in prompts:
+        checks.check_text(p, "prompt")
+    codebook = tokenizer.codebook_size
+    if codebook > model.config.vision_vocab_size:
+        raise ValueError(f"The tokenizer's codebook of {codebook} ids exceeds the AR model's {model.config.vision_vocab_size}"
+                         f"-id vision vocabulary: the tokenizer and the model are from different releases.")
     prompts = [p for p in prompts for _ in range(num_images)]
     inputs = build_ar_inputs(tokenizer, prompts, height, width, source_grids)
 
@@ -89,6 +107,7 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     if length + total > context:
         raise ValueError(f"The prompt is {length} tokens and the grid needs {total} more, over the model's context of "
                          f"{context} tokens: shorten the prompt (or use fewer or smaller reference images).")
+    check_prefill_fits(model, batch, length, length + total - 1, not bool(inputs.attention_mask.all()))
     input_ids, positions = inputs.input_ids.to(device), inputs.position_ids.to(device)
     decode_positions = inputs.decode_position_ids.to(device)
     cache = model.new_cache(batch, length + total - 1, inputs.attention_mask)
@@ -98,12 +117,13 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
 
     with Progress(total, "GLM-Image AR tokens", enabled=progress) as bar:
         logits = model(input_ids, positions, cache, 0, last_only=True)[:, -1]
-        tokens = sample_codebook_ids(logits, temperature, top_k, top_p, generator)
+        checks.check_finite_output(logits, "The AR model's prefill", model.dtype)
+        tokens = sample_codebook_ids(logits, temperature, top_k, top_p, generator, codebook)
         out[:, 0] = tokens
         bar.update()
         for k in range(1, total):
             tokens = decode_step(model, cache, tokens[:, None], decode_positions[:, :, k - 1:k], index,
-                                 generator, temperature, top_k, top_p)
+                                 generator, temperature, top_k, top_p, codebook)
             out[:, k] = tokens
             index += 1
             bar.update()

@@ -13,8 +13,9 @@ from typing import Callable
 
 import torch
 
+from ..runtime import checks
 from ..runtime.comfy_compat import Progress
-from ..runtime.geometry import check_latent_size
+from ..runtime.geometry import check_latent_size, patch_count
 from ..runtime.handles import GlyphConditioning, ReferenceImages
 from .flow_schedule import FlowSchedule, cogview4_schedule, glm_image_schedule
 
@@ -30,11 +31,11 @@ def initial_noise(shape: tuple[int, ...], seed: int, noise: torch.Tensor | None,
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
-def check_steps_and_guidance(steps: int, guidance: float) -> None:
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1 (got {steps}); 50 is the reference's default.")
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0 (got {guidance}); 1.0 turns CFG off.")
+def check_sampler_settings(steps: int, guidance: float, seed: int) -> None:
+    """The decoders' settings (the nodes' VALIDATE_INPUTS call this too)."""
+    checks.check_steps(steps)
+    checks.check_guidance(guidance)
+    checks.check_seed(seed)
 
 
 def batch_of(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -63,16 +64,18 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Te
     return uncond + guidance * (cond - uncond)
 
 
-def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress: bool, desc: str) -> torch.Tensor:
+def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress: bool, desc: str,
+          dtype: torch.dtype) -> torch.Tensor:
     """``x += (sigma[i+1] - sigma[i]) * velocity(x, model_timestep[i])`` in fp32; reports progress per step
-    (which also raises on the user's interrupt)."""
+    (which also raises on the user's interrupt). Raises NonFiniteOutput when the result holds NaN or inf
+    (``dtype``: the DiT's, for the likely cause)."""
     sigmas = schedule.sigmas.to(x.device)
     timesteps = schedule.model_timesteps.to(x.device)
     with Progress(len(schedule), desc, enabled=progress) as bar:
         for i in range(len(schedule)):
             x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, timesteps[i])
             bar.update()
-    return x
+    return checks.check_finite_output(x, f"{desc} sampling ({len(schedule)} steps)", dtype)
 
 
 # ---- GLM-Image -------------------------------------------------------------------------------------------------
@@ -116,13 +119,14 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
     """
     check_latent_size(height, width)
-    check_steps_and_guidance(steps, guidance)
+    check_sampler_settings(steps, guidance, seed)
     device = dit.device
     if prior_ids.dim() == 1:
         prior_ids = prior_ids[None]
     prior_ids = prior_ids.to(device)
     b = prior_ids.shape[0]
-    grid = (height // 16) * (width // 16)
+    checks.check_count(b, "the number of images (token grids)", checks.MAX_BATCH)
+    grid = patch_count(height, width)
     if prior_ids.shape[1] != grid:
         raise ValueError(f"{prior_ids.shape[1]} prior ids per image but {height}x{width} needs {grid} "
                          f"((H/16)*(W/16), the 2x-upsampled token grid).")
@@ -155,7 +159,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
         u = dit(x, uncond, prior_ids, True, t.expand(b), size, crop, kv_cache=cache, kv_mode="skip").float()
         return guide(c, u, guidance)
 
-    return euler(x, schedule, velocity, progress, "GLM-Image decoder")
+    return euler(x, schedule, velocity, progress, "GLM-Image decoder", dit.dtype)
 
 
 # ---- CogView4 --------------------------------------------------------------------------------------------------
@@ -169,9 +173,10 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
     guidance <= 1). original_size = target_size = (H, W), crop (0, 0).
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise."""
     check_latent_size(height, width)
-    check_steps_and_guidance(steps, guidance)
+    check_sampler_settings(steps, guidance, seed)
     device = dit.device
     b = cond_embeds.shape[0]
+    checks.check_count(b, "num_images")
     use_cfg = guidance > 1
     if use_cfg and uncond_embeds is None:
         raise ValueError("guidance > 1 needs uncond_embeds (the encoding of the negative prompt, \"\" by default).")
@@ -194,4 +199,4 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
             return c
         return guide(c, dit(x, uncond, t.expand(b), size, size, crop).float(), guidance)
 
-    return euler(x, schedule, velocity, progress, "CogView4 decoder")
+    return euler(x, schedule, velocity, progress, "CogView4 decoder", dit.dtype)

@@ -1,10 +1,10 @@
 """AR token sampling: prompt (and optional reference images) -> a semantic-VQ token grid."""
 from __future__ import annotations
 
-from ...core.runtime import comfy_compat, handles
+from ...core.runtime import checks, comfy_compat, handles
 from ...core.runtime.geometry import check_glm_image_size
-from ...core.stages.ar_sampling import generate_token_grid
-from ..common import category, seed_input, size_input
+from ...core.stages.ar_sampling import check_sampling_settings, generate_token_grid
+from ..common import answer, category, check_now, seed_input, size_input
 
 SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
 
@@ -17,6 +17,12 @@ def output_size(width: int, height: int, references) -> tuple[int, int]:
                          "connected: connect references or set the output size.")
     ref_height, ref_width = references.sizes[0]
     return width or ref_width, height or ref_height
+
+
+def check_output_size(width: int, height: int) -> None:
+    """A size given on the widgets (0 takes the reference's, known only when the node runs)."""
+    if width and height:
+        check_glm_image_size(height, width)
 
 
 class GLMImageARSampler:
@@ -48,7 +54,14 @@ class GLMImageARSampler:
             "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images for editing."})},
         }
 
+    CHECKS = (checks.check_prompt, check_output_size, checks.check_seed, check_sampling_settings)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt, width, height, seed, temperature, top_p, top_k, num_images):
+        return answer(cls, locals(), *cls.CHECKS)
+
     def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None):
+        check_now(locals(), *self.CHECKS)
         width, height = output_size(width, height, references)
         check_glm_image_size(height, width)
         source_grids = references.token_ids if references is not None else None

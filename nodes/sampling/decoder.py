@@ -2,18 +2,9 @@
 from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
-from ...core.stages.decoder_sampling import sample_latents
-from ..common import category, seed_input
-
-
-def check_token_grid(tokens: handles.TokenGrid) -> None:
-    """The ids must be ``[B, H/32, W/32]``: a grid of the right count but another shape would be
-    upsampled row-major into the wrong places without any error downstream."""
-    want = (tokens.height // 32, tokens.width // 32)
-    if tokens.ids.dim() != 3 or tuple(tokens.ids.shape[1:]) != want:
-        raise ValueError(f"The token grid has ids of shape {tuple(tokens.ids.shape)} but its size "
-                         f"{tokens.height}x{tokens.width} (HxW) needs [B, {want[0]}, {want[1]}] (H/32, W/32). "
-                         f"Feed the tokens of an AR sampler or Image to Tokens node made for this size.")
+from ...core.runtime.geometry import check_token_grid_shape
+from ...core.stages.decoder_sampling import check_sampler_settings, sample_latents
+from ..common import answer, category, check_now, seed_input
 
 
 class GLMImageDecoderSampler:
@@ -39,8 +30,13 @@ class GLMImageDecoderSampler:
             "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."})},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, seed, steps, guidance):
+        return answer(cls, locals(), check_sampler_settings)
+
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None):
-        check_token_grid(tokens)
+        check_now(locals(), check_sampler_settings)
+        check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
         with comfy_compat.on_compute_device(
                 decoder, stage="decoder sampling", advice="lower the output size or the number of images"):
             latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
