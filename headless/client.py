@@ -138,14 +138,15 @@ def load_workflow(path: str) -> dict:
 
 
 class _WebSocket:
-    """A minimal RFC 6455 client for ComfyUI's /ws (text frames in, pongs out)."""
+    """A minimal RFC 6455 client (ComfyUI's /ws; also the test's link to a headless browser): JSON text frames in
+    and out, pongs to pings."""
 
-    def __init__(self, server: str, client_id: str, timeout: float):
+    def __init__(self, server: str, path: str, timeout: float):
         url = urllib.parse.urlparse(server)
         self.sock = socket.create_connection((url.hostname, url.port or 80), timeout=timeout)
         try:
             key = base64.b64encode(os.urandom(16)).decode()
-            self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {url.hostname}:{url.port or 80}\r\n"
+            self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {url.hostname}:{url.port or 80}\r\n"
                                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                                f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
             header = b""
@@ -174,7 +175,13 @@ class _WebSocket:
     def _send(self, opcode: int, payload: bytes) -> None:
         mask = os.urandom(4)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+        n = len(payload)
+        size = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536
+                                                    else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        self.sock.sendall(bytes([0x80 | opcode]) + size + mask + masked)
+
+    def send_json(self, message: dict) -> None:
+        self._send(0x1, json.dumps(message).encode())
 
     def receive(self) -> dict | None:
         """The next JSON message, or None for a binary (preview) frame."""
@@ -206,7 +213,7 @@ def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout:
     """Wait until the prompt finishes, reporting progress; return its /history entry or raise WorkflowError."""
     deadline = time.monotonic() + timeout
     try:
-        ws = _WebSocket(server, client_id, timeout=5.0)
+        ws = _WebSocket(server, f"/ws?clientId={client_id}", timeout=5.0)
     except OSError:
         ws = None
     last_poll = 0.0

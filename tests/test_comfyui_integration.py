@@ -2,25 +2,16 @@
 on a tiny random release, and errors reach the client with the node and the reason.
 
 Enabled by ``GLMIMAGE_COMFYUI=<ComfyUI tree>``, run with ``GLMIMAGE_COMFYUI_PYTHON`` (default ``python3``);
-skipped otherwise. One CPU server serves the whole module; the pack is loaded through a symlink in a
-``custom_nodes:`` folder of ``--extra-model-paths-config``, so nothing is copied into the ComfyUI tree.
+skipped otherwise. One CPU server serves the whole module (see comfyui_server.py).
 """
 import json
 import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 
 import pytest
+from comfyui_server import AVAILABLE, PACK_FOLDER, ROOT, SKIP_REASON, comfyui
 
-COMFYUI = os.environ.get("GLMIMAGE_COMFYUI", "")
-if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
-    pytest.skip("set GLMIMAGE_COMFYUI to a ComfyUI tree (and GLMIMAGE_COMFYUI_PYTHON to its Python) to run",
-                allow_module_level=True)
-PYTHON = os.environ.get("GLMIMAGE_COMFYUI_PYTHON", "python3")
+if not AVAILABLE:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
@@ -29,85 +20,19 @@ from PIL import Image  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK_FOLDER = "glm-image-nodes"
 T2I_WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json")
-STARTUP_TIMEOUT_S = 120
-
-
-class Server:
-    def __init__(self, url: str, log_path: str):
-        self.url = url
-        self.log_path = log_path
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def get_json(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
-            return json.loads(resp.read())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfyui")
-    packs = root / "custom_nodes"
-    packs.mkdir()
-    (packs / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
     releases = root / "models" / "glm_image"
     write_tiny_release(str(releases / "tiny"))
     # Listed by the loaders (it has a model_index.json) but holds no component: fails at execution time.
     (releases / "broken").mkdir()
     (releases / "broken" / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
-    config = root / "extra_model_paths.yaml"
-    config.write_text(f"glm_image_nodes_test:\n    custom_nodes: {packs}\n    glm_image: {releases}\n")
-    for name in ("frontend", "output", "input", "temp", "user"):
-        (root / name).mkdir()
-
-    port = _free_port()
-    log_path = root / "server.log"
-    command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-               "--disable-api-nodes", "--front-end-root", str(root / "frontend"),
-               "--extra-model-paths-config", str(config), "--output-directory", str(root / "output"),
-               "--input-directory", str(root / "input"), "--temp-directory", str(root / "temp"),
-               "--user-directory", str(root / "user"), "--database-url", "sqlite:///:memory:"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = Server(f"http://127.0.0.1:{port}", str(log_path))
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with code {process.returncode} during startup:\n{server.log()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not answer /system_stats within {STARTUP_TIMEOUT_S} s:\n{server.log()}")
-            try:
-                server.get_json("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.25)
+    with comfyui(str(root), {"glm_image": str(releases)}) as server:
         yield server
-    finally:
-        _stop(process)
 
 
 def _t2i_graph() -> dict:
