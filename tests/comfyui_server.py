@@ -81,7 +81,9 @@ def comfyui(root: str, model_folders: dict[str, str], frontend: bool = False):
         command += ["--front-end-root", os.path.join(root, "frontend")]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                                # tiny models: one thread beats two busy ones
+                                                                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     server = Server(f"http://127.0.0.1:{port}", log_path, root)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

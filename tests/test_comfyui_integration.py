@@ -118,3 +118,23 @@ def test_invalid_combo_value_is_rejected_by_validation(comfy, tmp_path):
     assert message.startswith("the server rejected the workflow: "), message  # the 400 path
     assert f"node {_node_id(graph, 'GLMImageARLoader')} (GLMImageARLoader): value_not_in_list" in message, message
     assert "no-such-release" in message, message
+
+
+@pytest.mark.parametrize("node, change, message", [
+    ("GLMImageARSampler", dict(width=1000), "GLM-Image makes images with sides of 512..2048 px in multiples of 32; "
+                                            "1000x512 (WxH) is not one. The nearest valid size is 992x512."),
+    ("GLMImageARSampler", dict(seed=-1), "seed = -1 is out of range: it must be 0..18446744073709551615. Use a seed"),
+    ("GLMImageDecoderSampler", dict(guidance=float("nan")), "guidance must be a finite number, got nan."),
+    ("GLMImageGlyphConditioning", dict(prompt="a sign that says \ud83d"), "prompt holds invalid Unicode"),
+])
+def test_validate_inputs_refuses_before_anything_loads(comfy, tmp_path, node, change, message):
+    """ComfyUI calls the nodes' VALIDATE_INPUTS before running anything: a 400 with the core's message, which the
+    client prints once per node (ComfyUI repeats it for every input the check takes)."""
+    graph = _t2i_graph()
+    graph[_node_id(graph, node)]["inputs"].update(change)
+    with pytest.raises(client.WorkflowError) as error:
+        client.run(comfy.url, graph, str(tmp_path), lambda event: None)
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("the server rejected the workflow: "), lines
+    assert len(lines) == 2 and lines[1].startswith(f"node {_node_id(graph, node)} ({node}): custom_validation_failed: "), lines
+    assert message in lines[1], lines
