@@ -11,7 +11,13 @@ import os
 import sys
 import time
 
-from standalone import ROOT, register_pack
+try:  # a checkout: this folder, registered as the package glm_image_nodes
+    from standalone import ROOT, register_pack
+except ImportError:  # installed with pip (glm-image-demo): the package is importable as it is
+    ROOT = os.path.dirname(os.path.abspath(__file__))
+
+    def register_pack():
+        pass
 
 WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json")
 LOADERS = ("GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDecoderLoader", "GLMImageVAELoader")
