@@ -58,9 +58,10 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def comfyui(root: str, model_folders: dict[str, str], frontend: bool = False):
+def comfyui(root: str, model_folders: dict[str, str], frontend: bool = False, extra_args: list[str] = ()):
     """Run ComfyUI with its folders under ``root`` and ``model_folders`` (folder key -> path) registered; the
-    pack's nodes load from this worktree. ``frontend``: serve the installed frontend package (else none)."""
+    pack's nodes load from this worktree. ``frontend``: serve the installed frontend package (else none);
+    ``extra_args``: more command-line options."""
     packs = os.path.join(root, "custom_nodes")
     os.makedirs(packs, exist_ok=True)
     os.symlink(ROOT, os.path.join(packs, PACK_FOLDER), target_is_directory=True)
@@ -79,6 +80,7 @@ def comfyui(root: str, model_folders: dict[str, str], frontend: bool = False):
                "--database-url", "sqlite:///:memory:"]
     if not frontend:
         command += ["--front-end-root", os.path.join(root, "frontend")]
+    command += list(extra_args)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",

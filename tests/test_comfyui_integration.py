@@ -1,9 +1,11 @@
 """The pack inside a real, headless ComfyUI: it imports, its nodes are listed, the text-to-image workflow runs
-on a tiny random release, and errors reach the client with the node and the reason.
+on a tiny random release with live previews on the websocket, the locales are served, and errors reach the
+client with the node and the reason.
 
 Enabled by ``GLMIMAGE_COMFYUI=<ComfyUI tree>``, run with ``GLMIMAGE_COMFYUI_PYTHON`` (default ``python3``);
 skipped otherwise. One CPU server serves the whole module (see comfyui_server.py).
 """
+import io
 import json
 import os
 
@@ -31,7 +33,7 @@ def comfy(tmp_path_factory):
     # Listed by the loaders (it has a model_index.json) but holds no component: fails at execution time.
     (releases / "broken").mkdir()
     (releases / "broken" / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
-    with comfyui(str(root), {"glm_image": str(releases)}) as server:
+    with comfyui(str(root), {"glm_image": str(releases)}, extra_args=["--preview-method", "auto"]) as server:
         yield server
 
 
@@ -68,10 +70,11 @@ def test_pack_imports_and_lists_its_nodes(comfy):
     assert "tiny" in checkpoints, checkpoints
 
 
-def test_text_to_image_runs_with_websocket_progress(comfy, tmp_path):
+def test_text_to_image_runs_with_websocket_progress_and_previews(comfy, tmp_path):
     graph = _t2i_graph()
-    events = []
-    saved = client.run(comfy.url, graph, str(tmp_path), events.append)
+    events, previews = [], []
+    saved = client.run(comfy.url, graph, str(tmp_path), events.append,
+                       on_preview=lambda node, kind, data: previews.append((node, kind, data)))
     assert len(saved) == 1, saved
     with Image.open(saved[0]) as image:
         assert image.format == "PNG" and image.size == (512, 512), (image.format, image.size)
@@ -79,6 +82,24 @@ def test_text_to_image_runs_with_websocket_progress(comfy, tmp_path):
     progressed = {event.split(":")[0] for event in events if event.startswith("node ") and "/" in event}
     for sampler in ("GLMImageARSampler", "GLMImageDecoderSampler"):
         assert f"node {_node_id(graph, sampler)}" in progressed, (sampler, events)
+    # Live previews (--preview-method auto) as binary frames naming their node: one per decoder step, one per
+    # row of each grid the AR writes (512x512: a 16x16 preview grid, then the 16x16 token grid).
+    by_node = {}
+    for node, kind, data in previews:
+        assert kind == "image/jpeg", kind
+        with Image.open(io.BytesIO(data)) as frame:
+            assert frame.format == "JPEG" and frame.size == (512, 512), (frame.format, frame.size)
+        by_node[node] = by_node.get(node, 0) + 1
+    assert by_node == {_node_id(graph, "GLMImageDecoderSampler"): 2, _node_id(graph, "GLMImageARSampler"): 32}, by_node
+
+
+def test_locales_are_served(comfy):
+    translations = comfy.get_json("/i18n")
+    for lang in ("en", "zh"):
+        assert set(NODE_CLASS_MAPPINGS) <= set(translations[lang]["nodeDefs"]), lang
+        assert "GLM-Image" in translations[lang]["nodeCategories"], lang
+    assert translations["zh"]["nodeDefs"]["GLMImageDecoderSampler"]["display_name"] != \
+        translations["en"]["nodeDefs"]["GLMImageDecoderSampler"]["display_name"]
 
 
 def test_missing_component_surfaces_as_execution_error(comfy, tmp_path):

@@ -20,6 +20,7 @@ from ..runtime.handles import GlyphConditioning, ReferenceImages
 from .flow_schedule import FlowSchedule, cogview4_schedule, glm_image_schedule
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Preview = Callable[[torch.Tensor], object]   # denoised estimate [B, C, h, w] -> a PIL image for the progress bar
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, noise: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -65,16 +66,18 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Te
 
 
 def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress: bool, desc: str,
-          dtype: torch.dtype) -> torch.Tensor:
+          dtype: torch.dtype, preview: Preview | None = None) -> torch.Tensor:
     """``x += (sigma[i+1] - sigma[i]) * velocity(x, model_timestep[i])`` in fp32; reports progress per step
-    (which also raises on the user's interrupt). Raises NonFiniteOutput when the result holds NaN or inf
-    (``dtype``: the DiT's, for the likely cause)."""
+    (which also raises on the user's interrupt), with ``preview`` of the denoised estimate ``x - sigma * v``.
+    Raises NonFiniteOutput when the result holds NaN or inf (``dtype``: the DiT's, for the likely cause)."""
     sigmas = schedule.sigmas.to(x.device)
     timesteps = schedule.model_timesteps.to(x.device)
     with Progress(len(schedule), desc, enabled=progress) as bar:
         for i in range(len(schedule)):
-            x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, timesteps[i])
-            bar.update()
+            v = velocity(x, timesteps[i])
+            image = preview(x - sigmas[i] * v) if preview is not None else None
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+            bar.update(preview=image)
     return checks.check_finite_output(x, f"{desc} sampling ({len(schedule)} steps)", dtype)
 
 
@@ -110,13 +113,15 @@ def check_ids(ids: torch.Tensor, codebook_size: int, what: str) -> None:
 def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, height: int, width: int, *,
                    steps: int = 50, guidance: float = 1.5, seed: int = 0, noise: torch.Tensor | None = None,
                    references: ReferenceImages | None = None, start_latents: torch.Tensor | None = None,
-                   start_sigma: float | None = None, progress: bool = True) -> torch.Tensor:
+                   start_sigma: float | None = None, progress: bool = True,
+                   preview: Preview | None = None) -> torch.Tensor:
     """Denoise GLM-Image latents ``[B, 16, H/8, W/8]`` (fp32, normalized: the VAE de-normalizes them with
     latents_mean/std) from 2x-upsampled prior ids ``[B, (H/16)(W/16)]`` and glyph conditioning.
 
     guidance > 1 adds the unconditional branch (glyph of "", prior dropped, references not read).
     references: editing; their K/V are computed once before the loop and read by every conditional pass.
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
+    preview: turns each step's denoised estimate into a live preview (``latent_preview.decoder_preview``).
     """
     check_latent_size(height, width)
     check_sampler_settings(steps, guidance, seed)
@@ -159,7 +164,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
         u = dit(x, uncond, prior_ids, True, t.expand(b), size, crop, kv_cache=cache, kv_mode="skip").float()
         return guide(c, u, guidance)
 
-    return euler(x, schedule, velocity, progress, "GLM-Image decoder", dit.dtype)
+    return euler(x, schedule, velocity, progress, "GLM-Image decoder", dit.dtype, preview)
 
 
 # ---- CogView4 --------------------------------------------------------------------------------------------------
@@ -167,11 +172,13 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
 def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor | None, height: int,
                             width: int, *, steps: int = 50, guidance: float = 5.0, seed: int = 0,
                             noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
-                            start_sigma: float | None = None, progress: bool = True) -> torch.Tensor:
+                            start_sigma: float | None = None, progress: bool = True,
+                            preview: Preview | None = None) -> torch.Tensor:
     """Denoise CogView4 latents ``[B, 16, H/8, W/8]`` (fp32, CogView4's space: scaling 1.0, no mean/std) from
     GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` may have another length; unused when
     guidance <= 1). original_size = target_size = (H, W), crop (0, 0).
-    start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise."""
+    start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
+    preview: turns each step's denoised estimate into a live preview."""
     check_latent_size(height, width)
     check_sampler_settings(steps, guidance, seed)
     device = dit.device
@@ -199,4 +206,4 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
             return c
         return guide(c, dit(x, uncond, t.expand(b), size, size, crop).float(), guidance)
 
-    return euler(x, schedule, velocity, progress, "CogView4 decoder", dit.dtype)
+    return euler(x, schedule, velocity, progress, "CogView4 decoder", dit.dtype, preview)

@@ -8,6 +8,7 @@ from ...core.models.t5_encoder import load_glyph_encoder
 from ...core.models.vae import load_vae
 from ...core.runtime import handles
 from ...core.stages.ar_prompt import load_text_tokenizer
+from ...core.stages.latent_preview import remember_vae
 from ..common import ModelLoader
 
 
@@ -72,7 +73,9 @@ class GLMImageVAELoader(ModelLoader):
         return inputs
 
     def load_model(self, path, dtype, device, family="glm_image"):
-        return load_vae(path, dtype=dtype, device=device, family=family)
+        vae = load_vae(path, dtype=dtype, device=device, family=family)
+        remember_vae(vae)  # the decoder samplers of its latent family preview with its colours
+        return vae
 
 
 NODE_CLASS_MAPPINGS = {

@@ -5,6 +5,7 @@ from ...core.runtime import checks, comfy_compat, handles
 from ...core.runtime.geometry import check_cogview4_size
 from ...core.stages.cogview4_text import encode_cogview4_prompt
 from ...core.stages.decoder_sampling import check_sampler_settings, sample_cogview4_latents
+from ...core.stages.latent_preview import COGVIEW4, decoder_preview
 from ..common import answer, category, check_now, seed_input, size_input
 
 
@@ -74,9 +75,10 @@ class GLMImageCogView4Sampler:
         check_now(locals(), *self.CHECKS)
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
+        preview = decoder_preview(COGVIEW4)
         with comfy_compat.on_compute_device(decoder):
             latents = sample_cogview4_latents(decoder, cond, uncond, height, width, steps=steps, guidance=guidance,
-                                              seed=seed)
+                                              seed=seed, preview=preview)
         return ({"samples": latents.float().cpu()},)
 
 

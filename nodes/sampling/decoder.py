@@ -4,6 +4,7 @@ from __future__ import annotations
 from ...core.runtime import comfy_compat, handles
 from ...core.runtime.geometry import check_token_grid_shape
 from ...core.stages.decoder_sampling import check_sampler_settings, sample_latents
+from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
 from ..common import answer, category, check_now, seed_input
 
 
@@ -37,10 +38,12 @@ class GLMImageDecoderSampler:
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None):
         check_now(locals(), check_sampler_settings)
         check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
+        preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
         with comfy_compat.on_compute_device(
                 decoder, stage="decoder sampling", advice="lower the output size or the number of images"):
             latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
-                                     steps=steps, guidance=guidance, seed=seed, references=references)
+                                     steps=steps, guidance=guidance, seed=seed, references=references,
+                                     preview=preview)
         return ({"samples": latents.float().cpu()},)
 
 

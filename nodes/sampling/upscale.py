@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from ...core.runtime import checks, comfy_compat, handles
-from ...core.stages.decoder_sampling import check_sampler_settings
 from ...core.runtime.geometry import upscale_2x_size
+from ...core.stages.decoder_sampling import check_sampler_settings
+from ...core.stages.latent_preview import COGVIEW4, GLM_IMAGE, decoder_preview
 from ...core.stages.upscale import check_refine_scale, check_strength, refine_cogview4, refine_size, upscale_2x
 from ..common import answer, category, check_now, seed_input
 
@@ -49,9 +50,11 @@ class GLMImageUpscale:
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
         upscale_2x_size(image.shape[1], image.shape[2])
+        preview = decoder_preview(GLM_IMAGE, vae)
         with comfy_compat.on_compute_device(decoder, vae.model, tokenizer):
             out = [upscale_2x(img, decoder=decoder, vae=vae, tokenizer=tokenizer, glyph=glyph, steps=steps,
-                              guidance=guidance, seed=seed, strength=strength, use_reference=use_reference)
+                              guidance=guidance, seed=seed, strength=strength, use_reference=use_reference,
+                              preview=preview)
                    for img in image]
         return (torch.stack(out),)
 
@@ -90,10 +93,11 @@ class GLMImageCogView4Refine:
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
         refine_size(image.shape[1], image.shape[2], scale)
+        preview = decoder_preview(COGVIEW4, vae)
         with comfy_compat.on_compute_device(decoder, vae.model):
             out = [refine_cogview4(img, decoder=decoder, vae=vae, cond_embeds=conditioning.cond,
                                    uncond_embeds=conditioning.uncond, scale=scale, steps=steps, guidance=guidance,
-                                   seed=seed, strength=strength)
+                                   seed=seed, strength=strength, preview=preview)
                    for img in image]
         return (torch.stack(out),)
 
