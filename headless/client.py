@@ -37,7 +37,8 @@ def check_server_url(server: str) -> str:
     try:
         url.port
     except ValueError:
-        raise WorkflowError(f"--server {server!r} has an invalid port: give one such as http://127.0.0.1:8188.") from None
+        raise WorkflowError(f"--server {server!r} has an invalid port: give one such as "
+                            f"http://127.0.0.1:8188.") from None
     return server.rstrip("/")
 
 

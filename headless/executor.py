@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..core.runtime import checks, comfy_compat
+from ..nodes.common import check_widget_value
 from .workflow_format import CORE_NODES, all_inputs, input_types, is_widget, output_types
 
 OUTPUT_TYPES = ("SaveImage", "PreviewImage")
@@ -151,27 +152,9 @@ class Executor:
                                 f"([node_id, output_index]) instead of giving a value.")
         if check_value:
             try:
-                self._check_widget(spec, value, name)
+                check_widget_value(name, spec, value)
             except ValueError as e:
                 raise WorkflowError(f"{where}: {e}") from None
-
-    @staticmethod
-    def _check_widget(spec: tuple, value, name: str) -> None:
-        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-        if isinstance(kind, list):
-            if options.get("glm_model_file") or options.get("image_upload"):
-                if not isinstance(value, str) or not value:
-                    raise ValueError(f"{name} must name a file, got {value!r}.")
-            elif value not in kind:
-                raise ValueError(f"{name} = {value!r} is not one of {kind}.")
-        elif kind == "INT":
-            checks.check_int(value, name, options.get("min"), options.get("max"))
-        elif kind == "FLOAT":
-            checks.check_float(value, name, options.get("min"), options.get("max"))
-        elif kind == "STRING":
-            checks.check_text(value, name)
-        elif kind == "BOOLEAN" and not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}.")
 
     def _check_files(self, where: str, class_type: str, inputs: dict) -> None:
         if class_type == "SaveImage" and isinstance(inputs.get("filename_prefix"), str):

@@ -134,7 +134,8 @@ def api_to_ui(graph: dict, node_classes: dict, name: str | None = None) -> dict:
         x = ORIGIN[0] + columns[node_id] * (NODE_WIDTH + COLUMN_GAP)
         y = column_y.get(columns[node_id], ORIGIN[1])
         column_y[columns[node_id]] = y + height + TITLE_HEIGHT + ROW_GAP
-        ui_node = {"id": ids[node_id], "type": node["class_type"], "pos": [x, y], "size": [NODE_WIDTH, height], "flags": {},
+        ui_node = {"id": ids[node_id], "type": node["class_type"], "pos": [x, y], "size": [NODE_WIDTH, height],
+                   "flags": {},
                    "order": order, "mode": 0, "inputs": ui_inputs, "outputs": outputs,
                    "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets}
         if node.get("_meta", {}).get("title"):

@@ -95,15 +95,27 @@ def check_widget_values(cls, values: dict) -> None:
     types = cls.INPUT_TYPES()
     specs = {**types.get("required", {}), **types.get("optional", {})}
     for name, value in values.items():
-        if name not in specs:
-            continue
-        kind, options = specs[name][0], (specs[name][1] if len(specs[name]) > 1 else {})
-        if kind == "INT":
-            checks.check_int(value, name, options.get("min"), options.get("max"))
-        elif kind == "FLOAT":
-            checks.check_float(value, name, options.get("min"), options.get("max"))
-        elif kind == "STRING":
-            checks.check_text(value, name)
+        if name in specs:
+            check_widget_value(name, specs[name], value)
+
+
+def check_widget_value(name: str, spec: tuple, value) -> None:
+    """One widget value against its ``INPUT_TYPES`` entry; sockets (non-widget types) are not checked."""
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(kind, list):
+        if options.get("glm_model_file") or options.get("image_upload"):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must name a file, got {value!r}.")
+        elif value not in kind:
+            raise ValueError(f"{name} = {value!r} is not one of {kind}.")
+    elif kind == "INT":
+        checks.check_int(value, name, options.get("min"), options.get("max"))
+    elif kind == "FLOAT":
+        checks.check_float(value, name, options.get("min"), options.get("max"))
+    elif kind == "STRING":
+        checks.check_text(value, name)
+    elif kind == "BOOLEAN" and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 class ModelLoader:

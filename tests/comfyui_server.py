@@ -66,7 +66,8 @@ def comfyui(root: str, model_folders: dict[str, str], frontend: bool = False, ex
     os.makedirs(packs, exist_ok=True)
     os.symlink(ROOT, os.path.join(packs, PACK_FOLDER), target_is_directory=True)
     config = os.path.join(root, "extra_model_paths.yaml")
-    lines = ["glm_image_nodes_test:", f"    custom_nodes: {packs}"] + [f"    {k}: {v}" for k, v in model_folders.items()]
+    lines = ["glm_image_nodes_test:", f"    custom_nodes: {packs}"]
+    lines += [f"    {key}: {path}" for key, path in model_folders.items()]
     with open(config, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     for name in ("frontend", "output", "input", "temp", "user"):
@@ -93,7 +94,8 @@ def comfyui(root: str, model_folders: dict[str, str], frontend: bool = False, ex
             if process.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with code {process.returncode} during startup:\n{server.log()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"ComfyUI did not answer /system_stats within {STARTUP_TIMEOUT_S} s:\n{server.log()}")
+                raise RuntimeError(f"ComfyUI did not answer /system_stats within {STARTUP_TIMEOUT_S} s:\n"
+                                   f"{server.log()}")
             try:
                 server.get_json("/system_stats")
                 break

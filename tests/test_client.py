@@ -57,13 +57,18 @@ class FakeComfy(BaseHTTPRequestHandler):
         self._reply(404, {})
 
 
-@pytest.fixture()
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeComfy)
+def _serve(handler):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture()
+def server():
+    yield from _serve(FakeComfy)
 
 
 def test_run_saves_outputs(server, tmp_path):
@@ -118,17 +123,12 @@ class NotComfy(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        self._html(200 if self.path == "/prompt" and "ok" in self.headers.get("X-Mode", "ok") else 404)
+        self._html(200 if self.path == "/prompt" else 404)
 
 
 @pytest.fixture()
 def not_comfy():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NotComfy)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    yield from _serve(NotComfy)
 
 
 def _free_port() -> int:

@@ -16,8 +16,8 @@ from torch import nn
 from ..runtime import loading
 from ..runtime.attention import attention
 from ..runtime.checks import check_finite_output
-from ..runtime.geometry import check_multiple_of
 from ..runtime.comfy_compat import Progress, get_device, log
+from ..runtime.geometry import check_multiple_of
 from ..runtime.loading import CheckpointError
 
 FP16_REASON = "the VAE's activations overflow fp16 (NaN, black images)."

@@ -170,7 +170,10 @@ def check_token_grid_shape(shape: tuple[int, ...], height: int, width: int) -> N
     """Token ids of an output of ``height`` x ``width`` must be ``[B, H/32, W/32]``: a grid of the right count
     but another shape would be upsampled row-major into the wrong places without any error downstream."""
     want = (height // TOKEN_PIXELS, width // TOKEN_PIXELS)
-    if len(shape) != 3 or shape[0] < 1 or tuple(shape[1:]) != want:
+    if len(shape) == 3 and shape[0] == 0:
+        raise ValueError(f"The token grid holds no images (ids of shape {tuple(shape)}): the node that made it "
+                         f"got an empty batch; give it at least one image.")
+    if len(shape) != 3 or tuple(shape[1:]) != want:
         raise ValueError(f"The token grid has ids of shape {tuple(shape)} but its size {height}x{width} (HxW) needs "
                          f"[B, {want[0]}, {want[1]}] (H/32, W/32). Feed the tokens of an AR sampler or Image to "
                          f"Tokens node made for this size.")

@@ -96,8 +96,9 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
         checks.check_text(p, "prompt")
     codebook = tokenizer.codebook_size
     if codebook > model.config.vision_vocab_size:
-        raise ValueError(f"The tokenizer's codebook of {codebook} ids exceeds the AR model's {model.config.vision_vocab_size}"
-                         f"-id vision vocabulary: the tokenizer and the model are from different releases.")
+        raise ValueError(f"The tokenizer's codebook of {codebook} ids exceeds the AR model's "
+                         f"{model.config.vision_vocab_size}-id vision vocabulary: the tokenizer and the model are "
+                         f"from different releases.")
     prompts = [p for p in prompts for _ in range(num_images)]
     inputs = build_ar_inputs(tokenizer, prompts, height, width, source_grids)
 

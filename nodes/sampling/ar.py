@@ -70,7 +70,8 @@ class GLMImageARSampler:
                 ar_model.model, stage="AR token sampling", advice="lower num_images or the output size"):
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
-                                       source_grids=source_grids, preview=ar_preview(ar_model.model, ar_model.tokenizer.codebook_size))
+                                       source_grids=source_grids,
+                                       preview=ar_preview(ar_model.model, ar_model.tokenizer.codebook_size))
         return (grid,)
 
 
