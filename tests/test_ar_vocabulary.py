@@ -14,6 +14,7 @@ from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.core.stages.ar_prompt import ARVocabulary, build_ar_inputs, load_text_tokenizer, read_ar_vocabulary
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
+from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import chat_template, special_id, write_tiny_glm_image_tokenizer
 from PIL import Image
 from tiny_glm_release import TEXT_CONFIG, VISION_CONFIG, rope_index_reference
@@ -60,6 +61,8 @@ def test_the_vocabulary_is_read_from_the_config(release):
         assert (v.image_start_id, v.image_end_id, v.image_token_id, v.codebook_size, v.vision_vocab_size) == expected
     assert (tok.image_start, tok.image_end) == (f"<|dit_token_{CODEBOOK}|>", f"<|dit_token_{CODEBOOK + 1}|>")
     assert tok.codebook_size == CODEBOOK and model.config.vision_vocab_size == VISION_VOCAB
+    handle = NODES["GLMImageARLoader"]().load(str(root), "fp32")[0]  # what the AR socket carries
+    assert handle.vocabulary.codebook_size == CODEBOOK and handle.vocabulary.image_start_id == CODEBOOK
 
 
 @pytest.mark.parametrize("edit", [False, True], ids=["t2i", "i2i"])

@@ -34,7 +34,7 @@ class GLMImageTokenGridPreview:
 
     def draw(self, tokens, grid, ar_model=None, tokenizer=None):
         if ar_model is not None:
-            colours = palette(ar_model=ar_model.model, codebook_size=ar_model.tokenizer.codebook_size)
+            colours = palette(ar_model=ar_model.model, codebook_size=ar_model.vocabulary.codebook_size)
         else:
             colours = palette(tokenizer=tokenizer)
         return (token_grid_images(tokens, colours, grid),)

@@ -71,7 +71,7 @@ class GLMImageARSampler:
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
                                        source_grids=source_grids,
-                                       preview=ar_preview(ar_model.model, ar_model.tokenizer.codebook_size))
+                                       preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size))
         return (grid,)
 
 
