@@ -4,7 +4,7 @@ The releases carry the names the workflows choose (GLM-Image, CogView4-6B, GLM-4
 as shipped except for speed: output sizes 512x512, 2 decoder steps, 16 caption tokens; the input folder holds
 the images the LoadImage nodes name (256x256: references are normalized to 512, the 2x upscale gives 512).
 Each SaveImage must return the images of its batch at the expected size. Needs GLMIMAGE_COMFYUI (see
-comfyui_server.py); skipped otherwise. About two minutes on 2 CPU cores.
+comfyui_server.py); skipped otherwise. About a minute on 2 CPU cores.
 """
 import glob
 import json
