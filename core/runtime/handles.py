@@ -80,6 +80,11 @@ class ARModel:
     tokenizer: object
     path: str = ""
 
+    @property
+    def vocabulary(self):
+        """The release's special-token ids and codebook size (``ar_prompt.ARVocabulary``, read from its config)."""
+        return self.tokenizer.vocabulary
+
 
 @dataclass
 class CogView4Conditioning:

@@ -15,6 +15,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, processors
 
 from ..models.glm_text_encoder import GlmTextEncoder
+from ..runtime.checks import check_finite_output, check_text
 from ..runtime.loading import CheckpointError, component_path
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,10 @@ def cogview4_prompt_ids(tokenizer: CogView4Tokenizer, prompt: str, max_tokens: i
 
 @torch.inference_mode()
 def encode_cogview4_prompt(encoder: GlmTextEncoder, tokenizer: CogView4Tokenizer, prompt: str,
-                           max_tokens: int = MAX_TOKENS) -> torch.Tensor:
+                           max_tokens: int = MAX_TOKENS, name: str = "prompt") -> torch.Tensor:
     """Prompt -> CogView4 text conditioning [1, L, hidden] (float32, on the encoder's device). No attention
     mask: the pads are attended, as in the reference pipeline."""
-    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(encoder.embed_tokens.weight.device)
-    return encoder(ids).float()
+    check_text(prompt, name)
+    weight = encoder.embed_tokens.weight
+    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(weight.device)
+    return check_finite_output(encoder(ids), "The CogView4 text encoder (GLM-4)", weight.dtype).float()

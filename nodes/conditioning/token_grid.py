@@ -33,7 +33,10 @@ class GLMImageTokenGridPreview:
         }
 
     def draw(self, tokens, grid, ar_model=None, tokenizer=None):
-        colours = palette(ar_model=ar_model.model if ar_model is not None else None, tokenizer=tokenizer)
+        if ar_model is not None:
+            colours = palette(ar_model=ar_model.model, codebook_size=ar_model.vocabulary.codebook_size)
+        else:
+            colours = palette(tokenizer=tokenizer)
         return (token_grid_images(tokens, colours, grid),)
 
 

@@ -2,19 +2,11 @@
 from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
-from ...core.stages.decoder_sampling import sample_latents
+from ...core.runtime.attention import attention_backend, check_backend
+from ...core.runtime.geometry import check_token_grid_shape
+from ...core.stages.decoder_sampling import check_sampler_settings, sample_latents
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
-from ..common import category, seed_input
-
-
-def check_token_grid(tokens: handles.TokenGrid) -> None:
-    """The ids must be ``[B, H/32, W/32]``: a grid of the right count but another shape would be
-    upsampled row-major into the wrong places without any error downstream."""
-    want = (tokens.height // 32, tokens.width // 32)
-    if tokens.ids.dim() != 3 or tuple(tokens.ids.shape[1:]) != want:
-        raise ValueError(f"The token grid has ids of shape {tuple(tokens.ids.shape)} but its size "
-                         f"{tokens.height}x{tokens.width} (HxW) needs [B, {want[0]}, {want[1]}] (H/32, W/32). "
-                         f"Feed the tokens of an AR sampler or Image to Tokens node made for this size.")
+from ..common import answer, category, check_now, dit_speed_inputs, seed_input
 
 
 class GLMImageDecoderSampler:
@@ -37,17 +29,26 @@ class GLMImageDecoderSampler:
                 "guidance": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 20.0, "step": 0.05,
                                        "tooltip": "Classifier-free guidance; 1.0 disables the unconditional pass."}),
             },
-            "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."})},
+            "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."}),
+                         **dit_speed_inputs()},
         }
 
-    def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None):
-        check_token_grid(tokens)
+    @classmethod
+    def VALIDATE_INPUTS(cls, seed, steps, guidance):
+        return answer(cls, locals(), check_sampler_settings)
+
+    def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None, attention="auto", compile=False,
+               step_cache=0.0):
+        check_now(locals(), check_sampler_settings)
+        check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
+        check_backend(attention)
         preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
         with comfy_compat.on_compute_device(
-                decoder, stage="decoder sampling", advice="lower the output size or the number of images"):
+                decoder, stage="decoder sampling", advice="lower the output size or the number of images"), \
+                attention_backend(attention):
             latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
                                      steps=steps, guidance=guidance, seed=seed, references=references,
-                                     preview=preview)
+                                     preview=preview, compile_blocks=compile, step_cache=step_cache)
         return ({"samples": latents.float().cpu()},)
 
 
