@@ -77,15 +77,17 @@ def test_out_of_memory_names_the_stage_and_what_to_lower():
 
 
 def test_out_of_memory_while_moving_weights_says_so(monkeypatch):
-    class Huge(torch.nn.Linear):
-        def to(self, device, *args, **kwargs):
-            if torch.device(device).type == "meta":  # stands in for a GPU without room
-                raise torch.OutOfMemoryError("CUDA out of memory")
-            return super().to(device, *args, **kwargs)
+    from glm_image_nodes.core.runtime import residency
 
-    module = Huge(4, 4)
-    monkeypatch.setattr(comfy_compat, "get_device", lambda: torch.device("meta"))
+    module = torch.nn.Linear(4, 4)
+    before = module.weight.data_ptr()
+
+    def no_room(tensors, device):  # stands in for a GPU without room for the weights
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(residency, "_point_to", no_room)
     with pytest.raises(comfy_compat.OutOfMemory, match=r"moving the weights of AR token sampling \(0\.0 GB\)"):
         with comfy_compat.on_compute_device(module, stage="AR token sampling"):
             pass
+    assert module.weight.data_ptr() == before and module(torch.ones(1, 4)).shape == (1, 4)
     assert isinstance(comfy_compat.OutOfMemory("x"), torch.OutOfMemoryError)

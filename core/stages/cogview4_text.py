@@ -16,6 +16,7 @@ from tokenizers import AddedToken, Tokenizer, processors
 
 from ..models.glm_text_encoder import GlmTextEncoder
 from ..runtime.loading import CheckpointError, component_path
+from ..runtime.residency import placed_device
 
 log = logging.getLogger(__name__)
 
@@ -114,5 +115,5 @@ def encode_cogview4_prompt(encoder: GlmTextEncoder, tokenizer: CogView4Tokenizer
                            max_tokens: int = MAX_TOKENS) -> torch.Tensor:
     """Prompt -> CogView4 text conditioning [1, L, hidden] (float32, on the encoder's device). No attention
     mask: the pads are attended, as in the reference pipeline."""
-    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(encoder.embed_tokens.weight.device)
+    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(placed_device(encoder, encoder.embed_tokens.weight))
     return encoder(ids).float()

@@ -28,8 +28,8 @@ class GLMImageGlyphConditioning:
 
     def encode(self, glyph_encoder, prompt, texts=""):
         explicit = [line.strip() for line in texts.splitlines() if line.strip()] or None
-        with comfy_compat.on_compute_device(glyph_encoder):
-            return (glyph_conditioning(glyph_encoder, prompt, texts=explicit),)
+        with comfy_compat.on_compute_device(glyph_encoder, stage="glyph conditioning"):
+            return (glyph_conditioning(glyph_encoder.model, prompt, texts=explicit),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageGlyphConditioning": GLMImageGlyphConditioning}

@@ -27,8 +27,8 @@ class GLMImageReferenceImages:
 
     def prepare(self, vae, tokenizer, image, image_2=None, image_3=None):
         images = [img for batch in (image, image_2, image_3) if batch is not None for img in batch]
-        with comfy_compat.on_compute_device(vae.model, tokenizer):
-            references, note = prepare_references(images, vae, tokenizer)
+        with comfy_compat.on_compute_device(vae, tokenizer, stage="reference images"):
+            references, note = prepare_references(images, vae.model, tokenizer.model)
         return (references, note)
 
 
@@ -46,8 +46,8 @@ class GLMImageImageToTokens:
                              "width": size_input(1024, "width"), "height": size_input(1024, "height")}}
 
     def tokenize(self, tokenizer, image, width, height):
-        with comfy_compat.on_compute_device(tokenizer):
-            ids = torch.stack(tokenize_images(tokenizer, image, target_height=height, target_width=width))
+        with comfy_compat.on_compute_device(tokenizer, stage="image to tokens"):
+            ids = torch.stack(tokenize_images(tokenizer.model, image, target_height=height, target_width=width))
         return (handles.TokenGrid(ids=ids, height=height, width=width),)
 
 

@@ -53,7 +53,7 @@ class GLMImageARSampler:
         check_glm_image_size(height, width)
         source_grids = references.token_ids if references is not None else None
         with comfy_compat.on_compute_device(
-                ar_model.model, stage="AR token sampling", advice="lower num_images or the output size"):
+                ar_model, stage="AR token sampling", advice="lower num_images or the output size"):
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
                                        source_grids=source_grids)

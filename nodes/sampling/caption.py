@@ -36,8 +36,8 @@ class GLMImageCaption:
         }
 
     def caption(self, captioner, image, preset, max_new_tokens, temperature, seed, custom_instruction="", append=""):
-        with comfy_compat.on_compute_device(captioner.model):
-            captions = [caption_image(captioner, img, preset, max_new_tokens=max_new_tokens, seed=seed,
+        with comfy_compat.on_compute_device(captioner):
+            captions = [caption_image(captioner.model, img, preset, max_new_tokens=max_new_tokens, seed=seed,
                                       custom_instruction=custom_instruction, temperature=temperature)
                         for img in image]
         if append.strip():
@@ -60,8 +60,8 @@ class GLMImageRerank:
                              "prompt": ("STRING", {"multiline": True, "default": ""})}}
 
     def rerank(self, captioner, images, prompt):
-        with comfy_compat.on_compute_device(captioner.model):
-            order, scores = rerank(captioner, images, prompt)
+        with comfy_compat.on_compute_device(captioner):
+            order, scores = rerank(captioner.model, images, prompt)
         report = "\n".join(f"#{rank + 1}: image {int(i)} score {float(scores[i]):.4f}" for rank, i in enumerate(order))
         return (images[order[:1]], images[order], report)
 

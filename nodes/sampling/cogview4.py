@@ -25,7 +25,8 @@ class GLMImageCogView4TextEncode:
         }}
 
     def encode(self, text_encoder, prompt, negative_prompt):
-        with comfy_compat.on_compute_device(text_encoder.model):
+        with comfy_compat.on_compute_device(text_encoder, stage="CogView4 text encoding",
+                                             advice="shorten the prompt"):
             cond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, prompt).cpu()
             uncond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, negative_prompt).cpu()
         return (handles.CogView4Conditioning(cond=cond, uncond=uncond, prompt=prompt),)
@@ -56,9 +57,10 @@ class GLMImageCogView4Sampler:
         check_cogview4_size(height, width)
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
-        with comfy_compat.on_compute_device(decoder):
-            latents = sample_cogview4_latents(decoder, cond, uncond, height, width, steps=steps, guidance=guidance,
-                                              seed=seed)
+        with comfy_compat.on_compute_device(decoder, stage="CogView4 sampling",
+                                             advice="lower the output size or the number of images"):
+            latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, steps=steps,
+                                              guidance=guidance, seed=seed, shift_settings=decoder.shift_settings)
         return ({"samples": latents.float().cpu()},)
 
 

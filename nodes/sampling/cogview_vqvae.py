@@ -19,7 +19,7 @@ class GLMImageCogViewVQEncode:
 
     def encode(self, vqvae, image):
         with comfy_compat.on_compute_device(vqvae):
-            return (vqvae.encode(image),)
+            return (vqvae.model.encode(image),)
 
 
 class GLMImageCogViewVQDecode:
@@ -35,7 +35,7 @@ class GLMImageCogViewVQDecode:
 
     def decode(self, vqvae, tokens):
         with comfy_compat.on_compute_device(vqvae):
-            return (vqvae.decode(tokens),)
+            return (vqvae.model.decode(tokens),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCogViewVQEncode": GLMImageCogViewVQEncode,

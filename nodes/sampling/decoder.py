@@ -43,8 +43,9 @@ class GLMImageDecoderSampler:
         check_token_grid(tokens)
         with comfy_compat.on_compute_device(
                 decoder, stage="decoder sampling", advice="lower the output size or the number of images"):
-            latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
-                                     steps=steps, guidance=guidance, seed=seed, references=references)
+            latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width,
+                                     steps=steps, guidance=guidance, seed=seed, references=references,
+                                     shift_settings=decoder.shift_settings)
         return ({"samples": latents.float().cpu()},)
 
 

@@ -38,9 +38,11 @@ class GLMImageUpscale:
         }}
 
     def upscale(self, decoder, vae, tokenizer, glyph, image, seed, steps, guidance, strength, use_reference):
-        with comfy_compat.on_compute_device(decoder, vae.model, tokenizer):
-            out = [upscale_2x(img, decoder=decoder, vae=vae, tokenizer=tokenizer, glyph=glyph, steps=steps,
-                              guidance=guidance, seed=seed, strength=strength, use_reference=use_reference)
+        with comfy_compat.on_compute_device(decoder, vae, tokenizer, stage="upscaling",
+                                             advice="upscale a smaller image"):
+            out = [upscale_2x(img, decoder=decoder.model, vae=vae.model, tokenizer=tokenizer.model, glyph=glyph,
+                              steps=steps, guidance=guidance, seed=seed, strength=strength,
+                              use_reference=use_reference, shift_settings=decoder.shift_settings)
                    for img in image]
         return (torch.stack(out),)
 
@@ -70,10 +72,10 @@ class GLMImageCogView4Refine:
         }}
 
     def refine(self, decoder, vae, conditioning, image, scale, seed, steps, guidance, strength):
-        with comfy_compat.on_compute_device(decoder, vae.model):
-            out = [refine_cogview4(img, decoder=decoder, vae=vae, cond_embeds=conditioning.cond,
+        with comfy_compat.on_compute_device(decoder, vae, stage="refining", advice="lower the scale"):
+            out = [refine_cogview4(img, decoder=decoder.model, vae=vae.model, cond_embeds=conditioning.cond,
                                    uncond_embeds=conditioning.uncond, scale=scale, steps=steps, guidance=guidance,
-                                   seed=seed, strength=strength)
+                                   seed=seed, strength=strength, shift_settings=decoder.shift_settings)
                    for img in image]
         return (torch.stack(out),)
 

@@ -21,8 +21,8 @@ class GLMImageVAEDecode:
 
     def decode(self, vae, latent, tiling):
         tiled = {"auto": None, "on": True, "off": False}[tiling]
-        with comfy_compat.on_compute_device(vae.model, stage="VAE decode", advice="set tiling to on"):
-            return (vae.decode(latent["samples"], tiled=tiled),)
+        with comfy_compat.on_compute_device(vae, stage="VAE decode", advice="set tiling to on"):
+            return (vae.model.decode(latent["samples"], tiled=tiled),)
 
 
 class GLMImageVAEEncode:
@@ -37,9 +37,8 @@ class GLMImageVAEEncode:
         return {"required": {"vae": (handles.VAE,), "image": ("IMAGE",)}}
 
     def encode(self, vae, image):
-        with comfy_compat.on_compute_device(vae.model, stage="VAE encode",
-                                             advice="encode fewer or smaller images"):
-            return ({"samples": vae.encode(image).float().cpu()},)
+        with comfy_compat.on_compute_device(vae, stage="VAE encode", advice="encode fewer or smaller images"):
+            return ({"samples": vae.model.encode(image).float().cpu()},)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageVAEDecode": GLMImageVAEDecode, "GLMImageVAEEncode": GLMImageVAEEncode}
