@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 
@@ -66,12 +67,45 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+# A test-only node (not part of the pack) that reports ComfyUI's loaded-model accounting after an image is made.
+PROBE_PACK = '''
+import json
+import comfy.model_management as mm
+
+class GLMTestLoadedModels:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}}
+
+    def report(self, images):
+        models = []
+        for loaded in mm.current_loaded_models:
+            patcher = loaded.model
+            net = getattr(patcher.model, "net", None)
+            first = next(net.parameters()) if net is not None else None
+            models.append({"name": type(patcher.model).__name__, "pack": net is not None, "patcher": id(patcher),
+                           "size": patcher.model_size(), "loaded": patcher.loaded_size(),
+                           "device": str(patcher.load_device),
+                           "first_weight": first.data_ptr() if first is not None else None})
+        return {"ui": {"text": [json.dumps(models)]}}
+
+NODE_CLASS_MAPPINGS = {"GLMTestLoadedModels": GLMTestLoadedModels}
+'''
+
+
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfyui")
     packs = root / "custom_nodes"
     packs.mkdir()
     (packs / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    (packs / "glm_test_probe").mkdir()
+    (packs / "glm_test_probe" / "__init__.py").write_text(PROBE_PACK)
     releases = root / "models" / "glm_image"
     write_tiny_release(str(releases / "tiny"))
     # Listed by the loaders (it has a model_index.json) but holds no component: fails at execution time.
@@ -154,6 +188,32 @@ def test_text_to_image_runs_with_websocket_progress(comfy, tmp_path):
     progressed = {event.split(":")[0] for event in events if event.startswith("node ") and "/" in event}
     for sampler in ("GLMImageARSampler", "GLMImageDecoderSampler"):
         assert f"node {_node_id(graph, sampler)}" in progressed, (sampler, events)
+
+
+def _loaded_models(comfy, graph: dict, tmp_path, seed: int) -> list[dict]:
+    """Run ``graph`` with the decoder seed set and the probe after the image; ComfyUI's loaded models then."""
+    graph = json.loads(json.dumps(graph))
+    graph[_node_id(graph, "GLMImageDecoderSampler")]["inputs"]["seed"] = seed
+    decode = _node_id(graph, "GLMImageVAEDecode")
+    graph["probe"] = {"class_type": "GLMTestLoadedModels", "inputs": {"images": [decode, 0]}}
+    client_id = uuid.uuid4().hex
+    history = client.follow(comfy.url, client.submit(comfy.url, graph, client_id), client_id, lambda event: None)
+    return json.loads(history["outputs"]["probe"]["text"][0])
+
+
+def test_models_stay_in_comfyui_accounting_and_are_not_reloaded(comfy, tmp_path):
+    graph = _t2i_graph()
+    first = _loaded_models(comfy, graph, tmp_path, seed=1)
+    requested = comfy.log().count("Requested to load")
+    second = _loaded_models(comfy, graph, tmp_path, seed=2)  # the samplers run again, the loaders are cached
+    pack = {m["name"]: m for m in first if m["pack"]}
+    assert {"GlmImageAR", "T5Encoder", "GlmImageDiT", "AutoencoderKL"} <= set(pack), first
+    for model in pack.values():
+        assert model["size"] > 0 and model["loaded"] == model["size"], model  # fully loaded: it fits
+    again = {m["name"]: m for m in second if m["pack"]}
+    for name, model in pack.items():  # the same ModelPatcher, the same weight storage: nothing moved or reloaded
+        assert (again[name]["patcher"], again[name]["first_weight"]) == (model["patcher"], model["first_weight"])
+    assert comfy.log().count("Requested to load") == requested, comfy.log()
 
 
 def test_missing_component_surfaces_as_execution_error(comfy, tmp_path):

@@ -92,6 +92,17 @@ class _Managed(torch.nn.Module):
         self.net = net
 
 
+_managed_classes: dict[str, type] = {}
+
+
+def _managed(net: torch.nn.Module) -> _Managed:
+    """A ``_Managed`` subclass named after the model, so ComfyUI's log says "Requested to load GlmImageDiT"."""
+    name = type(net).__name__
+    if name not in _managed_classes:
+        _managed_classes[name] = type(name, (_Managed,), {"__doc__": _Managed.__doc__})
+    return _managed_classes[name](net)
+
+
 _told: set[str] = set()
 
 
@@ -111,7 +122,7 @@ def model_patcher(item):
 
     patcher = getattr(item, "patcher", None)
     if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(_Managed(streamable(_module(item))), load_device=get_device(),
+        patcher = comfy.model_patcher.ModelPatcher(_managed(streamable(_module(item))), load_device=get_device(),
                                                    offload_device=offload_device())
         item.patcher = patcher
     return patcher
