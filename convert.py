@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -19,6 +20,20 @@ from standalone import register_pack
 
 COMPONENT_NAMES = {"ar": "glm_image_ar", "decoder": "glm_image_dit", "glyph": "glyph_byt5",
                    "cogview4_text_encoder": "cogview4_text_encoder", "cogview4_decoder": "cogview4_dit"}
+# the text tokenizer a single AR / text-encoder file needs beside it, from the release
+TOKENIZERS = {"glm_image_ar": "processor", "cogview4_text_encoder": "tokenizer"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def copy_tokenizer(release: str, architecture: str, out_folder: str) -> list[str]:
+    """Copy the release's text tokenizer beside a converted text model (its loader looks there)."""
+    copied = []
+    for name in TOKENIZER_FILES if architecture in TOKENIZERS else ():
+        src = os.path.join(release, TOKENIZERS[architecture], name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_folder, name))
+            copied.append(name)
+    return copied
 
 
 def main(argv=None) -> int:
@@ -55,6 +70,10 @@ def main(argv=None) -> int:
             kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(report.kinds.items()))
             print(f"{spec.name}: {out}  {report.source_bytes / 1e9:.2f} GB -> {report.bytes / 1e9:.2f} GB "
                   f"({kinds}) in {time.perf_counter() - start:.1f} s")
+            if len(jobs) > 1:
+                copied = copy_tokenizer(args.src, spec.architecture, os.path.dirname(os.path.abspath(out)))
+                if copied:
+                    print(f"  beside it: {', '.join(copied)} (keep them with the file in models/text_encoders/)")
     except (CheckpointError, ValueError) as e:
         print(f"convert.py: {e}", file=sys.stderr)
         return 2

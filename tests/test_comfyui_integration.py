@@ -23,6 +23,7 @@ if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
                 allow_module_level=True)
 PYTHON = os.environ.get("GLMIMAGE_COMFYUI_PYTHON", "python3")
 
+import convert  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.comfyui
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_FOLDER = "glm-image-nodes"
 T2I_WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json")
+GGUF_WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_gguf_text_to_image.json")
 STARTUP_TIMEOUT_S = 120
 
 
@@ -108,11 +110,21 @@ def comfy(tmp_path_factory):
     (packs / "glm_test_probe" / "__init__.py").write_text(PROBE_PACK)
     releases = root / "models" / "glm_image"
     write_tiny_release(str(releases / "tiny"))
+    converted = root / "converted"
+    assert convert.main([str(releases / "tiny"), "--format", "q4_k", "--out", str(converted)]) == 0
+    text_encoders, unet = root / "models" / "text_encoders", root / "models" / "unet"
+    (text_encoders / "tiny").mkdir(parents=True)
+    unet.mkdir()
+    for name in ("tiny_glm_image_ar_q4_k.gguf", "tiny_glyph_byt5_q4_k.gguf", "tokenizer.json", "tokenizer_config.json"):
+        if (converted / name).exists():
+            (converted / name).rename(text_encoders / "tiny" / name)
+    (converted / "tiny_glm_image_dit_q4_k.gguf").rename(unet / "tiny_glm_image_dit_q4_k.gguf")
     # Listed by the loaders (it has a model_index.json) but holds no component: fails at execution time.
     (releases / "broken").mkdir()
     (releases / "broken" / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
     config = root / "extra_model_paths.yaml"
-    config.write_text(f"glm_image_nodes_test:\n    custom_nodes: {packs}\n    glm_image: {releases}\n")
+    config.write_text(f"glm_image_nodes_test:\n    custom_nodes: {packs}\n    glm_image: {releases}\n"
+                      f"    text_encoders: {text_encoders}\n    diffusion_models: {unet}\n")
     for name in ("frontend", "output", "input", "temp", "user"):
         (root / name).mkdir()
 
@@ -214,6 +226,30 @@ def test_models_stay_in_comfyui_accounting_and_are_not_reloaded(comfy, tmp_path)
     for name, model in pack.items():  # the same ModelPatcher, the same weight storage: nothing moved or reloaded
         assert (again[name]["patcher"], again[name]["first_weight"]) == (model["patcher"], model["first_weight"])
     assert comfy.log().count("Requested to load") == requested, comfy.log()
+
+
+def test_gguf_workflow_finds_its_files_and_runs(comfy, tmp_path):
+    info = comfy.get_json("/object_info")
+    choices = {name: info[name]["input"]["required"]["checkpoint"][0]
+               for name in ("GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDecoderLoader")}
+    assert "tiny/tiny_glm_image_ar_q4_k.gguf" in choices["GLMImageARLoader"], choices
+    assert "tiny/tiny_glyph_byt5_q4_k.gguf" in choices["GLMImageGlyphEncoderLoader"], choices
+    assert "tiny_glm_image_dit_q4_k.gguf" in choices["GLMImageDecoderLoader"], choices  # models/unet
+    with open(GGUF_WORKFLOW, encoding="utf-8") as f:
+        graph = json.load(f)
+    files = {"GLMImageARLoader": "tiny/tiny_glm_image_ar_q4_k.gguf",
+             "GLMImageGlyphEncoderLoader": "tiny/tiny_glyph_byt5_q4_k.gguf",
+             "GLMImageDecoderLoader": "tiny_glm_image_dit_q4_k.gguf", "GLMImageVAELoader": "tiny"}
+    for node in graph.values():
+        if node["class_type"] in files:
+            node["inputs"]["checkpoint"] = files[node["class_type"]]
+        if node["class_type"] == "GLMImageARSampler":
+            node["inputs"].update(width=512, height=512)
+        if node["class_type"] == "GLMImageDecoderSampler":
+            node["inputs"]["steps"] = 2
+    saved = client.run(comfy.url, graph, str(tmp_path), lambda event: None)
+    with Image.open(saved[0]) as image:
+        assert image.size == (512, 512)
 
 
 def test_missing_component_surfaces_as_execution_error(comfy, tmp_path):
