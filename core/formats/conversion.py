@@ -69,6 +69,21 @@ def _nbytes(kind: str, shape: tuple[int, ...]) -> int:
     return rows * ggml.QTYPES[kind].row_bytes(shape[-1] if shape else 1)
 
 
+def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torch.dtype = torch.bfloat16) -> int:
+    """The bytes one tensor takes in a ``fmt`` file (the FP8 weight's scale included); ``fmt`` ``"source"``: as
+    given. Used by convert_component and for the full-size figures (shapes only, nothing built)."""
+    count = 1
+    for d in shape:
+        count *= d
+    if fmt == "source":
+        return count * torch.tensor([], dtype=source_dtype).element_size()
+    if fmt == "fp8_e4m3fn":
+        if role in (LINEAR, MODULATION) and len(shape) == 2:
+            return count + 4 * shape[0]
+        return count * torch.tensor([], dtype=source_dtype).element_size()
+    return _nbytes(_gguf_kind(fmt, role, shape, source_dtype), shape)
+
+
 def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8_scale: str = "channel",
                       progress=None) -> Report:
     """Write ``spec``'s component found at ``path`` (release root, component folder or file) as ``fmt`` to
