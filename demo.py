@@ -2,6 +2,7 @@
 
     python demo.py                                   # tiny random weights: the image is noise
     python demo.py --weights /models/GLM-Image --prompt 'a poster that says "hello"' --width 1024 --height 1024
+    python demo.py --previews previews/              # also write the live previews (AR token grid, decoder steps)
 """
 from __future__ import annotations
 
@@ -44,11 +45,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--out", default="outputs")
+    parser.add_argument("--previews", metavar="DIR",
+                        help="write the live previews there as PNGs (what ComfyUI shows with --preview-method auto)")
     args = parser.parse_args(argv)
 
     register_pack()
+    from glm_image_nodes.core.runtime.comfy_compat import save_previews_to
     from glm_image_nodes.headless.executor import Executor
     from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
+
+    save_previews_to(args.previews)
 
     tiny = args.weights is None
     weights = args.weights
@@ -74,6 +80,8 @@ def main(argv=None) -> int:
     print(f"  {'total':<28} {time.perf_counter() - start:8.2f} s")
     for path in saved:
         print(f"wrote {path}" + (" (noise: tiny random weights)" if tiny else ""))
+    if args.previews:
+        print(f"live previews in {args.previews}")
     return 0
 
 

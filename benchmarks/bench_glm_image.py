@@ -169,7 +169,7 @@ class BudgetProgress:
     def __init__(self, clock: Clock, total: int, desc: str = "", enabled: bool = True):
         self.clock, self.total = clock, total
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, preview=None) -> None:  # previews are off in benchmarks
         if self.clock.tick(n) and self.clock.count < self.total:
             raise Stop
 

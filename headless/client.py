@@ -4,6 +4,9 @@ Standard library only, so it runs from any Python:
 
     python headless/client.py example_workflows/api/glm_image_text_to_image.json --server http://127.0.0.1:8188 \
         --set 5.prompt='a sign that says "OPEN"' --set 6.prompt='a sign that says "OPEN"' --set 5.seed=7 --out outputs/
+
+``--previews DIR`` also saves the live preview frames the samplers send (ComfyUI started with
+``--preview-method auto``).
 """
 from __future__ import annotations
 
@@ -60,8 +63,31 @@ def submit(server: str, graph: dict, client_id: str) -> str:
     return body["prompt_id"]
 
 
+# ComfyUI's binary websocket events (protocol.BinaryEventTypes) and the image types of a PREVIEW_IMAGE frame
+PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA = 1, 4
+PREVIEW_IMAGE_TYPES = {1: "image/jpeg", 2: "image/png"}
+
+
+def parse_binary_event(payload: bytes) -> dict | None:
+    """A binary /ws message as ``{"type": "preview", "data": {...}}`` (node, prompt_id, image_type, image bytes),
+    or None for other binary events."""
+    (event,) = struct.unpack(">I", payload[:4])
+    if event == PREVIEW_IMAGE_WITH_METADATA:
+        (length,) = struct.unpack(">I", payload[4:8])
+        metadata = json.loads(payload[8:8 + length])
+        return {"type": "preview", "data": {"node": metadata.get("node_id"), "prompt_id": metadata.get("prompt_id"),
+                                            "image_type": metadata.get("image_type"), "image": payload[8 + length:]}}
+    if event == PREVIEW_IMAGE:
+        (kind,) = struct.unpack(">I", payload[4:8])
+        return {"type": "preview", "data": {"node": None, "prompt_id": None,
+                                            "image_type": PREVIEW_IMAGE_TYPES.get(kind), "image": payload[8:]}}
+    return None
+
+
 class _WebSocket:
-    """A minimal RFC 6455 client for ComfyUI's /ws (text frames in, pongs out)."""
+    """A minimal RFC 6455 client for ComfyUI's /ws (text and binary frames in, pongs out).
+
+    It announces ``supports_preview_metadata``, so preview frames name the node that sent them."""
 
     def __init__(self, server: str, client_id: str, timeout: float):
         url = urllib.parse.urlparse(server)
@@ -78,6 +104,8 @@ class _WebSocket:
             header += chunk
         if b" 101 " not in header.split(b"\r\n", 1)[0]:
             raise ConnectionError("websocket upgrade refused")
+        # the server reads feature flags only from the first message
+        self._send(0x1, json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}).encode())
 
     def _exact(self, n: int) -> bytes:
         data = b""
@@ -91,10 +119,14 @@ class _WebSocket:
     def _send(self, opcode: int, payload: bytes) -> None:
         mask = os.urandom(4)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+        n = len(payload)
+        length = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 1 << 16
+                                                     else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        self.sock.sendall(bytes([0x80 | opcode]) + length + mask + masked)
 
     def receive(self) -> dict | None:
-        """The next JSON message, or None for a binary (preview) frame."""
+        """The next JSON message, a preview frame as ``{"type": "preview", ...}``, or None for other binary
+        events."""
         while True:
             b0, b1 = self._exact(2)
             opcode, length = b0 & 0x0F, b1 & 0x7F
@@ -106,7 +138,7 @@ class _WebSocket:
             if opcode == 0x1:
                 return json.loads(payload)
             if opcode == 0x2:
-                return None
+                return parse_binary_event(payload)
             if opcode == 0x8:
                 raise ConnectionError("websocket closed by the server")
             if opcode == 0x9:
@@ -116,8 +148,11 @@ class _WebSocket:
         self.sock.close()
 
 
-def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout: float = 3600.0) -> dict:
-    """Wait until the prompt finishes, reporting progress; return its /history entry or raise WorkflowError."""
+def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout: float = 3600.0,
+           on_preview=None) -> dict:
+    """Wait until the prompt finishes, reporting progress; return its /history entry or raise WorkflowError.
+
+    ``on_preview(node, image_type, image_bytes)`` receives every live preview frame of the prompt."""
     deadline = time.monotonic() + timeout
     try:
         ws = _WebSocket(server, client_id, timeout=5.0)
@@ -136,9 +171,12 @@ def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout:
                     ws.close()
                     ws = None
                     message = None
-                if message and message.get("data", {}).get("prompt_id") == prompt_id:
+                if message and message.get("data", {}).get("prompt_id") in (prompt_id, None):
                     kind, data = message["type"], message["data"]
-                    if kind == "progress":
+                    if kind == "preview":
+                        if on_preview is not None:
+                            on_preview(data["node"], data["image_type"], data["image"])
+                    elif kind == "progress":
                         on_event(f"node {data['node']}: {data['value']}/{data['max']}")
                     elif kind == "executing" and data.get("node"):
                         on_event(f"running node {data['node']}")
@@ -146,7 +184,7 @@ def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout:
                 time.sleep(0.5)
             # /history is only written when the run ends (then "executing" with node None follows); polling it
             # after every progress message or preview frame would make the client lag far behind the server.
-            frequent = message is None or message.get("type") in ("progress", "progress_state")
+            frequent = message is None or message.get("type") in ("progress", "progress_state", "preview")
             if ws is not None and frequent and time.monotonic() - last_poll < 1.0:
                 continue
             last_poll = time.monotonic()
@@ -210,11 +248,24 @@ def set_input(graph: dict, assignment: str) -> None:
                             f"(currently {inputs[name]!r})") from None
 
 
-def run(server: str, graph: dict, out_dir: str, on_event=print) -> list[str]:
+def preview_saver(folder: str):
+    """An ``on_preview`` that writes each frame to ``folder`` as ``preview_<node>_<n>.jpg`` (or .png)."""
+    os.makedirs(folder, exist_ok=True)
+    count = [0]
+
+    def save(node, image_type, image: bytes) -> None:
+        count[0] += 1
+        suffix = ".png" if image_type == "image/png" else ".jpg"
+        with open(os.path.join(folder, f"preview_{node}_{count[0]:04d}{suffix}"), "wb") as f:
+            f.write(image)
+    return save
+
+
+def run(server: str, graph: dict, out_dir: str, on_event=print, on_preview=None) -> list[str]:
     client_id = uuid.uuid4().hex
     prompt_id = submit(server, graph, client_id)
     on_event(f"queued as {prompt_id}")
-    return save_outputs(server, follow(server, prompt_id, client_id, on_event), out_dir)
+    return save_outputs(server, follow(server, prompt_id, client_id, on_event, on_preview=on_preview), out_dir)
 
 
 def main(argv=None) -> int:
@@ -223,13 +274,15 @@ def main(argv=None) -> int:
     parser.add_argument("--server", default="http://127.0.0.1:8188")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
     parser.add_argument("--out", default="outputs")
+    parser.add_argument("--previews", metavar="DIR", help="save the live preview frames there")
     args = parser.parse_args(argv)
     with open(args.workflow, encoding="utf-8") as f:
         graph = json.load(f)
     try:
         for assignment in args.set:
             set_input(graph, assignment)
-        for path in run(args.server, graph, args.out):
+        on_preview = preview_saver(args.previews) if args.previews else None
+        for path in run(args.server, graph, args.out, on_preview=on_preview):
             print(f"saved {path}")
     except (WorkflowError, urllib.error.URLError) as e:
         print(f"error: {e}", file=sys.stderr)

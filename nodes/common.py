@@ -10,9 +10,9 @@ from ..core.runtime.residency import resolve_blocks
 
 CATEGORY = "GLM-Image"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-DTYPE_TOOLTIP = ("Weight dtype. auto: bf16 on GPUs that support it, else fp32. fp8_e4m3fn: the transformer weights "
-                 "quantized to FP8 while loading (half the memory of bf16). For FP8 and GGUF files: the dtype they "
-                 "are dequantized to per layer.")
+DTYPE_TOOLTIP = "Weight dtype. auto: bf16 on GPUs that support it, else fp32."
+FP8_TOOLTIP = (" fp8_e4m3fn: the transformer weights quantized to FP8 while loading (half the memory of bf16). For "
+               "FP8 and GGUF files: the dtype they are dequantized to per layer.")
 BLOCK_SWAP_TOOLTIP = ("Outside ComfyUI: keep this many transformer blocks on the offload device (CPU) and copy each "
                       "in just before it runs, for GPUs too small for the whole model. Inside ComfyUI its memory "
                       "manager does this by itself (partial loading) and this is not used.")
@@ -37,7 +37,9 @@ def checkpoint_input(single_file_folder: str, tooltip: str, gguf: bool = False):
 
 
 def dtype_input(choices: list[str] | None = None):
-    return (choices or ["auto", "bf16", "fp32", "fp16"], {"default": "auto", "tooltip": DTYPE_TOOLTIP})
+    choices = choices or ["auto", "bf16", "fp32", "fp16"]
+    tooltip = DTYPE_TOOLTIP + (FP8_TOOLTIP if "fp8_e4m3fn" in choices else "")
+    return (choices, {"default": "auto", "tooltip": tooltip})
 
 
 def load_dtype(choice: str) -> str:

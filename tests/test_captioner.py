@@ -21,7 +21,7 @@ from glm_image_nodes.core.models.captioner import (
 from glm_image_nodes.core.runtime.loading import CheckpointError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_glmv import IMAGE_SIZE, write_tiny_glmv  # noqa: E402
+from tiny_glmv import IMAGE_SIZE, reference_processor, write_tiny_glmv  # noqa: E402
 
 PROMPT = 'A red fox on a sign that says "OPEN", at dusk'
 
@@ -64,13 +64,7 @@ def test_loader_says_how_to_install_transformers(release, monkeypatch):
 
 
 def test_chat_inputs_match_glm4v_processor(captioner, monkeypatch):
-    from transformers import Glm4vProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    # Glm4vProcessor insists on a torchvision video processor; images never touch it.
-    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
-    processor = Glm4vProcessor(image_processor=captioner.image_processor, tokenizer=captioner.tokenizer,
-                               video_processor=None, chat_template=captioner.chat_template)
+    processor = reference_processor(captioner, monkeypatch)
     image = images(1)[0]
     ours = chat_inputs(captioner, image, "What is this?")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]

@@ -97,3 +97,22 @@ def test_set_input_parses_values():
         client.set_input(graph, "5.steps=3")
     with pytest.raises(client.WorkflowError, match="not a valid value for seed"):
         client.set_input(graph, "5.seed=seven")
+
+
+def test_preview_frames_are_parsed_as_comfyui_sends_them(tmp_path):
+    import struct
+
+    # server.py send_image_with_metadata: event 4, metadata length, metadata JSON, image bytes
+    metadata = json.dumps({"node_id": "7", "prompt_id": "p0", "image_type": "image/jpeg"}).encode()
+    frame = struct.pack(">I", 4) + struct.pack(">I", len(metadata)) + metadata + b"\xff\xd8jpeg"
+    assert client.parse_binary_event(frame) == {"type": "preview", "data": {
+        "node": "7", "prompt_id": "p0", "image_type": "image/jpeg", "image": b"\xff\xd8jpeg"}}
+    # send_image (clients without preview metadata): event 1, image type 2 (PNG), image bytes
+    legacy = client.parse_binary_event(struct.pack(">I", 1) + struct.pack(">I", 2) + PNG)
+    assert legacy["data"]["node"] is None and legacy["data"]["image_type"] == "image/png"
+    assert legacy["data"]["image"] == PNG
+    assert client.parse_binary_event(struct.pack(">I", 3) + b"text") is None
+    save = client.preview_saver(str(tmp_path / "frames"))
+    save("7", "image/jpeg", b"a")
+    save("7", "image/png", b"b")
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["preview_7_0001.jpg", "preview_7_0002.png"]

@@ -1,10 +1,12 @@
 """The pack inside a real, headless ComfyUI: it imports, its nodes are listed, the text-to-image workflow runs
-on a tiny random release, and errors reach the client with the node and the reason.
+on a tiny random release with live previews on the websocket, the locales are served, and errors reach the
+client with the node and the reason.
 
 Enabled by ``GLMIMAGE_COMFYUI=<ComfyUI tree>``, run with ``GLMIMAGE_COMFYUI_PYTHON`` (default ``python3``);
 skipped otherwise. One CPU server serves the whole module; the pack is loaded through a symlink in a
 ``custom_nodes:`` folder of ``--extra-model-paths-config``, so nothing is copied into the ComfyUI tree.
 """
+import io
 import json
 import os
 import signal
@@ -134,7 +136,8 @@ def comfy(tmp_path_factory):
                "--disable-api-nodes", "--front-end-root", str(root / "frontend"),
                "--extra-model-paths-config", str(config), "--output-directory", str(root / "output"),
                "--input-directory", str(root / "input"), "--temp-directory", str(root / "temp"),
-               "--user-directory", str(root / "user"), "--database-url", "sqlite:///:memory:"]
+               "--user-directory", str(root / "user"), "--database-url", "sqlite:///:memory:",
+               "--preview-method", "auto"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -189,10 +192,11 @@ def test_pack_imports_and_lists_its_nodes(comfy):
     assert "tiny" in checkpoints, checkpoints
 
 
-def test_text_to_image_runs_with_websocket_progress(comfy, tmp_path):
+def test_text_to_image_runs_with_websocket_progress_and_previews(comfy, tmp_path):
     graph = _t2i_graph()
-    events = []
-    saved = client.run(comfy.url, graph, str(tmp_path), events.append)
+    events, previews = [], []
+    saved = client.run(comfy.url, graph, str(tmp_path), events.append,
+                       on_preview=lambda node, kind, data: previews.append((node, kind, data)))
     assert len(saved) == 1, saved
     with Image.open(saved[0]) as image:
         assert image.format == "PNG" and image.size == (512, 512), (image.format, image.size)
@@ -200,6 +204,24 @@ def test_text_to_image_runs_with_websocket_progress(comfy, tmp_path):
     progressed = {event.split(":")[0] for event in events if event.startswith("node ") and "/" in event}
     for sampler in ("GLMImageARSampler", "GLMImageDecoderSampler"):
         assert f"node {_node_id(graph, sampler)}" in progressed, (sampler, events)
+    # Live previews (--preview-method auto) as binary frames naming their node: one per decoder step, one per
+    # row of each grid the AR writes (512x512: a 16x16 preview grid, then the 16x16 token grid).
+    by_node = {}
+    for node, kind, data in previews:
+        assert kind == "image/jpeg", kind
+        with Image.open(io.BytesIO(data)) as frame:
+            assert frame.format == "JPEG" and frame.size == (512, 512), (frame.format, frame.size)
+        by_node[node] = by_node.get(node, 0) + 1
+    assert by_node == {_node_id(graph, "GLMImageDecoderSampler"): 2, _node_id(graph, "GLMImageARSampler"): 32}, by_node
+
+
+def test_locales_are_served(comfy):
+    translations = comfy.get_json("/i18n")
+    for lang in ("en", "zh"):
+        assert set(NODE_CLASS_MAPPINGS) <= set(translations[lang]["nodeDefs"]), lang
+        assert "GLM-Image" in translations[lang]["nodeCategories"], lang
+    assert translations["zh"]["nodeDefs"]["GLMImageDecoderSampler"]["display_name"] != \
+        translations["en"]["nodeDefs"]["GLMImageDecoderSampler"]["display_name"]
 
 
 def _loaded_models(comfy, graph: dict, tmp_path, seed: int) -> list[dict]:

@@ -100,3 +100,14 @@ def write_tiny_glmv(folder: str, seed: int = 0) -> str:
                                                    "longest_edge": 2 * IMAGE_SIZE * IMAGE_SIZE})
     image_processor.save_pretrained(folder)
     return folder
+
+
+def reference_processor(captioner, monkeypatch):
+    """transformers' ``Glm4vProcessor`` over the captioner's tokenizer, image processor and chat template.
+    It insists on a torchvision video processor, which images and text never touch: the check is patched out."""
+    from transformers import Glm4vProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
+    return Glm4vProcessor(image_processor=captioner.image_processor, tokenizer=captioner.tokenizer,
+                          video_processor=None, chat_template=captioner.chat_template)

@@ -186,7 +186,43 @@ class _ProgressCriterion:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def chat_text_inputs(captioner: Captioner, messages: list[dict]) -> dict[str, torch.Tensor]:
+    """Model inputs for a text-only chat (``messages`` of role/content strings) with the assistant's turn
+    opened, as ``Glm4vProcessor.apply_chat_template`` builds them. Thinking is switched off where the template
+    can (GLM-4.6V)."""
+    text = captioner.tokenizer.apply_chat_template(messages, chat_template=captioner.chat_template, tokenize=False,
+                                                   add_generation_prompt=True, enable_thinking=False)
+    input_ids = torch.tensor([captioner.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    device = captioner.device
+    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids, device=device),
+            "mm_token_type_ids": torch.zeros_like(input_ids, dtype=torch.int, device=device)}
+
+
 @torch.inference_mode()
+def generate_reply_ids(captioner: Captioner, inputs: dict[str, torch.Tensor], max_new_tokens: int,
+                       temperature: float = 0.0, seed: int = 0, desc: str = "GLM-V") -> torch.Tensor:
+    """The new token ids ``[n]`` of the model's reply to ``inputs``. ``temperature`` 0 decodes greedily
+    (deterministic); above 0 it samples with ``seed``. Reports progress per token (and honours interrupts)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 decodes greedily), got {temperature}.")
+    transformers = _require_transformers()
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    device = captioner.device
+    with Progress(max_new_tokens, desc=desc) as progress, \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = captioner.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, **sampling,
+            stopping_criteria=transformers.StoppingCriteriaList([_ProgressCriterion(progress)]))
+    return out[0, inputs["input_ids"].shape[1]:]
+
+
+def decode_reply(captioner: Captioner, new_tokens: torch.Tensor) -> str:
+    """The answer in a reply's token ids: decoded, reasoning and chat markers removed."""
+    return strip_reasoning(captioner.tokenizer.decode(new_tokens, skip_special_tokens=False))
+
+
 def caption_image(captioner: Captioner, image: torch.Tensor, preset: str = "detailed caption",
                   max_new_tokens: int = 1024, seed: int = 0, custom_instruction: str | None = None,
                   temperature: float = 0.0) -> str:
@@ -194,20 +230,9 @@ def caption_image(captioner: Captioner, image: torch.Tensor, preset: str = "deta
     ``temperature`` 0 decodes greedily (deterministic); above 0 it samples with ``seed``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown caption preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    transformers = _require_transformers()
     instruction = custom_instruction.strip() if custom_instruction and custom_instruction.strip() else PRESETS[preset]
     inputs = chat_inputs(captioner, image, instruction)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    device = captioner.device
-    with Progress(max_new_tokens, desc="caption") as progress, \
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = captioner.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, **sampling,
-            stopping_criteria=transformers.StoppingCriteriaList([_ProgressCriterion(progress)]))
-    new_tokens = out[0, inputs["input_ids"].shape[1]:]
-    return strip_reasoning(captioner.tokenizer.decode(new_tokens, skip_special_tokens=False))
+    return decode_reply(captioner, generate_reply_ids(captioner, inputs, max_new_tokens, temperature, seed, "caption"))
 
 
 @torch.inference_mode()

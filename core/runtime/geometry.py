@@ -214,3 +214,15 @@ def upscale_2x_size(height: int, width: int) -> tuple[int, int]:
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """``scale`` times the size, rounded to multiples of 32."""
     return tuple(SIDE_MULTIPLE * max(1, round(n * scale / SIDE_MULTIPLE)) for n in (height, width))
+
+
+# ---- previews ----------------------------------------------------------------------------------------------------
+
+PREVIEW_FIT_LATENT_SIDE = 32     # latents decoded to fit the preview colours: 256x256 px each
+PREVIEW_FIT_COARSE = 4           # their structure: noise at 1/4 of that side, upsampled (regions, not pixels)
+
+
+def preview_cell(rows: int, cols: int, longest: int) -> int:
+    """Pixels per token when a ``rows`` x ``cols`` token grid is drawn as a preview of at most ``longest`` px a
+    side (whole pixels, so the cells stay crisp when the frontend shows it)."""
+    return max(1, longest // max(rows, cols, 1))

@@ -69,11 +69,12 @@ def _check_sampling(temperature: float, top_k: int, top_p: float, num_images: in
 def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int,
                         width: int, *, seed: int, temperature: float = 0.9, top_p: float = 0.75,
                         top_k: int = 16512, num_images: int = 1, source_grids: list[torch.Tensor] | None = None,
-                        progress: bool = True) -> TokenGrid:
+                        progress: bool = True, preview=None) -> TokenGrid:
     """Sample the token grid(s) for ``prompt`` at ``height`` x ``width`` (floored to multiples of 32).
 
     Returns a TokenGrid with ids [B, H/32, W/32] (B = prompts x num_images, prompt-major), the preview grids
     for text-to-image, on the CPU. ``source_grids``: [h, w] id grids of reference images (editing).
+    ``preview(ids_written [B, n], grids)``: a live preview for the progress bar, or None (``token_preview``).
     """
     _check_sampling(temperature, top_k, top_p, num_images)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -100,13 +101,13 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
         logits = model(input_ids, positions, cache, 0, last_only=True)[:, -1]
         tokens = sample_codebook_ids(logits, temperature, top_k, top_p, generator)
         out[:, 0] = tokens
-        bar.update()
+        bar.update(preview=preview(out[:, :1], inputs.grids) if preview is not None else None)
         for k in range(1, total):
             tokens = decode_step(model, cache, tokens[:, None], decode_positions[:, :, k - 1:k], index,
                                  generator, temperature, top_k, top_p)
             out[:, k] = tokens
             index += 1
-            bar.update()
+            bar.update(preview=preview(out[:, :k + 1], inputs.grids) if preview is not None else None)
 
     out = out.cpu()
     t = inputs.target

@@ -19,6 +19,7 @@ from ..runtime.handles import GlyphConditioning, ReferenceImages
 from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Preview = Callable[[torch.Tensor], object]   # denoised estimate [B, C, h, w] -> a PIL image for the progress bar
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, noise: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -63,15 +64,18 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Te
     return uncond + guidance * (cond - uncond)
 
 
-def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress: bool, desc: str) -> torch.Tensor:
+def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress: bool, desc: str,
+          preview: Preview | None = None) -> torch.Tensor:
     """``x += (sigma[i+1] - sigma[i]) * velocity(x, model_timestep[i])`` in fp32; reports progress per step
-    (which also raises on the user's interrupt)."""
+    (which also raises on the user's interrupt), with ``preview`` of the denoised estimate ``x - sigma * v``."""
     sigmas = schedule.sigmas.to(x.device)
     timesteps = schedule.model_timesteps.to(x.device)
     with Progress(len(schedule), desc, enabled=progress) as bar:
         for i in range(len(schedule)):
-            x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, timesteps[i])
-            bar.update()
+            v = velocity(x, timesteps[i])
+            image = preview(x - sigmas[i] * v) if preview is not None else None
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+            bar.update(preview=image)
     return x
 
 
@@ -108,7 +112,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
                    steps: int = 50, guidance: float = 1.5, seed: int = 0, noise: torch.Tensor | None = None,
                    references: ReferenceImages | None = None, start_latents: torch.Tensor | None = None,
                    start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
-                   progress: bool = True) -> torch.Tensor:
+                   progress: bool = True, preview: Preview | None = None) -> torch.Tensor:
     """Denoise GLM-Image latents ``[B, 16, H/8, W/8]`` (fp32, normalized: the VAE de-normalizes them with
     latents_mean/std) from 2x-upsampled prior ids ``[B, (H/16)(W/16)]`` and glyph conditioning.
 
@@ -116,6 +120,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     references: editing; their K/V are computed once before the loop and read by every conditional pass.
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
     shift_settings: the release's scheduler settings (``dit.release_shift_settings``; default: the release's values).
+    preview: turns each step's denoised estimate into a live preview (``latent_preview.decoder_preview``).
     """
     check_latent_size(height, width)
     check_steps_and_guidance(steps, guidance)
@@ -157,7 +162,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
         u = dit(x, uncond, prior_ids, True, t.expand(b), size, crop, kv_cache=cache, kv_mode="skip").float()
         return guide(c, u, guidance)
 
-    return euler(x, schedule, velocity, progress, "GLM-Image decoder")
+    return euler(x, schedule, velocity, progress, "GLM-Image decoder", preview)
 
 
 # ---- CogView4 --------------------------------------------------------------------------------------------------
@@ -166,11 +171,12 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
                             width: int, *, steps: int = 50, guidance: float = 5.0, seed: int = 0,
                             noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
                             start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
-                            progress: bool = True) -> torch.Tensor:
+                            progress: bool = True, preview: Preview | None = None) -> torch.Tensor:
     """Denoise CogView4 latents ``[B, 16, H/8, W/8]`` (fp32, CogView4's space: scaling 1.0, no mean/std) from
     GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` may have another length; unused when
     guidance <= 1). original_size = target_size = (H, W), crop (0, 0).
-    start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise."""
+    start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
+    preview: turns each step's denoised estimate into a live preview."""
     check_latent_size(height, width)
     check_steps_and_guidance(steps, guidance)
     device = dit.device
@@ -197,4 +203,4 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
             return c
         return guide(c, dit(x, uncond, t.expand(b), size, size, crop).float(), guidance)
 
-    return euler(x, schedule, velocity, progress, "CogView4 decoder")
+    return euler(x, schedule, velocity, progress, "CogView4 decoder", preview)

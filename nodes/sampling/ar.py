@@ -4,6 +4,7 @@ from __future__ import annotations
 from ...core.runtime import comfy_compat, handles
 from ...core.runtime.geometry import check_glm_image_size
 from ...core.stages.ar_sampling import generate_token_grid
+from ...core.stages.token_preview import ar_preview
 from ..common import category, seed_input, size_input
 
 SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
@@ -56,7 +57,7 @@ class GLMImageARSampler:
                 ar_model, stage="AR token sampling", advice="lower num_images or the output size"):
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
-                                       source_grids=source_grids)
+                                       source_grids=source_grids, preview=ar_preview(ar_model.model))
         return (grid,)
 
 

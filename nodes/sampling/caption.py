@@ -1,9 +1,23 @@
-"""Captioning and caption-score reranking with a GLM-V vision-language model (through transformers)."""
+"""Captioning, caption-score reranking and prompt rewriting with a GLM-V vision-language model (through
+transformers)."""
 from __future__ import annotations
 
 from ...core.models.captioner import PRESETS, caption_image, rerank
 from ...core.runtime import comfy_compat, handles
+from ...core.stages.prompt_enhance import LANGUAGES, enhance_prompt
 from ..common import MAX_SEED, category
+
+
+def reply_inputs(reply: str, note: str = "") -> dict:
+    """The widgets of a GLM-V reply: max_new_tokens, temperature, seed; ``reply`` names what greedy decoding
+    keeps the same."""
+    return {
+        "max_new_tokens": ("INT", {"default": 1024, "min": 16, "max": 8192,
+                                   "tooltip": "Thinking models reason first; keep this high for them."}),
+        "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                  "tooltip": f"0 decodes greedily (the same {reply} every time){note}."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Used when temperature > 0."}),
+    }
 
 
 class GLMImageCaption:
@@ -21,11 +35,7 @@ class GLMImageCaption:
                 "captioner": (handles.CAPTIONER,),
                 "image": ("IMAGE",),
                 "preset": (list(PRESETS), {"default": "GLM-Image prompt"}),
-                "max_new_tokens": ("INT", {"default": 1024, "min": 16, "max": 8192,
-                                           "tooltip": "Thinking models reason first; keep this high for them."}),
-                "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                          "tooltip": "0 decodes greedily (the same caption every time)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Used when temperature > 0."}),
+                **reply_inputs("caption"),
             },
             "optional": {
                 "custom_instruction": ("STRING", {"multiline": True, "default": "",
@@ -66,7 +76,36 @@ class GLMImageRerank:
         return (images[order[:1]], images[order], report)
 
 
+class GLMImagePromptEnhance:
+    DESCRIPTION = ("Rewrites a prompt for GLM-Image with the GLM-V captioner (text only), following the official "
+                   "prompt guidance: every text to render in quotes, the layout, the subjects, the light and the "
+                   "style spelled out, proper nouns kept. Chinese prompts get a Chinese rewrite, others English.")
+    CATEGORY = category("captioning")
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("prompt",)
+    FUNCTION = "enhance"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "captioner": (handles.CAPTIONER,),
+            "prompt": ("STRING", {"multiline": True, "default": "",
+                                  "tooltip": "A short description of the image; put text to render in quotes."}),
+            "language": (list(LANGUAGES), {"default": "auto",
+                                           "tooltip": "Language of the rewrite; auto: Chinese when the prompt is "
+                                                      "mostly Chinese, else English."}),
+            **reply_inputs("rewrite", "; the official utility uses 1.0"),
+        }}
+
+    def enhance(self, captioner, prompt, language, max_new_tokens, temperature, seed):
+        with comfy_compat.on_compute_device(captioner):
+            return (enhance_prompt(captioner.model, prompt, language=language, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, seed=seed),)
+
+
 NODE_CLASS_MAPPINGS = {"GLMImageCaption": GLMImageCaption,
-                       "GLMImageRerank": GLMImageRerank}
+                       "GLMImageRerank": GLMImageRerank,
+                       "GLMImagePromptEnhance": GLMImagePromptEnhance}
 NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageCaption": "GLM-V Caption",
-                              "GLMImageRerank": "GLM-V Rerank (caption score)"}
+                              "GLMImageRerank": "GLM-V Rerank (caption score)",
+                              "GLMImagePromptEnhance": "GLM-V Prompt Enhance"}

@@ -5,6 +5,7 @@ from ...core.runtime import comfy_compat, handles
 from ...core.runtime.geometry import check_cogview4_size
 from ...core.stages.cogview4_text import encode_cogview4_prompt
 from ...core.stages.decoder_sampling import sample_cogview4_latents
+from ...core.stages.latent_preview import COGVIEW4, decoder_preview
 from ..common import category, seed_input, size_input
 
 
@@ -57,10 +58,12 @@ class GLMImageCogView4Sampler:
         check_cogview4_size(height, width)
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
+        preview = decoder_preview(COGVIEW4)
         with comfy_compat.on_compute_device(decoder, stage="CogView4 sampling",
                                              advice="lower the output size or the number of images"):
             latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, steps=steps,
-                                              guidance=guidance, seed=seed, shift_settings=decoder.shift_settings)
+                                              guidance=guidance, seed=seed, shift_settings=decoder.shift_settings,
+                                              preview=preview)
         return ({"samples": latents.float().cpu()},)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
 from ...core.stages.decoder_sampling import sample_latents
+from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
 from ..common import category, seed_input
 
 
@@ -41,11 +42,12 @@ class GLMImageDecoderSampler:
 
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None):
         check_token_grid(tokens)
+        preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
         with comfy_compat.on_compute_device(
                 decoder, stage="decoder sampling", advice="lower the output size or the number of images"):
             latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width,
                                      steps=steps, guidance=guidance, seed=seed, references=references,
-                                     shift_settings=decoder.shift_settings)
+                                     shift_settings=decoder.shift_settings, preview=preview)
         return ({"samples": latents.float().cpu()},)
 
 

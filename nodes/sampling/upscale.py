@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ...core.runtime import comfy_compat, handles
+from ...core.stages.latent_preview import COGVIEW4, GLM_IMAGE, decoder_preview
 from ...core.stages.upscale import refine_cogview4, upscale_2x
 from ..common import category, seed_input
 
@@ -38,11 +39,12 @@ class GLMImageUpscale:
         }}
 
     def upscale(self, decoder, vae, tokenizer, glyph, image, seed, steps, guidance, strength, use_reference):
+        preview = decoder_preview(GLM_IMAGE, vae.model)
         with comfy_compat.on_compute_device(decoder, vae, tokenizer, stage="upscaling",
                                              advice="upscale a smaller image"):
             out = [upscale_2x(img, decoder=decoder.model, vae=vae.model, tokenizer=tokenizer.model, glyph=glyph,
                               steps=steps, guidance=guidance, seed=seed, strength=strength,
-                              use_reference=use_reference, shift_settings=decoder.shift_settings)
+                              use_reference=use_reference, shift_settings=decoder.shift_settings, preview=preview)
                    for img in image]
         return (torch.stack(out),)
 
@@ -72,10 +74,12 @@ class GLMImageCogView4Refine:
         }}
 
     def refine(self, decoder, vae, conditioning, image, scale, seed, steps, guidance, strength):
+        preview = decoder_preview(COGVIEW4, vae.model)
         with comfy_compat.on_compute_device(decoder, vae, stage="refining", advice="lower the scale"):
             out = [refine_cogview4(img, decoder=decoder.model, vae=vae.model, cond_embeds=conditioning.cond,
                                    uncond_embeds=conditioning.uncond, scale=scale, steps=steps, guidance=guidance,
-                                   seed=seed, strength=strength, shift_settings=decoder.shift_settings)
+                                   seed=seed, strength=strength, shift_settings=decoder.shift_settings,
+                                   preview=preview)
                    for img in image]
         return (torch.stack(out),)
 

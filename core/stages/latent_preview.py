@@ -1,0 +1,148 @@
+"""Live previews of the decoder: a linear latent-to-RGB map fitted from the VAE itself.
+
+ComfyUI's ``latent2rgb`` previewer multiplies each latent pixel by a model's published factors; none exist for
+the 16-channel VAE of GLM-Image and CogView4, so they are fitted from the loaded VAE, once per VAE file: decode a
+few small random latents, average the decoded pixels over each 8x8 cell and solve least squares
+``cell_rgb = latent @ weights + bias`` (RGB in -1..1, in the *normalized* latent space the decoders work in).
+The random latents have regions (noise upsampled from 1/4 of the side, plus a little fine noise), like the
+decoder's denoised estimates; white noise would make each cell's colour depend mostly on its neighbours.
+
+The decoder samplers have no VAE input, so the VAE loader remembers the last VAE of each latent family
+(GLM-Image: per-channel mean/std; CogView4: scaling 1.0) and the samplers preview with its factors, as
+ComfyUI's samplers use the factors of their model's latent format.
+"""
+from __future__ import annotations
+
+import hashlib
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..runtime import comfy_compat
+from ..runtime.comfy_compat import log
+from ..runtime.geometry import PREVIEW_FIT_COARSE, PREVIEW_FIT_LATENT_SIDE
+
+FIT_LATENTS = 4        # 4 latents of 32x32: 4096 cells for 17 unknowns per colour
+FINE_NOISE = 0.3       # weight of the per-pixel noise on top of the regions
+
+
+@dataclass(frozen=True)
+class LatentRGB:
+    """``rgb = latent @ weights + bias``: weights ``[C, 3]``, bias ``[3]``, RGB in -1..1 (ComfyUI's
+    ``latent_rgb_factors`` and ``latent_rgb_factors_bias``)."""
+    weights: torch.Tensor
+    bias: torch.Tensor
+
+    def rgb(self, latent: torch.Tensor) -> torch.Tensor:
+        """One latent ``[C, h, w]`` -> ``[h, w, 3]`` float32 in -1..1 (not clamped), on the latent's device."""
+        x = latent.float().movedim(0, -1)
+        return F.linear(x, self.weights.to(x.device).T, self.bias.to(x.device))
+
+    def image(self, latent: torch.Tensor) -> Image.Image:
+        """One latent ``[C, h, w]`` -> an ``h`` x ``w`` PIL image, as ComfyUI's ``preview_to_image`` makes it."""
+        pixels = ((self.rgb(latent) + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).cpu().numpy()
+        return Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def fitting_latents(channels: int, count: int = FIT_LATENTS, side: int = PREVIEW_FIT_LATENT_SIDE,
+                    seed: int = 0) -> torch.Tensor:
+    """``[count, channels, side, side]`` random latents with regions, each channel of unit variance."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(count, channels, side // PREVIEW_FIT_COARSE, side // PREVIEW_FIT_COARSE, generator=generator)
+    z = F.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=False)
+    z = z + FINE_NOISE * torch.randn(count, channels, side, side, generator=generator)
+    return (z - z.mean((2, 3), keepdim=True)) / z.std((2, 3), keepdim=True)
+
+
+def cell_colours(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The real decode of normalized ``latents`` ``[B, C, h, w]`` averaged over each latent pixel's cell:
+    ``[B, 3, h, w]`` in -1..1."""
+    images = vae.decode(latents, tiled=False) * 2 - 1           # [B, H, W, 3], float32, CPU
+    return F.avg_pool2d(images.permute(0, 3, 1, 2), vae.downscale)
+
+
+def fit_latent_rgb(vae, latents: torch.Tensor | None = None) -> LatentRGB:
+    """Least-squares latent-to-RGB map of ``vae`` (a ``GlmVAE``) from the decode of ``latents`` (default
+    ``fitting_latents``)."""
+    channels = vae.model.config.latent_channels
+    if latents is None:
+        latents = fitting_latents(channels)
+    targets = cell_colours(vae, latents).permute(0, 2, 3, 1).reshape(-1, 3).double()
+    inputs = latents.permute(0, 2, 3, 1).reshape(-1, channels).double()
+    design = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, targets).solution.float()
+    return LatentRGB(weights=solution[:channels].contiguous(), bias=solution[channels].contiguous())
+
+
+# ---- one fit per VAE file ---------------------------------------------------------------------------------------
+_fitted: dict[str, LatentRGB] = {}
+
+
+def fingerprint(vae) -> str:
+    """Identifies the VAE's weights (and so its file) across loads: its config and its decoder's first and last
+    convolutions, hashed in float32."""
+    decoder = vae.model.decoder
+    digest = hashlib.sha1(repr(vae.model.config).encode())
+    for tensor in (decoder.conv_in.weight, decoder.conv_out.weight, decoder.conv_out.bias):
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def latent_rgb_for(vae) -> LatentRGB:
+    """The fitted map of ``vae``, computed once per VAE file; the fit decodes on the compute device."""
+    key = fingerprint(vae)
+    if key not in _fitted:
+        with comfy_compat.on_compute_device(vae.model, stage="fitting the preview colours",
+                                            advice="set ComfyUI's --preview-method to none"):
+            _fitted[key] = fit_latent_rgb(vae)
+    return _fitted[key]
+
+
+# ---- which VAE previews a decoder -------------------------------------------------------------------------------
+GLM_IMAGE, COGVIEW4 = "glm_image", "cogview4"
+_remembered: dict[str, weakref.ref] = {}
+_warned: set[str] = set()
+
+
+def latent_family(vae) -> str:
+    """GLM-Image's latents are normalized per channel (mean/std), CogView4's by scaling and shift only."""
+    return GLM_IMAGE if vae.latents_mean is not None else COGVIEW4
+
+
+def remember_vae(vae) -> None:
+    """Called by the VAE loader: the decoders of this VAE's family preview with its colours."""
+    _remembered[latent_family(vae)] = weakref.ref(vae)
+
+
+class LatentPreview:
+    """Turns the decoder's denoised estimate ``[B, C, h, w]`` into a PIL image of its first sample."""
+
+    def __init__(self, factors: LatentRGB):
+        self.factors = factors
+
+    def __call__(self, denoised: torch.Tensor) -> Image.Image:
+        return self.factors.image(denoised[0])
+
+
+def decoder_preview(family: str, vae=None) -> LatentPreview | None:
+    """The previewer for a decoder of latent ``family``, or None when previews are off (``--preview-method
+    none``) or no VAE of that family was loaded. ``vae``: the VAE the node decodes with, when it has one."""
+    method = comfy_compat.preview_method()
+    if method == "none":
+        return None
+    if method == "taesd" and "taesd" not in _warned:
+        _warned.add("taesd")
+        log.warning("GLM-Image previews: there is no TAESD for the GLM-Image/CogView4 VAE; using latent2rgb.")
+    if vae is None:
+        vae = _remembered[family]() if family in _remembered else None
+    if vae is None:
+        if family not in _warned:
+            _warned.add(family)
+            log.warning("GLM-Image previews: no %s VAE loaded yet, so no decoder preview; previews start once the "
+                        "workflow's VAE loader has run.", family)
+        return None
+    return LatentPreview(latent_rgb_for(vae))
