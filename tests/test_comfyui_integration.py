@@ -25,11 +25,12 @@ if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
                 allow_module_level=True)
 PYTHON = os.environ.get("GLMIMAGE_COMFYUI_PYTHON", "python3")
 
-import convert  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 from PIL import Image  # noqa: E402
+
+import convert  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

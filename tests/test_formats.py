@@ -10,10 +10,10 @@ import torch
 from glm_image_nodes.core.formats import conversion, fp8, ggml
 from glm_image_nodes.core.formats.checkpoint import open_checkpoint
 from glm_image_nodes.core.formats.layers import Packed, adopt, describe
+from glm_image_nodes.core.models import glm_ar, glm_image_dit, t5_encoder
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
 from glm_image_nodes.core.models.t5_encoder import load_glyph_encoder
-from glm_image_nodes.core.models import glm_ar, glm_image_dit, t5_encoder
 from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 

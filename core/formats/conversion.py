@@ -5,11 +5,13 @@ What each role becomes (``ComponentSpec.quantize`` gives the role of every tenso
 
 | role | fp8_e4m3fn | q8_0 .. q4_0 | f16 / bf16 |
 |---|---|---|---|
-| linear (attention, MLP) | FP8, one scale per output channel | the chosen type (K-quants fall back for rows not a multiple of 256) | that type |
+| linear (attention, MLP) | FP8, one scale per output channel | the chosen type (a K-quant falls back, below) | that type |
 | modulation (adaLN) | FP8 | Q8_0 | that type |
 | embedding | source precision | Q8_0 | that type |
 | keep (input/output projections, the AR's vision head) | source precision | source precision | source precision |
 | 1-D (norms, biases) | source precision | F32 | F32 |
+
+Rows that are not a multiple of 256 cannot be K-quantized: Q4_K falls back to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0.
 """
 from __future__ import annotations
 

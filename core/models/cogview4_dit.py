@@ -6,22 +6,21 @@ stretched onto a 256-long table, and no reference cache.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
-
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+import torch.nn as nn
+
 from ..runtime import components
 from .dit import (
-    FP16_REASON,
     DiTConfig,
     DiTTrunk,
     TimeConditionEmbed,
+    dit_spec,
     patchify,
     require_keys,
     rope_2d,
-    tensor_role,
     trunk_fields_from_shapes,
 )
 
@@ -82,11 +81,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> CogVi
         text_key="patch_embed.text_proj.weight", num_conditions=3))
 
 
-SPEC = components.ComponentSpec(
-    name="The CogView4 decoder", architecture="cogview4_dit", subfolder="transformer",
-    config_type=CogView4DiTConfig, build=CogView4DiT, config_from_dict=CogView4DiTConfig.from_dict,
-    config_from_shapes=config_from_shapes, fp16_reason=FP16_REASON, quantize=tensor_role,
-    blocks="transformer_blocks")
+SPEC = dit_spec("The CogView4 decoder", "cogview4_dit", CogView4DiTConfig, CogView4DiT, config_from_shapes)
 
 
 def load_cogview4_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> CogView4DiT:

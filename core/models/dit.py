@@ -371,6 +371,15 @@ def tensor_role(key: str, shape: tuple[int, ...]) -> str:
     return components.KEEP
 
 
+def dit_spec(name: str, architecture: str, config_type: type, build: type,
+             config_from_shapes: Callable[[dict, str], DiTConfig]) -> components.ComponentSpec:
+    """What the GLM-Image and CogView4 DiTs share in their ComponentSpec."""
+    return components.ComponentSpec(
+        name=name, architecture=architecture, subfolder="transformer", config_type=config_type, build=build,
+        config_from_dict=config_type.from_dict, config_from_shapes=config_from_shapes, fp16_reason=FP16_REASON,
+        quantize=tensor_role, blocks="transformer_blocks")
+
+
 def release_shift_settings(path: str) -> ShiftSettings:
     """The scheduler settings of the release ``path`` (release root, component folder or file) belongs to:
     ``scheduler/scheduler_config.json`` there or one folder up; the defaults when there is none."""

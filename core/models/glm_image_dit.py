@@ -6,26 +6,25 @@ and raw (unstretched) 2D RoPE positions. Editing adds a reference K/V cache.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 from ..runtime import components
 from .dit import (
-    FP16_REASON,
     KV_MODES,
     DiTConfig,
     DiTTrunk,
     FeedForward,
     ReferenceKVCache,
     TimeConditionEmbed,
+    dit_spec,
     patchify,
     require_keys,
     rope_2d,
-    tensor_role,
     trunk_fields_from_shapes,
 )
 
@@ -112,11 +111,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> GlmIm
     return GlmImageDiTConfig(**found, prior_vq_quantizer_codebook_size=shapes["prior_token_embedding.weight"][0])
 
 
-SPEC = components.ComponentSpec(
-    name="The GLM-Image decoder", architecture="glm_image_dit", subfolder="transformer",
-    config_type=GlmImageDiTConfig, build=GlmImageDiT, config_from_dict=GlmImageDiTConfig.from_dict,
-    config_from_shapes=config_from_shapes, fp16_reason=FP16_REASON, quantize=tensor_role,
-    blocks="transformer_blocks")
+SPEC = dit_spec("The GLM-Image decoder", "glm_image_dit", GlmImageDiTConfig, GlmImageDiT, config_from_shapes)
 
 
 def load_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageDiT:
