@@ -50,10 +50,11 @@ from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTCo
 from glm_image_nodes.core.models.t5_encoder import T5Config, T5Encoder  # noqa: E402
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig  # noqa: E402
 from glm_image_nodes.core.runtime import comfy_compat  # noqa: E402
+from glm_image_nodes.core.runtime.attention import BACKENDS, attention_backend  # noqa: E402
 from glm_image_nodes.core.runtime.handles import TokenGrid  # noqa: E402
 from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import ARInputs, build_ar_inputs, load_text_tokenizer  # noqa: E402
-from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
+from glm_image_nodes.core.stages.ar_sampling import DECODE_STEPS, generate_token_grid  # noqa: E402
 from glm_image_nodes.core.stages.flow_schedule import read_shift_settings  # noqa: E402
 from glm_image_nodes.core.stages.glyph import glyph_conditioning, tokenize_glyph_texts  # noqa: E402
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer  # noqa: E402
@@ -268,8 +269,10 @@ class ImageJob:
 class PackSide:
     name = "pack"
 
-    def __init__(self, configs: dict, device: torch.device, dtype: torch.dtype, seed: int, tokenizer):
+    def __init__(self, configs: dict, device: torch.device, dtype: torch.dtype, seed: int, tokenizer,
+                 decode_steps: str = "eager", compile_blocks: bool = False, attention: str = "auto"):
         self.configs, self.device, self.dtype, self.seed, self.tokenizer = configs, device, dtype, seed, tokenizer
+        self.decode_steps, self.compile_blocks, self.attention = decode_steps, compile_blocks, attention
         self.ar = self.dit = self.glyph = self.vae = None
 
     def load_ar(self) -> float:
@@ -289,9 +292,10 @@ class PackSide:
 
     def generate(self, job: Job, clock: Clock, variant: str) -> torch.Tensor | None:
         try:
-            with counting(clock):
+            with counting(clock), attention_backend(self.attention):
                 grid = generate_token_grid(self.ar, self.tokenizer, job.prompt, job.height, job.width,
-                                           seed=job.seed, num_images=job.batch, progress=False, **SAMPLING)
+                                           seed=job.seed, num_images=job.batch, progress=False,
+                                           decode_steps=self.decode_steps, **SAMPLING)
         except Stop:
             return None
         return grid.upsampled()
@@ -320,11 +324,12 @@ class PackSide:
     def denoise(self, job: ImageJob, clock: Clock) -> torch.Tensor | None:
         hook = self.dit.register_forward_pre_hook(clock.mark_begin)
         try:
-            with counting(clock):
+            with counting(clock), attention_backend(self.attention):
                 glyph = glyph_conditioning(self.glyph, job.prompt)
                 return decoder_sampling.sample_latents(self.dit, job.prior_ids, glyph, job.height, job.width,
                                                        steps=job.steps, guidance=job.guidance, noise=job.noise,
-                                                       shift_settings=self.shift_settings, progress=False)
+                                                       shift_settings=self.shift_settings, progress=False,
+                                                       compile_blocks=self.compile_blocks)
         except Stop:
             return None
         finally:
@@ -732,6 +737,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--reference-ar", default="default,static",
                    help="transformers generate caches to time: default (dynamic), static (compiled on CUDA)")
+    p.add_argument("--pack-decode-steps", choices=DECODE_STEPS, default="eager",
+                   help="the pack's AR decode step: eager, cuda graph or compiled (captured on CUDA)")
+    p.add_argument("--pack-compile-blocks", action="store_true", help="regional torch.compile of the pack's DiT")
+    p.add_argument("--attention", choices=BACKENDS, default="auto", help="the pack's attention backend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results.json")
     args = p.parse_args(argv)
@@ -786,7 +795,8 @@ def main(argv: list[str] | None = None) -> dict:
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "args": {k: v for k, v in vars(args).items()}, "prompt": prompt}
     bench = Bench(args, configs, device, dtype, tokenizer, prompt)
-    bench.run_side(PackSide(configs, device, dtype, args.seed, tokenizer), args.stages)
+    bench.run_side(PackSide(configs, device, dtype, args.seed, tokenizer, args.pack_decode_steps,
+                            args.pack_compile_blocks, args.attention), args.stages)
     if not args.skip_reference:
         bench.run_side(ReferenceSide(configs, device, dtype, args.seed), args.stages)
     ratios, table = ratios_and_tables(bench.results, meta, args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..core.runtime import comfy_compat
+from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
 from ..core.runtime.loading import resolve_dtype
 from ..core.runtime.residency import resolve_blocks
@@ -57,6 +58,24 @@ def seed_input():
 def size_input(default: int, what: str, minimum: int = 256, note: str = ""):
     return ("INT", {"default": default, "min": minimum, "max": MAX_SIDE, "step": SIDE_MULTIPLE,
                     "tooltip": f"Output {what} in pixels; a multiple of {SIDE_MULTIPLE}, at most {MAX_SIDE}.{note}"})
+
+
+def attention_input():
+    return (list(BACKENDS), {"default": "auto", "tooltip": (
+        "Attention kernel. auto/sdpa: PyTorch SDPA (cuDNN or flash on CUDA); sage: SageAttention (8-bit, "
+        "approximate) and flash: FlashAttention, when installed; CPU and masked calls always use SDPA.")})
+
+
+def dit_speed_inputs() -> dict:
+    """The decoder samplers' optional speed settings: attention kernel, regional compile, step cache."""
+    return {
+        "attention": attention_input(),
+        "compile": ("BOOLEAN", {"default": False, "tooltip": (
+            "torch.compile each DiT block (one compiled graph for all blocks); the first run compiles.")}),
+        "step_cache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+            "First-block cache: skip the other blocks when the first block's output changed less than this "
+            "(relative) since the last full step. 0 = off, exact; ~0.05-0.1 trades quality for speed.")}),
+    }
 
 
 def category(sub: str) -> str:

@@ -286,7 +286,7 @@ def test_bad_sampling_arguments(release):
     with pytest.raises(ValueError, match="at least 32"):
         generate_token_grid(model, tok, "a cat", 16, 1024, seed=0)
     with pytest.raises(ValueError, match="temperature"):
-        generate_token_grid(model, tok, "a cat", 64, 64, seed=0, temperature=0)
+        generate_token_grid(model, tok, "a cat", 64, 64, seed=0, temperature=-0.1)
     with pytest.raises(ValueError, match="top_p"):
         generate_token_grid(model, tok, "a cat", 64, 64, seed=0, top_p=0)
 

@@ -23,6 +23,7 @@ from .dit import (
     rope_2d,
     trunk_fields_from_shapes,
 )
+from .step_cache import BranchCache
 
 
 @dataclass
@@ -54,9 +55,11 @@ class CogView4DiT(DiTTrunk):
         self.add_trunk()
 
     def forward(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, original_size: torch.Tensor,
-                target_size: torch.Tensor, crop: torch.Tensor) -> torch.Tensor:
+                target_size: torch.Tensor, crop: torch.Tensor, text_pad: tuple[int, ...] | None = None,
+                step_cache: BranchCache | None = None) -> torch.Tensor:
         """latents ``[B,16,h,w]``, text ``[B,L,4096]`` (GLM-4 hidden states), timestep ``[B]`` (unshifted),
-        sizes and crop ``[B,2]`` in pixels. Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
+        sizes and crop ``[B,2]`` in pixels; ``text_pad``: leading padding tokens per sample; ``step_cache``: see
+        ``step_cache.BranchCache``. Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
         b, _, h, w = latents.shape
         p = self.patch_size
         dtype = self.dtype
@@ -69,7 +72,7 @@ class CogView4DiT(DiTTrunk):
         rows = torch.arange(h // p, device=device) * self.rope_axes[0] // (h // p)
         cols = torch.arange(w // p, device=device) * self.rope_axes[1] // (w // p)
         rope = rope_2d(rows, cols, self.head_dim)
-        x = self.run_blocks(x, text, temb, rope)
+        x = self.run_blocks(x, text, temb, rope, text_pad=text_pad, step_cache=step_cache)
         return self.output(x, temb, h, w)
 
 

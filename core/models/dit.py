@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Callable, ClassVar
 
@@ -18,17 +19,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cuda import dispatch
 from ..runtime import components
 from ..runtime.attention import attention
 from ..runtime.loading import CheckpointError
 from ..runtime.residency import placed_device
 from ..stages.flow_schedule import ShiftSettings, read_shift_settings
+from .step_cache import BranchCache
 
 FP16_REASON = ("the DiT's residual stream exceeds the fp16 range (the reference runs it in bf16 or fp32) and the "
                "images come out as NaN or noise.")
 KV_MODES = ("write", "read", "skip")
 
-KVHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -151,14 +154,6 @@ def rope_2d(rows: torch.Tensor, cols: torch.Tensor, head_dim: int) -> tuple[torc
     return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate-half RoPE (``cat(-x2, x1)``) on ``x [B, S, H, D]`` in fp32, result in ``x``'s dtype."""
-    cos, sin = (r[None, :, None, :] for r in rope)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
 # ---- the block -------------------------------------------------------------------------------------------------
 class AdaLNZero(nn.Module):
     """``norm1``: one Linear giving 12 modulation vectors (image and text interleaved, see ``DiTBlock``)."""
@@ -169,6 +164,22 @@ class AdaLNZero(nn.Module):
 
     def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(m.unsqueeze(1) for m in self.linear(temb).chunk(12, dim=1))
+
+
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_pad: tuple[int, ...]) -> torch.Tensor:
+    """Attention for a batch whose text streams are left-padded: sample ``i``'s first ``text_pad[i]`` keys are
+    padding. Each run of samples with the same padding attends over its real keys only (a slice, no mask), so
+    every real token sees exactly the keys of its unpadded forward; padding queries see the same keys and are
+    dropped later."""
+    outputs, start = [], 0
+    while start < len(text_pad):
+        stop = start
+        while stop < len(text_pad) and text_pad[stop] == text_pad[start]:
+            stop += 1
+        pad = text_pad[start]
+        outputs.append(attention(q[start:stop], k[start:stop, :, pad:], v[start:stop, :, pad:]))
+        start = stop
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 class JointAttention(nn.Module):
@@ -182,22 +193,32 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_hook: KVHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                prefix_kv: KV | None = None, keep_kv: bool = False,
+                text_pad: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
+        """Image and text outputs, and this layer's post-RoPE K/V ``[B, H, S, D]`` when ``keep_kv``.
+        ``prefix_kv``: reference K/V attended before the text; ``text_pad``: left padding per sample."""
         n_text = text.shape[1]
         s = torch.cat([text, x], dim=1)
-        q = self.to_q(s).unflatten(2, (self.heads, self.head_dim))
-        k = self.to_k(s).unflatten(2, (self.heads, self.head_dim))
-        v = self.to_v(s).unflatten(2, (self.heads, self.head_dim))
-        q = F.layer_norm(q, (self.head_dim,), eps=1e-5)
-        k = F.layer_norm(k, (self.head_dim,), eps=1e-5)
-        q = torch.cat([q[:, :n_text], apply_rope(q[:, n_text:], rope)], dim=1)
-        k = torch.cat([k[:, :n_text], apply_rope(k[:, n_text:], rope)], dim=1)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
-        if kv_hook is not None:
-            k, v = kv_hook(k, v)
-        o = attention(q, k, v).transpose(1, 2).flatten(2, 3)
-        o = self.to_out[0](o)
-        return o[:, n_text:], o[:, :n_text]
+        q = dispatch.qk_layernorm_rope(self.to_q(s).unflatten(2, (self.heads, self.head_dim)), *rope, n_text)
+        k = dispatch.qk_layernorm_rope(self.to_k(s).unflatten(2, (self.heads, self.head_dim)), *rope, n_text)
+        v = self.to_v(s).unflatten(2, (self.heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
+        kept = (k, v) if keep_kv else None
+        if prefix_kv is not None:
+            ck, cv = prefix_kv
+            if ck.shape[0] != k.shape[0]:
+                if ck.shape[0] != 1:
+                    raise ValueError(f"The reference cache holds {ck.shape[0]} samples but the batch has "
+                                     f"{k.shape[0]}; write it with batch 1 (shared) or the same batch.")
+                ck, cv = ck.expand(k.shape[0], -1, -1, -1), cv.expand(k.shape[0], -1, -1, -1)
+            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        if text_pad is not None:
+            if prefix_kv is not None:
+                raise ValueError("A padded text batch cannot read a reference cache.")
+            o = padded_attention(q, k, v, text_pad)
+        else:
+            o = attention(q, k, v)
+        o = self.to_out[0](o.transpose(1, 2).flatten(2, 3))
+        return o[:, n_text:], o[:, :n_text], kept
 
 
 class DiTBlock(nn.Module):
@@ -210,18 +231,38 @@ class DiTBlock(nn.Module):
         self.ff = FeedForward(dim, 4 * dim, dim, gelu_tanh)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_hook: KVHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                prefix_kv: KV | None = None, keep_kv: bool = False,
+                text_pad: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
         (shift, c_shift, scale, c_scale, gate, c_gate,
          shift_ff, c_shift_ff, scale_ff, c_scale_ff, gate_ff, c_gate_ff) = self.norm1(temb)
-        dim = x.shape[-1]
-        nx = F.layer_norm(x, (dim,), eps=1e-5) * (1 + scale) + shift
-        nt = F.layer_norm(text, (dim,), eps=1e-5) * (1 + c_scale) + c_shift
-        ax, at = self.attn1(nx, nt, rope, kv_hook)
-        x = x + ax * gate
-        text = text + at * c_gate
-        x = x + self.ff(F.layer_norm(x, (dim,), eps=1e-5) * (1 + scale_ff) + shift_ff) * gate_ff
-        text = text + self.ff(F.layer_norm(text, (dim,), eps=1e-5) * (1 + c_scale_ff) + c_shift_ff) * c_gate_ff
-        return x, text
+        nx = dispatch.layernorm_modulate(x, scale, shift)
+        nt = dispatch.layernorm_modulate(text, c_scale, c_shift)
+        ax, at, kv = self.attn1(nx, nt, rope, prefix_kv, keep_kv, text_pad)
+        x, nx = dispatch.gated_residual_layernorm_modulate(x, ax, gate, scale_ff, shift_ff)
+        text, nt = dispatch.gated_residual_layernorm_modulate(text, at, c_gate, c_scale_ff, c_shift_ff)
+        return dispatch.gated_residual(x, self.ff(nx), gate_ff), dispatch.gated_residual(text, self.ff(nt), c_gate_ff), kv
+
+
+_compiled_block = None
+
+
+@contextmanager
+def compiled_blocks(model: "DiTTrunk", enabled: bool):
+    """Run ``model``'s blocks through the regional compile inside the block (restored after)."""
+    previous, model.compile_blocks = model.compile_blocks, enabled
+    try:
+        yield
+    finally:
+        model.compile_blocks = previous
+
+
+def compiled_block_forward():
+    """``DiTBlock.forward`` under ``torch.compile``: one compiled graph serves every block (the module is an
+    input), recompiled only for new shapes. Not fullgraph: an optional attention kernel is a graph break."""
+    global _compiled_block
+    if _compiled_block is None:
+        _compiled_block = torch.compile(DiTBlock.forward, dynamic=False)
+    return _compiled_block
 
 
 class FinalAdaLN(nn.Module):
@@ -253,27 +294,15 @@ class ReferenceKVCache:
     def num_tokens(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
-    def hook(self, layer: int, mode: str) -> KVHook | None:
-        if mode == "write":
-            def write(k, v):
-                if self.keys[layer] is None:
-                    self.keys[layer], self.values[layer] = k, v
-                else:
-                    self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-                    self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-                return k, v
-            return write
-        if mode == "read" and self.keys[layer] is not None:
-            def read(k, v):
-                ck, cv = self.keys[layer], self.values[layer]
-                if ck.shape[0] != k.shape[0]:
-                    if ck.shape[0] != 1:
-                        raise ValueError(f"The reference cache holds {ck.shape[0]} samples but the batch has "
-                                         f"{k.shape[0]}; write it with batch 1 (shared) or the same batch.")
-                    ck, cv = ck.expand(k.shape[0], -1, -1, -1), cv.expand(k.shape[0], -1, -1, -1)
-                return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-            return read
-        return None
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+
+    def prefix(self, layer: int) -> KV | None:
+        return None if self.keys[layer] is None else (self.keys[layer], self.values[layer])
 
 
 # ---- the trunk -------------------------------------------------------------------------------------------------
@@ -290,6 +319,7 @@ class DiTTrunk(nn.Module):
         self.dim = config.num_attention_heads * config.attention_head_dim
         self.patch_size = config.patch_size
         self.head_dim = config.attention_head_dim
+        self.compile_blocks = False
 
     def add_trunk(self) -> None:
         c = self.config
@@ -312,11 +342,30 @@ class DiTTrunk(nn.Module):
         return len(self.transformer_blocks)
 
     def run_blocks(self, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor,
-                   rope: tuple[torch.Tensor, torch.Tensor],
-                   kv_hook: Callable[[int], KVHook | None] | None = None) -> torch.Tensor:
-        """The image stream after every block; ``kv_hook(layer)`` gives that layer's K/V hook, if any."""
+                   rope: tuple[torch.Tensor, torch.Tensor], kv_cache: ReferenceKVCache | None = None,
+                   kv_mode: str | None = None, text_pad: tuple[int, ...] | None = None,
+                   step_cache: BranchCache | None = None) -> torch.Tensor:
+        """The image stream after every block.
+
+        ``kv_mode``: ``write`` appends each layer's K/V to ``kv_cache``, ``read`` attends over it first.
+        ``text_pad``: left padding of each sample's text stream. ``step_cache``: after the first block, reuse
+        the rest of the blocks' residual from an earlier step when the first block's output barely moved.
+        ``compile_blocks`` (attribute): run each block through one regional ``torch.compile``.
+        """
+        compiled = compiled_block_forward() if self.compile_blocks else None
+        x_in = x
         for i, block in enumerate(self.transformer_blocks):
-            x, text = block(x, text, temb, rope, kv_hook(i) if kv_hook is not None else None)
+            prefix = kv_cache.prefix(i) if kv_cache is not None and kv_mode == "read" else None
+            args = (x, text, temb, rope, prefix, kv_mode == "write", text_pad)
+            x, text, kv = compiled(block, *args) if compiled is not None else block(*args)
+            if kv_mode == "write":
+                kv_cache.append(i, *kv)
+            if i == 0 and step_cache is not None:
+                first, x_first = x - x_in, x
+                if step_cache.reusable(first):
+                    return x + step_cache.rest
+        if step_cache is not None:
+            step_cache.store(first, x - x_first)
         return x
 
     def output(self, x: torch.Tensor, temb: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..cuda import dispatch
+from ..cuda.rope import apply_partial_rope
 from ..runtime import components
-from ..runtime.attention import attention
+from ..runtime.attention import attention, cached_decode_attention
 from ..runtime.loading import CheckpointError
 from ..runtime.residency import placed_device
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections, RMSNorm
@@ -72,18 +74,6 @@ class ARConfig:
                    max_position_embeddings=int(d.get("max_position_embeddings") or 131072))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of ``x`` [B,H,L,D]; the rest pass through."""
-    n = cos.shape[-1]
-    rot, rest = x[..., :n], x[..., n:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
-
-
 def mrope_cos_sin(cfg: ARConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``[B,1,L,rotary_dim]`` from 3D positions ``[3,B,L]`` (t, h, w)."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float32,
@@ -119,21 +109,20 @@ class Attention(GroupedQueryProjections):
     def __init__(self, cfg: ARConfig):
         super().__init__(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, start, mask):
+    def forward(self, x, cos, sin, cache_k, cache_v, start, mask, key_valid):
         n = x.shape[1]
-        q, k, v = self.project(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scale = self.head_dim ** -0.5
         if isinstance(start, int):  # prefill / chunk: attend to the filled part of the cache
+            q, k, v = self.project(x)
+            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
             cache_k[:, :, start:start + n] = k
             cache_v[:, :, start:start + n] = v
-            k, v = cache_k[:, :, :start + n], cache_v[:, :, :start + n]
-        else:  # decode with a device-side index: static shapes over the whole cache
-            slots = start + torch.arange(n, device=x.device)
-            cache_k.index_copy_(2, slots, k)
-            cache_v.index_copy_(2, slots, v)
-            k, v = cache_k, cache_v
-        out = attention(q, k, v, causal=mask is None, mask=mask, scale=self.head_dim ** -0.5)
-        return self.merge(out)
+            out = attention(q, cache_k[:, :, :start + n], cache_v[:, :, :start + n], causal=mask is None, mask=mask,
+                            scale=scale)
+            return self.merge(out)
+        # decode with a device-side index: static shapes over the whole cache
+        return self.o_proj(cached_decode_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache_k,
+                                                   cache_v, mask=mask, key_valid=key_valid, index=start, scale=scale))
 
 
 class GlmImageAR(nn.Module):
@@ -174,24 +163,29 @@ class GlmImageAR(nn.Module):
         allowed = allowed | (keys[None, :] == queries[:, None])[None]
         return allowed[:, None]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-                start: int | torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: KVCache,
+                start: int | torch.Tensor, last_only: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (float32) ``[B, L, vision_vocab]`` for ``input_ids`` [B,L] at cache slots ``start..start+L``
         (``[B, 1, vision_vocab]`` of the last position with ``last_only``: a long prefill needs no more).
 
         ``position_ids``: M-RoPE positions [3,B,L]. ``start``: a Python int (prefill, attends to the cache
         up to the new tokens) or a 0-dim device tensor (decode: static shapes, attends to the whole cache
-        under a mask; suitable for CUDA-graph capture).
+        under a mask; suitable for CUDA-graph capture). ``rope``: the ``mrope_cos_sin`` of ``position_ids``,
+        precomputed (a decode loop computes every step's at once).
         """
         n = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
-        cos, sin = mrope_cos_sin(self.config, position_ids, x.dtype)
-        mask = self._mask(cache, start, n)
-        for layer, k, v in zip(self.layers, cache.k, cache.v):
-            x = layer(x, cos, sin, k, v, start, mask)
+        cos, sin = rope if rope is not None else mrope_cos_sin(self.config, position_ids, x.dtype)
+        fused_decode = not isinstance(start, int) and n == 1 and dispatch.decode_attention_fused(x)
+        mask = None if fused_decode else self._mask(cache, start, n)  # the fused kernel masks by itself
+        h = self.layers[0].input_layernorm(x)
+        nexts = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm, k, v in zip(self.layers, nexts, cache.k, cache.v):
+            x, h = layer.forward_chained(x, h, next_norm, cos, sin, k, v, start, mask, cache.key_valid)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+            h = h[:, -1:]
+        return self.lm_head(h).float()
 
 
 # ---- loading ---------------------------------------------------------------------------------------------

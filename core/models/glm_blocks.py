@@ -3,8 +3,15 @@ text encoder: the RMSNorm, the fused ``gate_up_proj`` MLP and grouped-query q/k/
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..cuda import dispatch
+
+
+def _near(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A norm weight read directly (not through the norm's forward) on ``x``'s device: a block swap or ComfyUI's
+    partial load may have left it on the offload device."""
+    return weight if weight.device == x.device else weight.to(x.device, non_blocking=True)
 
 
 class RMSNorm(nn.Module):
@@ -14,9 +21,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return dispatch.rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -28,8 +33,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+        return self.down_proj(dispatch.silu_mul(self.gate_up_proj(x)))
 
 
 class GroupedQueryProjections(nn.Module):
@@ -74,3 +78,14 @@ class GlmDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, *attention_args) -> torch.Tensor:
         x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), *attention_args))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+
+    def forward_chained(self, x: torch.Tensor, normed: torch.Tensor, next_norm: RMSNorm,
+                        *attention_args) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` for sandwich-norm layers given ``normed = input_layernorm(x)``; returns the new ``x`` and
+        ``next_norm(x)`` (the next layer's input norm, or the final norm), each norm seam one fused pass."""
+        eps = self.input_layernorm.eps
+        a = self.self_attn(normed, *attention_args)
+        x, h = dispatch.add_rms_norm(x, a, _near(self.post_self_attn_layernorm.weight, x),
+                                     _near(self.post_attention_layernorm.weight, x), eps)
+        return dispatch.add_rms_norm(x, self.mlp(h), _near(self.post_mlp_layernorm.weight, x),
+                                     _near(next_norm.weight, x), eps)

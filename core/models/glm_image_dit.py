@@ -27,6 +27,7 @@ from .dit import (
     rope_2d,
     trunk_fields_from_shapes,
 )
+from .step_cache import BranchCache
 
 
 @dataclass
@@ -67,12 +68,15 @@ class GlmImageDiT(DiTTrunk):
     def forward(self, latents: torch.Tensor, glyph: torch.Tensor, prior_ids: torch.Tensor,
                 prior_drop: bool | torch.Tensor, timestep: torch.Tensor, target_size: torch.Tensor,
                 crop: torch.Tensor, kv_cache: ReferenceKVCache | None = None,
-                kv_mode: str | None = None) -> torch.Tensor:
+                kv_mode: str | None = None, text_pad: tuple[int, ...] | None = None,
+                step_cache: BranchCache | None = None) -> torch.Tensor:
         """latents ``[B,16,h,w]``, glyph ``[B,Lg,Dg]``, prior_ids ``[B,(h/2)(w/2)]`` (or ``[N]``, shared),
         prior_drop bool / ``[B]`` / ``[B,N]`` (zero the prior embedding before the projector), timestep ``[B]``
         (what the model is conditioned on, e.g. ``t_raw - 1``), target_size and crop ``[B,2]`` in pixels.
         ``kv_mode``: ``write`` stores this pass's K/V in ``kv_cache``, ``read`` attends over it too,
-        ``skip``/None ignores it. Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
+        ``skip``/None ignores it. ``text_pad``: per sample, how many leading glyph tokens are padding (a
+        batched CFG pair of different glyph lengths). ``step_cache``: see ``step_cache.BranchCache``.
+        Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
         if kv_mode is not None and kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {KV_MODES} or None, got {kv_mode!r}")
         b, _, h, w = latents.shape
@@ -94,8 +98,7 @@ class GlmImageDiT(DiTTrunk):
 
         device = x.device
         rope = rope_2d(torch.arange(h // p, device=device), torch.arange(w // p, device=device), self.head_dim)
-        hooks = (lambda i: kv_cache.hook(i, kv_mode)) if kv_cache is not None and kv_mode is not None else None
-        x = self.run_blocks(x, text, temb, rope, hooks)
+        x = self.run_blocks(x, text, temb, rope, kv_cache, kv_mode, text_pad, step_cache)
         return self.output(x, temb, h, w)
 
 

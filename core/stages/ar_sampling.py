@@ -1,17 +1,21 @@
 """AR sampling: prompt -> semantic-VQ token grid, with a static KV cache and one token per decode step.
 
-Sampling follows transformers' order (temperature, top-k, top-p with the boundary token kept) on device with a
-``torch.Generator`` seeded from ``seed``. Unlike the reference, ids >= 16384 (end-of-image and the reserved
-ids) are masked at every step, so the result always has exactly the grid's number of codebook ids.
+Sampling follows transformers' order (temperature, top-k, top-p with the boundary token kept) on device with
+noise from a ``torch.Generator`` seeded from ``seed``; temperature 0 is greedy. Unlike the reference, ids >=
+16384 (end-of-image and the reserved ids) are masked at every step, so the result always has exactly the
+grid's number of codebook ids.
 
 Batches: several prompts (left-padded, attention mask, per-sample positions) and/or ``num_images`` samples
 per prompt run in one decode loop; every sample shares the same ``source_grids``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 
-from ..models.glm_ar import GlmImageAR, KVCache
+from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
 from ..runtime.comfy_compat import Progress
 from ..runtime.handles import TokenGrid
 from .ar_prompt import CODEBOOK_SIZE, TextTokenizer, build_ar_inputs
@@ -32,31 +36,124 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return scores
 
 
+NOISE_BLOCK = 64  # decode steps whose sampling noise is drawn in one call
+DECODE_STEPS = ("eager", "cuda graph", "compiled")
+
+
 def sample_codebook_ids(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                        generator: torch.Generator) -> torch.Tensor:
-    """One codebook id in [0, 16384) per row of ``logits`` [B, V]; no host synchronisation."""
+                        noise: torch.Tensor | None) -> torch.Tensor:
+    """One codebook id in [0, 16384) per row of ``logits`` [B, V]; no host synchronisation.
+
+    temperature 0 is greedy: the argmax over the codebook ids (transformers' ``do_sample=False`` with the
+    reserved ids suppressed). Otherwise ``noise`` [B, 16384] holds Exp(1) draws: argmax(p / noise) draws
+    from p (like multinomial) with a fixed number of random draws per step.
+    """
     # dropping ids >= 16384 equals masking them to -inf before the warpers (they would get probability 0)
-    probs = filter_logits(logits[:, :CODEBOOK_SIZE], temperature, top_k, top_p).softmax(dim=-1)
-    # argmax(p / Exp(1)) draws from p (like multinomial) with a fixed number of random draws per step
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    logits = logits[:, :CODEBOOK_SIZE]
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     return (probs / noise).argmax(dim=-1)
 
 
-def decode_step(model: GlmImageAR, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                index: torch.Tensor, generator: torch.Generator, temperature: float, top_k: int,
-                top_p: float) -> torch.Tensor:
-    """Feed ``tokens`` [B,1] at cache slot ``index`` (0-dim device tensor) and sample the next ids [B].
+class SamplingNoise:
+    """The sampling noise of every token, drawn from the seeded generator ``NOISE_BLOCK`` steps at a time into
+    one static buffer, outside the decode step (a ``torch.Generator`` cannot be traced by ``torch.compile``,
+    and a CUDA graph reads the buffer at the step index)."""
 
-    Static shapes and no host sync, so it can be captured in a CUDA graph with ``tokens``, ``positions``
-    [3,B,1] and ``index`` as static inputs.
+    def __init__(self, generator: torch.Generator, batch: int, device: torch.device, greedy: bool):
+        self.generator = generator
+        self.block = None if greedy else torch.empty(NOISE_BLOCK, batch, CODEBOOK_SIZE, device=device)
+
+    def refill_for(self, k: int) -> None:
+        """Draw the next block when token ``k`` starts one."""
+        if self.block is not None and k % NOISE_BLOCK == 0:
+            self.block.exponential_(1, generator=self.generator)
+
+    def at(self, k: torch.Tensor | int) -> torch.Tensor | None:
+        if self.block is None:
+            return None
+        if isinstance(k, int):
+            return self.block[k % NOISE_BLOCK]
+        return self.block.index_select(0, (k % NOISE_BLOCK).view(1))[0]
+
+
+@dataclass
+class DecodeState:
+    """Everything a decode step reads and advances, on the device (static addresses for a CUDA graph)."""
+    tokens: torch.Tensor     # [B, 1] the last sampled ids, fed next
+    index: torch.Tensor      # 0-dim: the cache slot of ``tokens``
+    step: torch.Tensor       # 0-dim: k, the token this step produces
+    cos: torch.Tensor        # [B, 1, total, R] M-RoPE of the decode positions; token k comes from feeding
+    sin: torch.Tensor        # token k-1 at position k-1
+    out: torch.Tensor        # [B, total] every produced id
+    noise: SamplingNoise
+
+
+def decode_step(model: GlmImageAR, cache: KVCache, state: DecodeState, temperature: float, top_k: int,
+                top_p: float) -> None:
+    """Produce token ``state.step``: feed ``state.tokens`` at cache slot ``state.index``, sample, advance the state.
+
+    In place, static shapes, no host sync and no generator: the same function runs eagerly, under
+    ``torch.compile(fullgraph=True)`` and captured in a CUDA graph (one replay per token).
     """
-    logits = model(tokens, positions, cache, index)[:, -1]
-    return sample_codebook_ids(logits, temperature, top_k, top_p, generator)
+    k = state.step
+    position = (k - 1).view(1)
+    rope = state.cos.index_select(2, position), state.sin.index_select(2, position)
+    logits = model(state.tokens, None, cache, state.index, rope=rope)[:, -1]
+    ids = sample_codebook_ids(logits, temperature, top_k, top_p, state.noise.at(k))
+    state.out.index_copy_(1, k.view(1), ids[:, None])
+    state.tokens.copy_(ids[:, None])
+    state.index.add_(1)
+    state.step.add_(1)
+
+
+_compiled_step = None
+
+
+def compiled_decode_step():
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _compiled_step
+
+
+class StepRunner:
+    """Runs the decode steps as asked: eagerly, compiled, and on CUDA replayed from one captured graph.
+
+    Graph mode runs two real steps on a side stream (the compile happens there), captures the third, then
+    replays: each token is one graph launch.
+    """
+    WARMUP = 2
+
+    def __init__(self, mode: str, device: torch.device, step):
+        self.step = step
+        self.capture = mode != "eager" and device.type == "cuda"
+        self.graph = None
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+        elif not self.capture:
+            self.step()
+        elif self.calls <= self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step()
+            self.graph.replay()
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float, num_images: int) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); greedy decoding is not supported.")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (got {temperature}); 0 is greedy decoding.")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (got {top_p}).")
     if top_k < 1:
@@ -69,14 +166,19 @@ def _check_sampling(temperature: float, top_k: int, top_p: float, num_images: in
 def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int,
                         width: int, *, seed: int, temperature: float = 0.9, top_p: float = 0.75,
                         top_k: int = 16512, num_images: int = 1, source_grids: list[torch.Tensor] | None = None,
-                        progress: bool = True, preview=None) -> TokenGrid:
+                        progress: bool = True, preview=None, decode_steps: str = "eager") -> TokenGrid:
     """Sample the token grid(s) for ``prompt`` at ``height`` x ``width`` (floored to multiples of 32).
 
     Returns a TokenGrid with ids [B, H/32, W/32] (B = prompts x num_images, prompt-major), the preview grids
     for text-to-image, on the CPU. ``source_grids``: [h, w] id grids of reference images (editing).
     ``preview(ids_written [B, n], grids)``: a live preview for the progress bar, or None (``token_preview``).
+    ``decode_steps``: ``eager``; ``cuda graph`` (the eager step captured once, one graph replay per token, on
+    CUDA); ``compiled`` (``torch.compile(fullgraph=True)``, also captured on CUDA). Tokens are the same for a
+    seed whichever is chosen (up to kernel rounding on GPUs).
     """
     _check_sampling(temperature, top_k, top_p, num_images)
+    if decode_steps not in DECODE_STEPS:
+        raise ValueError(f"decode_steps must be one of {', '.join(DECODE_STEPS)} (got {decode_steps!r}).")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("No prompt given.")
@@ -93,22 +195,26 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     input_ids, positions = inputs.input_ids.to(device), inputs.position_ids.to(device)
     decode_positions = inputs.decode_position_ids.to(device)
     cache = model.new_cache(batch, length + total - 1, inputs.attention_mask)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    out = torch.empty(batch, total, dtype=torch.long, device=device)
-    index = torch.tensor(length, device=device)
+    noise = SamplingNoise(torch.Generator(device=device).manual_seed(int(seed)), batch, device, temperature == 0)
+    cos, sin = mrope_cos_sin(model.config, decode_positions, model.dtype)
+    state = DecodeState(tokens=torch.empty(batch, 1, dtype=torch.long, device=device),
+                        index=torch.tensor(length, device=device), step=torch.tensor(1, device=device), cos=cos,
+                        sin=sin, out=torch.empty(batch, total, dtype=torch.long, device=device), noise=noise)
+    step = compiled_decode_step() if decode_steps == "compiled" else decode_step
+    run = StepRunner(decode_steps, device, partial(step, model, cache, state, temperature, top_k, top_p))
 
     with Progress(total, "GLM-Image AR tokens", enabled=progress) as bar:
         logits = model(input_ids, positions, cache, 0, last_only=True)[:, -1]
-        tokens = sample_codebook_ids(logits, temperature, top_k, top_p, generator)
-        out[:, 0] = tokens
-        bar.update(preview=preview(out[:, :1], inputs.grids) if preview is not None else None)
+        noise.refill_for(0)
+        state.tokens[:, 0] = sample_codebook_ids(logits, temperature, top_k, top_p, noise.at(0))
+        state.out[:, 0] = state.tokens[:, 0]
+        bar.update(preview=preview(state.out[:, :1], inputs.grids) if preview is not None else None)
         for k in range(1, total):
-            tokens = decode_step(model, cache, tokens[:, None], decode_positions[:, :, k - 1:k], index,
-                                 generator, temperature, top_k, top_p)
-            out[:, k] = tokens
-            index += 1
-            bar.update(preview=preview(out[:, :k + 1], inputs.grids) if preview is not None else None)
+            noise.refill_for(k)
+            run()
+            bar.update(preview=preview(state.out[:, :k + 1], inputs.grids) if preview is not None else None)
 
+    out = state.out
     out = out.cpu()
     t = inputs.target
     preview = None

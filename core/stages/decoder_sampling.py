@@ -3,16 +3,22 @@
 Latents, the guidance combination and the Euler step are fp32 whatever the DiT's dtype. The initial noise is
 drawn on the CPU in fp32 from the seed, so a seed gives the same image on every device.
 
-CFG runs both branches in one batched forward only when they have the same shapes: the same glyph (or text)
-length and no reference cache (the conditional branch reads the cache, the unconditional one does not).
-Otherwise it runs two forwards: zero-padding the shorter text stream would change the attention.
+CFG runs both branches in one batched forward unless there is a reference cache (the conditional branch reads
+it, the unconditional one does not). Text streams of different lengths are left-padded to the longer one and
+each sample attends over its real keys only, so the padding changes nothing.
+
+Speed options: ``compile_blocks`` runs the DiT blocks through a regional ``torch.compile``; ``step_cache`` > 0
+turns on the first-block step cache (``models.step_cache``: approximate, off by default).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from ..models.dit import compiled_blocks
+from ..models.step_cache import StepCache
 from ..runtime.comfy_compat import Progress
 from ..runtime.geometry import check_latent_size
 from ..runtime.handles import GlyphConditioning, ReferenceImages
@@ -58,6 +64,16 @@ def start_point(noise: torch.Tensor, schedule: FlowSchedule, start_latents: torc
         raise ValueError(f"start_latents has shape {tuple(start_latents.shape)}, expected {tuple(noise.shape)}.")
     s = schedule.sigmas[0].to(noise.device)
     return (1 - s) * start_latents.to(noise) + s * noise, schedule
+
+
+def left_pad(streams: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """Text streams ``[b, L_i, D]`` concatenated along the batch, left-padded with zeros to the longest, and
+    the padding of each sample (None when every length agrees)."""
+    longest = max(s.shape[1] for s in streams)
+    pads = tuple(longest - s.shape[1] for s in streams for _ in range(s.shape[0]))
+    if not any(pads):
+        return torch.cat(streams), None
+    return torch.cat([F.pad(s, (0, 0, longest - s.shape[1], 0)) for s in streams]), pads
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -112,7 +128,8 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
                    steps: int = 50, guidance: float = 1.5, seed: int = 0, noise: torch.Tensor | None = None,
                    references: ReferenceImages | None = None, start_latents: torch.Tensor | None = None,
                    start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
-                   progress: bool = True, preview: Preview | None = None) -> torch.Tensor:
+                   progress: bool = True, preview: Preview | None = None, compile_blocks: bool = False,
+                   step_cache: float = 0.0) -> torch.Tensor:
     """Denoise GLM-Image latents ``[B, 16, H/8, W/8]`` (fp32, normalized: the VAE de-normalizes them with
     latents_mean/std) from 2x-upsampled prior ids ``[B, (H/16)(W/16)]`` and glyph conditioning.
 
@@ -121,9 +138,11 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
     shift_settings: the release's scheduler settings (``dit.release_shift_settings``; default: the release's values).
     preview: turns each step's denoised estimate into a live preview (``latent_preview.decoder_preview``).
+    compile_blocks, step_cache: the speed options of the module docstring.
     """
     check_latent_size(height, width)
     check_steps_and_guidance(steps, guidance)
+    steps_cache = StepCache(step_cache)
     device = dit.device
     if prior_ids.dim() == 1:
         prior_ids = prior_ids[None]
@@ -145,24 +164,27 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
     crop = torch.zeros(b, 2, device=device)
     use_cfg = guidance > 1
-    batched = use_cfg and cache is None and cond.shape == uncond.shape
+    batched = use_cfg and cache is None
     if batched:
-        both_glyph, both_ids = torch.cat([cond, uncond]), torch.cat([prior_ids, prior_ids])
+        (both_glyph, text_pad), both_ids = left_pad([cond, uncond]), torch.cat([prior_ids, prior_ids])
         both_drop = torch.arange(2 * b, device=device) >= b
         both_size, both_crop = torch.cat([size, size]), torch.cat([crop, crop])
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if batched:
             both = dit(torch.cat([x, x]), both_glyph, both_ids, both_drop, t.expand(2 * b), both_size,
-                       both_crop).float()
+                       both_crop, text_pad=text_pad, step_cache=steps_cache.branch("cfg")).float()
             return guide(*both.chunk(2), guidance)
-        c = dit(x, cond, prior_ids, False, t.expand(b), size, crop, kv_cache=cache, kv_mode="read").float()
+        c = dit(x, cond, prior_ids, False, t.expand(b), size, crop, kv_cache=cache, kv_mode="read",
+                step_cache=steps_cache.branch("cond")).float()
         if not use_cfg:
             return c
-        u = dit(x, uncond, prior_ids, True, t.expand(b), size, crop, kv_cache=cache, kv_mode="skip").float()
+        u = dit(x, uncond, prior_ids, True, t.expand(b), size, crop, kv_cache=cache, kv_mode="skip",
+                step_cache=steps_cache.branch("uncond")).float()
         return guide(c, u, guidance)
 
-    return euler(x, schedule, velocity, progress, "GLM-Image decoder", preview)
+    with compiled_blocks(dit, compile_blocks):
+        return euler(x, schedule, velocity, progress, "GLM-Image decoder", preview)
 
 
 # ---- CogView4 --------------------------------------------------------------------------------------------------
@@ -171,14 +193,17 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
                             width: int, *, steps: int = 50, guidance: float = 5.0, seed: int = 0,
                             noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
                             start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
-                            progress: bool = True, preview: Preview | None = None) -> torch.Tensor:
+                            progress: bool = True, preview: Preview | None = None, compile_blocks: bool = False,
+                            step_cache: float = 0.0) -> torch.Tensor:
     """Denoise CogView4 latents ``[B, 16, H/8, W/8]`` (fp32, CogView4's space: scaling 1.0, no mean/std) from
     GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` may have another length; unused when
     guidance <= 1). original_size = target_size = (H, W), crop (0, 0).
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
-    preview: turns each step's denoised estimate into a live preview."""
+    preview: turns each step's denoised estimate into a live preview.
+    compile_blocks, step_cache: the speed options of the module docstring."""
     check_latent_size(height, width)
     check_steps_and_guidance(steps, guidance)
+    steps_cache = StepCache(step_cache)
     device = dit.device
     b = cond_embeds.shape[0]
     use_cfg = guidance > 1
@@ -191,16 +216,16 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
     uncond = batch_of(uncond_embeds, b, "uncond_embeds").to(device=device, dtype=dit.dtype) if use_cfg else None
     size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
     crop = torch.zeros(b, 2, device=device)
-    batched = use_cfg and cond.shape == uncond.shape
+    if use_cfg:
+        both_text, text_pad = left_pad([cond, uncond])
+        sizes, crops = torch.cat([size, size]), torch.cat([crop, crop])
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if batched:
-            sizes, crops = torch.cat([size, size]), torch.cat([crop, crop])
-            both = dit(torch.cat([x, x]), torch.cat([cond, uncond]), t.expand(2 * b), sizes, sizes, crops).float()
+        if use_cfg:
+            both = dit(torch.cat([x, x]), both_text, t.expand(2 * b), sizes, sizes, crops, text_pad=text_pad,
+                       step_cache=steps_cache.branch("cfg")).float()
             return guide(*both.chunk(2), guidance)
-        c = dit(x, cond, t.expand(b), size, size, crop).float()
-        if not use_cfg:
-            return c
-        return guide(c, dit(x, uncond, t.expand(b), size, size, crop).float(), guidance)
+        return dit(x, cond, t.expand(b), size, size, crop, step_cache=steps_cache.branch("cond")).float()
 
-    return euler(x, schedule, velocity, progress, "CogView4 decoder", preview)
+    with compiled_blocks(dit, compile_blocks):
+        return euler(x, schedule, velocity, progress, "CogView4 decoder", preview)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
+from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_glm_image_size
-from ...core.stages.ar_sampling import generate_token_grid
+from ...core.stages.ar_sampling import DECODE_STEPS, generate_token_grid
 from ...core.stages.token_preview import ar_preview
-from ..common import category, seed_input, size_input
+from ..common import attention_input, category, seed_input, size_input
 
 SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
 
@@ -39,25 +40,38 @@ class GLMImageARSampler:
                 "width": size_input(1024, "width", 0, SAME_AS_REFERENCE),
                 "height": size_input(1024, "height", 0, SAME_AS_REFERENCE),
                 "seed": seed_input(),
-                "temperature": ("FLOAT", {"default": 0.9, "min": 0.05, "max": 2.0, "step": 0.01}),
+                "temperature": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 2.0, "step": 0.01,
+                                          "tooltip": "0: greedy (the most likely codebook id at every step)."}),
                 "top_p": ("FLOAT", {"default": 0.75, "min": 0.01, "max": 1.0, "step": 0.01}),
                 "top_k": ("INT", {"default": 16512, "min": 1, "max": 16512,
                                   "tooltip": "16512 (the vision vocabulary) disables top-k."}),
                 "num_images": ("INT", {"default": 1, "min": 1, "max": 16,
                                        "tooltip": "Images decoded together in one AR loop."}),
             },
-            "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images for editing."})},
+            "optional": {
+                "references": (handles.REFERENCES, {"tooltip": "Reference images for editing."}),
+                "attention": attention_input(),
+                "decode_steps": (list(DECODE_STEPS), {"default": "eager", "tooltip": (
+                    "eager: one step after the other; cuda graph: the step captured once and replayed per token "
+                    "(CUDA); compiled: torch.compile'd step (fullgraph), captured on CUDA; the first run compiles "
+                    "(about a minute). Same tokens for a seed.")}),
+            },
         }
 
-    def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None):
+    def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None,
+               attention="auto", decode_steps="eager"):
         width, height = output_size(width, height, references)
         check_glm_image_size(height, width)
+        check_backend(attention)
         source_grids = references.token_ids if references is not None else None
         with comfy_compat.on_compute_device(
-                ar_model, stage="AR token sampling", advice="lower num_images or the output size"):
+                ar_model, stage="AR token sampling", advice="lower num_images or the output size"), \
+                attention_backend(attention):
+            decode_steps = comfy_compat.capturable_steps(ar_model, decode_steps)
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
-                                       source_grids=source_grids, preview=ar_preview(ar_model.model))
+                                       source_grids=source_grids, preview=ar_preview(ar_model.model),
+                                       decode_steps=decode_steps)
         return (grid,)
 
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
+from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_cogview4_size
 from ...core.stages.cogview4_text import encode_cogview4_prompt
 from ...core.stages.decoder_sampling import sample_cogview4_latents
 from ...core.stages.latent_preview import COGVIEW4, decoder_preview
-from ..common import category, seed_input, size_input
+from ..common import category, dit_speed_inputs, seed_input, size_input
 
 
 class GLMImageCogView4TextEncode:
@@ -52,18 +53,21 @@ class GLMImageCogView4Sampler:
             "steps": ("INT", {"default": 50, "min": 1, "max": 200}),
             "guidance": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1}),
             "num_images": ("INT", {"default": 1, "min": 1, "max": 16}),
-        }}
+        }, "optional": dit_speed_inputs()}
 
-    def sample(self, decoder, conditioning, width, height, seed, steps, guidance, num_images):
+    def sample(self, decoder, conditioning, width, height, seed, steps, guidance, num_images, attention="auto",
+               compile=False, step_cache=0.0):
         check_cogview4_size(height, width)
+        check_backend(attention)
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
         preview = decoder_preview(COGVIEW4)
         with comfy_compat.on_compute_device(decoder, stage="CogView4 sampling",
-                                             advice="lower the output size or the number of images"):
+                                             advice="lower the output size or the number of images"), \
+                attention_backend(attention):
             latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, steps=steps,
                                               guidance=guidance, seed=seed, shift_settings=decoder.shift_settings,
-                                              preview=preview)
+                                              preview=preview, compile_blocks=compile, step_cache=step_cache)
         return ({"samples": latents.float().cpu()},)
 
 

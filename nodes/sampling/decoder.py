@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
+from ...core.runtime.attention import attention_backend, check_backend
 from ...core.stages.decoder_sampling import sample_latents
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
-from ..common import category, seed_input
+from ..common import category, dit_speed_inputs, seed_input
 
 
 def check_token_grid(tokens: handles.TokenGrid) -> None:
@@ -37,17 +38,22 @@ class GLMImageDecoderSampler:
                 "guidance": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 20.0, "step": 0.05,
                                        "tooltip": "Classifier-free guidance; 1.0 disables the unconditional pass."}),
             },
-            "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."})},
+            "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."}),
+                         **dit_speed_inputs()},
         }
 
-    def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None):
+    def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None, attention="auto", compile=False,
+               step_cache=0.0):
         check_token_grid(tokens)
+        check_backend(attention)
         preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
         with comfy_compat.on_compute_device(
-                decoder, stage="decoder sampling", advice="lower the output size or the number of images"):
+                decoder, stage="decoder sampling", advice="lower the output size or the number of images"), \
+                attention_backend(attention):
             latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width,
                                      steps=steps, guidance=guidance, seed=seed, references=references,
-                                     shift_settings=decoder.shift_settings, preview=preview)
+                                     shift_settings=decoder.shift_settings, preview=preview,
+                                     compile_blocks=compile, step_cache=step_cache)
         return ({"samples": latents.float().cpu()},)
 
 

@@ -1,0 +1,183 @@
+"""The one place that chooses between the fused kernels and their torch references.
+
+Each fused function is a ``torch.library`` custom op (``glm_image_nodes::*``) with a fake implementation, so
+``torch.compile`` traces through it as one opaque node. Its CUDA implementation launches the Triton kernel(s)
+(``LAUNCHES`` says how many); on every other device it runs the torch reference, which is also what the
+model runs when the fused path is off. Modes (``kernel_mode``, or ``GLMIMAGE_KERNELS`` in the environment):
+
+- ``auto``: fused on CUDA tensors of fp32/bf16 where Triton imports, references elsewhere (CPU keeps the
+  reference functions, so CPU results do not change);
+- ``reference``: references everywhere;
+- ``fused``: the custom ops everywhere (on CPU they run the references: what the launch-count benchmark and
+  the tests use to exercise the fused code path without a GPU).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+from torch._library.custom_ops import OPDEFS
+
+from . import activations, adaln, decode_attention, norms, rope
+from .triton_support import HAVE_TRITON, KERNEL_DTYPES
+
+NAMESPACE = "glm_image_nodes"
+MODES = ("auto", "reference", "fused")
+LAUNCHES = {"decode_attention": 2}  # GPU kernel launches per call where not 1
+
+_mode = os.environ.get("GLMIMAGE_KERNELS", "auto")
+if _mode not in MODES:
+    raise ValueError(f"GLMIMAGE_KERNELS={_mode!r}: expected one of {', '.join(MODES)}.")
+
+
+@contextmanager
+def kernel_mode(mode: str):
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
+    previous, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = previous
+
+
+def use_fused(*tensors: torch.Tensor) -> bool:
+    if _mode == "fused":
+        return True
+    if _mode == "reference" or not HAVE_TRITON:
+        return False
+    return all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in tensors)
+
+
+def _op(name: str, reference, triton_impl, fake, mutates_args=()):
+    """Register ``glm_image_nodes::name`` once per process (the pack may be imported under two names)."""
+    qualname = f"{NAMESPACE}::{name}"
+    if qualname in OPDEFS:
+        return OPDEFS[qualname]
+    op = torch.library.custom_op(qualname, mutates_args=mutates_args)(reference)
+    op.register_fake(fake)
+    if HAVE_TRITON:
+        op.register_kernel("cuda")(triton_impl)
+    return op
+
+
+def _like(x, *_args):
+    return torch.empty_like(x)
+
+
+def _norm_pair(residual, *_args):
+    return torch.empty_like(residual), torch.empty_like(residual)
+
+
+def _silu_mul_fake(gate_up):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+def _qk_fake(t, cos, sin, n_text):
+    return t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3])
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return norms.rms_norm_reference(x, weight, eps)
+
+
+def _add_rms_norm(residual: torch.Tensor, branch: torch.Tensor, branch_weight: torch.Tensor, next_weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return norms.add_rms_norm_reference(residual, branch, branch_weight, next_weight, eps)
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return activations.silu_mul_reference(gate_up)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache_k: torch.Tensor, cache_v: torch.Tensor, key_valid: torch.Tensor, index: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    return decode_attention.decode_attention_reference(q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale)
+
+
+def _qk_layernorm_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_text: int) -> torch.Tensor:
+    return rope.qk_layernorm_rope_reference(t, cos, sin, n_text).contiguous()
+
+
+def _layernorm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return adaln.layernorm_modulate_reference(x, scale, shift)
+
+
+def _gated_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return adaln.gated_residual_reference(x, branch, gate)
+
+
+def _gated_residual_layernorm_modulate(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor,
+                                       shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return adaln.gated_residual_layernorm_modulate_reference(x, branch, gate, scale, shift)
+
+
+OPS = {
+    "rms_norm": _op("rms_norm", _rms_norm, norms.rms_norm_triton, _like),
+    "add_rms_norm": _op("add_rms_norm", _add_rms_norm, norms.add_rms_norm_triton, _norm_pair),
+    "silu_mul": _op("silu_mul", _silu_mul, activations.silu_mul_triton, _silu_mul_fake),
+    "decode_attention": _op("decode_attention", _decode_attention, decode_attention.decode_attention_triton,
+                            lambda q, *_: torch.empty_like(q), mutates_args=("cache_k", "cache_v")),
+    "qk_layernorm_rope": _op("qk_layernorm_rope", _qk_layernorm_rope, rope.qk_layernorm_rope_triton, _qk_fake),
+    "layernorm_modulate": _op("layernorm_modulate", _layernorm_modulate, adaln.layernorm_modulate_triton, _like),
+    "gated_residual": _op("gated_residual", _gated_residual, adaln.gated_residual_triton, _like),
+    "gated_residual_layernorm_modulate": _op("gated_residual_layernorm_modulate", _gated_residual_layernorm_modulate,
+                                             adaln.gated_residual_layernorm_modulate_triton, _norm_pair),
+}
+
+
+# ---- what the models call ----------------------------------------------------------------------------------------
+def rms_norm(x, weight, eps: float):
+    if use_fused(x) and weight.dtype == x.dtype:
+        return OPS["rms_norm"](x, weight, eps)
+    return norms.rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(residual, branch, branch_weight, next_weight, eps: float):
+    """``x = residual + rms_norm(branch, branch_weight)``; returns ``(x, rms_norm(x, next_weight))``."""
+    if use_fused(residual) and branch_weight.dtype == next_weight.dtype == residual.dtype:
+        return OPS["add_rms_norm"](residual, branch, branch_weight, next_weight, eps)
+    return norms.add_rms_norm_reference(residual, branch, branch_weight, next_weight, eps)
+
+
+def silu_mul(gate_up):
+    return OPS["silu_mul"](gate_up) if use_fused(gate_up) else activations.silu_mul_reference(gate_up)
+
+
+def decode_attention_fused(x) -> bool:
+    """Whether one-token decode attention for activations like ``x`` runs as the fused kernel (RoPE, cache
+    write, and masking by itself from ``key_valid`` and the slot index) rather than as SDPA under the
+    caller's mask."""
+    return use_fused(x)
+
+
+def decode_attention_op(q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale: float):
+    """``[B, 1, heads * D]`` from the projections ``q``/``k``/``v`` ``[B, 1, * D]``; k/v go to slot ``index``."""
+    return OPS["decode_attention"](q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale)
+
+
+def qk_layernorm_rope(t, cos, sin, n_text: int):
+    """``t [B, S, H, D]`` -> ``[B, H, S, D]``: per-head LayerNorm, 2D RoPE on tokens ``n_text:``."""
+    if use_fused(t) and t.stride(-1) == 1:
+        return OPS["qk_layernorm_rope"](t, cos, sin, n_text)
+    return rope.qk_layernorm_rope_reference(t, cos, sin, n_text)
+
+
+def layernorm_modulate(x, scale, shift):
+    if use_fused(x):
+        return OPS["layernorm_modulate"](x, scale, shift)
+    return adaln.layernorm_modulate_reference(x, scale, shift)
+
+
+def gated_residual(x, branch, gate):
+    return OPS["gated_residual"](x, branch, gate) if use_fused(x) else adaln.gated_residual_reference(x, branch, gate)
+
+
+def gated_residual_layernorm_modulate(x, branch, gate, scale, shift):
+    """``x = x + branch * gate``; returns ``(x, LN(x) * (1 + scale) + shift)``."""
+    if use_fused(x):
+        return OPS["gated_residual_layernorm_modulate"](x, branch, gate, scale, shift)
+    return adaln.gated_residual_layernorm_modulate_reference(x, branch, gate, scale, shift)
