@@ -135,24 +135,25 @@ def model_patcher(item):
 
 @contextmanager
 def _comfy_placement(items, device: torch.device, memory_required: int):
-    from .residency import EXECUTION_DEVICE
+    from contextlib import ExitStack
+
+    from .residency import EXECUTION_DEVICE, resident
 
     for item in items:
         if getattr(item, "block_swap", 0):
             _say_once("block_swap", "block_swap is not used inside ComfyUI: its memory manager keeps what fits "
                                     "on the GPU and streams the rest layer by layer (partial loading).")
-    patchers = [model_patcher(item) for item in items if hasattr(item, "patcher")]
-    _mm.load_models_gpu(patchers, memory_required=memory_required)
-    modules = [_module(item) for item in items]
-    for module, item in zip(modules, items):
-        if not hasattr(item, "patcher") and device.type != "cpu":
-            module.to(device)  # a bare module (tests, scripts): moved like outside ComfyUI
-        module.__dict__[EXECUTION_DEVICE] = device
-    try:
+    handles = [item for item in items if hasattr(item, "patcher")]
+    _mm.load_models_gpu([model_patcher(item) for item in handles], memory_required=memory_required)
+    with ExitStack() as stack:
+        for item in items:
+            module = _module(item)
+            if item in handles:
+                module.__dict__[EXECUTION_DEVICE] = device
+                stack.callback(module.__dict__.pop, EXECUTION_DEVICE, None)
+            else:  # a bare module (scripts, tests): swapped in for the stage as outside ComfyUI
+                stack.enter_context(resident(module, device))
         yield device
-    finally:
-        for module in modules:
-            module.__dict__.pop(EXECUTION_DEVICE, None)
 
 
 @contextmanager

@@ -101,15 +101,18 @@ def config_from_files(spec: ComponentSpec, source: str) -> Any | None:
     return spec.config_from_dict(folder_config, source)
 
 
-def resolve_config(spec: ComponentSpec, source: str, checkpoint: Checkpoint) -> Any:
-    """``config_from_files``, else the config a converted file embeds, else one from the tensor shapes."""
-    config = config_from_files(spec, source)
-    if config is not None:
-        return config
+def config_from_checkpoint(spec: ComponentSpec, source: str, checkpoint: Checkpoint) -> Any:
+    """The config a converted file embeds, else one from the tensor shapes."""
     embedded = checkpoint.config
     if embedded is not None:
         return config_from_json(spec.config_type, embedded)
     return spec.config_from_shapes(checkpoint.shapes, source)
+
+
+def resolve_config(spec: ComponentSpec, source: str, checkpoint: Checkpoint) -> Any:
+    """``config_from_files``, else ``config_from_checkpoint``."""
+    config = config_from_files(spec, source)
+    return config if config is not None else config_from_checkpoint(spec, source, checkpoint)
 
 
 def check_architecture(spec: ComponentSpec, checkpoint: Checkpoint) -> None:
@@ -204,7 +207,7 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
     keys = list(checkpoint.shapes) + list(checkpoint.unavailable)
     if spec.check is not None:
         spec.check(keys, source)
-    config = config if config is not None else resolve_config(spec, source, checkpoint)
+    config = config if config is not None else config_from_checkpoint(spec, source, checkpoint)
     names = spec.key_map(keys, config)
     absent = sorted({checkpoint.unavailable[k] for k in names if k in checkpoint.unavailable})
     if absent:
