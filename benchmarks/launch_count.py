@@ -140,13 +140,15 @@ class PackAR:
         self.model = build_pack_module(lambda: GlmImageAR(cfg), torch.device("cpu"), torch.float32, seed,
                                        key=lambda n: n if n.startswith(HEAD) else PREFIX + n)
         self.inputs = build_ar_inputs(tokenizer, [PROMPT], height, width)
+        self.codebook_size = tokenizer.codebook_size
 
     @torch.inference_mode()
     def reset(self):
         inputs, model = self.inputs, self.model
         length, total = inputs.input_ids.shape[1], inputs.num_new_tokens
         self.cache = model.new_cache(1, length + total - 1, inputs.attention_mask)
-        noise = SamplingNoise(torch.Generator().manual_seed(0), 1, torch.device("cpu"), greedy=False)
+        noise = SamplingNoise(torch.Generator().manual_seed(0), 1, torch.device("cpu"), greedy=False,
+                              codebook_size=self.codebook_size)
         noise.refill_for(0)
         cos, sin = mrope_cos_sin(model.config, inputs.decode_position_ids, model.dtype)
         self.state = DecodeState(tokens=torch.zeros(1, 1, dtype=torch.long), index=torch.tensor(length),
@@ -156,7 +158,8 @@ class PackAR:
 
     @torch.inference_mode()
     def step(self, fn=decode_step):
-        fn(self.model, self.cache, self.state, SAMPLING["temperature"], SAMPLING["top_k"], SAMPLING["top_p"])
+        fn(self.model, self.cache, self.state, SAMPLING["temperature"], SAMPLING["top_k"], SAMPLING["top_p"],
+           self.codebook_size)
 
 
 class ReferenceAR:

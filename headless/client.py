@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import socket
@@ -25,44 +26,119 @@ import uuid
 
 
 class WorkflowError(RuntimeError):
-    """The server rejected the workflow or a node failed; the message says which node and why."""
+    """The workflow file, the server or a node failed; the message says which and what to do, in one line per
+    problem."""
 
 
-def _request(server: str, path: str, payload: dict | None = None, timeout: float = 30.0):
+def check_server_url(server: str) -> str:
+    url = urllib.parse.urlparse(server)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise WorkflowError(f"--server {server!r} is not an http:// address: give one such as http://127.0.0.1:8188.")
+    try:
+        url.port
+    except ValueError:
+        raise WorkflowError(f"--server {server!r} has an invalid port: give one such as "
+                            f"http://127.0.0.1:8188.") from None
+    return server.rstrip("/")
+
+
+def _request(server: str, path: str, payload: dict | None = None, timeout: float = 30.0) -> bytes:
+    """The body of ``server + path`` (POSTing ``payload`` as JSON); HTTP errors are raised as HTTPError, every
+    other failure as a WorkflowError that says what to check."""
     data = json.dumps(payload).encode() if payload is not None else None
     req = urllib.request.Request(server.rstrip("/") + path, data=data,
                                  headers={"Content-Type": "application/json"} if data else {})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        body = resp.read()
-    return body
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read()
+    except urllib.error.HTTPError:
+        raise
+    except urllib.error.URLError as e:
+        reason = e.reason.strerror if isinstance(e.reason, OSError) and e.reason.strerror else e.reason
+        raise WorkflowError(f"cannot reach ComfyUI at {server} ({reason}): is ComfyUI running at {server}?") from None
+    except (TimeoutError, socket.timeout):
+        raise WorkflowError(f"ComfyUI at {server} did not answer {path} within {timeout:g} s: is it running and is "
+                            f"the address right?") from None
+    except (ConnectionError, http.client.HTTPException) as e:
+        raise WorkflowError(f"the connection to {server} failed ({type(e).__name__}: {e}): is {server} a ComfyUI "
+                            f"server?") from None
+
+
+def _json(body: bytes, server: str, path: str):
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        shown = body[:60].decode("utf-8", "replace")
+        raise WorkflowError(f"{server}{path} answered with something that is not JSON ({shown!r}): is {server} a "
+                            f"ComfyUI server?") from None
 
 
 def describe_node_errors(node_errors: dict, graph: dict | None = None) -> str:
+    """One line per distinct error. ComfyUI repeats a failed VALIDATE_INPUTS once per input it takes
+    ("width - <message>", "height - <message>"): those become one line with the message."""
     lines = []
     for node_id, info in node_errors.items():
         class_type = info.get("class_type") or (graph or {}).get(node_id, {}).get("class_type", "?")
         for err in info.get("errors", []):
             detail = err.get("details") or err.get("message", "")
-            lines.append(f"node {node_id} ({class_type}): {err.get('type', 'error')}: {detail}")
+            if err.get("type") == "custom_validation_failed" and " - " in detail:
+                detail = detail.split(" - ", 1)[1]
+            line = f"node {node_id} ({class_type}): {err.get('type', 'error')}: {detail}"
+            if line not in lines:
+                lines.append(line)
     return "\n".join(lines)
 
 
 def submit(server: str, graph: dict, client_id: str) -> str:
     """POST the workflow; return its prompt id, or raise WorkflowError with every node error."""
     try:
-        body = json.loads(_request(server, "/prompt", {"prompt": graph, "client_id": client_id}))
+        body = _json(_request(server, "/prompt", {"prompt": graph, "client_id": client_id}), server, "/prompt")
     except urllib.error.HTTPError as e:
-        body = json.loads(e.read() or b"{}")
+        with e:
+            raw = e.read()
+        try:
+            body = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WorkflowError(f"{server}/prompt answered HTTP {e.code} ({raw[:60].decode('utf-8', 'replace')!r}): "
+                                f"is {server} a ComfyUI server?") from None
         error = body.get("error", {})
         message = error.get("message", f"HTTP {e.code}") if isinstance(error, dict) else str(error)
         details = describe_node_errors(body.get("node_errors", {}), graph)
         raise WorkflowError(f"the server rejected the workflow: {message}" + (f"\n{details}" if details else "")) from None
+    if not isinstance(body, dict) or "prompt_id" not in body:
+        raise WorkflowError(f"{server}/prompt answered without a prompt_id ({str(body)[:60]!r}): is {server} a "
+                            f"ComfyUI server?")
     if body.get("node_errors"):
         # ComfyUI still queues the valid branches; a partial run is not what the caller asked for.
         raise WorkflowError("some nodes failed validation:\n" + describe_node_errors(body["node_errors"], graph))
     return body["prompt_id"]
 
 
+def load_workflow(path: str) -> dict:
+    """An API-format workflow from ``path``, or a WorkflowError saying what is wrong with the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            graph = json.load(f)
+    except FileNotFoundError:
+        raise WorkflowError(f"workflow file {path} not found.") from None
+    except IsADirectoryError:
+        raise WorkflowError(f"{path} is a folder: give the workflow's .json file.") from None
+    except UnicodeDecodeError:
+        raise WorkflowError(f"{path} is not a text file: give an API-format workflow .json file.") from None
+    except json.JSONDecodeError as e:
+        raise WorkflowError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}).") from None
+    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
+        raise WorkflowError(f"{path} is a UI-format workflow: export it in API format (in ComfyUI: Workflow > Export "
+                            f"(API)) and pass that file.")
+    if not isinstance(graph, dict) or not graph:
+        raise WorkflowError(f"{path} is not an API-format workflow (an object of node id -> {{class_type, inputs}}): "
+                            f"export it in API format (Workflow > Export (API)).")
+    for node_id, node in graph.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
+                or not isinstance(node.get("inputs", {}), dict):
+            raise WorkflowError(f"{path}: node {node_id} is not an API-format node ({{\"class_type\": ..., \"inputs\": "
+                                f"{{...}}}}): export the workflow in API format.")
+    return graph
 # ComfyUI's binary websocket events (protocol.BinaryEventTypes) and the image types of a PREVIEW_IMAGE frame
 PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA = 1, 4
 PREVIEW_IMAGE_TYPES = {1: "image/jpeg", 2: "image/png"}
@@ -85,27 +161,30 @@ def parse_binary_event(payload: bytes) -> dict | None:
 
 
 class _WebSocket:
-    """A minimal RFC 6455 client for ComfyUI's /ws (text and binary frames in, pongs out).
+    """A minimal RFC 6455 client (ComfyUI's /ws; also the tests' link to a headless browser): JSON text frames in
+    and out, binary (preview) frames in, pongs to pings."""
 
-    It announces ``supports_preview_metadata``, so preview frames name the node that sent them."""
-
-    def __init__(self, server: str, client_id: str, timeout: float):
+    def __init__(self, server: str, path: str, timeout: float):
         url = urllib.parse.urlparse(server)
         self.sock = socket.create_connection((url.hostname, url.port or 80), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {url.hostname}:{url.port or 80}\r\n"
-                           f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                           f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        header = b""
-        while b"\r\n\r\n" not in header:
-            chunk = self.sock.recv(1)
-            if not chunk:
-                raise ConnectionError("websocket handshake closed")
-            header += chunk
-        if b" 101 " not in header.split(b"\r\n", 1)[0]:
-            raise ConnectionError("websocket upgrade refused")
-        # the server reads feature flags only from the first message
-        self._send(0x1, json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}).encode())
+        try:
+            key = base64.b64encode(os.urandom(16)).decode()
+            self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {url.hostname}:{url.port or 80}\r\n"
+                               f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                               f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+            header = b""
+            while b"\r\n\r\n" not in header:
+                chunk = self.sock.recv(1)
+                if not chunk:
+                    raise ConnectionError("websocket handshake closed")
+                header += chunk
+                if len(header) > 65536:
+                    raise ConnectionError("websocket handshake too long")
+            if b" 101 " not in header.split(b"\r\n", 1)[0]:
+                raise ConnectionError("websocket upgrade refused")
+        except BaseException:
+            self.sock.close()
+            raise
 
     def _exact(self, n: int) -> bytes:
         data = b""
@@ -120,9 +199,12 @@ class _WebSocket:
         mask = os.urandom(4)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         n = len(payload)
-        length = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 1 << 16
-                                                     else bytes([0x80 | 127]) + struct.pack(">Q", n))
-        self.sock.sendall(bytes([0x80 | opcode]) + length + mask + masked)
+        size = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536
+                                                    else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        self.sock.sendall(bytes([0x80 | opcode]) + size + mask + masked)
+
+    def send_json(self, message: dict) -> None:
+        self._send(0x1, json.dumps(message).encode())
 
     def receive(self) -> dict | None:
         """The next JSON message, a preview frame as ``{"type": "preview", ...}``, or None for other binary
@@ -136,7 +218,10 @@ class _WebSocket:
                 length = struct.unpack(">Q", self._exact(8))[0]
             payload = self._exact(length)
             if opcode == 0x1:
-                return json.loads(payload)
+                try:
+                    return json.loads(payload)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return None
             if opcode == 0x2:
                 return parse_binary_event(payload)
             if opcode == 0x8:
@@ -154,9 +239,14 @@ def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout:
 
     ``on_preview(node, image_type, image_bytes)`` receives every live preview frame of the prompt."""
     deadline = time.monotonic() + timeout
+    ws = None
     try:
-        ws = _WebSocket(server, client_id, timeout=5.0)
+        ws = _WebSocket(server, f"/ws?clientId={client_id}", timeout=5.0)
+        # the server reads feature flags only from the first message; with this one preview frames name their node
+        ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
     except OSError:
+        if ws is not None:
+            ws.close()
         ws = None
     last_poll = 0.0
     try:
@@ -188,7 +278,7 @@ def follow(server: str, prompt_id: str, client_id: str, on_event=print, timeout:
             if ws is not None and frequent and time.monotonic() - last_poll < 1.0:
                 continue
             last_poll = time.monotonic()
-            history = json.loads(_request(server, f"/history/{prompt_id}")).get(prompt_id)
+            history = _json(_request(server, f"/history/{prompt_id}"), server, "/history").get(prompt_id)
             if history and history.get("status", {}).get("completed") is not None:
                 status = history["status"]
                 if status.get("status_str") == "success":
@@ -220,9 +310,14 @@ def save_outputs(server: str, history: dict, out_dir: str) -> list[str]:
         for image in output.get("images", []):
             query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
                                             "type": image.get("type", "output")})
-            path = os.path.join(out_dir, image["filename"])
+            path = os.path.join(out_dir, os.path.basename(image["filename"]))  # never outside out_dir
+            try:
+                data = _request(server, f"/view?{query}")
+            except urllib.error.HTTPError as e:
+                e.close()
+                raise WorkflowError(f"{server}/view could not send {image['filename']} (HTTP {e.code}).") from None
             with open(path, "wb") as f:
-                f.write(_request(server, f"/view?{query}"))
+                f.write(data)
             saved.append(path)
     return saved
 
@@ -262,6 +357,7 @@ def preview_saver(folder: str):
 
 
 def run(server: str, graph: dict, out_dir: str, on_event=print, on_preview=None) -> list[str]:
+    server = check_server_url(server)
     client_id = uuid.uuid4().hex
     prompt_id = submit(server, graph, client_id)
     on_event(f"queued as {prompt_id}")
@@ -276,17 +372,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs")
     parser.add_argument("--previews", metavar="DIR", help="save the live preview frames there")
     args = parser.parse_args(argv)
-    with open(args.workflow, encoding="utf-8") as f:
-        graph = json.load(f)
     try:
+        check_server_url(args.server)
+        graph = load_workflow(args.workflow)
         for assignment in args.set:
             set_input(graph, assignment)
         on_preview = preview_saver(args.previews) if args.previews else None
         for path in run(args.server, graph, args.out, on_preview=on_preview):
             print(f"saved {path}")
-    except (WorkflowError, urllib.error.URLError) as e:
+    except WorkflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: stopped by the user (the server keeps running the workflow; press Cancel in ComfyUI to stop "
+              "it).", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,16 +1,18 @@
 """Shared bits of the node layer: categories, widget definitions, model-file choices."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from ..core.runtime import comfy_compat
+from ..core.runtime import checks, comfy_compat
 from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
 from ..core.runtime.loading import resolve_dtype
 from ..core.runtime.residency import resolve_blocks
 
 CATEGORY = "GLM-Image"
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_SEED = checks.MAX_SEED
 DTYPE_TOOLTIP = "Weight dtype. auto: bf16 on GPUs that support it, else fp32."
 FP8_TOOLTIP = (" fp8_e4m3fn: the transformer weights quantized to FP8 while loading (half the memory of bf16). For "
                "FP8 and GGUF files: the dtype they are dequantized to per layer.")
@@ -80,6 +82,71 @@ def dit_speed_inputs() -> dict:
 
 def category(sub: str) -> str:
     return f"{CATEGORY}/{sub}"
+
+
+def answer(cls, values: dict, *core_checks) -> bool | str:
+    """What a node's ``VALIDATE_INPUTS`` returns: True, or the message of the first failing check.
+
+    ``values``: the inputs VALIDATE_INPUTS takes. An input that arrives through a link is None here and is
+    checked when the node runs. ComfyUI skips its own min/max checks for these inputs, so after the core
+    checks their widget ranges are checked too.
+    ``core_checks``: the core's functions, whose parameter names are input names; each is called once every
+    input it needs (its parameters without a default) is given, with the message the core gives at run time.
+    """
+    given = _given(values)
+    try:
+        _run_checks(given, core_checks)
+        check_widget_values(cls, given)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+def check_now(values: dict, *core_checks) -> None:
+    """The core checks of ``answer``, run by the node itself before it moves any model: the in-process executor
+    and scripts call nodes without ComfyUI's validation (the widget ranges are the UI's; the core's bounds
+    are the core checks')."""
+    _run_checks(_given(values), core_checks)
+
+
+def _given(values: dict) -> dict:
+    return {name: value for name, value in values.items() if name not in ("cls", "self") and value is not None}
+
+
+def _run_checks(given: dict, core_checks) -> None:
+    for check in core_checks:
+        parameters = inspect.signature(check).parameters.values()
+        if all(p.name in given for p in parameters if p.default is p.empty):
+            check(**{p.name: given[p.name] for p in parameters if p.name in given})
+
+
+def check_widget_values(cls, values: dict) -> None:
+    """Numbers finite and inside their widget's min..max, text valid (what ComfyUI checks before a node with
+    VALIDATE_INPUTS runs, and the in-process executor for every node)."""
+    types = cls.INPUT_TYPES()
+    specs = {**types.get("required", {}), **types.get("optional", {})}
+    for name, value in values.items():
+        if name in specs:
+            check_widget_value(name, specs[name], value)
+
+
+def check_widget_value(name: str, spec: tuple, value) -> None:
+    """One widget value against its ``INPUT_TYPES`` entry; sockets (non-widget types) are not checked."""
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(kind, list):
+        if options.get("glm_model_file") or options.get("image_upload"):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must name a file, got {value!r}.")
+        elif value not in kind:
+            raise ValueError(f"{name} = {value!r} is not one of {kind}.")
+    elif kind == "INT":
+        checks.check_int(value, name, options.get("min"), options.get("max"))
+    elif kind == "FLOAT":
+        checks.check_float(value, name, options.get("min"), options.get("max"))
+    elif kind == "STRING":
+        checks.check_text(value, name)
+    elif kind == "BOOLEAN" and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 class ModelLoader:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from glm_image_nodes.core.cuda.dispatch import kernel_mode
 from glm_image_nodes.core.models.glm_ar import load_ar_model
-from glm_image_nodes.core.stages.ar_prompt import CODEBOOK_SIZE, build_ar_inputs, load_text_tokenizer
+from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from tiny_glm_release import make_release
 
@@ -33,7 +33,7 @@ def test_greedy_matches_transformers_do_sample_false(release):
                                            return_tensors="pt")
     # the reference's greedy decoding over codebook ids only: the reserved ids (>= 16384) suppressed
     ref = hf.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                      suppress_tokens=list(range(CODEBOOK_SIZE, 16512)))[:, inputs["input_ids"].shape[1]:]
+                      suppress_tokens=list(range(tok.codebook_size, 16512)))[:, inputs["input_ids"].shape[1]:]
     assert build_ar_inputs(tok, [PROMPT], 256, 256).input_ids.shape == inputs["input_ids"].shape
     grid = generate_token_grid(model, tok, PROMPT, 256, 256, seed=0, temperature=0, progress=False)
     ours = torch.cat([grid.preview.flatten(1), grid.ids.flatten(1)], dim=1)  # generation order: preview first

@@ -99,12 +99,12 @@ def test_sampler_nodes_refuse_a_missing_attention_package_before_any_work(node, 
     """The nodes check the attention choice before touching a model (None here would fail later)."""
     from glm_image_nodes.core.runtime import attention as entry
     from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
-    from glm_image_nodes.nodes.sampling import decoder as decoder_node
+    from glm_image_nodes.core.runtime.handles import TokenGrid
     monkeypatch.setattr(entry, "installed", lambda backend: backend in ("auto", "sdpa"))
     optional = NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["optional"]
     assert optional["attention"][0] == ["auto", "sdpa", "sage", "flash"]
     if args is None:  # the decoder sampler checks the token grid first; give it a valid one
-        monkeypatch.setattr(decoder_node, "check_token_grid", lambda tokens: None)
-        args = dict(decoder=None, tokens=None, glyph=None, seed=0, steps=50, guidance=1.5)
+        tokens = TokenGrid(ids=torch.zeros(1, 32, 32, dtype=torch.long), height=1024, width=1024)
+        args = dict(decoder=None, tokens=tokens, glyph=None, seed=0, steps=50, guidance=1.5)
     with pytest.raises(ValueError, match="attention 'sage' needs its package.*pip install sageattention"):
         NODE_CLASS_MAPPINGS[node]().sample(**args, attention="sage")

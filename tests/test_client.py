@@ -57,13 +57,18 @@ class FakeComfy(BaseHTTPRequestHandler):
         self._reply(404, {})
 
 
-@pytest.fixture()
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeComfy)
+def _serve(handler):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture()
+def server():
+    yield from _serve(FakeComfy)
 
 
 def test_run_saves_outputs(server, tmp_path):
@@ -99,6 +104,105 @@ def test_set_input_parses_values():
         client.set_input(graph, "5.seed=seven")
 
 
+class NotComfy(BaseHTTPRequestHandler):
+    """A web server that is not ComfyUI: HTML for everything."""
+
+    def log_message(self, *args):
+        pass
+
+    def _html(self, code):
+        data = b"<html><body>It works!</body></html>"
+        self.send_response(code)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._html(200)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._html(200 if self.path == "/prompt" else 404)
+
+
+@pytest.fixture()
+def not_comfy():
+    yield from _serve(NotComfy)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _main(capsys, *argv) -> str:
+    """Run the client's command line; return its one-line error."""
+    assert client.main(list(argv)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys, not_comfy):
+    api = tmp_path / "api.json"
+    api.write_text(json.dumps({"1": {"class_type": "SaveImage", "inputs": {}}}))
+    cases = [
+        ((str(tmp_path / "missing.json"),), "workflow file " + str(tmp_path / "missing.json") + " not found."),
+        ((str(tmp_path),), "is a folder: give the workflow's .json file"),
+    ]
+    (tmp_path / "broken.json").write_text('{"1": {"class_type": ')
+    cases.append(((str(tmp_path / "broken.json"),), "is not valid JSON (Expecting value at line 1 column 22)"))
+    (tmp_path / "ui.json").write_text(json.dumps({"nodes": [], "links": [], "version": 0.4}))
+    cases.append(((str(tmp_path / "ui.json"),), "is a UI-format workflow: export it in API format (in ComfyUI: "
+                                                "Workflow > Export (API)) and pass that file."))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cases.append(((str(tmp_path / "list.json"),), "is not an API-format workflow"))
+    (tmp_path / "node.json").write_text(json.dumps({"1": {"inputs": {}}}))
+    cases.append(((str(tmp_path / "node.json"),), "node 1 is not an API-format node"))
+    cases += [
+        ((str(api), "--server", "localhost:8188"), "--server 'localhost:8188' is not an http:// address: give one such "
+                                                   "as http://127.0.0.1:8188."),
+        ((str(api), "--server", "http://127.0.0.1:99999"), "has an invalid port"),
+        ((str(api), "--server", f"http://127.0.0.1:{_free_port()}"), "(Connection refused): is ComfyUI running at "
+                                                                     "http://127.0.0.1:"),
+        ((str(api), "--server", not_comfy), f"{not_comfy}/prompt answered with something that is not JSON "
+                                            f"('<html><body>It works!</body></html>'): is {not_comfy} a ComfyUI server?"),
+        ((str(api), "--server", not_comfy + "/sub"), "/prompt answered HTTP 404 ('<html>"),
+        ((str(api), "--set", "7.seed=1"), "--set 7.seed=1: no node '7' in the workflow (ids: 1)"),
+    ]
+    for argv, message in cases:
+        assert message in _main(capsys, *argv), argv
+
+
+def test_repeated_validation_messages_become_one_line():
+    errors = {"5": {"class_type": "GLMImageARSampler", "errors": [
+        {"type": "custom_validation_failed", "message": "Custom validation failed for node",
+         "details": f"{name} - GLM-Image makes images with sides of 512..2048 px"} for name in ("prompt", "width")]
+        + [{"type": "value_not_in_list", "message": "Value not in list", "details": "dtype: 'x' not in [...]"}]}}
+    assert client.describe_node_errors(errors).splitlines() == [
+        "node 5 (GLMImageARSampler): custom_validation_failed: GLM-Image makes images with sides of 512..2048 px",
+        "node 5 (GLMImageARSampler): value_not_in_list: dtype: 'x' not in [...]"]
+
+
+def test_sockets_are_closed(server, not_comfy, tmp_path):
+    """A refused websocket upgrade (the stand-in server answers /ws with 404), a non-JSON server and a server that
+    is down leave no socket open (ResourceWarning on collection)."""
+    import gc
+    import warnings
+
+    gc.collect()  # what earlier tests left is not this test's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        client.run(server, {"1": {"class_type": "GLMImageARSampler", "inputs": {}}}, str(tmp_path), lambda e: None)
+        for url in (not_comfy, f"http://127.0.0.1:{_free_port()}"):
+            with pytest.raises(client.WorkflowError):
+                client.run(url, {"1": {"class_type": "X", "inputs": {}}}, str(tmp_path), lambda e: None)
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks
 def test_preview_frames_are_parsed_as_comfyui_sends_them(tmp_path):
     import struct
 

@@ -3,75 +3,29 @@ on a tiny random release with live previews on the websocket, the locales are se
 client with the node and the reason.
 
 Enabled by ``GLMIMAGE_COMFYUI=<ComfyUI tree>``, run with ``GLMIMAGE_COMFYUI_PYTHON`` (default ``python3``);
-skipped otherwise. One CPU server serves the whole module; the pack is loaded through a symlink in a
-``custom_nodes:`` folder of ``--extra-model-paths-config``, so nothing is copied into the ComfyUI tree.
+skipped otherwise. One CPU server serves the whole module (see comfyui_server.py).
 """
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
+from comfyui_server import AVAILABLE, PACK_FOLDER, ROOT, SKIP_REASON, comfyui
 
-COMFYUI = os.environ.get("GLMIMAGE_COMFYUI", "")
-if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
-    pytest.skip("set GLMIMAGE_COMFYUI to a ComfyUI tree (and GLMIMAGE_COMFYUI_PYTHON to its Python) to run",
-                allow_module_level=True)
-PYTHON = os.environ.get("GLMIMAGE_COMFYUI_PYTHON", "python3")
+if not AVAILABLE:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 
+import convert  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import convert  # noqa: E402
-
 pytestmark = pytest.mark.comfyui
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK_FOLDER = "glm-image-nodes"
 T2I_WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json")
 GGUF_WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_gguf_text_to_image.json")
-STARTUP_TIMEOUT_S = 120
-
-
-class Server:
-    def __init__(self, url: str, log_path: str):
-        self.url = url
-        self.log_path = log_path
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def get_json(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
-            return json.loads(resp.read())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 # A test-only node (not part of the pack) that reports ComfyUI's loaded-model accounting after an image is made.
 PROBE_PACK = '''
 import json
@@ -106,13 +60,13 @@ NODE_CLASS_MAPPINGS = {"GLMTestLoadedModels": GLMTestLoadedModels}
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfyui")
-    packs = root / "custom_nodes"
-    packs.mkdir()
-    (packs / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
-    (packs / "glm_test_probe").mkdir()
-    (packs / "glm_test_probe" / "__init__.py").write_text(PROBE_PACK)
     releases = root / "models" / "glm_image"
     write_tiny_release(str(releases / "tiny"))
+    # Listed by the loaders (it has a model_index.json) but holds no component: fails at execution time.
+    (releases / "broken").mkdir()
+    (releases / "broken" / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
+    # The tiny release in GGUF, where ComfyUI users put such files: text models in text_encoders/<name>/ with
+    # their tokenizer, the DiT in unet/ (ComfyUI lists it under diffusion_models)
     converted = root / "converted"
     assert convert.main([str(releases / "tiny"), "--format", "q4_k", "--out", str(converted)]) == 0
     text_encoders, unet = root / "models" / "text_encoders", root / "models" / "unet"
@@ -122,42 +76,11 @@ def comfy(tmp_path_factory):
         if (converted / name).exists():
             (converted / name).rename(text_encoders / "tiny" / name)
     (converted / "tiny_glm_image_dit_q4_k.gguf").rename(unet / "tiny_glm_image_dit_q4_k.gguf")
-    # Listed by the loaders (it has a model_index.json) but holds no component: fails at execution time.
-    (releases / "broken").mkdir()
-    (releases / "broken" / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
-    config = root / "extra_model_paths.yaml"
-    config.write_text(f"glm_image_nodes_test:\n    custom_nodes: {packs}\n    glm_image: {releases}\n"
-                      f"    text_encoders: {text_encoders}\n    diffusion_models: {unet}\n")
-    for name in ("frontend", "output", "input", "temp", "user"):
-        (root / name).mkdir()
-
-    port = _free_port()
-    log_path = root / "server.log"
-    command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-               "--disable-api-nodes", "--front-end-root", str(root / "frontend"),
-               "--extra-model-paths-config", str(config), "--output-directory", str(root / "output"),
-               "--input-directory", str(root / "input"), "--temp-directory", str(root / "temp"),
-               "--user-directory", str(root / "user"), "--database-url", "sqlite:///:memory:",
-               "--preview-method", "auto"]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = Server(f"http://127.0.0.1:{port}", str(log_path))
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with code {process.returncode} during startup:\n{server.log()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not answer /system_stats within {STARTUP_TIMEOUT_S} s:\n{server.log()}")
-            try:
-                server.get_json("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.25)
+    (root / "custom_nodes" / "glm_test_probe").mkdir(parents=True)
+    (root / "custom_nodes" / "glm_test_probe" / "__init__.py").write_text(PROBE_PACK)
+    folders = {"glm_image": str(releases), "text_encoders": str(text_encoders), "diffusion_models": str(unet)}
+    with comfyui(str(root), folders, extra_args=["--preview-method", "auto"]) as server:
         yield server
-    finally:
-        _stop(process)
 
 
 def _t2i_graph() -> dict:
@@ -216,31 +139,21 @@ def test_text_to_image_runs_with_websocket_progress_and_previews(comfy, tmp_path
     assert by_node == {_node_id(graph, "GLMImageDecoderSampler"): 2, _node_id(graph, "GLMImageARSampler"): 32}, by_node
 
 
-def test_locales_are_served(comfy):
-    translations = comfy.get_json("/i18n")
-    for lang in ("en", "zh"):
-        assert set(NODE_CLASS_MAPPINGS) <= set(translations[lang]["nodeDefs"]), lang
-        assert "GLM-Image" in translations[lang]["nodeCategories"], lang
-    assert translations["zh"]["nodeDefs"]["GLMImageDecoderSampler"]["display_name"] != \
-        translations["en"]["nodeDefs"]["GLMImageDecoderSampler"]["display_name"]
-
-
-def _loaded_models(comfy, graph: dict, tmp_path, seed: int) -> list[dict]:
+def _loaded_models(comfy, graph: dict, seed: int) -> list[dict]:
     """Run ``graph`` with the decoder seed set and the probe after the image; ComfyUI's loaded models then."""
     graph = json.loads(json.dumps(graph))
     graph[_node_id(graph, "GLMImageDecoderSampler")]["inputs"]["seed"] = seed
-    decode = _node_id(graph, "GLMImageVAEDecode")
-    graph["probe"] = {"class_type": "GLMTestLoadedModels", "inputs": {"images": [decode, 0]}}
+    graph["probe"] = {"class_type": "GLMTestLoadedModels", "inputs": {"images": [_node_id(graph, "GLMImageVAEDecode"), 0]}}
     client_id = uuid.uuid4().hex
     history = client.follow(comfy.url, client.submit(comfy.url, graph, client_id), client_id, lambda event: None)
     return json.loads(history["outputs"]["probe"]["text"][0])
 
 
-def test_models_stay_in_comfyui_accounting_and_are_not_reloaded(comfy, tmp_path):
+def test_models_stay_in_comfyui_accounting_and_are_not_reloaded(comfy):
     graph = _t2i_graph()
-    first = _loaded_models(comfy, graph, tmp_path, seed=1)
+    first = _loaded_models(comfy, graph, seed=1)
     requested = comfy.log().count("Requested to load")
-    second = _loaded_models(comfy, graph, tmp_path, seed=2)  # the samplers run again, the loaders are cached
+    second = _loaded_models(comfy, graph, seed=2)  # the samplers run again, the loaders are cached
     pack = {m["name"]: m for m in first if m["pack"]}
     assert {"GlmImageAR", "T5Encoder", "GlmImageDiT", "AutoencoderKL"} <= set(pack), first
     for model in pack.values():
@@ -273,6 +186,15 @@ def test_gguf_workflow_finds_its_files_and_runs(comfy, tmp_path):
     saved = client.run(comfy.url, graph, str(tmp_path), lambda event: None)
     with Image.open(saved[0]) as image:
         assert image.size == (512, 512)
+
+
+def test_locales_are_served(comfy):
+    translations = comfy.get_json("/i18n")
+    for lang in ("en", "zh"):
+        assert set(NODE_CLASS_MAPPINGS) <= set(translations[lang]["nodeDefs"]), lang
+        assert "GLM-Image" in translations[lang]["nodeCategories"], lang
+    assert translations["zh"]["nodeDefs"]["GLMImageDecoderSampler"]["display_name"] != \
+        translations["en"]["nodeDefs"]["GLMImageDecoderSampler"]["display_name"]
 
 
 def test_missing_component_surfaces_as_execution_error(comfy, tmp_path):
@@ -312,3 +234,23 @@ def test_invalid_combo_value_is_rejected_by_validation(comfy, tmp_path):
     assert message.startswith("the server rejected the workflow: "), message  # the 400 path
     assert f"node {_node_id(graph, 'GLMImageARLoader')} (GLMImageARLoader): value_not_in_list" in message, message
     assert "no-such-release" in message, message
+
+
+@pytest.mark.parametrize("node, change, message", [
+    ("GLMImageARSampler", dict(width=1000), "GLM-Image makes images with sides of 512..2048 px in multiples of 32; "
+                                            "1000x512 (WxH) is not one. The nearest valid size is 992x512."),
+    ("GLMImageARSampler", dict(seed=-1), "seed = -1 is out of range: it must be 0..18446744073709551615. Use a seed"),
+    ("GLMImageDecoderSampler", dict(guidance=float("nan")), "guidance must be a finite number, got nan."),
+    ("GLMImageGlyphConditioning", dict(prompt="a sign that says \ud83d"), "prompt holds invalid Unicode"),
+])
+def test_validate_inputs_refuses_before_anything_loads(comfy, tmp_path, node, change, message):
+    """ComfyUI calls the nodes' VALIDATE_INPUTS before running anything: a 400 with the core's message, which the
+    client prints once per node (ComfyUI repeats it for every input the check takes)."""
+    graph = _t2i_graph()
+    graph[_node_id(graph, node)]["inputs"].update(change)
+    with pytest.raises(client.WorkflowError) as error:
+        client.run(comfy.url, graph, str(tmp_path), lambda event: None)
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("the server rejected the workflow: "), lines
+    assert len(lines) == 2 and lines[1].startswith(f"node {_node_id(graph, node)} ({node}): custom_validation_failed: "), lines
+    assert message in lines[1], lines

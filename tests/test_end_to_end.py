@@ -205,14 +205,13 @@ def test_vae_round_trip_and_token_grid_checks(nodes):
 
 
 def test_demo_writes_a_png(tmp_path, monkeypatch, capsys):
-    import tempfile
-
     import demo
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the demo writes its tiny release in gettempdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the demo's per-user cache folder
     out = tmp_path / "out"
     assert demo.main(["--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert (tmp_path / "cache" / "glm_image_nodes" / "tiny_release" / "model_index.json").is_file()
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 1
     with Image.open(pngs[0]) as png:

@@ -14,8 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from glm_image_nodes.headless.executor import Executor  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES  # noqa: E402
 from glm_image_nodes.testing.tiny_cogview_vqvae import write_random_cogview_vqvae  # noqa: E402
-from glm_image_nodes.testing.tiny_glm4_tokenizer import write_tiny_glm4_tokenizer  # noqa: E402
-from tiny_dit import tiny_cogview4_dit, write_release  # noqa: E402
+from tiny_dit import write_tiny_cogview4_release  # noqa: E402
 from tiny_glmv import IMAGE_SIZE, write_tiny_glmv  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,20 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def cogview4_release(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("cogview4"))
-    write_release(root, tiny_cogview4_dit(), "CogView4Pipeline")
-    write_tiny_glm4_tokenizer(os.path.join(root, "tokenizer"))
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(os.path.join(root, "tokenizer"))
-    encoder = transformers.GlmModel(transformers.GlmConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=12, partial_rotary_factor=0.5, attention_bias=True)).eval()
-    encoder.save_pretrained(os.path.join(root, "text_encoder"))
-    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False,
-                            use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0,
-                            shift_factor=0.0).save_pretrained(os.path.join(root, "vae"))
-    return root
+    return write_tiny_cogview4_release(str(tmp_path_factory.mktemp("cogview4")))
 
 
 def test_cogview4_workflow_runs_in_process(cogview4_release, tmp_path):

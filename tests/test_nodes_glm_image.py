@@ -36,8 +36,8 @@ def test_ar_sampler_asks_for_a_valid_size_before_running(width, height, nearest)
 
 
 def test_decoder_sampler_checks_steps_and_guidance():
-    from glm_image_nodes.core.stages.decoder_sampling import check_steps_and_guidance
-    with pytest.raises(ValueError, match="steps must be at least 1"):
-        check_steps_and_guidance(0, 1.5)
-    with pytest.raises(ValueError, match="guidance must be >= 0"):
-        check_steps_and_guidance(50, -1.0)
+    from glm_image_nodes.core.stages.decoder_sampling import check_sampler_settings
+    with pytest.raises(ValueError, match=r"steps = 0 is out of range: it must be 1\.\.200\. Use 1\.\.200 steps"):
+        check_sampler_settings(0, 1.5, 0)
+    with pytest.raises(ValueError, match="guidance = -1 is out of range: it must be at least 0"):
+        check_sampler_settings(50, -1.0, 0)

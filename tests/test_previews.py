@@ -10,7 +10,7 @@ from glm_image_nodes.core.models.glm_image_dit import load_decoder
 from glm_image_nodes.core.models.vae import load_vae
 from glm_image_nodes.core.runtime import comfy_compat
 from glm_image_nodes.core.runtime.geometry import target_grid
-from glm_image_nodes.core.runtime.handles import GlyphConditioning, TokenGrid
+from glm_image_nodes.core.runtime.handles import ARModel, GlyphConditioning, TokenGrid
 from glm_image_nodes.core.stages import latent_preview, token_preview
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
@@ -189,7 +189,7 @@ def test_token_grid_preview_node(release):
     assert torch.equal(image[1, 32:64, 64:96], image[1, 32:33, 64:65].expand(32, 32, 3))
     (small,) = node.draw(tokens, "preview")
     assert small.shape == (2, 128, 192, 3)
-    ar = types.SimpleNamespace(model=load_ar_model(release, dtype="fp32", device="cpu"))
+    ar = ARModel(model=load_ar_model(release, dtype="fp32", device="cpu"), tokenizer=load_text_tokenizer(release))
     (coloured,) = node.draw(tokens, "tokens", ar_model=ar)
     palette = token_preview.palette(ar_model=ar.model)
     assert torch.equal((coloured[0, ::32, ::32] * 255).round().to(torch.uint8), palette[ids[0]])
@@ -198,11 +198,9 @@ def test_token_grid_preview_node(release):
 
 
 def test_demo_writes_the_previews(tmp_path, monkeypatch):
-    import tempfile
-
     import demo
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the demo's per-user cache folder
     folder = tmp_path / "previews"
     assert demo.main(["--out", str(tmp_path / "out"), "--previews", str(folder), "--steps", "2"]) == 0
     ar = sorted(folder.glob("glm_image_ar_tokens_*.png"))

@@ -4,7 +4,8 @@ import json
 import os
 
 import pytest
-from glm_image_nodes.headless.workflow_format import all_inputs, input_types, is_widget, output_types, ui_to_api
+from glm_image_nodes.headless.workflow_format import (TITLE_HEIGHT, all_inputs, api_to_ui, has_control_widget,
+                                                     input_types, is_widget, output_types, ui_to_api)
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +81,13 @@ def test_ui_workflow_is_the_api_twin(path):
     api = load(os.path.join(os.path.dirname(path), "api", os.path.basename(path)))
     converted = ui_to_api(ui, NODE_CLASS_MAPPINGS)
     assert strip_meta(converted) == strip_meta(api)
+    # regenerated through the converter (python headless/workflow_format.py)
+    assert ui == api_to_ui(api, NODE_CLASS_MAPPINGS, name=os.path.basename(path)[:-5].replace("_", " "))
+    # no two nodes overlap (title bar included; the sizes are the frontend's, see test_frontend_workflows.py)
+    boxes = [(n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0], n["size"][1] + TITLE_HEIGHT) for n in ui["nodes"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]), (a, b)
     for link in ui["links"]:
         link_id, src, src_slot, dst, dst_slot, kind = link
         source = next(n for n in ui["nodes"] if n["id"] == src)
@@ -101,6 +109,26 @@ def test_validation_catches_broken_workflows(mutate, message):
     mutate(graph)
     with pytest.raises(AssertionError, match=message):
         check_graph("broken", graph)
+
+
+def test_control_widgets_follow_the_frontend_rule():
+    """The frontend adds a control widget after an INT whose control_after_generate is true, or, when the option
+    is absent, that is named seed or noise_seed; an explicit false turns it off. Widgets of other types never."""
+    assert has_control_widget("seed", ("INT", {"min": 0}))
+    assert has_control_widget("noise_seed", ("INT", {}))
+    assert has_control_widget("variation", ("INT", {"control_after_generate": True}))
+    assert not has_control_widget("seed", ("INT", {"control_after_generate": False}))
+    assert not has_control_widget("steps", ("INT", {"min": 1}))
+    assert not has_control_widget("seed", ("STRING", {}))
+    # GLMImageCaption's seed has no flag: its control value sits between seed and custom_instruction
+    api = load(os.path.join(ROOT, "example_workflows", "api", "glm_image_caption_then_edit.json"))
+    ui = api_to_ui(api, NODE_CLASS_MAPPINGS)
+    (caption,) = [n for n in ui["nodes"] if n["type"] == "GLMImageCaption"]
+    assert caption["widgets_values"] == ["GLM-Image prompt", 1024, 0.0, 0, "fixed", "", "Make it a snowy winter evening."]
+    assert strip_meta(ui_to_api(ui, NODE_CLASS_MAPPINGS)) == strip_meta(api)
+    caption["widgets_values"].remove("fixed")  # what the old converter wrote: one value short
+    with pytest.raises(ValueError, match=r"node 21 \(GLMImageCaption\): no widget value for 'append'"):
+        ui_to_api(ui, NODE_CLASS_MAPPINGS)
 
 
 def test_readme_lists_every_node_with_its_inputs():

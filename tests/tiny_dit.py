@@ -48,6 +48,29 @@ def tiny_cogview4_dit(seed: int = 0, **overrides):
     return randomize(CogView4Transformer2DModel(**{**COGVIEW4_TINY, **overrides}), seed)
 
 
+def write_tiny_cogview4_release(root: str) -> str:
+    """A tiny random CogView4-6B release: the DiT, GLM-4 text encoder (with a tiny GLM-4 tokenizer) and VAE saved
+    by the reference classes in the official layout; returns root."""
+    import transformers
+    from diffusers import AutoencoderKL
+    from glm_image_nodes.testing.tiny_glm4_tokenizer import write_tiny_glm4_tokenizer
+
+    write_release(root, tiny_cogview4_dit(), "CogView4Pipeline")
+    write_tiny_glm4_tokenizer(os.path.join(root, "tokenizer"))
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(os.path.join(root, "tokenizer"))
+    encoder = transformers.GlmModel(transformers.GlmConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=48, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12, partial_rotary_factor=0.5,
+        attention_bias=True)).eval()
+    encoder.save_pretrained(os.path.join(root, "text_encoder"))
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False, use_quant_conv=False,
+                  use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0).save_pretrained(
+        os.path.join(root, "vae"))
+    return root
+
+
 def single_thread():
     """Tiny matmuls run ~50x faster on one thread than on two contended ones (the CI box has 2 busy cores)."""
     threads = torch.get_num_threads()

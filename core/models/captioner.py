@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..runtime import checks
 from ..runtime.comfy_compat import Progress, get_device
 from ..runtime.loading import CheckpointError, read_config, resolve_dtype, safetensors_files
 
@@ -186,6 +187,22 @@ class _ProgressCriterion:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def check_caption_settings(max_new_tokens: int, temperature: float, seed: int) -> None:
+    """The captioner's settings (the caption node's VALIDATE_INPUTS calls this too)."""
+    checks.check_int(max_new_tokens, "max_new_tokens", 1, checks.MAX_NEW_TOKENS,
+                     fix="Thinking models reason first: 1024 or more suits them.")
+    checks.check_float(temperature, "temperature", 0.0, fix="Use 0 for greedy captions or a temperature above 0.")
+    checks.check_seed(seed)
+
+
+def check_rerank_prompt(prompt: str) -> str:
+    checks.check_text(prompt, "prompt")
+    if not prompt.strip():
+        raise ValueError("prompt is empty: reranking scores how likely the prompt is given each image; give the "
+                         "prompt the candidates were made from.")
+    return prompt
+
+
 def chat_text_inputs(captioner: Captioner, messages: list[dict]) -> dict[str, torch.Tensor]:
     """Model inputs for a text-only chat (``messages`` of role/content strings) with the assistant's turn
     opened, as ``Glm4vProcessor.apply_chat_template`` builds them. Thinking is switched off where the template
@@ -203,8 +220,7 @@ def generate_reply_ids(captioner: Captioner, inputs: dict[str, torch.Tensor], ma
                        temperature: float = 0.0, seed: int = 0, desc: str = "GLM-V") -> torch.Tensor:
     """The new token ids ``[n]`` of the model's reply to ``inputs``. ``temperature`` 0 decodes greedily
     (deterministic); above 0 it samples with ``seed``. Reports progress per token (and honours interrupts)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 decodes greedily), got {temperature}.")
+    check_caption_settings(max_new_tokens, temperature, seed)
     transformers = _require_transformers()
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
@@ -230,6 +246,9 @@ def caption_image(captioner: Captioner, image: torch.Tensor, preset: str = "deta
     ``temperature`` 0 decodes greedily (deterministic); above 0 it samples with ``seed``."""
     if preset not in PRESETS:
         raise ValueError(f"unknown caption preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    check_caption_settings(max_new_tokens, temperature, seed)  # before the image is prepared
+    if custom_instruction is not None:
+        checks.check_text(custom_instruction, "custom_instruction")
     instruction = custom_instruction.strip() if custom_instruction and custom_instruction.strip() else PRESETS[preset]
     inputs = chat_inputs(captioner, image, instruction)
     return decode_reply(captioner, generate_reply_ids(captioner, inputs, max_new_tokens, temperature, seed, "caption"))
@@ -252,9 +271,8 @@ def _caption_score(captioner: Captioner, image: torch.Tensor, prompt_ids: list[i
 def caption_scores(captioner: Captioner, images: torch.Tensor, prompt: str) -> torch.Tensor:
     """CapS of each image [B, H, W, 3] for ``prompt``: the mean per-token log-probability, higher is better.
     Each image is scored in its own forward pass, so scores do not depend on the batch."""
+    check_rerank_prompt(prompt)
     prompt_ids = captioner.tokenizer(prompt.strip(), add_special_tokens=False)["input_ids"]
-    if not prompt_ids:
-        raise ValueError("caption score needs a non-empty prompt.")
     if images.ndim == 3:
         images = images[None]
     with Progress(images.shape[0], desc="caption score") as progress:

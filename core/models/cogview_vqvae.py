@@ -17,6 +17,8 @@ from torch import nn
 
 from ..formats.checkpoint import Checkpoint
 from ..runtime import components
+from ..runtime.checks import check_finite_output
+from ..runtime.geometry import check_multiple_of
 from ..runtime.loading import CheckpointError
 from ..runtime.residency import placed_device
 
@@ -93,10 +95,7 @@ class CogViewVQVAE(nn.Module):
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise ValueError(f"CogView VQ-VAE encode expects images [B, H, W, 3]; got shape {tuple(images.shape)}.")
         _, h, w, _ = images.shape
-        if h % 8 or w % 8:
-            raise ValueError(f"CogView VQ-VAE encode needs height and width that are multiples of 8; got {w}x{h} "
-                             f"(WxH). Crop or resize to {w // 8 * 8}x{h // 8 * 8} or {-(-w // 8) * 8}x{-(-h // 8) * 8} "
-                             f"(the release was trained at 256x256).")
+        check_multiple_of(h, w, self.downscale, "CogView VQ-VAE encode", " (the release was trained at 256x256)")
         x = images[..., :3].to(device=self.device, dtype=torch.float32)
         x = (x - x.new_tensor(MEAN)) / x.new_tensor(STD)
         return self.enc_b(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -117,7 +116,7 @@ class CogViewVQVAE(nn.Module):
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.n_embed):
             raise ValueError(f"CogView VQ-VAE ids must be in 0..{self.n_embed - 1}; got {ids.min()}..{ids.max()}.")
         q = self.quantize_t.lookup(ids.to(device=self.device, dtype=torch.long)).permute(0, 3, 1, 2)
-        x = self.dec(q).permute(0, 2, 3, 1)
+        x = check_finite_output(self.dec(q).permute(0, 2, 3, 1), "CogView VQ-VAE decode", torch.float32)
         return (x * x.new_tensor(STD) + x.new_tensor(MEAN)).clamp(0, 1).cpu()
 
 

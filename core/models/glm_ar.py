@@ -148,6 +148,17 @@ class GlmImageAR(nn.Module):
     def new_cache(self, batch: int, max_len: int, attention_mask: torch.Tensor | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device, attention_mask)
 
+    def generation_bytes(self, batch: int, prompt_len: int, cache_len: int, padded: bool) -> int:
+        """Memory a generation allocates beside the weights: the KV cache of ``cache_len`` slots, the
+        prefill's peak activations (hidden states, q/k/v, the fused MLP) and, for a left-padded batch, its
+        boolean attention mask."""
+        c = self.config
+        size = self.dtype.itemsize
+        cache = 2 * c.num_layers * batch * c.num_kv_heads * cache_len * c.head_dim * size
+        per_token = 4 * c.hidden_size + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 3 * c.intermediate_size
+        mask = batch * prompt_len * prompt_len if padded else 0
+        return cache + batch * prompt_len * per_token * size + mask
+
     def _mask(self, cache: KVCache, start: int | torch.Tensor, n: int) -> torch.Tensor | None:
         if isinstance(start, int):
             if start == 0 and not cache.padded:

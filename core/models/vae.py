@@ -16,7 +16,9 @@ from torch import nn
 
 from ..runtime import components, loading
 from ..runtime.attention import attention
+from ..runtime.checks import check_finite_output
 from ..runtime.comfy_compat import Progress, log
+from ..runtime.geometry import check_multiple_of
 from ..runtime.loading import CheckpointError
 from ..runtime.residency import placed_device
 
@@ -323,17 +325,13 @@ class GlmVAE:
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise ValueError(f"VAE encode expects images [B, H, W, 3]; got shape {tuple(images.shape)}.")
         _, h, w, _ = images.shape
-        f = self.downscale
-        if h % f or w % f:
-            raise ValueError(
-                f"VAE encode needs height and width that are multiples of {f}; got {w}x{h} (WxH). "
-                f"Crop or resize to {w // f * f}x{h // f * f} or {-(-w // f) * f}x{-(-h // f) * f}.")
+        check_multiple_of(h, w, self.downscale, "VAE encode")
         device, dtype = self.device, self.dtype
         out = []
         for image in images[..., :3]:
             x = image.permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=dtype) * 2 - 1
             out.append(self.normalize(self.model.encode_mode(x)))
-        return torch.cat(out)
+        return check_finite_output(torch.cat(out), "VAE encode", dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, tiled: bool | None = None, tile_size: int = 128,
@@ -356,6 +354,7 @@ class GlmVAE:
         for z in latents:
             z = self.denormalize(z.unsqueeze(0).to(device=self.device, dtype=self.dtype))
             x = self._decode_tiled(z, tile_size, overlap) if tiled else self.model.decode(z).float()
+            check_finite_output(x, "VAE decode", self.dtype)  # before the clamp would turn inf into 0 or 1
             images.append((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
         return torch.cat(images)
 

@@ -42,6 +42,12 @@ def request_interrupt() -> None:
     _interrupt_requested = True
 
 
+def clear_interrupt() -> None:
+    """Forget an interrupt requested while nothing ran, so it cannot abort the next run."""
+    global _interrupt_requested
+    _interrupt_requested = False
+
+
 def check_interrupt() -> None:
     global _interrupt_requested
     if _mm is not None:
@@ -72,6 +78,28 @@ def soft_empty_cache() -> None:
         _mm.soft_empty_cache()
     elif torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def available_memory(device: torch.device, need: int = 0) -> int | None:
+    """Bytes free for new tensors on ``device`` (None when unknown). Inside ComfyUI its memory manager first
+    unloads other models to make room for ``need`` bytes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _mm is not None and need:
+            _mm.free_memory(need, device)
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                info = dict(line.split(":", 1) for line in f)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            try:
+                return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                return None
+    return None
 
 
 class OutOfMemory(torch.OutOfMemoryError):

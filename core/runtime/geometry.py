@@ -166,10 +166,38 @@ def check_token_grid_size(height: int, width: int, max_pixels: int = MAX_PIXELS)
                          f"Choose a size such as 1024x1024, 1152x896 or 2048x1024.")
 
 
+def check_token_grid_shape(shape: tuple[int, ...], height: int, width: int) -> None:
+    """Token ids of an output of ``height`` x ``width`` must be ``[B, H/32, W/32]``: a grid of the right count
+    but another shape would be upsampled row-major into the wrong places without any error downstream."""
+    want = (height // TOKEN_PIXELS, width // TOKEN_PIXELS)
+    if len(shape) == 3 and shape[0] == 0:
+        raise ValueError(f"The token grid holds no images (ids of shape {tuple(shape)}): the node that made it "
+                         f"got an empty batch; give it at least one image.")
+    if len(shape) != 3 or tuple(shape[1:]) != want:
+        raise ValueError(f"The token grid has ids of shape {tuple(shape)} but its size {height}x{width} (HxW) needs "
+                         f"[B, {want[0]}, {want[1]}] (H/32, W/32). Feed the tokens of an AR sampler or Image to "
+                         f"Tokens node made for this size.")
+
+
 def check_latent_size(height: int, width: int, multiple: int = LATENT_MULTIPLE) -> None:
     """The decoders' pixel sizes: positive multiples of 16 (8x VAE, then 2x2 patches)."""
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}.")
+
+
+def patch_count(height: int, width: int) -> int:
+    """DiT patches (and 2x-upsampled prior ids) of an image: (H/16) * (W/16)."""
+    return (height // LATENT_MULTIPLE) * (width // LATENT_MULTIPLE)
+
+
+def check_multiple_of(height: int, width: int, multiple: int, what: str, note: str = "") -> None:
+    """Image sides a ``multiple``-times downsampling network (a VAE, a VQ-VAE) can encode, with the crop or
+    resize that fixes them."""
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        f = multiple
+        raise ValueError(f"{what} needs height and width that are multiples of {f}; got {width}x{height} (WxH). "
+                         f"Crop or resize to {max(f, width // f * f)}x{max(f, height // f * f)} or "
+                         f"{-(-width // f) * f}x{-(-height // f) * f}{note}.")
 
 
 # ---- CogView4 ----------------------------------------------------------------------------------------------------

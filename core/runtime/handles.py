@@ -100,6 +100,11 @@ class ARModel(ModelHandle):
     """The GLM AR model with its text tokenizer (socket ``GLMIMAGE_AR``)."""
     tokenizer: object = None
 
+    @property
+    def vocabulary(self):
+        """The release's special-token ids and codebook size (``ar_prompt.ARVocabulary``, read from its config)."""
+        return self.tokenizer.vocabulary
+
 
 @dataclass(eq=False)
 class Decoder(ModelHandle):

@@ -27,6 +27,8 @@ def to_rgb01(image) -> torch.Tensor:
         image = image[..., None]
     if image.ndim != 3 or not 1 <= image.shape[-1] <= 4:
         raise ValueError(f"Expected one channels-last image [H, W, C] with 1 to 4 channels, got shape {tuple(image.shape)}.")
+    if image.numel() == 0:
+        raise ValueError(f"The image is empty (shape {tuple(image.shape)}): give an image with pixels.")
     if image.dtype == torch.uint8:
         image = image.float() / 255
     elif image.dtype == torch.uint16:
@@ -39,6 +41,9 @@ def to_rgb01(image) -> torch.Tensor:
             raise ValueError(f"Integer image with values in {int(image.min())}..{top}: expected 0..255 or 0..65535.")
         image = image.float() / (255 if top <= 255 else 65535)
     else:
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError("The image holds NaN or inf pixels: the node that made it failed numerically (often a "
+                             "model run in fp16). Fix that node first.")
         top = float(image.max())
         if top > 2:
             raise ValueError(f"Float image with values up to {top:g}: expected 0..1 (divide 8-bit values by 255).")

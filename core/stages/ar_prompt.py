@@ -8,10 +8,14 @@ Image-to-image: ``<|dit_token_16384|>{source ids}<|dit_token_16385|>`` per sourc
 Positions (M-RoPE, [t, h, w]): text tokens share one running counter; a source grid at counter p gets
 (p, p + row, p + col) and advances the counter by max(h, w). Generated grids are walked from the last grid
 of the processor's list to the first (preview before the large grid in text-to-image) with the same rule.
+
+The markers and the codebook size are the release's (``ARVocabulary``, read from the AR config.json): the
+start and end markers are the tokens at ``image_start_token_id`` and ``image_end_token_id`` (16384 and 16385
+in zai-org/GLM-Image), the codebook ``vq_config.num_embeddings``.
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -19,35 +23,119 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from ..runtime.geometry import TargetGrid, target_grid
-from ..runtime.loading import CheckpointError
+from ..runtime.loading import CheckpointError, read_json
 
-IMAGE_START = "<|dit_token_16384|>"   # the processor's bos_token
-IMAGE_END = "<|dit_token_16385|>"
-IMAGE_TOKEN = "<|image|>"
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<|image|>"            # defaults of the processor's tokenizer_config.json special tokens
 GRID_BOS, GRID_EOS = "<sop>", "<eop>"
 PAD = "<|endoftext|>"
-CODEBOOK_SIZE = 16384
+AR_COMPONENT = "vision_language_encoder"
+
+
+@dataclass(frozen=True)
+class ARVocabulary:
+    """The ids the AR prompt and sampler use, from the release's ``vision_language_encoder/config.json``
+    (defaults: zai-org/GLM-Image's). Codebook ids are ``0..codebook_size-1``; the lm_head scores
+    ``vision_vocab_size`` ids, the rest of which (image start/end and reserved ids) are never sampled."""
+    image_start_id: int = 16384
+    image_end_id: int = 16385
+    image_token_id: int = 167855
+    codebook_size: int = 16384
+    vision_vocab_size: int = 16512
+    source: str = "the GLM-Image release defaults"
+
+    def check(self) -> "ARVocabulary":
+        if not 0 < self.codebook_size <= self.vision_vocab_size:
+            raise CheckpointError(f"{self.source}: vq_config.num_embeddings {self.codebook_size} must be at most "
+                                  f"text_config.vision_vocab_size {self.vision_vocab_size}. Use the release's own "
+                                  f"config.json.")
+        for key, value in (("image_start_token_id", self.image_start_id), ("image_end_token_id", self.image_end_id)):
+            if value < self.codebook_size:
+                raise CheckpointError(f"{self.source}: {key} {value} lies inside the codebook "
+                                      f"(vq_config.num_embeddings {self.codebook_size}); the config is not a "
+                                      f"GLM-Image one. Use the release's own config.json.")
+        return self
+
+
+def _ar_config_file(path: str) -> str | None:
+    """The AR config.json for a release root, its AR or processor folder, or a file beside one."""
+    path = os.path.abspath(os.path.expanduser(path))
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    for candidate in (os.path.join(folder, AR_COMPONENT, "config.json"), os.path.join(folder, "config.json"),
+                      os.path.join(os.path.dirname(folder), AR_COMPONENT, "config.json")):
+        if os.path.isfile(candidate) and "text_config" in read_json(candidate):
+            return candidate
+    return None
+
+
+def read_ar_vocabulary(path: str) -> ARVocabulary:
+    """Special-token ids, codebook size and vision vocabulary of the release at ``path`` (see ``_ar_config_file``);
+    the release defaults when there is no AR config (a single file without its config.json)."""
+    file = _ar_config_file(path)
+    if file is None:
+        log.info("No GLM-Image AR config.json found for %s; using the release's special-token ids.", path)
+        return ARVocabulary()
+    config = read_json(file)
+    default = ARVocabulary()
+    keys = {"image_start_id": ("image_start_token_id",), "image_end_id": ("image_end_token_id",),
+            "image_token_id": ("image_token_id",), "codebook_size": ("vq_config", "num_embeddings"),
+            "vision_vocab_size": ("text_config", "vision_vocab_size")}
+    values = {}
+    for field, key in keys.items():
+        section = config.get(key[0], {}) if len(key) == 2 else config
+        value = section.get(key[-1], getattr(default, field)) if isinstance(section, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{file}: {'.'.join(key)} must be a non-negative integer, got {value!r}. Use the "
+                                  f"release's own config.json.")
+        values[field] = value
+    return ARVocabulary(**values, source=file).check()
 
 
 class TextTokenizer:
-    """The GLM-Image text tokenizer (``processor/tokenizer.json``) with the ids the AR prompt needs."""
+    """The GLM-Image text tokenizer (``processor/tokenizer.json``) with the tokens the AR prompt needs: the image
+    start/end markers are the tokens at the config's ids, the image and grid tokens those the processor's
+    ``tokenizer_config.json`` names."""
 
-    def __init__(self, backend: Tokenizer, source: str):
+    def __init__(self, backend: Tokenizer, source: str, vocabulary: ARVocabulary | None = None,
+                 names: dict | None = None):
         self.backend = backend
         self.source = source
+        self.vocabulary = vocabulary = vocabulary or ARVocabulary()
+        names = names or {}
+        self.image_start = backend.id_to_token(vocabulary.image_start_id)
+        self.image_end = backend.id_to_token(vocabulary.image_end_id)
+        for name, token, key in (("image start", self.image_start, "image_start_token_id"),
+                                 ("image end", self.image_end, "image_end_token_id")):
+            if token is None:
+                raise CheckpointError(f"{source}: the tokenizer has no token with the {name} id "
+                                      f"{getattr(vocabulary, key.replace('_token_id', '_id'))} ({key} of "
+                                      f"{vocabulary.source}); the tokenizer and the AR config are from different "
+                                      f"releases.")
+        self.image_token = names.get("image_token") or IMAGE_TOKEN
+        self.grid_bos = names.get("grid_bos_token") or GRID_BOS
+        self.grid_eos = names.get("grid_eos_token") or GRID_EOS
         ids = {}
-        for token in (IMAGE_START, IMAGE_END, IMAGE_TOKEN, GRID_BOS, GRID_EOS, PAD):
+        for token in (self.image_token, self.grid_bos, self.grid_eos, names.get("pad_token") or PAD):
             ids[token] = backend.token_to_id(token)
             if ids[token] is None:
                 raise CheckpointError(f"{source}: the tokenizer has no token {token}; it is not the GLM-Image "
                                       f"processor tokenizer.")
-        self.image_start_id, self.image_end_id = ids[IMAGE_START], ids[IMAGE_END]
-        self.image_token_id, self.pad_id = ids[IMAGE_TOKEN], ids[PAD]
+        self.image_start_id, self.image_end_id = vocabulary.image_start_id, vocabulary.image_end_id
+        self.image_token_id, self.pad_id = ids[self.image_token], ids[names.get("pad_token") or PAD]
+        if self.image_token_id != vocabulary.image_token_id:
+            raise CheckpointError(f"{source}: the image token {self.image_token} has id {self.image_token_id} but "
+                                  f"{vocabulary.source} says image_token_id {vocabulary.image_token_id}; the "
+                                  f"processor and the AR model are from different releases.")
+
+    @property
+    def codebook_size(self) -> int:
+        return self.vocabulary.codebook_size
 
     def encode(self, text: str) -> list[int]:
         # The processor's apply_chat_template adds the tokenizer's special tokens unless the text already
         # starts with its bos token (image-to-image prompts do).
-        return self.backend.encode(text, add_special_tokens=not text.startswith(IMAGE_START)).ids
+        return self.backend.encode(text, add_special_tokens=not text.startswith(self.image_start)).ids
 
 
 def _tokenizer_file(path: str) -> str:
@@ -65,23 +153,29 @@ def _tokenizer_file(path: str) -> str:
                           f"release folder, or a tokenizer.json beside the weights.")
 
 
-def _apply_tokenizer_config(backend: Tokenizer, folder: str) -> None:
+def _read_tokenizer_config(folder: str) -> dict:
+    path = os.path.join(folder, "tokenizer_config.json")
+    return read_json(path) if os.path.isfile(path) else {}
+
+
+def _token_content(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _special_names(cfg: dict) -> dict:
+    """The processor's special-token attributes (``extra_special_tokens``) and the pad token."""
+    extra = cfg.get("extra_special_tokens") or {}
+    names = {k: _token_content(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
+    return {**names, "pad_token": _token_content(cfg.get("pad_token"))}
+
+
+def _apply_tokenizer_config(backend: Tokenizer, cfg: dict) -> None:
     """Mirror transformers: an explicit add_bos_token/add_eos_token in tokenizer_config.json (or a missing
     post-processor) replaces the tokenizer.json post-processor with bos/eos templating."""
-    cfg_path = os.path.join(folder, "tokenizer_config.json")
-    cfg = {}
-    if os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
     if backend.post_processor is not None and "add_bos_token" not in cfg and "add_eos_token" not in cfg:
         return
-
-    def token(name):
-        value = cfg.get(name)
-        return value.get("content") if isinstance(value, dict) else value
-
     specials, single = [], "$A:0"
-    bos, eos = token("bos_token"), token("eos_token")
+    bos, eos = _token_content(cfg.get("bos_token")), _token_content(cfg.get("eos_token"))
     if cfg.get("add_bos_token") and bos:
         single, specials = f"{bos}:0 {single}", specials + [(bos, backend.token_to_id(bos))]
     if cfg.get("add_eos_token") and eos:
@@ -89,15 +183,17 @@ def _apply_tokenizer_config(backend: Tokenizer, folder: str) -> None:
     backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
 
 
-def load_text_tokenizer(path: str) -> TextTokenizer:
-    """Load from a release root, its ``processor/`` folder, a ``tokenizer.json`` or a file beside one."""
+def load_text_tokenizer(path: str, vocabulary: ARVocabulary | None = None) -> TextTokenizer:
+    """Load from a release root, its ``processor/`` folder, a ``tokenizer.json`` or a file beside one.
+    ``vocabulary``: the AR config's ids; read from the release at ``path`` when not given."""
     file = _tokenizer_file(path)
     try:
         backend = Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a plain Exception on bad JSON
         raise CheckpointError(f"{file} is not a valid tokenizers file ({e}); re-download it.") from e
-    _apply_tokenizer_config(backend, os.path.dirname(file))
-    return TextTokenizer(backend, file)
+    cfg = _read_tokenizer_config(os.path.dirname(file))
+    _apply_tokenizer_config(backend, cfg)
+    return TextTokenizer(backend, file, vocabulary or read_ar_vocabulary(path), _special_names(cfg))
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------
@@ -167,24 +263,26 @@ def build_ar_inputs(tokenizer: TextTokenizer, prompts: list[str], height: int, w
                     source_grids: list[torch.Tensor] | None = None) -> ARInputs:
     """Token ids, mask and M-RoPE positions for a batch of prompts (each with the same ``source_grids``)."""
     target = target_grid(height, width)
+    codebook = tokenizer.codebook_size
     sources = [torch.as_tensor(g, dtype=torch.long) for g in (source_grids or [])]
     for i, g in enumerate(sources):
         if g.ndim != 2 or g.numel() == 0:
             raise ValueError(f"source grid {i} must be a non-empty [h, w] tensor of token ids, got shape "
                              f"{tuple(g.shape)}.")
-        if int(g.min()) < 0 or int(g.max()) >= CODEBOOK_SIZE:
-            raise ValueError(f"source grid {i} has ids outside [0, {CODEBOOK_SIZE}).")
+        if int(g.min()) < 0 or int(g.max()) >= codebook:
+            raise ValueError(f"source grid {i} has ids outside [0, {codebook}) (the AR model's codebook): the "
+                             f"references were tokenized for another model.")
+    grid_size = f"{tokenizer.grid_bos}{target.th} {target.tw}{tokenizer.grid_eos}"
     if sources:
-        suffix = f"{GRID_BOS}{target.th} {target.tw}{GRID_EOS}{IMAGE_START}"
+        suffix = f"{grid_size}{tokenizer.image_start}"
         grids = [tuple(g.shape) for g in sources] + [(target.th, target.tw)]
     else:
         if target.ph == 0 or target.pw == 0:
             raise ValueError(f"Aspect ratio of {width}x{height} is too extreme: the preview grid would be "
                              f"{target.ph}x{target.pw}.")
-        suffix = (f"{GRID_BOS}{target.th} {target.tw}{GRID_EOS}{GRID_BOS}{target.ph} {target.pw}{GRID_EOS}"
-                  f"{IMAGE_START}")
+        suffix = f"{grid_size}{tokenizer.grid_bos}{target.ph} {target.pw}{tokenizer.grid_eos}{tokenizer.image_start}"
         grids = [(target.th, target.tw), (target.ph, target.pw)]
-    prefix = f"{IMAGE_START}{IMAGE_TOKEN}{IMAGE_END}" * len(sources)
+    prefix = f"{tokenizer.image_start}{tokenizer.image_token}{tokenizer.image_end}" * len(sources)
     rows = [_expand_images(tokenizer, tokenizer.encode(prefix + p + suffix), sources) for p in prompts]
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), tokenizer.pad_id, dtype=torch.long)
@@ -198,11 +296,11 @@ def build_ar_inputs(tokenizer: TextTokenizer, prompts: list[str], height: int, w
 
 
 def _expand_images(tokenizer: TextTokenizer, ids: list[int], sources: list[torch.Tensor]) -> list[int]:
-    """Replace each ``<|image|>`` by its source grid's ids (the processor expands, the model scatters)."""
+    """Replace each image token by its source grid's ids (the processor expands, the model scatters)."""
     slots = [i for i, t in enumerate(ids) if t == tokenizer.image_token_id]
     if len(slots) != len(sources):
-        raise ValueError(f"The prompt has {len(slots) - len(sources)} extra {IMAGE_TOKEN} token(s); "
-                         f"remove {IMAGE_TOKEN} from the prompt text.")
+        raise ValueError(f"The prompt has {len(slots) - len(sources)} extra {tokenizer.image_token} token(s); "
+                         f"remove {tokenizer.image_token} from the prompt text.")
     out, prev = [], 0
     for slot, grid in zip(slots, sources):
         out += ids[prev:slot] + grid.flatten().tolist()

@@ -1,9 +1,9 @@
 """AR sampling: prompt -> semantic-VQ token grid, with a static KV cache and one token per decode step.
 
 Sampling follows transformers' order (temperature, top-k, top-p with the boundary token kept) on device with
-noise from a ``torch.Generator`` seeded from ``seed``; temperature 0 is greedy. Unlike the reference, ids >=
-16384 (end-of-image and the reserved ids) are masked at every step, so the result always has exactly the
-grid's number of codebook ids.
+noise from a ``torch.Generator`` seeded from ``seed``; temperature 0 is greedy. Unlike the reference, ids >= the
+codebook size (16384 in the release: end-of-image and the reserved ids) are masked at every step, so the result
+always has exactly the grid's number of codebook ids.
 
 Batches: several prompts (left-padded, attention mask, per-sample positions) and/or ``num_images`` samples
 per prompt run in one decode loop; every sample shares the same ``source_grids``.
@@ -16,9 +16,10 @@ from functools import partial
 import torch
 
 from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
-from ..runtime.comfy_compat import Progress
+from ..runtime import checks
+from ..runtime.comfy_compat import OutOfMemory, Progress, available_memory
 from ..runtime.handles import TokenGrid
-from .ar_prompt import CODEBOOK_SIZE, TextTokenizer, build_ar_inputs
+from .ar_prompt import TextTokenizer, build_ar_inputs
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -41,15 +42,15 @@ DECODE_STEPS = ("eager", "cuda graph", "compiled")
 
 
 def sample_codebook_ids(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                        noise: torch.Tensor | None) -> torch.Tensor:
-    """One codebook id in [0, 16384) per row of ``logits`` [B, V]; no host synchronisation.
+                        noise: torch.Tensor | None, codebook_size: int = 16384) -> torch.Tensor:
+    """One codebook id in [0, codebook_size) per row of ``logits`` [B, V]; no host synchronisation.
 
     temperature 0 is greedy: the argmax over the codebook ids (transformers' ``do_sample=False`` with the
-    reserved ids suppressed). Otherwise ``noise`` [B, 16384] holds Exp(1) draws: argmax(p / noise) draws
-    from p (like multinomial) with a fixed number of random draws per step.
+    reserved ids suppressed). Otherwise ``noise`` [B, codebook_size] holds Exp(1) draws: argmax(p / noise)
+    draws from p (like multinomial) with a fixed number of random draws per step.
     """
-    # dropping ids >= 16384 equals masking them to -inf before the warpers (they would get probability 0)
-    logits = logits[:, :CODEBOOK_SIZE]
+    # dropping ids >= codebook_size equals masking them to -inf before the warpers (they would get probability 0)
+    logits = logits[:, :codebook_size]
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
@@ -61,9 +62,10 @@ class SamplingNoise:
     one static buffer, outside the decode step (a ``torch.Generator`` cannot be traced by ``torch.compile``,
     and a CUDA graph reads the buffer at the step index)."""
 
-    def __init__(self, generator: torch.Generator, batch: int, device: torch.device, greedy: bool):
+    def __init__(self, generator: torch.Generator, batch: int, device: torch.device, greedy: bool,
+                 codebook_size: int):
         self.generator = generator
-        self.block = None if greedy else torch.empty(NOISE_BLOCK, batch, CODEBOOK_SIZE, device=device)
+        self.block = None if greedy else torch.empty(NOISE_BLOCK, batch, codebook_size, device=device)
 
     def refill_for(self, k: int) -> None:
         """Draw the next block when token ``k`` starts one."""
@@ -91,7 +93,7 @@ class DecodeState:
 
 
 def decode_step(model: GlmImageAR, cache: KVCache, state: DecodeState, temperature: float, top_k: int,
-                top_p: float) -> None:
+                top_p: float, codebook_size: int = 16384) -> None:
     """Produce token ``state.step``: feed ``state.tokens`` at cache slot ``state.index``, sample, advance the state.
 
     In place, static shapes, no host sync and no generator: the same function runs eagerly, under
@@ -101,7 +103,7 @@ def decode_step(model: GlmImageAR, cache: KVCache, state: DecodeState, temperatu
     position = (k - 1).view(1)
     rope = state.cos.index_select(2, position), state.sin.index_select(2, position)
     logits = model(state.tokens, None, cache, state.index, rope=rope)[:, -1]
-    ids = sample_codebook_ids(logits, temperature, top_k, top_p, state.noise.at(k))
+    ids = sample_codebook_ids(logits, temperature, top_k, top_p, state.noise.at(k), codebook_size)
     state.out.index_copy_(1, k.view(1), ids[:, None])
     state.tokens.copy_(ids[:, None])
     state.index.add_(1)
@@ -151,15 +153,23 @@ class StepRunner:
             self.graph.replay()
 
 
-def _check_sampling(temperature: float, top_k: int, top_p: float, num_images: int) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (got {temperature}); 0 is greedy decoding.")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (got {top_p}).")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (got {top_k}); 16512 disables it.")
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1 (got {num_images}).")
+def check_sampling_settings(temperature: float, top_k: int, top_p: float, num_images: int) -> None:
+    """The AR sampler's settings (the node's VALIDATE_INPUTS calls this too)."""
+    checks.check_float(temperature, "temperature", 0.0,
+                       fix="Use a temperature of at least 0 (0.9 is the release's default; 0 is greedy decoding).")
+    checks.check_float(top_p, "top_p", 0.0, 1.0, low_open=True, fix="Use a top_p in (0, 1] (1 disables it).")
+    checks.check_int(top_k, "top_k", 1, fix="Use a top_k of at least 1; 16512 (the vision vocabulary) disables it.")
+    checks.check_count(num_images, "num_images")
+
+
+def check_prefill_fits(model: GlmImageAR, batch: int, length: int, cache_len: int, padded: bool) -> None:
+    """Refuse, before allocating, a generation whose KV cache and prefill would not fit the free memory."""
+    need = model.generation_bytes(batch, length, cache_len, padded)
+    free = available_memory(model.device, need)
+    if free is not None and need > free:
+        raise OutOfMemory(f"AR token sampling of a {length}-token prompt for {batch} image(s) needs about "
+                          f"{need / 2 ** 30:.1f} GB (KV cache and prefill) but only {free / 2 ** 30:.1f} GB are "
+                          f"free on {model.device}: shorten the prompt, or lower num_images or the output size.")
 
 
 @torch.inference_mode()
@@ -176,12 +186,20 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     CUDA); ``compiled`` (``torch.compile(fullgraph=True)``, also captured on CUDA). Tokens are the same for a
     seed whichever is chosen (up to kernel rounding on GPUs).
     """
-    _check_sampling(temperature, top_k, top_p, num_images)
+    check_sampling_settings(temperature, top_k, top_p, num_images)
+    checks.check_seed(seed)
     if decode_steps not in DECODE_STEPS:
         raise ValueError(f"decode_steps must be one of {', '.join(DECODE_STEPS)} (got {decode_steps!r}).")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("No prompt given.")
+    for p in prompts:
+        checks.check_text(p, "prompt")
+    codebook = tokenizer.codebook_size
+    if codebook > model.config.vision_vocab_size:
+        raise ValueError(f"The tokenizer's codebook of {codebook} ids exceeds the AR model's "
+                         f"{model.config.vision_vocab_size}-id vision vocabulary: the tokenizer and the model are "
+                         f"from different releases.")
     prompts = [p for p in prompts for _ in range(num_images)]
     inputs = build_ar_inputs(tokenizer, prompts, height, width, source_grids)
 
@@ -192,21 +210,24 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     if length + total > context:
         raise ValueError(f"The prompt is {length} tokens and the grid needs {total} more, over the model's context of "
                          f"{context} tokens: shorten the prompt (or use fewer or smaller reference images).")
+    check_prefill_fits(model, batch, length, length + total - 1, not bool(inputs.attention_mask.all()))
     input_ids, positions = inputs.input_ids.to(device), inputs.position_ids.to(device)
     decode_positions = inputs.decode_position_ids.to(device)
     cache = model.new_cache(batch, length + total - 1, inputs.attention_mask)
-    noise = SamplingNoise(torch.Generator(device=device).manual_seed(int(seed)), batch, device, temperature == 0)
+    noise = SamplingNoise(torch.Generator(device=device).manual_seed(int(seed)), batch, device, temperature == 0,
+                          codebook)
     cos, sin = mrope_cos_sin(model.config, decode_positions, model.dtype)
     state = DecodeState(tokens=torch.empty(batch, 1, dtype=torch.long, device=device),
                         index=torch.tensor(length, device=device), step=torch.tensor(1, device=device), cos=cos,
                         sin=sin, out=torch.empty(batch, total, dtype=torch.long, device=device), noise=noise)
     step = compiled_decode_step() if decode_steps == "compiled" else decode_step
-    run = StepRunner(decode_steps, device, partial(step, model, cache, state, temperature, top_k, top_p))
+    run = StepRunner(decode_steps, device, partial(step, model, cache, state, temperature, top_k, top_p, codebook))
 
     with Progress(total, "GLM-Image AR tokens", enabled=progress) as bar:
         logits = model(input_ids, positions, cache, 0, last_only=True)[:, -1]
+        checks.check_finite_output(logits, "The AR model's prefill", model.dtype)
         noise.refill_for(0)
-        state.tokens[:, 0] = sample_codebook_ids(logits, temperature, top_k, top_p, noise.at(0))
+        state.tokens[:, 0] = sample_codebook_ids(logits, temperature, top_k, top_p, noise.at(0), codebook)
         state.out[:, 0] = state.tokens[:, 0]
         bar.update(preview=preview(state.out[:, :1], inputs.grids) if preview is not None else None)
         for k in range(1, total):

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from tokenizers import AddedToken, Tokenizer, processors
 
+from ..formats.layers import compute_dtype
 from ..models.glm_text_encoder import GlmTextEncoder
+from ..runtime.checks import check_finite_output, check_text
 from ..runtime.loading import CheckpointError, component_path
 from ..runtime.residency import placed_device
 
@@ -112,8 +114,10 @@ def cogview4_prompt_ids(tokenizer: CogView4Tokenizer, prompt: str, max_tokens: i
 
 @torch.inference_mode()
 def encode_cogview4_prompt(encoder: GlmTextEncoder, tokenizer: CogView4Tokenizer, prompt: str,
-                           max_tokens: int = MAX_TOKENS) -> torch.Tensor:
+                           max_tokens: int = MAX_TOKENS, name: str = "prompt") -> torch.Tensor:
     """Prompt -> CogView4 text conditioning [1, L, hidden] (float32, on the encoder's device). No attention
     mask: the pads are attended, as in the reference pipeline."""
-    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(placed_device(encoder, encoder.embed_tokens.weight))
-    return encoder(ids).float()
+    check_text(prompt, name)
+    embed = encoder.embed_tokens
+    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(placed_device(encoder, embed.weight))
+    return check_finite_output(encoder(ids), "The CogView4 text encoder (GLM-4)", compute_dtype(embed)).float()

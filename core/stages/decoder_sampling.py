@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from ..models.dit import compiled_blocks
 from ..models.step_cache import StepCache
+from ..runtime import checks
 from ..runtime.comfy_compat import Progress
-from ..runtime.geometry import check_latent_size
+from ..runtime.geometry import check_latent_size, patch_count
 from ..runtime.handles import GlyphConditioning, ReferenceImages
 from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule
 
@@ -37,11 +38,11 @@ def initial_noise(shape: tuple[int, ...], seed: int, noise: torch.Tensor | None,
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
-def check_steps_and_guidance(steps: int, guidance: float) -> None:
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1 (got {steps}); 50 is the reference's default.")
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0 (got {guidance}); 1.0 turns CFG off.")
+def check_sampler_settings(steps: int, guidance: float, seed: int) -> None:
+    """The decoders' settings (the nodes' VALIDATE_INPUTS call this too)."""
+    checks.check_steps(steps)
+    checks.check_guidance(guidance)
+    checks.check_seed(seed)
 
 
 def batch_of(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -81,9 +82,10 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Te
 
 
 def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress: bool, desc: str,
-          preview: Preview | None = None) -> torch.Tensor:
+          dtype: torch.dtype, preview: Preview | None = None) -> torch.Tensor:
     """``x += (sigma[i+1] - sigma[i]) * velocity(x, model_timestep[i])`` in fp32; reports progress per step
-    (which also raises on the user's interrupt), with ``preview`` of the denoised estimate ``x - sigma * v``."""
+    (which also raises on the user's interrupt), with ``preview`` of the denoised estimate ``x - sigma * v``.
+    Raises NonFiniteOutput when the result holds NaN or inf (``dtype``: the DiT's, for the likely cause)."""
     sigmas = schedule.sigmas.to(x.device)
     timesteps = schedule.model_timesteps.to(x.device)
     with Progress(len(schedule), desc, enabled=progress) as bar:
@@ -92,7 +94,7 @@ def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress:
             image = preview(x - sigmas[i] * v) if preview is not None else None
             x = x + (sigmas[i + 1] - sigmas[i]) * v
             bar.update(preview=image)
-    return x
+    return checks.check_finite_output(x, f"{desc} sampling ({len(schedule)} steps)", dtype)
 
 
 # ---- GLM-Image -------------------------------------------------------------------------------------------------
@@ -141,14 +143,15 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     compile_blocks, step_cache: the speed options of the module docstring.
     """
     check_latent_size(height, width)
-    check_steps_and_guidance(steps, guidance)
+    check_sampler_settings(steps, guidance, seed)
     steps_cache = StepCache(step_cache)
     device = dit.device
     if prior_ids.dim() == 1:
         prior_ids = prior_ids[None]
     prior_ids = prior_ids.to(device)
     b = prior_ids.shape[0]
-    grid = (height // 16) * (width // 16)
+    checks.check_count(b, "the number of images (token grids)", checks.MAX_BATCH)
+    grid = patch_count(height, width)
     if prior_ids.shape[1] != grid:
         raise ValueError(f"{prior_ids.shape[1]} prior ids per image but {height}x{width} needs {grid} "
                          f"((H/16)*(W/16), the 2x-upsampled token grid).")
@@ -184,7 +187,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
         return guide(c, u, guidance)
 
     with compiled_blocks(dit, compile_blocks):
-        return euler(x, schedule, velocity, progress, "GLM-Image decoder", preview)
+        return euler(x, schedule, velocity, progress, "GLM-Image decoder", dit.dtype, preview)
 
 
 # ---- CogView4 --------------------------------------------------------------------------------------------------
@@ -202,10 +205,11 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
     preview: turns each step's denoised estimate into a live preview.
     compile_blocks, step_cache: the speed options of the module docstring."""
     check_latent_size(height, width)
-    check_steps_and_guidance(steps, guidance)
+    check_sampler_settings(steps, guidance, seed)
     steps_cache = StepCache(step_cache)
     device = dit.device
     b = cond_embeds.shape[0]
+    checks.check_count(b, "num_images")
     use_cfg = guidance > 1
     if use_cfg and uncond_embeds is None:
         raise ValueError("guidance > 1 needs uncond_embeds (the encoding of the negative prompt, \"\" by default).")
@@ -228,4 +232,4 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
         return dit(x, cond, t.expand(b), size, size, crop, step_cache=steps_cache.branch("cond")).float()
 
     with compiled_blocks(dit, compile_blocks):
-        return euler(x, schedule, velocity, progress, "CogView4 decoder", preview)
+        return euler(x, schedule, velocity, progress, "CogView4 decoder", dit.dtype, preview)

@@ -12,6 +12,7 @@ import re
 import torch
 
 from ..models.t5_encoder import T5Encoder
+from ..runtime.checks import check_finite_output, check_text
 from ..runtime.handles import GlyphConditioning
 from ..runtime.residency import placed_device
 
@@ -24,6 +25,7 @@ QUOTE_PATTERNS = (r"'([^']*)'", r"\u201c([^\u201c\u201d]*)\u201d", r'"([^"]*)"',
 PAD, EOS = 0, 1
 BYTE_OFFSET = 3
 MAX_LENGTH = 2048
+MAX_PADDED_TOKENS = 8 * MAX_LENGTH  # texts x longest text: what the encoder runs at once
 SPECIAL_IDS = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"<extra_id_{i}>": 259 + i for i in range(125)}}
 STRIPPING = {"<pad>", "</s>", "<unk>"}  # added with lstrip/rstrip: whitespace next to them is dropped
 SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in sorted(SPECIAL_IDS, key=len, reverse=True)) + ")")
@@ -52,9 +54,15 @@ def byt5_ids(text: str, max_length: int = MAX_LENGTH) -> list[int]:
 
 def tokenize_glyph_texts(texts: list[str], max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask ``[N, S]`` as the pipeline builds them (leading pad when N is even)."""
+    for i, text in enumerate(texts):
+        check_text(text, f"glyph text {i + 1}")
     lead = [PAD] * ((len(texts) + 1) % 2)
     seqs = [lead + byt5_ids(t, max_length) for t in texts]
     longest = max(len(s) for s in seqs)
+    if len(seqs) * longest > MAX_PADDED_TOKENS:
+        raise ValueError(f"The text to render makes {len(seqs)} glyph texts of up to {longest} ByT5 tokens "
+                         f"({len(seqs) * longest} padded), over the {MAX_PADDED_TOKENS} the glyph encoder takes at "
+                         f"once: quote less text in the prompt, or list only the texts to render in `texts`.")
     ids = torch.tensor([s + [PAD] * (longest - len(s)) for s in seqs], dtype=torch.long)
     mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in seqs], dtype=torch.long)
     return ids, mask
@@ -68,12 +76,21 @@ def encode_glyph_texts(encoder: T5Encoder, texts: list[str]) -> torch.Tensor:
     device = placed_device(encoder, encoder.shared.weight)
     ids, mask = tokenize_glyph_texts(texts)
     ids, mask = ids.to(device), mask.to(device)
-    hidden = encoder(ids, mask)
+    hidden = check_finite_output(encoder(ids, mask), "The glyph encoder (Glyph-ByT5)", encoder.shared.weight.dtype)
     return hidden[mask.bool()].unsqueeze(0).float()
+
+
+def glyph_texts(prompt: str, texts: list[str] | None = None) -> list[str]:
+    """What is encoded: ``texts`` when given, else the prompt's quoted spans; checked (valid text, and few
+    enough tokens for one encoder pass) before any model runs."""
+    check_text(prompt, "prompt")
+    texts = list(texts) if texts else extract_glyph_texts(prompt)
+    tokenize_glyph_texts(texts)
+    return texts
 
 
 def glyph_conditioning(encoder: T5Encoder, prompt: str, texts: list[str] | None = None) -> GlyphConditioning:
     """Glyph embeddings of the prompt's quoted text (or of ``texts`` when given) and of ``""``, float32 on CPU."""
-    texts = list(texts) if texts else extract_glyph_texts(prompt)
+    texts = glyph_texts(prompt, texts)
     return GlyphConditioning(cond=encode_glyph_texts(encoder, texts).cpu(),
                              uncond=encode_glyph_texts(encoder, [""]).cpu(), texts=texts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from ..models.captioner import Captioner, chat_text_inputs, decode_reply, generate_reply_ids
+from ..runtime import checks
 
 LANGUAGES = ("auto", "en", "zh")
 
@@ -77,14 +78,20 @@ def prompt_language(prompt: str) -> str:
     return "zh" if len(CJK.findall(prompt)) >= len(LATIN_WORD.findall(prompt)) else "en"
 
 
+def check_prompt_to_enhance(prompt: str) -> str:
+    """The prompt node's VALIDATE_INPUTS calls this too."""
+    checks.check_text(prompt, "prompt")
+    if not prompt.strip():
+        raise ValueError("The prompt to enhance is empty: write a short description of the image first.")
+    return prompt
+
+
 def enhance_messages(prompt: str, language: str = "auto") -> list[dict]:
     """The chat that asks for the rewrite: the system prompt of ``language`` (``auto``: the prompt's) and the
     prompt as the user's turn."""
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}.")
-    prompt = prompt.strip()
-    if not prompt:
-        raise ValueError("The prompt to enhance is empty: write a short description of the image first.")
+    prompt = check_prompt_to_enhance(prompt).strip()
     if language == "auto":
         language = prompt_language(prompt)
     return [{"role": "system", "content": SYSTEM_PROMPTS[language]},

@@ -8,13 +8,18 @@ from ..runtime.handles import ReferenceImages, upsample_ids
 from ..runtime.images import resize_reference, to_rgb01
 
 
+def reference_sizes(images: list) -> tuple[list, list[tuple[int, int, str]]]:
+    """The images as RGB 0..1 and the size each is resized to; raises for an unusable one before any work."""
+    if not images:
+        raise ValueError("No reference image given: connect an image to the image input.")
+    rgb = [to_rgb01(image) for image in images]
+    return rgb, [normalize_reference_size(image.shape[0], image.shape[1]) for image in rgb]
+
+
 def prepare_references(images: list, vae: GlmVAE, tokenizer: SemanticTokenizer) -> tuple[ReferenceImages, str]:
     """Each image (``[H, W, C]`` tensor, array or PIL image; gray, RGBA and 16-bit are converted) becomes one
     reference. Returns the references and a report of the size used for each."""
-    if not images:
-        raise ValueError("No reference image given.")
-    rgb = [to_rgb01(image) for image in images]
-    sizes = [normalize_reference_size(image.shape[0], image.shape[1]) for image in rgb]  # all checked before any work
+    rgb, sizes = reference_sizes(images)
     latents, prior_ids, token_ids, lines = [], [], [], []
     for i, (image, (height, width, note)) in enumerate(zip(rgb, sizes)):
         image = resize_reference(image, height, width)

@@ -18,7 +18,9 @@ from PIL import Image
 from ..runtime import comfy_compat
 from ..runtime.geometry import preview_cell
 from ..runtime.handles import TokenGrid
-from .ar_prompt import CODEBOOK_SIZE
+from .ar_prompt import ARVocabulary
+
+CODEBOOK_SIZE = ARVocabulary.codebook_size  # the release's; a loaded AR model's comes from its config
 
 UNWRITTEN = (40, 40, 40)    # cells the AR has not written yet
 PALETTE_SEED = 0
@@ -52,22 +54,23 @@ def id_palette(size: int = CODEBOOK_SIZE) -> torch.Tensor:
 _palettes: "weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
-def code_vectors(ar_model=None, tokenizer=None) -> tuple[torch.nn.Module, torch.Tensor] | None:
-    """(owner module, ``[16384, D]`` vectors) of the AR model's codebook-id embeddings or the tokenizer's
+def code_vectors(ar_model=None, tokenizer=None, codebook_size: int = CODEBOOK_SIZE
+                 ) -> tuple[torch.nn.Module, torch.Tensor] | None:
+    """(owner module, ``[codebook_size, D]`` vectors) of the AR model's codebook-id embeddings or the tokenizer's
     codebook, or None without either."""
     if ar_model is not None:  # looked up, not sliced: FP8 / GGUF tables dequantize the rows asked for
         embed = ar_model.embed_tokens
         with torch.no_grad():
-            return embed, embed(torch.arange(CODEBOOK_SIZE, device=embed.weight.device))
+            return embed, embed(torch.arange(codebook_size, device=embed.weight.device))
     if tokenizer is not None:
         codebook = tokenizer.model["vqmodel"].quantize.embedding
         return codebook, codebook.weight
     return None
 
 
-def palette(ar_model=None, tokenizer=None) -> torch.Tensor:
+def palette(ar_model=None, tokenizer=None, codebook_size: int = CODEBOOK_SIZE) -> torch.Tensor:
     """The colours of ``ar_model``'s or ``tokenizer``'s codes (computed once per loaded model), else by id."""
-    source = code_vectors(ar_model, tokenizer)
+    source = code_vectors(ar_model, tokenizer, codebook_size)
     if source is None:
         return id_palette()
     owner, vectors = source
@@ -114,8 +117,9 @@ class ARPreview:
     from the AR model's code embeddings, computed at the first call (when the weights are on the GPU).
     """
 
-    def __init__(self, ar_model):
+    def __init__(self, ar_model, codebook_size: int = CODEBOOK_SIZE):
         self.ar_model = ar_model
+        self.codebook_size = codebook_size
         self.colours: torch.Tensor | None = None
 
     def __call__(self, written: torch.Tensor, grids: list[tuple[int, int]]) -> Image.Image | None:
@@ -129,12 +133,12 @@ class ARPreview:
         if done % cols:
             return None
         if self.colours is None:
-            self.colours = palette(ar_model=self.ar_model)
+            self.colours = palette(ar_model=self.ar_model, codebook_size=self.codebook_size)
         ids = torch.full((rows * cols,), -1, dtype=torch.long)
         ids[:done] = written[0, start:n].cpu()
         return grid_image(ids.view(rows, cols), self.colours, preview_cell(rows, cols, comfy_compat.preview_size()))
 
 
-def ar_preview(ar_model) -> ARPreview | None:
+def ar_preview(ar_model, codebook_size: int = CODEBOOK_SIZE) -> ARPreview | None:
     """The AR sampler's live preview, or None when ComfyUI's ``--preview-method`` is ``none``."""
-    return ARPreview(ar_model) if comfy_compat.preview_method() != "none" else None
+    return ARPreview(ar_model, codebook_size) if comfy_compat.preview_method() != "none" else None

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..models.semantic_tokenizer import SemanticTokenizer, tokenize_image
 from ..models.vae import GlmVAE
+from ..runtime import checks
 from ..runtime.geometry import LARGE_ALTERNATIVE, MAX_SIDE, check_cogview4_size, scaled_size, upscale_2x_size
 from ..runtime.handles import GlyphConditioning, upsample_ids
 from ..runtime.images import to_rgb01
@@ -24,9 +25,17 @@ from .flow_schedule import ShiftSettings
 from .references import prepare_references
 
 
+MAX_REFINE_SCALE = 2.0
+
+
 def check_strength(strength: float) -> None:
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1] (1 = decode from pure noise), got {strength}.")
+    checks.check_float(strength, "strength", 0.0, 1.0, low_open=True,
+                       fix="Use a strength in (0, 1]: 1 decodes from pure noise, lower keeps more of the image.")
+
+
+def check_refine_scale(scale: float) -> None:
+    checks.check_float(scale, "scale", 1.0, MAX_REFINE_SCALE,
+                       fix=f"Use a scale of 1.0..{MAX_REFINE_SCALE:g} (output size over input size).")
 
 
 def upsample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -83,6 +92,18 @@ def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, gly
     return vae.decode(latents)[0]
 
 
+def refine_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The CogView4 refine output size of a ``height`` x ``width`` image, or a ValueError saying why not."""
+    check_refine_scale(scale)
+    out_h, out_w = scaled_size(height, width, scale)
+    try:
+        check_cogview4_size(out_h, out_w)
+    except ValueError as e:
+        hint = f" For larger images: {LARGE_ALTERNATIVE}." if max(out_h, out_w) > MAX_SIDE else ""
+        raise ValueError(f"Refining {height}x{width} (HxW) at scale {scale:g}: {e}{hint}") from e
+    return out_h, out_w
+
+
 def refine_cogview4(image, *, decoder, vae: GlmVAE, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
                     scale: float = 2.0, steps: int = 30, guidance: float = 5.0, seed: int = 0,
                     strength: float = 0.5, shift_settings: ShiftSettings | None = None,
@@ -91,12 +112,7 @@ def refine_cogview4(image, *, decoder, vae: GlmVAE, cond_embeds: torch.Tensor, u
     bicubic upsample, VAE encode, noise to sigma = strength, denoise the rest with the prompt embeddings
     ``[1, L, 4096]``. Returns ``[H_out, W_out, 3]``; ``vae`` is CogView4's."""
     image = to_rgb01(image)
-    height, width = scaled_size(*image.shape[:2], scale)
-    try:
-        check_cogview4_size(height, width)
-    except ValueError as e:
-        hint = f" For larger images: {LARGE_ALTERNATIVE}." if max(height, width) > MAX_SIDE else ""
-        raise ValueError(f"Refining {image.shape[0]}x{image.shape[1]} (HxW) at scale {scale:g}: {e}{hint}") from e
+    height, width = refine_size(image.shape[0], image.shape[1], scale)
     check_strength(strength)
     latents = sample_cogview4_latents(decoder, cond_embeds, uncond_embeds, height, width, steps=steps,
                                       guidance=guidance, seed=seed, shift_settings=shift_settings, preview=preview,

@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
-from ...core.stages.glyph import glyph_conditioning
-from ..common import category
+from ...core.stages.glyph import glyph_conditioning, glyph_texts
+from ..common import answer, category, check_now
+
+
+def texts_to_render(texts: str) -> list[str] | None:
+    """The ``texts`` widget: one text per non-empty line, or None (the prompt's quotes)."""
+    return [line.strip() for line in texts.splitlines() if line.strip()] or None
+
+
+def check_glyph_inputs(prompt: str, texts: str = "") -> None:
+    glyph_texts(prompt, texts_to_render(texts))
 
 
 class GLMImageGlyphConditioning:
@@ -26,10 +35,14 @@ class GLMImageGlyphConditioning:
                                               "tooltip": "Texts to render, one per line; overrides the quotes."})},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt, texts=None):
+        return answer(cls, locals(), check_glyph_inputs)
+
     def encode(self, glyph_encoder, prompt, texts=""):
-        explicit = [line.strip() for line in texts.splitlines() if line.strip()] or None
+        check_now(locals(), check_glyph_inputs)
         with comfy_compat.on_compute_device(glyph_encoder, stage="glyph conditioning"):
-            return (glyph_conditioning(glyph_encoder.model, prompt, texts=explicit),)
+            return (glyph_conditioning(glyph_encoder.model, prompt, texts=texts_to_render(texts)),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageGlyphConditioning": GLMImageGlyphConditioning}

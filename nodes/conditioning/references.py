@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from ...core.models.semantic_tokenizer import tokenize_images
-from ...core.runtime import comfy_compat, handles
-from ...core.stages.references import prepare_references
-from ..common import category, size_input
+from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime.geometry import check_token_grid_size
+from ...core.stages.references import prepare_references, reference_sizes
+from ..common import answer, category, check_now, size_input
 
 
 class GLMImageReferenceImages:
@@ -26,7 +27,11 @@ class GLMImageReferenceImages:
         }
 
     def prepare(self, vae, tokenizer, image, image_2=None, image_3=None):
+        for name, batch in (("image", image), ("image_2", image_2), ("image_3", image_3)):
+            if batch is not None:
+                checks.check_image_batch(batch, name)
         images = [img for batch in (image, image_2, image_3) if batch is not None for img in batch]
+        reference_sizes(images)  # a reference that cannot be used is refused before the models move
         with comfy_compat.on_compute_device(vae, tokenizer, stage="reference images"):
             references, note = prepare_references(images, vae.model, tokenizer.model)
         return (references, note)
@@ -45,7 +50,13 @@ class GLMImageImageToTokens:
         return {"required": {"tokenizer": (handles.TOKENIZER,), "image": ("IMAGE",),
                              "width": size_input(1024, "width"), "height": size_input(1024, "height")}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        return answer(cls, locals(), check_token_grid_size)
+
     def tokenize(self, tokenizer, image, width, height):
+        check_now(locals(), check_token_grid_size)
+        checks.check_image_batch(image, "image")
         with comfy_compat.on_compute_device(tokenizer, stage="image to tokens"):
             ids = torch.stack(tokenize_images(tokenizer.model, image, target_height=height, target_width=width))
         return (handles.TokenGrid(ids=ids, height=height, width=width),)

@@ -33,8 +33,10 @@ class GLMImageTokenGridPreview:
         }
 
     def draw(self, tokens, grid, ar_model=None, tokenizer=None):
-        colours = palette(ar_model=ar_model.model if ar_model is not None else None,
-                          tokenizer=tokenizer.model if tokenizer is not None else None)
+        if ar_model is not None:
+            colours = palette(ar_model=ar_model.model, codebook_size=ar_model.vocabulary.codebook_size)
+        else:
+            colours = palette(tokenizer=tokenizer.model if tokenizer is not None else None)
         return (token_grid_images(tokens, colours, grid),)
 
 

@@ -1,12 +1,12 @@
 """AR token sampling: prompt (and optional reference images) -> a semantic-VQ token grid."""
 from __future__ import annotations
 
-from ...core.runtime import comfy_compat, handles
+from ...core.runtime import checks, comfy_compat, handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_glm_image_size
-from ...core.stages.ar_sampling import DECODE_STEPS, generate_token_grid
+from ...core.stages.ar_sampling import DECODE_STEPS, check_sampling_settings, generate_token_grid
 from ...core.stages.token_preview import ar_preview
-from ..common import attention_input, category, seed_input, size_input
+from ..common import answer, attention_input, category, check_now, seed_input, size_input
 
 SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
 
@@ -19,6 +19,12 @@ def output_size(width: int, height: int, references) -> tuple[int, int]:
                          "connected: connect references or set the output size.")
     ref_height, ref_width = references.sizes[0]
     return width or ref_width, height or ref_height
+
+
+def check_output_size(width: int, height: int) -> None:
+    """A size given on the widgets (0 takes the reference's, known only when the node runs)."""
+    if width and height:
+        check_glm_image_size(height, width)
 
 
 class GLMImageARSampler:
@@ -58,8 +64,15 @@ class GLMImageARSampler:
             },
         }
 
+    CHECKS = (checks.check_prompt, check_output_size, checks.check_seed, check_sampling_settings)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt, width, height, seed, temperature, top_p, top_k, num_images):
+        return answer(cls, locals(), *cls.CHECKS)
+
     def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None,
                attention="auto", decode_steps="eager"):
+        check_now(locals(), *self.CHECKS)
         width, height = output_size(width, height, references)
         check_glm_image_size(height, width)
         check_backend(attention)
@@ -70,7 +83,8 @@ class GLMImageARSampler:
             decode_steps = comfy_compat.capturable_steps(ar_model, decode_steps)
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
-                                       source_grids=source_grids, preview=ar_preview(ar_model.model),
+                                       source_grids=source_grids,
+                                       preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size),
                                        decode_steps=decode_steps)
         return (grid,)
 

@@ -2,10 +2,15 @@
 transformers)."""
 from __future__ import annotations
 
-from ...core.models.captioner import PRESETS, caption_image, rerank
-from ...core.runtime import comfy_compat, handles
-from ...core.stages.prompt_enhance import LANGUAGES, enhance_prompt
-from ..common import MAX_SEED, category
+from ...core.models.captioner import PRESETS, caption_image, check_caption_settings, check_rerank_prompt, rerank
+from ...core.runtime import checks, comfy_compat, handles
+from ...core.stages.prompt_enhance import LANGUAGES, check_prompt_to_enhance, enhance_prompt
+from ..common import MAX_SEED, answer, category, check_now
+
+
+def check_caption_texts(custom_instruction: str = "", append: str = "") -> None:
+    checks.check_text(custom_instruction, "custom_instruction")
+    checks.check_text(append, "append")
 
 
 def reply_inputs(reply: str, note: str = "") -> dict:
@@ -45,7 +50,15 @@ class GLMImageCaption:
             },
         }
 
+    CHECKS = (check_caption_settings, check_caption_texts)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, max_new_tokens, temperature, seed, custom_instruction=None, append=None):
+        return answer(cls, locals(), *cls.CHECKS)
+
     def caption(self, captioner, image, preset, max_new_tokens, temperature, seed, custom_instruction="", append=""):
+        check_now(locals(), *self.CHECKS)
+        checks.check_image_batch(image, "image")
         with comfy_compat.on_compute_device(captioner):
             captions = [caption_image(captioner.model, img, preset, max_new_tokens=max_new_tokens, seed=seed,
                                       custom_instruction=custom_instruction, temperature=temperature)
@@ -69,7 +82,13 @@ class GLMImageRerank:
         return {"required": {"captioner": (handles.CAPTIONER,), "images": ("IMAGE",),
                              "prompt": ("STRING", {"multiline": True, "default": ""})}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt):
+        return answer(cls, locals(), check_rerank_prompt)
+
     def rerank(self, captioner, images, prompt):
+        check_now(locals(), check_rerank_prompt)
+        checks.check_image_batch(images, "images")
         with comfy_compat.on_compute_device(captioner):
             order, scores = rerank(captioner.model, images, prompt)
         report = "\n".join(f"#{rank + 1}: image {int(i)} score {float(scores[i]):.4f}" for rank, i in enumerate(order))
@@ -97,7 +116,14 @@ class GLMImagePromptEnhance:
             **reply_inputs("rewrite", "; the official utility uses 1.0"),
         }}
 
+    CHECKS = (check_prompt_to_enhance, check_caption_settings)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt, max_new_tokens, temperature, seed):
+        return answer(cls, locals(), *cls.CHECKS)
+
     def enhance(self, captioner, prompt, language, max_new_tokens, temperature, seed):
+        check_now(locals(), *self.CHECKS)
         with comfy_compat.on_compute_device(captioner):
             return (enhance_prompt(captioner.model, prompt, language=language, max_new_tokens=max_new_tokens,
                                    temperature=temperature, seed=seed),)

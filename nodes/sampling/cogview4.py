@@ -1,13 +1,17 @@
 """CogView4-6B: prompt encoding (positive and negative) and decoder sampling to LATENT."""
 from __future__ import annotations
 
-from ...core.runtime import comfy_compat, handles
+from ...core.runtime import checks, comfy_compat, handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_cogview4_size
 from ...core.stages.cogview4_text import encode_cogview4_prompt
-from ...core.stages.decoder_sampling import sample_cogview4_latents
+from ...core.stages.decoder_sampling import check_sampler_settings, sample_cogview4_latents
 from ...core.stages.latent_preview import COGVIEW4, decoder_preview
-from ..common import category, dit_speed_inputs, seed_input, size_input
+from ..common import answer, category, check_now, dit_speed_inputs, seed_input, size_input
+
+
+def check_negative_prompt(negative_prompt: str) -> str:
+    return checks.check_text(negative_prompt, "negative_prompt")
 
 
 class GLMImageCogView4TextEncode:
@@ -26,11 +30,19 @@ class GLMImageCogView4TextEncode:
             "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
         }}
 
+    CHECKS = (checks.check_prompt, check_negative_prompt)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt, negative_prompt):
+        return answer(cls, locals(), *cls.CHECKS)
+
     def encode(self, text_encoder, prompt, negative_prompt):
+        check_now(locals(), *self.CHECKS)
         with comfy_compat.on_compute_device(text_encoder, stage="CogView4 text encoding",
                                              advice="shorten the prompt"):
             cond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, prompt).cpu()
-            uncond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, negative_prompt).cpu()
+            uncond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, negative_prompt,
+                                            name="negative_prompt").cpu()
         return (handles.CogView4Conditioning(cond=cond, uncond=uncond, prompt=prompt),)
 
 
@@ -55,9 +67,15 @@ class GLMImageCogView4Sampler:
             "num_images": ("INT", {"default": 1, "min": 1, "max": 16}),
         }, "optional": dit_speed_inputs()}
 
+    CHECKS = (check_cogview4_size, check_sampler_settings, checks.check_num_images)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, seed, steps, guidance, num_images):
+        return answer(cls, locals(), *cls.CHECKS)
+
     def sample(self, decoder, conditioning, width, height, seed, steps, guidance, num_images, attention="auto",
                compile=False, step_cache=0.0):
-        check_cogview4_size(height, width)
+        check_now(locals(), *self.CHECKS)
         check_backend(attention)
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)

@@ -1,7 +1,7 @@
 """The CogView (v1) VQ-VAE: 8192 codes, 8x downsampling; IMAGE <-> token grid."""
 from __future__ import annotations
 
-from ...core.runtime import comfy_compat, handles
+from ...core.runtime import checks, comfy_compat, handles
 from ..common import category
 
 
@@ -18,6 +18,7 @@ class GLMImageCogViewVQEncode:
         return {"required": {"vqvae": (handles.COGVIEW_VQVAE,), "image": ("IMAGE",)}}
 
     def encode(self, vqvae, image):
+        checks.check_image_batch(image, "image")
         with comfy_compat.on_compute_device(vqvae):
             return (vqvae.model.encode(image),)
 
@@ -34,6 +35,7 @@ class GLMImageCogViewVQDecode:
         return {"required": {"vqvae": (handles.COGVIEW_VQVAE,), "tokens": (handles.COGVIEW_VQ_TOKENS,)}}
 
     def decode(self, vqvae, tokens):
+        checks.check_token_ids(tokens, "tokens", vqvae.model.n_embed)
         with comfy_compat.on_compute_device(vqvae):
             return (vqvae.model.decode(tokens),)
 

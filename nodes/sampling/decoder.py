@@ -3,19 +3,10 @@ from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
 from ...core.runtime.attention import attention_backend, check_backend
-from ...core.stages.decoder_sampling import sample_latents
+from ...core.runtime.geometry import check_token_grid_shape
+from ...core.stages.decoder_sampling import check_sampler_settings, sample_latents
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
-from ..common import category, dit_speed_inputs, seed_input
-
-
-def check_token_grid(tokens: handles.TokenGrid) -> None:
-    """The ids must be ``[B, H/32, W/32]``: a grid of the right count but another shape would be
-    upsampled row-major into the wrong places without any error downstream."""
-    want = (tokens.height // 32, tokens.width // 32)
-    if tokens.ids.dim() != 3 or tuple(tokens.ids.shape[1:]) != want:
-        raise ValueError(f"The token grid has ids of shape {tuple(tokens.ids.shape)} but its size "
-                         f"{tokens.height}x{tokens.width} (HxW) needs [B, {want[0]}, {want[1]}] (H/32, W/32). "
-                         f"Feed the tokens of an AR sampler or Image to Tokens node made for this size.")
+from ..common import answer, category, check_now, dit_speed_inputs, seed_input
 
 
 class GLMImageDecoderSampler:
@@ -42,9 +33,14 @@ class GLMImageDecoderSampler:
                          **dit_speed_inputs()},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, seed, steps, guidance):
+        return answer(cls, locals(), check_sampler_settings)
+
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None, attention="auto", compile=False,
                step_cache=0.0):
-        check_token_grid(tokens)
+        check_now(locals(), check_sampler_settings)
+        check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
         check_backend(attention)
         preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
         with comfy_compat.on_compute_device(

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from ...core.runtime import comfy_compat, handles
+from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime.geometry import upscale_2x_size
+from ...core.stages.decoder_sampling import check_sampler_settings
 from ...core.stages.latent_preview import COGVIEW4, GLM_IMAGE, decoder_preview
-from ...core.stages.upscale import refine_cogview4, upscale_2x
-from ..common import category, seed_input
+from ...core.stages.upscale import check_refine_scale, check_strength, refine_cogview4, refine_size, upscale_2x
+from ..common import answer, category, check_now, seed_input
 
 STRENGTH_TOOLTIP = ("Noise level (flow-matching sigma) the bicubic upsample is refined from; 1.0 decodes from pure "
                     "noise. Below the last sigma of the schedule (about 0.06 at 512 px, 0.1 at 1024 px with 30 steps) "
@@ -38,7 +40,16 @@ class GLMImageUpscale:
                                           "tooltip": "Let the decoder read the input as a reference image."}),
         }}
 
+    CHECKS = (check_sampler_settings, check_strength)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, seed, steps, guidance, strength):
+        return answer(cls, locals(), *cls.CHECKS)
+
     def upscale(self, decoder, vae, tokenizer, glyph, image, seed, steps, guidance, strength, use_reference):
+        check_now(locals(), *self.CHECKS)
+        checks.check_image_batch(image, "image")
+        upscale_2x_size(image.shape[1], image.shape[2])
         preview = decoder_preview(GLM_IMAGE, vae.model)
         with comfy_compat.on_compute_device(decoder, vae, tokenizer, stage="upscaling",
                                              advice="upscale a smaller image"):
@@ -73,7 +84,16 @@ class GLMImageCogView4Refine:
             "strength": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 1.0, "step": 0.01, "tooltip": STRENGTH_TOOLTIP}),
         }}
 
+    CHECKS = (check_refine_scale, check_sampler_settings, check_strength)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, scale, seed, steps, guidance, strength):
+        return answer(cls, locals(), *cls.CHECKS)
+
     def refine(self, decoder, vae, conditioning, image, scale, seed, steps, guidance, strength):
+        check_now(locals(), *self.CHECKS)
+        checks.check_image_batch(image, "image")
+        refine_size(image.shape[1], image.shape[2], scale)
         preview = decoder_preview(COGVIEW4, vae.model)
         with comfy_compat.on_compute_device(decoder, vae, stage="refining", advice="lower the scale"):
             out = [refine_cogview4(img, decoder=decoder.model, vae=vae.model, cond_embeds=conditioning.cond,

@@ -1,7 +1,7 @@
 """VAE decode (LATENT -> IMAGE) and encode (IMAGE -> LATENT)."""
 from __future__ import annotations
 
-from ...core.runtime import comfy_compat, handles
+from ...core.runtime import checks, comfy_compat, handles
 from ..common import category
 
 
@@ -20,9 +20,10 @@ class GLMImageVAEDecode:
                                                    "GPU memory (tiles change pixels slightly)."})}}
 
     def decode(self, vae, latent, tiling):
+        samples = checks.check_latent(latent, "latent")
         tiled = {"auto": None, "on": True, "off": False}[tiling]
         with comfy_compat.on_compute_device(vae, stage="VAE decode", advice="set tiling to on"):
-            return (vae.model.decode(latent["samples"], tiled=tiled),)
+            return (vae.model.decode(samples, tiled=tiled),)
 
 
 class GLMImageVAEEncode:
@@ -37,6 +38,7 @@ class GLMImageVAEEncode:
         return {"required": {"vae": (handles.VAE,), "image": ("IMAGE",)}}
 
     def encode(self, vae, image):
+        checks.check_image_batch(image, "image")
         with comfy_compat.on_compute_device(vae, stage="VAE encode", advice="encode fewer or smaller images"):
             return ({"samples": vae.model.encode(image).float().cpu()},)
 

@@ -1,0 +1,105 @@
+"""Every API-format example workflow runs in a real, headless ComfyUI on tiny random weights and makes its images.
+
+The releases carry the names the workflows choose (GLM-Image, CogView4-6B, GLM-4.6V-Flash), so each workflow runs
+as shipped except for speed: output sizes 512x512, 2 decoder steps, 16 caption tokens; the input folder holds
+the images the LoadImage nodes name (256x256: references are normalized to 512, the 2x upscale gives 512).
+Each SaveImage must return the images of its batch at the expected size. Needs GLMIMAGE_COMFYUI (see
+comfyui_server.py); skipped otherwise. About a minute on 2 CPU cores.
+"""
+import glob
+import json
+import os
+import uuid
+
+import pytest
+from comfyui_server import AVAILABLE, ROOT, SKIP_REASON, comfyui
+
+if not AVAILABLE:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+import convert  # noqa: E402
+from glm_image_nodes.headless import client  # noqa: E402
+from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
+from PIL import Image  # noqa: E402
+from tiny_dit import write_tiny_cogview4_release  # noqa: E402
+from tiny_glmv import write_tiny_glmv  # noqa: E402
+
+pytestmark = pytest.mark.comfyui
+
+API_FILES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "api", "*.json")))
+INPUT_SIDE, OUTPUT_SIDE = 256, 512
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfyui_workflows")
+    models = root / "models"
+    release = write_tiny_release(str(models / "glm_image" / "GLM-Image"))
+    write_tiny_cogview4_release(str(models / "glm_image" / "CogView4-6B"))
+    write_tiny_glmv(str(models / "text_encoders" / "GLM-4.6V-Flash"))
+    write_gguf_files(release, models)
+    with comfyui(str(root), {"glm_image": str(models / "glm_image"), "text_encoders": str(models / "text_encoders"),
+                             "diffusion_models": str(models / "unet")}) as server:
+        names = {node["inputs"]["image"] for path in API_FILES for node in json.load(open(path)).values()
+                 if node["class_type"] == "LoadImage"}
+        for i, name in enumerate(sorted(names)):
+            Image.new("RGB", (INPUT_SIDE, INPUT_SIDE), (40 * i, 200 - 40 * i, 90)).save(root / "input" / name)
+        yield server
+
+
+def write_gguf_files(release: str, models) -> None:
+    """The files the GGUF example workflow names, converted from the tiny release, where the README puts them."""
+    text, unet = models / "text_encoders" / "GLM-Image", models / "unet"
+    text.mkdir(parents=True)
+    unet.mkdir(parents=True)
+    assert convert.main([release, "--format", "q4_k", "--out", str(text)]) == 0  # with the AR's tokenizer beside it
+    (text / "GLM-Image_glm_image_dit_q4_k.gguf").rename(unet / "GLM-Image_glm_image_dit_q4_k.gguf")
+    glyph = str(text / "GLM-Image_glyph_byt5_q8_0.gguf")
+    assert convert.main([os.path.join(release, "text_encoder"), "--format", "q8_0", "--out", glyph]) == 0
+
+
+def fast(graph: dict) -> dict:
+    """The workflow at 512x512 (sizes 0 keep the reference's), 2 steps, 16 caption tokens."""
+    for node in graph.values():
+        inputs = node["inputs"]
+        for side in ("width", "height"):
+            if inputs.get(side):
+                inputs[side] = OUTPUT_SIDE
+        if "steps" in inputs:
+            inputs["steps"] = 2
+        if "max_new_tokens" in inputs:
+            inputs["max_new_tokens"] = 16
+    return graph
+
+
+def expected_batch(graph: dict, node_id: str) -> int:
+    """Images a SaveImage receives: num_images of the AR sampler upstream (1 for the best of a rerank)."""
+    source_id, slot = graph[node_id]["inputs"]["images"]
+    todo, batch = [source_id], 1
+    while todo:
+        node = graph[todo.pop()]
+        if node["class_type"] == "GLMImageRerank" and slot == 0:
+            return 1
+        batch = max(batch, node["inputs"].get("num_images", 1))
+        todo += [v[0] for v in node["inputs"].values() if isinstance(v, list)]
+    return batch
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=os.path.basename)
+def test_example_workflow_runs_and_makes_its_images(comfy, path, tmp_path):
+    with open(path, encoding="utf-8") as f:
+        graph = fast(json.load(f))
+    client_id = uuid.uuid4().hex
+    events = []
+    history = client.follow(comfy.url, client.submit(comfy.url, graph, client_id), client_id, events.append,
+                            timeout=600)
+    saves = [i for i, node in graph.items() if node["class_type"] == "SaveImage"]
+    assert saves and set(saves) <= set(history["outputs"]), (saves, history["outputs"])
+    for node_id in saves:
+        images = history["outputs"][node_id]["images"]
+        assert len(images) == expected_batch(graph, node_id), (node_id, images)
+        for path_ in client.save_outputs(comfy.url, {"outputs": {node_id: {"images": images}}}, str(tmp_path)):
+            with Image.open(path_) as image:
+                assert image.format == "PNG" and image.size == (OUTPUT_SIDE, OUTPUT_SIDE), (path_, image.size)

@@ -1,0 +1,67 @@
+"""``pip install .`` of the flat layout: the wheel holds the package glm_image_nodes (every subpackage, the example
+workflows, the LICENSE), declares the caption extra, and works installed, away from the checkout."""
+import glob
+import os
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import pytest
+
+pytest.importorskip("setuptools")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    ROOT], check=True, capture_output=True)
+    (path,) = glob.glob(str(out / "*.whl"))
+    return path
+
+
+def test_license_is_the_declared_apache_2(wheel):
+    with open(os.path.join(ROOT, "LICENSE"), encoding="utf-8") as f:
+        text = f.read()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    with zipfile.ZipFile(wheel) as whl:
+        metadata = whl.read("glm_image_nodes-0.1.0.dist-info/METADATA").decode()
+        assert "License-Expression: Apache-2.0" in metadata
+        assert "glm_image_nodes-0.1.0.dist-info/licenses/LICENSE" in whl.namelist()
+
+
+def test_wheel_holds_the_package_and_its_data(wheel):
+    with zipfile.ZipFile(wheel) as whl:
+        names = set(whl.namelist())
+        metadata = whl.read("glm_image_nodes-0.1.0.dist-info/METADATA").decode()
+    sources = [os.path.relpath(p, ROOT) for sub in ("core", "nodes", "headless", "testing")
+               for p in glob.glob(os.path.join(ROOT, sub, "**", "*.py"), recursive=True)]
+    workflows = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "example_workflows", "**", "*.json"),
+                                                             recursive=True)]
+    missing = [p for p in sources + workflows + ["__init__.py", "LICENSE"] if f"glm_image_nodes/{p}" not in names]
+    assert not missing, missing
+    assert not [n for n in names if n.startswith(("glm_image_nodes/tests/", "glm_image_nodes/benchmarks/"))]
+    assert 'Requires-Dist: transformers>=5.0; extra == "caption"' in metadata
+
+
+def test_installed_package_imports_away_from_the_checkout(wheel, tmp_path):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), wheel],
+                   check=True, capture_output=True)
+    code = ("import os, glm_image_nodes, glm_image_nodes.demo as demo\n"
+            "assert os.path.dirname(glm_image_nodes.__file__) != " + repr(ROOT) + "\n"
+            "print(len(glm_image_nodes.NODE_CLASS_MAPPINGS), os.path.isfile(demo.WORKFLOW))\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
+    assert run.stdout.split() == [str(len(NODE_CLASS_MAPPINGS)), "True"]
+    client = subprocess.run([sys.executable, "-m", "glm_image_nodes.headless.client", "--help"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True)
+    assert client.returncode == 0 and "API-format workflow JSON" in client.stdout
