@@ -16,7 +16,11 @@ import shutil
 import sys
 import time
 
-from standalone import register_pack
+try:  # a checkout: this folder, registered as the package glm_image_nodes
+    from standalone import register_pack
+except ImportError:  # installed with pip (glm-image-convert): the package is importable as it is
+    def register_pack():
+        pass
 
 COMPONENT_NAMES = {"ar": "glm_image_ar", "decoder": "glm_image_dit", "glyph": "glyph_byt5",
                    "cogview4_text_encoder": "cogview4_text_encoder", "cogview4_decoder": "cogview4_dit"}
