@@ -109,12 +109,13 @@ def test_fp8_scaled_mm_matches_the_dequantized_weight():
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
     bias = torch.randn(48)
     for granularity in fp8.GRANULARITIES:
-        q, scale = fp8.quantize(w, granularity)
-        fast = fp8.scaled_mm_linear(x, q, scale, bias)
-        exact = torch.nn.functional.linear(x.float(), fp8.dequantize(q, scale, torch.float32), bias)
-        assert fast.shape == (2, 5, 48) and fast.dtype == torch.bfloat16
-        rel = ((fast.float() - exact).norm() / exact.norm()).item()
-        assert rel < 0.05, (granularity, rel)  # the activations are quantized to e4m3 too
+        for rowwise in (True, False):  # Hopper+ scales per row / column; Ada takes scalar scales
+            q, scale = fp8.quantize(w, granularity)
+            fast = fp8.scaled_mm_linear(x, q, scale, bias, rowwise=rowwise)
+            exact = torch.nn.functional.linear(x.float(), fp8.dequantize(q, scale, torch.float32), bias)
+            assert fast.shape == (2, 5, 48) and fast.dtype == torch.bfloat16
+            rel = ((fast.float() - exact).norm() / exact.norm()).item()
+            assert rel < 0.05, (granularity, rowwise, rel)  # the activations are quantized to e4m3 too
 
 
 def linear_layer(packed, bias=True, dtype=torch.float32):

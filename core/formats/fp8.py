@@ -75,28 +75,44 @@ def note_fallback(device: torch.device, compute_dtype: torch.dtype) -> None:
                 "holds, the FP8 speed-up does not.", key, str(compute_dtype).removeprefix("torch."))
 
 
-def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ (weight * scale).T + bias`` with FP8 operands: ``x`` quantized per row (token) to e4m3 with its own
-    scale, the per-channel weight scale applied through ``scale_b`` (rowwise scaling) or, per tensor, as a
-    scalar. Output in ``x``'s dtype."""
+def rowwise_scaling(device: torch.device) -> bool:
+    """``_scaled_mm`` with a scale per row / column needs Hopper (9.0) or newer; Ada (8.9) takes scalar scales."""
+    device = torch.device(device)
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def fits_scaled_mm(weight: torch.Tensor) -> bool:
+    return weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+
+
+def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     rowwise: bool | None = None) -> torch.Tensor:
+    """``x @ (weight * scale).T + bias`` with FP8 operands (``weight`` float8 ``[out, in]``, both dims multiples
+    of 16). ``rowwise`` (default: what the device supports): ``x`` quantized to e4m3 with a scale per row (token)
+    and the weight's per-channel scale given to the GEMM; else one scale for all of ``x`` and the per-channel
+    weight scale applied to the float32 output. Result in ``x``'s dtype."""
+    rowwise = rowwise_scaling(x.device) if rowwise is None else rowwise
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    rows = x2.shape[0]
-    x_scale = (x2.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    w_scale = scale.to(device=x.device, dtype=torch.float32)
+    x2 = x.reshape(-1, shape[-1]).float()
+    rows, out_features = x2.shape[0], weight.shape[0]
+    tiny = torch.finfo(torch.float32).tiny
+    amax = x2.abs().amax(dim=-1, keepdim=True) if rowwise else x2.abs().amax().reshape(1, 1)
+    x_scale = (amax / FP8_MAX).clamp(min=tiny)
+    xq = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     pad = (-rows) % 16  # the FP8 GEMM wants M a multiple of 16
     if pad:
         xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
-        x_scale = torch.cat([x_scale, x_scale.new_ones(pad, 1)])
-    if w_scale.dim() == 0:
-        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale.expand(1, weight.shape[0]).contiguous(),
-                               out_dtype=x.dtype, bias=None)
-    else:
+        if rowwise:
+            x_scale = torch.cat([x_scale, x_scale.new_ones(pad, 1)])
+    w_scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1, 1).expand(out_features, 1)
+    if rowwise:
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, -1).contiguous(),
-                               out_dtype=x.dtype, bias=None)
+                               out_dtype=x.dtype)
+    else:
+        one = torch.ones((), device=x.device, dtype=torch.float32)
+        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale.reshape(()), scale_b=one, out_dtype=torch.float32)
+        out = (out * w_scale.reshape(1, -1)).to(x.dtype)
     out = out[:rows]
     if bias is not None:
         out = out + bias.to(out.dtype)
-    return out.reshape(*shape[:-1], weight.shape[0])
+    return out.reshape(*shape[:-1], out_features)
