@@ -30,7 +30,7 @@ GGUF_ARCH = "general.architecture"
 class Checkpoint:
     """Keys, logical shapes and metadata of a checkpoint; ``load`` reads (maps) the tensors asked for."""
     source: str
-    kind: str                                    # "safetensors", "fp8" or "gguf"
+    kind: str                                    # "safetensors", "fp8", "gguf" or "tensors" (a .pt)
     shapes: Mapping[str, tuple[int, ...]]
     metadata: dict[str, str] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # key -> its shard, listed by the index, not on disk
