@@ -46,8 +46,8 @@ os.environ.setdefault("GLMIMAGE_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR  # noqa: E402
-from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT  # noqa: E402
-from glm_image_nodes.core.models.t5_encoder import T5Encoder  # noqa: E402
+from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig  # noqa: E402
+from glm_image_nodes.core.models.t5_encoder import T5Config, T5Encoder  # noqa: E402
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig  # noqa: E402
 from glm_image_nodes.core.runtime import comfy_compat  # noqa: E402
 from glm_image_nodes.core.runtime.attention import BACKENDS, attention_backend  # noqa: E402
@@ -301,10 +301,11 @@ class PackSide:
         return grid.upsampled()
 
     def load_image(self) -> float:
-        dit_config = {k: v for k, v in self.configs["dit"].items() if not k.startswith("_")}
+        dit_config = GlmImageDiTConfig.from_dict(self.configs["dit"])
         self.dit = build_pack_module(lambda: GlmImageDiT(dit_config), self.device, self.dtype, self.seed)
-        self.dit.shift_settings = read_shift_settings(self.configs["scheduler_path"])
-        self.glyph = build_pack_module(lambda: T5Encoder(self.configs["glyph"]), self.device, self.dtype, self.seed)
+        self.shift_settings = read_shift_settings(self.configs["scheduler_path"])
+        glyph_config = T5Config.from_dict(self.configs["glyph"])
+        self.glyph = build_pack_module(lambda: T5Encoder(glyph_config), self.device, self.dtype, self.seed)
         vae_config = VAEConfig.from_dict(self.configs["vae"])
         self.vae = GlmVAE(build_pack_module(lambda: AutoencoderKL(vae_config), self.device, self.dtype, self.seed))
         return weights_gib(self.dit, self.glyph, self.vae.model)
@@ -327,7 +328,8 @@ class PackSide:
                 glyph = glyph_conditioning(self.glyph, job.prompt)
                 return decoder_sampling.sample_latents(self.dit, job.prior_ids, glyph, job.height, job.width,
                                                        steps=job.steps, guidance=job.guidance, noise=job.noise,
-                                                       progress=False, compile_blocks=self.compile_blocks)
+                                                       shift_settings=self.shift_settings, progress=False,
+                                                       compile_blocks=self.compile_blocks)
         except Stop:
             return None
         finally:

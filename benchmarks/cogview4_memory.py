@@ -39,7 +39,7 @@ from bench_glm_image import (
     reset_peak,
     weights_gib,
 )
-from glm_image_nodes.core.models.cogview4_dit import COGVIEW4_DIT_CONFIG, CogView4DiT
+from glm_image_nodes.core.models.cogview4_dit import CogView4DiT, CogView4DiTConfig
 from glm_image_nodes.core.models.glm_text_encoder import GlmConfig, GlmTextEncoder
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig
 from glm_image_nodes.core.runtime import comfy_compat, handles
@@ -91,9 +91,8 @@ def make_text_encoder(configs: dict) -> GlmTextEncoder:
 
 
 def make_decoder(configs: dict) -> CogView4DiT:
-    """The config as the loader merges it: the release's values for the fields the DiT reads."""
-    given = configs["transformer"]
-    return CogView4DiT({**COGVIEW4_DIT_CONFIG, **{k: v for k, v in given.items() if k in COGVIEW4_DIT_CONFIG}})
+    """The config as the loader reads it: the release's values for the fields the DiT reads."""
+    return CogView4DiT(CogView4DiTConfig.from_dict(configs["transformer"], "transformer/config.json"))
 
 
 def make_vae(configs: dict) -> AutoencoderKL:
@@ -105,21 +104,21 @@ def text_encoder_loader(configs: dict, tokenizer_folder: str, dtype: torch.dtype
     tokenizer, on the offload device."""
     model = build_pack_module(lambda: make_text_encoder(configs), comfy_compat.offload_device(), dtype, seed,
                               key=lambda name: "text_encoder.model." + name)
-    return handles.CogView4TextEncoder(model=model, tokenizer=load_cogview4_tokenizer(tokenizer_folder))
+    return handles.CogView4TextEncoder(model=model, tokenizer=load_cogview4_tokenizer(tokenizer_folder),
+                                       blocks="layers")
 
 
-def decoder_loader(configs: dict, dtype: torch.dtype, seed: int) -> CogView4DiT:
+def decoder_loader(configs: dict, dtype: torch.dtype, seed: int) -> handles.Decoder:
     """What GLMImageCogView4DecoderLoader returns: the DiT with the release's scheduler settings."""
     model = build_pack_module(lambda: make_decoder(configs), comfy_compat.offload_device(), dtype, seed,
                               key=lambda name: "transformer." + name)
-    model.shift_settings = read_shift_settings(CONFIGS)
-    return model
+    return handles.Decoder(model, shift_settings=read_shift_settings(CONFIGS), blocks="transformer_blocks")
 
 
-def vae_loader(configs: dict, dtype: torch.dtype, seed: int) -> GlmVAE:
+def vae_loader(configs: dict, dtype: torch.dtype, seed: int) -> handles.ModelHandle:
     """What GLMImageVAELoader returns for CogView4's vae/ folder (its config: scaling 1.0, shift 0.0)."""
-    return GlmVAE(build_pack_module(lambda: make_vae(configs), comfy_compat.offload_device(), dtype, seed,
-                                    key=lambda name: "vae." + name))
+    return handles.ModelHandle(GlmVAE(build_pack_module(lambda: make_vae(configs), comfy_compat.offload_device(),
+                                                        dtype, seed, key=lambda name: "vae." + name)))
 
 
 # ---- measuring ------------------------------------------------------------------------------------------------------
@@ -240,11 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
     decoder = run_stage(device, stages, "decoder_loader", lambda: decoder_loader(configs, dtype, args.seed))
     (latent,) = run_stage(device, stages, "sampler", lambda: GLMImageCogView4Sampler().sample(
         decoder, conditioning, args.width, args.height, args.seed, args.steps, args.guidance, 1))
-    models["transformer"] = model_record(decoder)
+    models["transformer"] = model_record(decoder.model)
 
     vae = run_stage(device, stages, "vae_loader", lambda: vae_loader(configs, dtype, args.seed))
     (image,) = run_stage(device, stages, "vae_decode", lambda: GLMImageVAEDecode().decode(vae, latent, args.tiling))
-    models["vae"] = model_record(vae.model)
+    models["vae"] = model_record(vae.module)
 
     peaks = [s["peak_gib"] for s in stages.values()]
     overall = max(peaks) if device.type == "cuda" else None

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from bench_glm_image import CONFIGS, EOS_ID, PAD_ID, SAMPLING, build_pack_module, building, randomize_  # noqa: E402
 from glm_image_nodes.core.cuda.dispatch import LAUNCHES, NAMESPACE, kernel_mode  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR, mrope_cos_sin  # noqa: E402
-from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT  # noqa: E402
+from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig  # noqa: E402
 from glm_image_nodes.core.stages import ar_sampling  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import DecodeState, SamplingNoise, decode_step  # noqa: E402
@@ -247,13 +247,14 @@ def measure_dit(args) -> dict:
     packs, refs = {}, {}
     for layers in (1, 2):
         config = dit_config(layers, args.dit_width)
-        packs[layers] = build_pack_module(lambda: GlmImageDiT(config), torch.device("cpu"), torch.float32, args.seed)
+        packs[layers] = build_pack_module(lambda: GlmImageDiT(GlmImageDiTConfig.from_dict(config)), torch.device("cpu"),
+                                          torch.float32, args.seed)
         with building("cpu", torch.float32):
             refs[layers] = randomize_(GlmImageTransformer2DModel.from_config(config), args.seed)
     g = torch.Generator().manual_seed(1)
     b, h, w = 2, 64, 64
     latents = torch.randn(b, 16, h, w, generator=g)
-    glyph = torch.randn(b, 16, packs[1].config["text_embed_dim"], generator=g)
+    glyph = torch.randn(b, 16, packs[1].config.text_embed_dim, generator=g)
     ids = torch.randint(0, 16384, (b, (h // 2) * (w // 2)), generator=g)
     drop = torch.tensor([False, True])
     t, size, crop = torch.tensor([500.0, 500.0]), torch.tensor([[512.0, 512.0]] * b), torch.zeros(b, 2)

@@ -31,7 +31,7 @@ os.environ.setdefault("GLMIMAGE_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
 from bench_glm_image import CONFIGS, build_pack_module  # noqa: E402
-from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, load_decoder  # noqa: E402
+from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig, load_decoder  # noqa: E402
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig, load_vae  # noqa: E402
 from glm_image_nodes.core.runtime.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
@@ -49,7 +49,7 @@ def models(args, device: torch.device):
         return load_decoder(folder, dtype="fp32", device=device), load_vae(folder, dtype="fp32", device=device)
     dtype = torch.bfloat16
     with open(os.path.join(CONFIGS, "full", "transformer", "config.json"), encoding="utf-8") as f:
-        dit_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        dit_config = GlmImageDiTConfig.from_dict(json.load(f))
     with open(os.path.join(CONFIGS, "full", "vae", "config.json"), encoding="utf-8") as f:
         vae_config = VAEConfig.from_dict(json.load(f))
     dit = build_pack_module(lambda: GlmImageDiT(dit_config), device, dtype, args.seed)
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     dit, vae = models(args, device)
     g = torch.Generator().manual_seed(args.seed)
-    dim = dit.config["text_embed_dim"]
+    dim = dit.config.text_embed_dim
     glyph = GlyphConditioning(cond=torch.randn(1, 12, dim, generator=g), uncond=torch.randn(1, 1, dim, generator=g))
     ids = torch.randint(0, dit.codebook_size, (1, (args.height // 16) * (args.width // 16)), generator=g)
     thresholds = [float(t) for t in args.thresholds.split(",")]

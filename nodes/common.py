@@ -9,28 +9,40 @@ from ..core.runtime import checks, comfy_compat
 from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
 from ..core.runtime.loading import resolve_dtype
+from ..core.runtime.residency import resolve_blocks
 
 CATEGORY = "GLM-Image"
-DTYPES = ["auto", "bf16", "fp32", "fp16"]
 MAX_SEED = checks.MAX_SEED
+DTYPE_TOOLTIP = "Weight dtype. auto: bf16 on GPUs that support it, else fp32."
+FP8_TOOLTIP = (" fp8_e4m3fn: the transformer weights quantized to FP8 while loading (half the memory of bf16). For "
+               "FP8 and GGUF files: the dtype they are dequantized to per layer.")
+BLOCK_SWAP_TOOLTIP = ("Outside ComfyUI: keep this many transformer blocks on the offload device (CPU) and copy each "
+                      "in just before it runs, for GPUs too small for the whole model. Inside ComfyUI its memory "
+                      "manager does this by itself (partial loading) and this is not used.")
 
 
-def checkpoint_choices(single_file_folder: str) -> list[str]:
-    """Release folders of ``models/glm_image`` plus single files of ``models/<single_file_folder>``.
+def checkpoint_choices(single_file_folder: str, gguf: bool = False) -> list[str]:
+    """Release folders of ``models/glm_image`` plus single files of ``models/<single_file_folder>`` (and its
+    ``.gguf`` files when the loader reads GGUF).
 
     Outside ComfyUI nothing is listed; the loaders also accept a path.
     """
-    return comfy_compat.list_release_folders() + comfy_compat.list_single_files(single_file_folder)
+    files = comfy_compat.list_single_files(single_file_folder)
+    if gguf:
+        files += comfy_compat.list_gguf_files(single_file_folder)
+    return comfy_compat.list_release_folders() + files
 
 
-def checkpoint_input(single_file_folder: str, tooltip: str):
-    choices = checkpoint_choices(single_file_folder)
+def checkpoint_input(single_file_folder: str, tooltip: str, gguf: bool = False):
+    choices = checkpoint_choices(single_file_folder, gguf)
     # Marks a combo whose values are model files: the workflow validation test accepts any string there.
     return (choices, {"tooltip": tooltip, "glm_model_file": single_file_folder})
 
 
-def dtype_input():
-    return (DTYPES, {"default": "auto", "tooltip": "Weight dtype. auto: bf16 on GPUs that support it, else fp32."})
+def dtype_input(choices: list[str] | None = None):
+    choices = choices or ["auto", "bf16", "fp32", "fp16"]
+    tooltip = DTYPE_TOOLTIP + (FP8_TOOLTIP if "fp8_e4m3fn" in choices else "")
+    return (choices, {"default": "auto", "tooltip": tooltip})
 
 
 def load_dtype(choice: str) -> str:
@@ -138,23 +150,39 @@ def check_widget_value(name: str, spec: tuple, value) -> None:
 
 
 class ModelLoader:
-    """A loader node: ``checkpoint`` (release folder, single file or path) + ``dtype`` -> one model.
+    """A loader node: ``checkpoint`` (release folder, single file or path) + ``dtype`` -> one model handle.
 
-    Subclasses set ``FOLDER`` (the ComfyUI folder for single files), ``TOOLTIP`` and ``load_model``.
-    Weights go to the offload device; sampling nodes move them to the GPU while they run.
+    Subclasses set ``SPEC`` (the component: its dtype choices, whether it reads FP8/GGUF, its blocks), ``FOLDER``
+    (the ComfyUI folder for single files), ``TOOLTIP`` and ``load_model`` (returning a ``handles.ModelHandle``).
+    Weights go to the offload device; sampling nodes put them on the GPU (through ComfyUI's memory manager
+    inside ComfyUI).
     """
     CATEGORY = category("loaders")
     FUNCTION = "load"
     FOLDER = "text_encoders"
     TOOLTIP = ""
+    SPEC = None
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"checkpoint": checkpoint_input(cls.FOLDER, cls.TOOLTIP), "dtype": dtype_input()}}
+        formats = cls.SPEC is not None and cls.SPEC.quantize is not None
+        inputs = {"required": {"checkpoint": checkpoint_input(cls.FOLDER, cls.TOOLTIP, gguf=formats),
+                               "dtype": dtype_input(cls.SPEC.dtypes if cls.SPEC is not None else None)}}
+        if cls.SPEC is not None and cls.SPEC.blocks is not None:
+            inputs["optional"] = {"block_swap": ("INT", {"default": 0, "min": 0, "max": 64,
+                                                         "tooltip": BLOCK_SWAP_TOOLTIP})}
+        return inputs
 
-    def load(self, checkpoint, dtype, **options):
+    def load(self, checkpoint, dtype, block_swap=0, **options):
         path = comfy_compat.resolve_checkpoint(checkpoint, self.FOLDER)
-        return (self.load_model(path, load_dtype(dtype), comfy_compat.offload_device(), **options),)
+        handle = self.load_model(path, load_dtype(dtype), comfy_compat.offload_device(), **options)
+        handle.path = path
+        if self.SPEC is not None:
+            handle.blocks = self.SPEC.blocks
+        if block_swap:
+            resolve_blocks(handle.module, handle.blocks, block_swap)  # a count the model cannot serve fails here
+            handle.block_swap = block_swap
+        return (handle,)
 
     def load_model(self, path: str, dtype: str, device, **options):
         raise NotImplementedError

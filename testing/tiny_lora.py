@@ -77,14 +77,14 @@ def write_kohya_lora(path: str, factors: dict, *, alpha: float | None, prefix: s
     return path
 
 
-def write_tiny_loras(release: str, folder: str, seed: int = 0) -> dict[str, str]:
-    """An AR LoRA (PEFT adapter folder) and a DiT LoRA (diffusers file) for the tiny release in ``folder``;
-    returns their paths by name (``ar``, ``dit``)."""
+def write_tiny_loras(release: str, folder: str, seed: int = 0, ar_name: str = "tiny_ar_lora",
+                     dit_name: str = "tiny_dit_lora.safetensors") -> dict[str, str]:
+    """An AR LoRA (PEFT adapter folder ``ar_name``) and a DiT LoRA (diffusers file ``dit_name``) for the tiny
+    release, in ``folder``; returns their paths by name (``ar``, ``dit``)."""
     ar_shapes = target_shapes(load_ar_model(release, "fp32", "cpu"), AR, AR_TARGETS)
     dit_shapes = target_shapes(load_decoder(release, "fp32", "cpu"), GLM_IMAGE_DIT, DIT_TARGETS)
     return {
-        "ar": write_peft_adapter(os.path.join(folder, "tiny_ar_lora"), lora_factors(ar_shapes, 4, seed),
-                                 r=4, alpha=8),
-        "dit": write_diffusers_lora(os.path.join(folder, "tiny_dit_lora.safetensors"),
-                                    lora_factors(dit_shapes, 4, seed + 1), r=4, alpha=4),
+        "ar": write_peft_adapter(os.path.join(folder, ar_name), lora_factors(ar_shapes, 4, seed), r=4, alpha=8),
+        "dit": write_diffusers_lora(os.path.join(folder, dit_name), lora_factors(dit_shapes, 4, seed + 1),
+                                    r=4, alpha=4),
     }

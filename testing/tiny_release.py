@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR
-from ..core.models.glm_image_dit import GlmImageDiT
+from ..core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig
 from ..core.models.semantic_tokenizer import SemanticTokenizer, state_dict_for_release
-from ..core.models.t5_encoder import T5Encoder
+from ..core.models.t5_encoder import T5Config, T5Encoder
 from ..core.models.vae import AutoencoderKL, VAEConfig
 from .tiny_glm_image_tokenizer import TINY_VOCAB_SIZE, write_tiny_glm_image_tokenizer
 
@@ -120,8 +120,9 @@ def write_tiny_release(folder: str, seed: int = 0) -> str:
     _write_json(os.path.join(processor, "preprocessor_config.json"), PREPROCESSOR_CONFIG)
 
     for name, model, config, file in (
-            ("text_encoder", T5Encoder(GLYPH_CONFIG), GLYPH_CONFIG, "model.safetensors"),
-            ("transformer", GlmImageDiT(DIT_CONFIG), DIT_CONFIG, "diffusion_pytorch_model.safetensors"),
+            ("text_encoder", T5Encoder(T5Config.from_dict(GLYPH_CONFIG)), GLYPH_CONFIG, "model.safetensors"),
+            ("transformer", GlmImageDiT(GlmImageDiTConfig.from_dict(DIT_CONFIG)), DIT_CONFIG,
+             "diffusion_pytorch_model.safetensors"),
             ("vae", AutoencoderKL(VAEConfig.from_dict(VAE_CONFIG)), VAE_CONFIG, "diffusion_pytorch_model.safetensors")):
         _write_json(os.path.join(folder, name, "config.json"), config)
         save_file(_randomize(model, generator), os.path.join(folder, name, file))

@@ -82,6 +82,9 @@ def test_loader_paths_and_weights(release, tmp_path, monkeypatch):
         def keys(self):
             return self.sf.keys()
 
+        def get_slice(self, key):  # header only
+            return self.sf.get_slice(key)
+
         def get_tensor(self, key):
             read.append(key)
             return self.sf.get_tensor(key)

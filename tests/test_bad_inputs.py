@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from glm_image_nodes.core.runtime import checks, comfy_compat
+from glm_image_nodes.core.runtime import checks, comfy_compat, handles
 from glm_image_nodes.core.runtime.checks import MAX_SEED, NonFiniteOutput
 from glm_image_nodes.core.runtime.handles import TokenGrid
 from glm_image_nodes.core.stages import ar_sampling
@@ -39,12 +39,13 @@ def outputs(models) -> list[torch.Tensor]:
     ar = models["ar"]
     ids = generate_token_grid(ar.model, ar.tokenizer, "a cat", 64, 64, seed=3,
                               source_grids=[torch.tensor([[1, 2], [3, 4]])], progress=False).ids
-    glyph = glyph_conditioning(models["glyph_encoder"], 'a sign that says "OPEN"')
+    glyph = glyph_conditioning(models["glyph_encoder"].model, 'a sign that says "OPEN"')
     tokens = TokenGrid(ids=ids, height=64, width=64)
-    latent = sample_latents(models["decoder"], tokens.upsampled(), glyph, 64, 64, steps=2, seed=5, progress=False)
-    image = models["vae"].decode(latent)
+    latent = sample_latents(models["decoder"].model, tokens.upsampled(), glyph, 64, 64, steps=2, seed=5,
+                            progress=False)
+    image = models["vae"].model.decode(latent)
     tokenizer = NODES["GLMImageImageToTokens"]().tokenize(models["tokenizer"], image, 64, 64)[0].ids
-    return [ids, glyph.cond, latent, image, models["vae"].encode(image), tokenizer]
+    return [ids, glyph.cond, latent, image, models["vae"].model.encode(image), tokenizer]
 
 
 @pytest.fixture(scope="module")
@@ -145,18 +146,18 @@ def test_seeds_run_over_exactly_the_widget_range(models, baseline):
         with pytest.raises(ValueError, match="seed"):
             checks.check_seed(seed)
     with pytest.raises(ValueError, match=r"seed = -1 is out of range.*Use a seed in 0\.\.18446744073709551615"):
-        sample_latents(models["decoder"], torch.zeros(1, 16, dtype=torch.long), glyph_conditioning(
-            models["glyph_encoder"], "x"), 64, 64, steps=1, seed=-1)
+        sample_latents(models["decoder"].model, torch.zeros(1, 16, dtype=torch.long), glyph_conditioning(
+            models["glyph_encoder"].model, "x"), 64, 64, steps=1, seed=-1)
     assert_unchanged(models, baseline)
 
 
 def test_core_upper_bounds_hold_without_widgets(models, baseline):
     ar, tokens = models["ar"], torch.zeros(1, 16, dtype=torch.long)
-    glyph = glyph_conditioning(models["glyph_encoder"], "x")
+    glyph = glyph_conditioning(models["glyph_encoder"].model, "x")
     with pytest.raises(ValueError, match="num_images = 17 is out of range: it must be 1..16"):
         generate_token_grid(ar.model, ar.tokenizer, "a cat", 64, 64, seed=0, num_images=17)
     with pytest.raises(ValueError, match="steps = 1000 is out of range: it must be 1..200"):
-        sample_latents(models["decoder"], tokens, glyph, 64, 64, steps=1000)
+        sample_latents(models["decoder"].model, tokens, glyph, 64, 64, steps=1000)
     with pytest.raises(ValueError, match=r"prompt is 40000 characters long, over the 32768"):
         generate_token_grid(ar.model, ar.tokenizer, "a" * 40000, 64, 64, seed=0)
     with pytest.raises(ValueError, match="image holds 65 images, over the 64 this node takes at once: split"):
@@ -171,7 +172,7 @@ def test_text_that_no_tokenizer_can_encode(models, baseline):
     with pytest.raises(ValueError, match="prompt holds invalid Unicode"):
         NODES["GLMImageGlyphConditioning"]().encode(models["glyph_encoder"], SURROGATE)
     with pytest.raises(ValueError, match="glyph text 1 holds invalid Unicode"):
-        glyph_conditioning(models["glyph_encoder"], "x", texts=["\udfff"])
+        glyph_conditioning(models["glyph_encoder"].model, "x", texts=["\udfff"])
     assert_unchanged(models, baseline)
 
 
@@ -197,7 +198,7 @@ def test_tensors_that_are_not_what_the_node_needs(models, baseline):
          "image_2 is empty"),
         (lambda: NODES["GLMImageImageToTokens"]().tokenize(tokenizer, torch.full((1, 64, 64, 3), math.inf), 64, 64),
          "image holds 12288 NaN or inf values"),
-        (lambda: NODES["GLMImageCogViewVQDecode"]().decode(type("VQ", (), {"n_embed": 8192})(),
+        (lambda: NODES["GLMImageCogViewVQDecode"]().decode(handles.ModelHandle(type("VQ", (), {"n_embed": 8192})()),
                                                           torch.rand(1, 4, 4)),
          "tokens must hold integer token ids [B, h, w], got torch.float32"),
         (lambda: NODES["GLMImageDecoderSampler"]().sample(models["decoder"], TokenGrid(
@@ -212,8 +213,8 @@ def test_tensors_that_are_not_what_the_node_needs(models, baseline):
 
 
 def test_non_finite_outputs_name_the_stage_and_cause(models, baseline):
-    decoder, vae = models["decoder"], models["vae"]
-    glyph = glyph_conditioning(models["glyph_encoder"], "x")
+    decoder, vae = models["decoder"].model, models["vae"]
+    glyph = glyph_conditioning(models["glyph_encoder"].model, "x")
     weight = next(decoder.parameters())
     saved = weight.detach().clone()
     with torch.no_grad():
@@ -225,7 +226,7 @@ def test_non_finite_outputs_name_the_stage_and_cause(models, baseline):
     finally:
         with torch.no_grad():
             weight.copy_(saved)
-    bias = vae.model.decoder.conv_out.bias
+    bias = vae.module.decoder.conv_out.bias
     saved = bias.detach().clone()
     with torch.no_grad():
         bias.fill_(math.inf)

@@ -80,7 +80,7 @@ def test_single_file_and_errors(models, tmp_path):
     path = str(tmp_path / "cogview4.safetensors")
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
     dit = load_cogview4_decoder(path, dtype="fp32", device="cpu")
-    assert len(dit.transformer_blocks) == 3 and dit.config["text_embed_dim"] == 48
+    assert len(dit.transformer_blocks) == 3 and dit.config.text_embed_dim == 48
     with pytest.raises(CheckpointError, match="fp16"):
         load_cogview4_decoder(path, dtype="fp16", device="cpu")
     with pytest.raises(CheckpointError, match="not a CogView4 DiT"):

@@ -73,8 +73,8 @@ def write_release(root, memory, text_encoder, decoder, vae) -> str:
     """The stand-ins' weights and the tiny configs in the release layout, as the real loaders read it."""
     configs = memory.release_configs("tiny")
     parts = {"text_encoder": ("model.safetensors", {"model." + k: v for k, v in text_encoder.model.state_dict().items()}),
-             "transformer": ("diffusion_pytorch_model.safetensors", decoder.state_dict()),
-             "vae": ("diffusion_pytorch_model.safetensors", vae.model.state_dict())}
+             "transformer": ("diffusion_pytorch_model.safetensors", decoder.model.state_dict()),
+             "vae": ("diffusion_pytorch_model.safetensors", vae.module.state_dict())}
     for name, (file, state) in parts.items():
         os.makedirs(os.path.join(root, name))
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(root, name, file))
@@ -116,11 +116,14 @@ def test_in_memory_loaders_return_what_the_loader_nodes_return(memory, tmp_path)
     assert text_encoder.tokenizer.encode(prompt) == loaded_text_encoder.tokenizer.encode(prompt)
     assert text_encoder.tokenizer.pad_token_id == loaded_text_encoder.tokenizer.pad_token_id
 
-    assert_same_module(decoder, loaded_decoder)
-    assert decoder.config == loaded_decoder.config
-    assert decoder.shift_settings == loaded_decoder.shift_settings
+    assert text_encoder.blocks == loaded_text_encoder.blocks
+    assert type(decoder) is type(loaded_decoder)
+    assert_same_module(decoder.model, loaded_decoder.model)
+    assert decoder.model.config == loaded_decoder.model.config
+    assert decoder.shift_settings == loaded_decoder.shift_settings and decoder.blocks == loaded_decoder.blocks
 
     assert type(vae) is type(loaded_vae)
+    vae, loaded_vae = vae.model, loaded_vae.model
     assert_same_module(vae.model, loaded_vae.model)
     assert (vae.scaling_factor, vae.shift_factor) == (loaded_vae.scaling_factor, loaded_vae.shift_factor) == (1.0, 0.0)
     assert vae.latents_mean is loaded_vae.latents_mean is None

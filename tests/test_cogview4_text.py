@@ -178,15 +178,17 @@ def test_long_prompt_truncated_with_warning(release, caplog):
 
 
 def test_last_layer_and_final_norm_not_loaded(release, monkeypatch):
-    loaded = []
-    real = gte.loading.load_state_dict
+    from glm_image_nodes.core.formats.checkpoint import Checkpoint
 
-    def spy(*args, **kwargs):
-        sd = real(*args, **kwargs)
+    loaded = []
+    real = Checkpoint.load
+
+    def spy(self, names):
+        sd = real(self, names)
         loaded.extend(sd)
         return sd
 
-    monkeypatch.setattr(gte.loading, "load_state_dict", spy)
+    monkeypatch.setattr(Checkpoint, "load", spy)
     encoder = load_glm_text_encoder(release.root, dtype="fp32", device="cpu")
     assert loaded and "embed_tokens.weight" in loaded and any(k.startswith("layers.1.") for k in loaded)
     assert "norm.weight" not in loaded

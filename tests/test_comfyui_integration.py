@@ -8,6 +8,7 @@ skipped otherwise. One CPU server serves the whole module (see comfyui_server.py
 import io
 import json
 import os
+import uuid
 
 import pytest
 from comfyui_server import AVAILABLE, PACK_FOLDER, ROOT, SKIP_REASON, comfyui
@@ -15,6 +16,7 @@ from comfyui_server import AVAILABLE, PACK_FOLDER, ROOT, SKIP_REASON, comfyui
 if not AVAILABLE:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
+import convert  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
@@ -23,6 +25,36 @@ from PIL import Image  # noqa: E402
 pytestmark = pytest.mark.comfyui
 
 T2I_WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json")
+GGUF_WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_gguf_text_to_image.json")
+# A test-only node (not part of the pack) that reports ComfyUI's loaded-model accounting after an image is made.
+PROBE_PACK = '''
+import json
+import comfy.model_management as mm
+
+class GLMTestLoadedModels:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}}
+
+    def report(self, images):
+        models = []
+        for loaded in mm.current_loaded_models:
+            patcher = loaded.model
+            net = getattr(patcher.model, "net", None)
+            first = next(net.parameters()) if net is not None else None
+            models.append({"name": type(patcher.model).__name__, "pack": net is not None, "patcher": id(patcher),
+                           "size": patcher.model_size(), "loaded": patcher.loaded_size(),
+                           "device": str(patcher.load_device),
+                           "first_weight": first.data_ptr() if first is not None else None})
+        return {"ui": {"text": [json.dumps(models)]}}
+
+NODE_CLASS_MAPPINGS = {"GLMTestLoadedModels": GLMTestLoadedModels}
+'''
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +65,21 @@ def comfy(tmp_path_factory):
     # Listed by the loaders (it has a model_index.json) but holds no component: fails at execution time.
     (releases / "broken").mkdir()
     (releases / "broken" / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
-    with comfyui(str(root), {"glm_image": str(releases)}, extra_args=["--preview-method", "auto"]) as server:
+    # The tiny release in GGUF, where ComfyUI users put such files: text models in text_encoders/<name>/ with
+    # their tokenizer, the DiT in unet/ (ComfyUI lists it under diffusion_models)
+    converted = root / "converted"
+    assert convert.main([str(releases / "tiny"), "--format", "q4_k", "--out", str(converted)]) == 0
+    text_encoders, unet = root / "models" / "text_encoders", root / "models" / "unet"
+    (text_encoders / "tiny").mkdir(parents=True)
+    unet.mkdir()
+    for name in ("tiny_glm_image_ar_q4_k.gguf", "tiny_glyph_byt5_q4_k.gguf", "tokenizer.json", "tokenizer_config.json"):
+        if (converted / name).exists():
+            (converted / name).rename(text_encoders / "tiny" / name)
+    (converted / "tiny_glm_image_dit_q4_k.gguf").rename(unet / "tiny_glm_image_dit_q4_k.gguf")
+    (root / "custom_nodes" / "glm_test_probe").mkdir(parents=True)
+    (root / "custom_nodes" / "glm_test_probe" / "__init__.py").write_text(PROBE_PACK)
+    folders = {"glm_image": str(releases), "text_encoders": str(text_encoders), "diffusion_models": str(unet)}
+    with comfyui(str(root), folders, extra_args=["--preview-method", "auto"]) as server:
         yield server
 
 
@@ -91,6 +137,55 @@ def test_text_to_image_runs_with_websocket_progress_and_previews(comfy, tmp_path
             assert frame.format == "JPEG" and frame.size == (512, 512), (frame.format, frame.size)
         by_node[node] = by_node.get(node, 0) + 1
     assert by_node == {_node_id(graph, "GLMImageDecoderSampler"): 2, _node_id(graph, "GLMImageARSampler"): 32}, by_node
+
+
+def _loaded_models(comfy, graph: dict, seed: int) -> list[dict]:
+    """Run ``graph`` with the decoder seed set and the probe after the image; ComfyUI's loaded models then."""
+    graph = json.loads(json.dumps(graph))
+    graph[_node_id(graph, "GLMImageDecoderSampler")]["inputs"]["seed"] = seed
+    graph["probe"] = {"class_type": "GLMTestLoadedModels", "inputs": {"images": [_node_id(graph, "GLMImageVAEDecode"), 0]}}
+    client_id = uuid.uuid4().hex
+    history = client.follow(comfy.url, client.submit(comfy.url, graph, client_id), client_id, lambda event: None)
+    return json.loads(history["outputs"]["probe"]["text"][0])
+
+
+def test_models_stay_in_comfyui_accounting_and_are_not_reloaded(comfy):
+    graph = _t2i_graph()
+    first = _loaded_models(comfy, graph, seed=1)
+    requested = comfy.log().count("Requested to load")
+    second = _loaded_models(comfy, graph, seed=2)  # the samplers run again, the loaders are cached
+    pack = {m["name"]: m for m in first if m["pack"]}
+    assert {"GlmImageAR", "T5Encoder", "GlmImageDiT", "AutoencoderKL"} <= set(pack), first
+    for model in pack.values():
+        assert model["size"] > 0 and model["loaded"] == model["size"], model  # fully loaded: it fits
+    again = {m["name"]: m for m in second if m["pack"]}
+    for name, model in pack.items():  # the same ModelPatcher, the same weight storage: nothing moved or reloaded
+        assert (again[name]["patcher"], again[name]["first_weight"]) == (model["patcher"], model["first_weight"])
+    assert comfy.log().count("Requested to load") == requested, comfy.log()
+
+
+def test_gguf_workflow_finds_its_files_and_runs(comfy, tmp_path):
+    info = comfy.get_json("/object_info")
+    choices = {name: info[name]["input"]["required"]["checkpoint"][0]
+               for name in ("GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDecoderLoader")}
+    assert "tiny/tiny_glm_image_ar_q4_k.gguf" in choices["GLMImageARLoader"], choices
+    assert "tiny/tiny_glyph_byt5_q4_k.gguf" in choices["GLMImageGlyphEncoderLoader"], choices
+    assert "tiny_glm_image_dit_q4_k.gguf" in choices["GLMImageDecoderLoader"], choices  # models/unet
+    with open(GGUF_WORKFLOW, encoding="utf-8") as f:
+        graph = json.load(f)
+    files = {"GLMImageARLoader": "tiny/tiny_glm_image_ar_q4_k.gguf",
+             "GLMImageGlyphEncoderLoader": "tiny/tiny_glyph_byt5_q4_k.gguf",
+             "GLMImageDecoderLoader": "tiny_glm_image_dit_q4_k.gguf", "GLMImageVAELoader": "tiny"}
+    for node in graph.values():
+        if node["class_type"] in files:
+            node["inputs"]["checkpoint"] = files[node["class_type"]]
+        if node["class_type"] == "GLMImageARSampler":
+            node["inputs"].update(width=512, height=512)
+        if node["class_type"] == "GLMImageDecoderSampler":
+            node["inputs"]["steps"] = 2
+    saved = client.run(comfy.url, graph, str(tmp_path), lambda event: None)
+    with Image.open(saved[0]) as image:
+        assert image.size == (512, 512)
 
 
 def test_locales_are_served(comfy):

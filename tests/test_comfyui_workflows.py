@@ -19,7 +19,9 @@ if not AVAILABLE:
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
+import convert  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
+from glm_image_nodes.testing.tiny_lora import write_tiny_loras  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 from PIL import Image  # noqa: E402
 from tiny_dit import write_tiny_cogview4_release  # noqa: E402
@@ -35,16 +37,30 @@ INPUT_SIDE, OUTPUT_SIDE = 256, 512
 def comfy(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfyui_workflows")
     models = root / "models"
-    write_tiny_release(str(models / "glm_image" / "GLM-Image"))
+    release = write_tiny_release(str(models / "glm_image" / "GLM-Image"))
     write_tiny_cogview4_release(str(models / "glm_image" / "CogView4-6B"))
     write_tiny_glmv(str(models / "text_encoders" / "GLM-4.6V-Flash"))
-    with comfyui(str(root), {"glm_image": str(models / "glm_image"),
-                             "text_encoders": str(models / "text_encoders")}) as server:
+    write_gguf_files(release, models)
+    write_tiny_loras(release, str(models / "loras"),  # the names the LoRA workflow chooses
+                     ar_name="glm_image_ar_style_lora", dit_name="glm_image_dit_style_lora.safetensors")
+    with comfyui(str(root), {"glm_image": str(models / "glm_image"), "text_encoders": str(models / "text_encoders"),
+                             "diffusion_models": str(models / "unet"), "loras": str(models / "loras")}) as server:
         names = {node["inputs"]["image"] for path in API_FILES for node in json.load(open(path)).values()
                  if node["class_type"] == "LoadImage"}
         for i, name in enumerate(sorted(names)):
             Image.new("RGB", (INPUT_SIDE, INPUT_SIDE), (40 * i, 200 - 40 * i, 90)).save(root / "input" / name)
         yield server
+
+
+def write_gguf_files(release: str, models) -> None:
+    """The files the GGUF example workflow names, converted from the tiny release, where the README puts them."""
+    text, unet = models / "text_encoders" / "GLM-Image", models / "unet"
+    text.mkdir(parents=True)
+    unet.mkdir(parents=True)
+    assert convert.main([release, "--format", "q4_k", "--out", str(text)]) == 0  # with the AR's tokenizer beside it
+    (text / "GLM-Image_glm_image_dit_q4_k.gguf").rename(unet / "GLM-Image_glm_image_dit_q4_k.gguf")
+    glyph = str(text / "GLM-Image_glyph_byt5_q8_0.gguf")
+    assert convert.main([os.path.join(release, "text_encoder"), "--format", "q8_0", "--out", glyph]) == 0
 
 
 def fast(graph: dict) -> dict:

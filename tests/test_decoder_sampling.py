@@ -187,7 +187,7 @@ def test_refine_from_start_sigma(setup):
                           progress=False)
     assert torch.equal(full, same)
     # a tail of the schedule == the pipeline given the same tail of raw timesteps and the noised start
-    tail = decoder_sampling.glm_image_schedule(6, H, W, dit.shift_settings).starting_at(0.7)
+    tail = decoder_sampling.glm_image_schedule(6, H, W).starting_at(0.7)
     assert 0 < len(tail) < 6
     s = tail.sigmas[0]
     got = sample_latents(dit, ids, glyph, H, W, steps=6, noise=noise, start_latents=start, start_sigma=0.7,

@@ -9,9 +9,11 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache  # noqa: E402
+from glm_image_nodes.core.models.dit import release_shift_settings  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
 from glm_image_nodes.core.runtime.loading import CheckpointError  # noqa: E402
 from glm_image_nodes.core.stages.flow_schedule import ShiftSettings  # noqa: E402
+from glm_image_nodes.nodes.loaders.glm_image import GLMImageDecoderLoader  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dit import GLM_TINY, single_thread, tiny_glm_image_dit, write_release  # noqa: E402
@@ -116,7 +118,10 @@ def test_batch_reads_shared_cache(models):
 def test_load_release_root_reads_scheduler(models, tmp_path):
     _, dit, root = models
     config = json.load(open(os.path.join(root, "scheduler", "scheduler_config.json")))
-    assert dit.shift_settings == ShiftSettings(base_shift=config["base_shift"], max_shift=config["max_shift"])
+    wanted = ShiftSettings(base_shift=config["base_shift"], max_shift=config["max_shift"])
+    assert release_shift_settings(root) == release_shift_settings(os.path.join(root, "transformer")) == wanted
+    (handle,) = GLMImageDecoderLoader().load(root, "fp32")
+    assert handle.shift_settings == wanted and handle.model.config == dit.config
     from_root = load_decoder(root, dtype="fp32", device="cpu")
     assert from_root.num_layers == GLM_TINY["num_layers"]
     for k, v in dit.state_dict().items():
@@ -129,7 +134,7 @@ def test_single_file_infers_config(tmp_path):
     path = str(tmp_path / "glm_dit.safetensors")
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
     dit = load_decoder(path, dtype="fp32", device="cpu")
-    assert dit.num_layers == 3 and dit.config["text_embed_dim"] == 32 and dit.codebook_size == 64
+    assert dit.num_layers == 3 and dit.config.text_embed_dim == 32 and dit.codebook_size == 64
     x = inputs(1, 8, 8)
     with torch.no_grad():
         err = (dit(x["latents"], x["glyph"], x["ids"], False, x["t"], x["size"], x["crop"]) -

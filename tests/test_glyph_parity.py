@@ -149,7 +149,7 @@ def test_single_file_infers_config(release, tmp_path):
     save_file(state, tmp_path / "glyph_byt5.safetensors")
     encoder = load_glyph_encoder(str(tmp_path / "glyph_byt5.safetensors"), dtype="fp32", device="cpu")
     cfg = encoder.config
-    assert (cfg["d_model"], cfg["d_ff"], cfg["d_kv"], cfg["num_heads"], cfg["num_layers"], cfg["vocab_size"]) == \
+    assert (cfg.d_model, cfg.d_ff, cfg.d_kv, cfg.num_heads, cfg.num_layers, cfg.vocab_size) == \
         (32, 48, 8, 4, 2, 384)
     ids, mask = tokenize_glyph_texts(["ab", "longer text 中文"])
     with torch.no_grad():

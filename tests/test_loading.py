@@ -3,17 +3,10 @@ import json
 
 import pytest
 import torch
+from glm_image_nodes.core.formats.checkpoint import open_checkpoint
 from glm_image_nodes.core.runtime import comfy_compat
-from glm_image_nodes.core.runtime.loading import (
-    CheckpointError,
-    checkpoint_keys,
-    checkpoint_shapes,
-    component_path,
-    fill_module,
-    load_state_dict,
-    meta_device,
-    resolve_dtype,
-)
+from glm_image_nodes.core.runtime.components import check_state
+from glm_image_nodes.core.runtime.loading import CheckpointError, component_path, meta_device, resolve_dtype
 from safetensors.torch import save_file
 
 
@@ -21,7 +14,7 @@ def test_corrupt_file_names_the_file(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match=r"model\.safetensors cannot be read as safetensors.*download it again"):
-        checkpoint_keys(str(tmp_path))
+        open_checkpoint(str(tmp_path))
 
 
 def test_sharded_folder_reads_through_the_index(tmp_path):
@@ -29,11 +22,12 @@ def test_sharded_folder_reads_through_the_index(tmp_path):
     save_file({"b": torch.zeros(3, 4)}, str(tmp_path / "model-00002-of-00002.safetensors"))
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert checkpoint_shapes(str(tmp_path)) == {"a": (2,), "b": (3, 4)}
-    assert list(load_state_dict(str(tmp_path), keep=lambda k: k == "b")) == ["b"]
+    checkpoint = open_checkpoint(str(tmp_path))
+    assert dict(checkpoint.shapes) == {"a": (2,), "b": (3, 4)}
+    assert list(checkpoint.load({"b": "b"})) == ["b"]
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="missing: model-00002-of-00002.safetensors"):
-        checkpoint_keys(str(tmp_path))
+    # a missing shard is only an error for a loader that wants its keys (see load_component)
+    assert open_checkpoint(str(tmp_path)).unavailable == {"b": "model-00002-of-00002.safetensors"}
 
 
 def test_release_root_without_the_component(tmp_path):
@@ -42,15 +36,15 @@ def test_release_root_without_the_component(tmp_path):
         component_path(str(tmp_path), "vae")
 
 
-def test_fill_module_names_missing_and_mismatched_tensors():
+def test_check_state_names_missing_and_mismatched_tensors():
     with meta_device():
         module = torch.nn.Linear(4, 3)
     with pytest.raises(CheckpointError, match="missing keys \\(1\\): bias"):
-        fill_module(module, {"weight": torch.zeros(3, 4)}, source="x.safetensors")
+        check_state(module, {"weight": (3, 4)}, "x.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected keys \\(1\\): scale"):
+        check_state(module, {"weight": (3, 4), "bias": (3,), "scale": ()}, "x.safetensors")
     with pytest.raises(CheckpointError, match="tensor weight has shape \\(4, 4\\) but the config expects \\(3, 4\\)"):
-        fill_module(module, {"weight": torch.zeros(4, 4), "bias": torch.zeros(3)}, source="x.safetensors")
-    filled = fill_module(module, {"weight": torch.ones(3, 4), "bias": torch.zeros(3)}, source="x", dtype=torch.bfloat16)
-    assert filled.weight.dtype == torch.bfloat16 and filled.weight.device.type == "cpu"
+        check_state(module, {"weight": (4, 4), "bias": (3,)}, "x.safetensors")
 
 
 def test_dtype_choices():
@@ -77,15 +71,45 @@ def test_out_of_memory_names_the_stage_and_what_to_lower():
 
 
 def test_out_of_memory_while_moving_weights_says_so(monkeypatch):
-    class Huge(torch.nn.Linear):
-        def to(self, device, *args, **kwargs):
-            if torch.device(device).type == "meta":  # stands in for a GPU without room
-                raise torch.OutOfMemoryError("CUDA out of memory")
-            return super().to(device, *args, **kwargs)
+    from glm_image_nodes.core.runtime import residency
 
-    module = Huge(4, 4)
-    monkeypatch.setattr(comfy_compat, "get_device", lambda: torch.device("meta"))
+    module = torch.nn.Linear(4, 4)
+    before = module.weight.data_ptr()
+
+    def no_room(tensors, device):  # stands in for a GPU without room for the weights
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(residency, "_point_to", no_room)
     with pytest.raises(comfy_compat.OutOfMemory, match=r"moving the weights of AR token sampling \(0\.0 GB\)"):
         with comfy_compat.on_compute_device(module, stage="AR token sampling"):
             pass
+    assert module.weight.data_ptr() == before and module(torch.ones(1, 4)).shape == (1, 4)
     assert isinstance(comfy_compat.OutOfMemory("x"), torch.OutOfMemoryError)
+
+
+def test_block_swap_streams_each_swapped_block_and_leaves_no_hooks(monkeypatch):
+    """On a CPU-only machine nothing moves, so the test records what the swap asks to move and when."""
+    from glm_image_nodes.core.runtime import residency
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    calls, real = [], residency._point_to
+
+    def record(tensors, device):
+        calls.append(len(tensors))
+        return real(tensors, device)
+
+    monkeypatch.setattr(residency, "_point_to", record)
+    x = torch.ones(1, 4)
+    want = model(x)
+    blocks = residency.resolve_blocks(torch.nn.Sequential(model), "0", 2)
+    with residency.resident(model, torch.device("cpu"), blocks) as device:
+        assert residency.placed_device(model, model[2].weight) == device
+        assert calls == [2]          # the unswapped block's weight and bias, up front
+        assert torch.equal(model(x), want)
+        assert calls == [2, 2, 2]    # each swapped block brought in just before it ran
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    assert "execution_device" not in model.__dict__
+    with pytest.raises(ValueError, match="5 blocks requested but Sequential has 3; choose at most 3"):
+        residency.resolve_blocks(torch.nn.Sequential(model), "0", 5)
+    with pytest.raises(ValueError, match="has no transformer blocks to swap"):
+        residency.resolve_blocks(model, None, 1)

@@ -81,7 +81,7 @@ def test_preview_method_decides_and_the_vae_loader_supplies_the_colours(release,
     assert comfy_compat.preview_method() == "auto" and comfy_compat.preview_size() == 256
     assert latent_preview.decoder_preview("glm_image") is None      # no VAE loaded yet
     (loaded,) = NODE_CLASS_MAPPINGS["GLMImageVAELoader"]().load(release, "fp32")
-    assert latent_preview.latent_family(loaded) == "glm_image"
+    assert latent_preview.latent_family(loaded.model) == "glm_image"
     preview = latent_preview.decoder_preview("glm_image")
     assert isinstance(preview, latent_preview.LatentPreview)
     assert latent_preview.decoder_preview("cogview4") is None       # another latent space: not this VAE's colours

@@ -14,6 +14,7 @@ from glm_image_nodes.core.models.captioner import (  # noqa: E402
     load_captioner,
     strip_reasoning,
 )
+from glm_image_nodes.core.runtime import handles  # noqa: E402
 from glm_image_nodes.core.stages.prompt_enhance import (  # noqa: E402
     SYSTEM_PROMPTS,
     USER_PREFIX,
@@ -92,5 +93,5 @@ def test_bad_input_is_refused_before_generating():
 
 def test_node_returns_the_rewrite(captioner):
     node = NODE_CLASS_MAPPINGS["GLMImagePromptEnhance"]()
-    (text,) = node.enhance(captioner, PROMPT, "auto", NEW_TOKENS, 0.0, 0)
+    (text,) = node.enhance(handles.ModelHandle(captioner), PROMPT, "auto", NEW_TOKENS, 0.0, 0)
     assert text == enhance_prompt(captioner, PROMPT, max_new_tokens=NEW_TOKENS)

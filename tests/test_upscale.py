@@ -176,7 +176,7 @@ def test_cogview4_start_sigma_matches_pipeline(cogview4):
     full = sample_cogview4_latents(dit, cond, uncond, height, width, **run)
     assert torch.equal(full, sample_cogview4_latents(dit, cond, uncond, height, width, start_latents=start,
                                                      start_sigma=1.0, **run))
-    tail = cogview4_schedule(steps, height, width, dit.shift_settings).starting_at(0.7)
+    tail = cogview4_schedule(steps, height, width).starting_at(0.7)
     assert 0 < len(tail) < steps
     s = tail.sigmas[0]
     got = sample_cogview4_latents(dit, cond, uncond, height, width, start_latents=start, start_sigma=0.7, **run)
@@ -238,6 +238,8 @@ def test_nodes(glm):
     assert node.CATEGORY == refine.CATEGORY == "GLM-Image/upscale"
     assert set(refine.INPUT_TYPES()["required"]) >= {"decoder", "vae", "conditioning", "image", "scale", "strength"}
     batch = torch.stack([landscape(64, seed=0), landscape(64, seed=1)])
-    (out,) = node().upscale(glm.decoder, glm.vae, glm.tokenizer, glm.glyph, batch, seed=0, steps=2, guidance=1.5,
+    from glm_image_nodes.core.runtime import handles
+    (out,) = node().upscale(handles.Decoder(glm.decoder), handles.ModelHandle(glm.vae),
+                            handles.ModelHandle(glm.tokenizer), glm.glyph, batch, seed=0, steps=2, guidance=1.5,
                             strength=1.0, use_reference=True)
     assert out.shape == (2, 128, 128, 3) and not torch.equal(out[0], out[1])

@@ -1,1 +1,42 @@
-"""Weight formats beside plain safetensors (FP8, GGUF): readers, per-layer dequantization, the converter."""
+"""Weight formats beyond plain safetensors: scaled FP8 (ComfyUI's convention) and GGUF (city96 style).
+
+Modules:
+- ``ggml``: the GGML block types in torch (dequantizers bit-identical to ``gguf``'s numpy ones; the K-quant
+  quantizers gguf-py lacks), ``fp8``: e4m3fn with per-tensor or per-output-channel scales and ``_scaled_mm``;
+- ``layers``: the pack's ``Linear`` / ``Embedding``, whose weight is plain, FP8 + scale or GGUF-packed;
+- ``checkpoint``: one read-only, memory-mapped view over safetensors, scaled-FP8 and GGUF files;
+- ``writers`` and ``conversion``: what ``convert.py`` uses.
+
+Design note (per-layer weights, and where LoRA plugs in)
+--------------------------------------------------------
+Every ``nn.Linear`` and ``nn.Embedding`` of a component that has weight formats (the AR model, both DiTs,
+Glyph-ByT5, CogView4's text encoder) becomes ``layers.Linear`` / ``layers.Embedding`` at load time
+(``layers.adopt``; state-dict keys unchanged). Such a layer holds:
+
+- ``weight``: a plain tensor in the compute dtype, a float8_e4m3fn tensor (with the buffer ``scale_weight``, shape
+  ``()`` or ``[out, 1]``) or the raw GGUF bytes ``[rows, bytes_per_row]`` (uint8); ``weight_kind`` says which
+  (``"plain"``, ``"fp8"``, ``"Q4_K"``, ...), ``weight_shape`` is the logical shape, ``compute_dtype`` the dtype it
+  is turned into;
+- ``compute_weight(device, dtype)``: the weight as the layer uses it this call, dequantized on ``device``.
+
+**The patch hook.** ``layer.weight_patches`` is a list of callables ``patch(weight) -> weight``. Each call of the
+layer dequantizes the weight to the compute dtype on the compute device, applies ComfyUI's own
+``weight_function`` list first (its low-VRAM LoRA patches, which ComfyUI clears on reloads), then every entry of
+``weight_patches`` in order, checks the shape is unchanged, and runs with the result. The stored (packed)
+weight is never modified, so patches can be added, re-weighted or removed between runs at no cost and a
+quantized model stays quantized. A LoRA delta is ``lambda w: w + scale * (up @ down).to(w)``; keep ``up``/``down``
+on the layer's device (or move them in the patch). Use ``layer.add_weight_patch`` and clear the list to unpatch.
+While a layer has patches, FP8 layers skip ``_scaled_mm`` and take the dequantize path (correct, a little slower);
+plain layers pay one weight-sized temporary per call. For speed with many LoRAs, fold them into the plain weight
+once (``layer.weight.data += delta``) instead, which is only exact for plain weights.
+
+Inside ComfyUI a model sits in a ``ModelPatcher`` (``comfy_compat.model_patcher``) whose model is a container with
+the pack's module as ``net``: ComfyUI's key-based patches (``patcher.add_patches({"net.layers.0...weight": ...})``)
+would reach ``patch_weight_to_device``, which casts the *stored* tensor to float32 and is wrong for packed weights;
+route LoRA through ``weight_patches`` instead (or override ``patch_weight_to_device`` to turn ComfyUI's patches
+into a ``weight_patches`` entry for packed layers, as ComfyUI-GGUF's ``GGUFModelPatcher`` does).
+
+Rules kept by the format code: nothing is dequantized for the whole model at once; only the layer that runs is
+(the embedding only the rows looked up); loading never copies a weight that is already in the wanted dtype (the
+file pages stay mapped); GGUF dequantization is bit-identical to ``gguf.quants.dequantize``.
+"""

@@ -6,18 +6,33 @@ stretched onto a 256-long table, and no reference cache.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
-from .dit import DiTTrunk, TimeConditionEmbed, infer_trunk_config, load_dit, patchify, require_keys, rope_2d
+from ..runtime import components
+from .dit import (
+    DiTConfig,
+    DiTTrunk,
+    TimeConditionEmbed,
+    dit_spec,
+    patchify,
+    require_keys,
+    rope_2d,
+    trunk_fields_from_shapes,
+)
 from .step_cache import BranchCache
 
-# transformer/config.json of THUDM/CogView4-6B
-COGVIEW4_DIT_CONFIG = {
-    "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 28, "attention_head_dim": 128,
-    "num_attention_heads": 32, "text_embed_dim": 4096, "time_embed_dim": 512, "condition_dim": 256,
-    "rope_axes_dim": [256, 256],
-}
+
+@dataclass
+class CogView4DiTConfig(DiTConfig):
+    """transformer/config.json of THUDM/CogView4-6B (the defaults are the release's values)."""
+    CLASS_NAME: ClassVar[str] = "CogView4Transformer2DModel"
+    num_layers: int = 28
+    text_embed_dim: int = 4096
+    rope_axes_dim: tuple[int, int] = (256, 256)
 
 
 class CogView4PatchEmbed(nn.Module):
@@ -31,12 +46,12 @@ class CogView4PatchEmbed(nn.Module):
 class CogView4DiT(DiTTrunk):
     """``forward`` returns the predicted velocity (noise - x0)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: CogView4DiTConfig):
         super().__init__(config)
         c, dim = self.config, self.dim
-        self.rope_axes = tuple(c["rope_axes_dim"])
-        self.patch_embed = CogView4PatchEmbed(c["in_channels"], dim, c["patch_size"], c["text_embed_dim"])
-        self.time_condition_embed = TimeConditionEmbed(c["time_embed_dim"], dim, c["condition_dim"], 3)
+        self.rope_axes = tuple(c.rope_axes_dim)
+        self.patch_embed = CogView4PatchEmbed(c.in_channels, dim, c.patch_size, c.text_embed_dim)
+        self.time_condition_embed = TimeConditionEmbed(c.time_embed_dim, dim, c.condition_dim, 3)
         self.add_trunk()
 
     def forward(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, original_size: torch.Tensor,
@@ -61,17 +76,19 @@ class CogView4DiT(DiTTrunk):
         return self.output(x, temb, h, w)
 
 
-def infer_cogview4_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> CogView4DiTConfig:
     require_keys(shapes, ["patch_embed.proj.weight", "patch_embed.text_proj.weight", "proj_out.weight",
                           "time_condition_embed.condition_embedder.linear_1.weight"], source, "CogView4 DiT")
-    return infer_trunk_config(shapes, source, defaults=COGVIEW4_DIT_CONFIG, patch_key="patch_embed.proj.weight",
-                              text_key="patch_embed.text_proj.weight", num_conditions=3)
+    return CogView4DiTConfig(**trunk_fields_from_shapes(
+        shapes, source, defaults=CogView4DiTConfig(), patch_key="patch_embed.proj.weight",
+        text_key="patch_embed.text_proj.weight", num_conditions=3))
+
+
+SPEC = dit_spec("The CogView4 decoder", "cogview4_dit", CogView4DiTConfig, CogView4DiT, config_from_shapes)
 
 
 def load_cogview4_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> CogView4DiT:
-    """Load the CogView4 DiT from a release root, its ``transformer/`` folder or a single .safetensors file.
-
-    ``dtype``: ``auto`` (bf16 where supported, else fp32), ``bf16`` or ``fp32``; fp16 is refused.
-    """
-    return load_dit(path, dtype, device, model_class=CogView4DiT, class_name="CogView4Transformer2DModel",
-                    infer=infer_cogview4_config, defaults=COGVIEW4_DIT_CONFIG, component="The CogView4 decoder")
+    """Load the CogView4 DiT from a release root, its ``transformer/`` folder, a single .safetensors file or a
+    converted FP8 / GGUF file. ``dtype``: auto (bf16 where supported, else fp32), bf16, fp32 or fp8_e4m3fn;
+    fp16 is refused."""
+    return components.load_component(SPEC, path, dtype, device)

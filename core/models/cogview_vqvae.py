@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..formats.checkpoint import Checkpoint
+from ..runtime import components
 from ..runtime.checks import check_finite_output
-from ..runtime.comfy_compat import get_device
 from ..runtime.geometry import check_multiple_of
-from ..runtime.loading import CheckpointError, fill_module, load_state_dict, meta_device
+from ..runtime.loading import CheckpointError
+from ..runtime.residency import placed_device
 
 MEAN = (0.79093, 0.76271, 0.75340)  # dataset statistics of the release's input normalization
 STD = (0.30379, 0.32279, 0.32800)
@@ -81,7 +84,7 @@ class CogViewVQVAE(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.quantize_t.embed.device
+        return placed_device(self, self.quantize_t.embed)
 
     @property
     def n_embed(self) -> int:
@@ -128,7 +131,7 @@ def read_pt(path: str) -> dict[str, torch.Tensor]:
             f"state dict.") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a bare state dict of tensors (as {RELEASE_FILE} is).")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return sd
 
 
 def resolve_file(path: str) -> str:
@@ -143,20 +146,33 @@ def resolve_file(path: str) -> str:
     return path
 
 
+@dataclass
+class CogViewVQVAEConfig:
+    channel: int = 512
+    embed_dim: int = 256
+    n_embed: int = 8192
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], source: str) -> "CogViewVQVAEConfig":
+        shapes = {k.removeprefix("module."): v for k, v in shapes.items()}
+        for key in ("enc_b.blocks.0.weight", "quantize_t.embed"):
+            if key not in shapes:
+                raise CheckpointError(f"{source} is not a CogView VQ-VAE: it has no {key} (nor module.{key}).")
+        embed_dim, n_embed = shapes["quantize_t.embed"]
+        return cls(channel=shapes["enc_b.blocks.0.weight"][0], embed_dim=embed_dim, n_embed=n_embed)
+
+
+SPEC = components.ComponentSpec(
+    name="The CogView VQ-VAE", architecture="cogview_vqvae", subfolder="vqvae", config_type=CogViewVQVAEConfig,
+    build=lambda c: CogViewVQVAE(c.channel, c.embed_dim, c.n_embed),
+    config_from_dict=lambda d, source: CogViewVQVAEConfig(**d), config_from_shapes=CogViewVQVAEConfig.from_shapes,
+    key_map=lambda keys, config: {k: k.removeprefix("module.") for k in keys
+                                  if k.removeprefix("module.") not in EMA_STATE})
+
+
 def load_cogview_vqvae(path: str, device: torch.device | str | None = None) -> CogViewVQVAE:
     """Load the release ``.pt`` (read with ``weights_only=True``) or a ``.safetensors`` copy of it, keys with or
-    without the ``module.`` prefix. Sizes are read from the tensors."""
+    without the ``module.`` prefix. Sizes are read from the tensors; the model runs in float32."""
     path = resolve_file(path)
-    if path.endswith(".safetensors"):
-        sd = load_state_dict(path, strip_prefix="module.")
-    else:
-        sd = read_pt(path)
-    for key in ("enc_b.blocks.0.weight", "quantize_t.embed"):
-        if key not in sd:
-            raise CheckpointError(f"{path} is not a CogView VQ-VAE: it has no {key} (nor module.{key}).")
-    channel = sd["enc_b.blocks.0.weight"].shape[0]
-    embed_dim, n_embed = sd["quantize_t.embed"].shape
-    with meta_device():
-        model = CogViewVQVAE(channel, embed_dim, n_embed)
-    device = torch.device(device) if device is not None else get_device()
-    return fill_module(model, sd, source=path, dtype=torch.float32, device=device, ignore=lambda k: k in EMA_STATE)
+    checkpoint = None if path.endswith(".safetensors") else Checkpoint.of_tensors(path, read_pt(path))
+    return components.load_component(SPEC, path, "fp32", device, checkpoint=checkpoint)

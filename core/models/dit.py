@@ -12,17 +12,18 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
-from typing import Callable
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cuda import dispatch
-from ..runtime import loading
+from ..runtime import components
 from ..runtime.attention import attention
-from ..runtime.comfy_compat import get_device
 from ..runtime.loading import CheckpointError
+from ..runtime.residency import placed_device
 from ..stages.flow_schedule import ShiftSettings, read_shift_settings
 from .step_cache import BranchCache
 
@@ -31,6 +32,33 @@ FP16_REASON = ("the DiT's residual stream exceeds the fp16 range (the reference 
 KV_MODES = ("write", "read", "skip")
 
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DiTConfig:
+    """The trunk's fields of a diffusers transformer config.json (defaults: the GLM-Image release's)."""
+    CLASS_NAME: ClassVar[str] = ""
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    num_layers: int = 30
+    attention_head_dim: int = 128
+    num_attention_heads: int = 32
+    text_embed_dim: int = 1472
+    time_embed_dim: int = 512
+    condition_dim: int = 256
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "config") -> "DiTConfig":
+        """The fields of ``config`` this class knows (the rest, like ``_diffusers_version``, are ignored);
+        a ``_class_name`` of another model is refused."""
+        found = config.get("_class_name")
+        if found is not None and cls.CLASS_NAME and found != cls.CLASS_NAME:
+            raise CheckpointError(f"{source}: the config describes a {found}, not a {cls.CLASS_NAME}. Choose the "
+                                  f"matching loader or the right component folder.")
+        known = {f.name: f for f in fields(cls)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known}
+        return cls(**values)
 
 
 # ---- embeddings ------------------------------------------------------------------------------------------------
@@ -285,23 +313,21 @@ class DiTTrunk(nn.Module):
     order), and its ``forward`` runs ``run_blocks`` and ``output``.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        self.config = dict(config)
-        c = self.config
-        self.dim = c["num_attention_heads"] * c["attention_head_dim"]
-        self.patch_size = c["patch_size"]
-        self.head_dim = c["attention_head_dim"]
-        self.shift_settings = ShiftSettings()  # the release's scheduler_config.json when loaded from one
+        self.config = config
+        self.dim = config.num_attention_heads * config.attention_head_dim
+        self.patch_size = config.patch_size
+        self.head_dim = config.attention_head_dim
         self.compile_blocks = False
 
     def add_trunk(self) -> None:
         c = self.config
         self.transformer_blocks = nn.ModuleList(
-            DiTBlock(self.dim, c["num_attention_heads"], c["attention_head_dim"], c["time_embed_dim"])
-            for _ in range(c["num_layers"]))
-        self.norm_out = FinalAdaLN(c["time_embed_dim"], self.dim)
-        self.proj_out = nn.Linear(self.dim, c["patch_size"] ** 2 * c["out_channels"])
+            DiTBlock(self.dim, c.num_attention_heads, c.attention_head_dim, c.time_embed_dim)
+            for _ in range(c.num_layers))
+        self.norm_out = FinalAdaLN(c.time_embed_dim, self.dim)
+        self.proj_out = nn.Linear(self.dim, c.patch_size ** 2 * c.out_channels)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -309,7 +335,7 @@ class DiTTrunk(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.proj_out.weight.device
+        return placed_device(self, self.proj_out.weight)
 
     @property
     def num_layers(self) -> int:
@@ -362,53 +388,53 @@ def require_keys(shapes: dict[str, tuple[int, ...]], keys: list[str], source: st
                               f"Choose the transformer/ component (or its single .safetensors file).")
 
 
-def infer_trunk_config(shapes: dict[str, tuple[int, ...]], source: str, *, defaults: dict, patch_key: str,
-                       text_key: str, num_conditions: int) -> dict:
-    """The trunk's config from tensor shapes; the head split (not visible in shapes) keeps the default head_dim."""
-    c = dict(defaults)
+def trunk_fields_from_shapes(shapes: dict[str, tuple[int, ...]], source: str, *, defaults: DiTConfig,
+                             patch_key: str, text_key: str, num_conditions: int) -> dict:
+    """The trunk's config fields from tensor shapes; the head split (not visible in shapes) keeps the default
+    head_dim."""
     dim, patch_in = shapes[patch_key]
-    c["patch_size"] = int(round(math.sqrt(patch_in / c["in_channels"])))
-    c["out_channels"] = shapes["proj_out.weight"][0] // c["patch_size"] ** 2
-    c["text_embed_dim"] = shapes[text_key][1]
-    c["time_embed_dim"] = shapes["time_condition_embed.timestep_embedder.linear_1.weight"][0]
-    c["condition_dim"] = shapes["time_condition_embed.condition_embedder.linear_1.weight"][1] // (2 * num_conditions)
-    c["num_layers"] = count_layers(shapes, source)
-    if dim % c["attention_head_dim"]:
-        raise CheckpointError(f"{source}: inner dim {dim} is not a multiple of head_dim {c['attention_head_dim']}; "
-                              f"put the transformer's config.json beside the weights.")
-    c["num_attention_heads"] = dim // c["attention_head_dim"]
-    return c
+    patch_size = int(round(math.sqrt(patch_in / defaults.in_channels)))
+    head_dim = defaults.attention_head_dim
+    if dim % head_dim:
+        raise CheckpointError(f"{source}: inner dim {dim} is not a multiple of head_dim {head_dim}; put the "
+                              f"transformer's config.json beside the weights.")
+    return dict(
+        patch_size=patch_size, out_channels=shapes["proj_out.weight"][0] // patch_size ** 2,
+        text_embed_dim=shapes[text_key][1],
+        time_embed_dim=shapes["time_condition_embed.timestep_embedder.linear_1.weight"][0],
+        condition_dim=shapes["time_condition_embed.condition_embedder.linear_1.weight"][1] // (2 * num_conditions),
+        num_layers=count_layers(shapes, source), num_attention_heads=dim // head_dim)
 
 
-def dit_config(path: str, class_name: str, infer: Callable[[dict, str], dict]) -> dict:
-    """The config.json of a component folder (checked against ``class_name``), else one inferred from shapes."""
-    config = loading.config_or_none(path)
-    if config is None:
-        return infer(loading.checkpoint_shapes(path), path)
-    found = config.get("_class_name")
-    if found is not None and found != class_name:
-        raise CheckpointError(f"{path}/config.json describes a {found}, not a {class_name}. Choose the matching "
-                              f"loader or the right component folder.")
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+def tensor_role(key: str, shape: tuple[int, ...]) -> str:
+    """Attention and feed-forward weights of the blocks are quantized; their adaLN (``norm1``) and the final
+    ``norm_out`` are modulation; the input embeddings and the output projection keep the source precision."""
+    if len(shape) < 2:
+        return components.KEEP
+    if key.endswith("norm1.linear.weight") or key.startswith("norm_out."):
+        return components.MODULATION
+    if key.startswith("transformer_blocks."):
+        return components.LINEAR
+    if key.endswith("token_embedding.weight"):
+        return components.EMBEDDING
+    return components.KEEP
+
+
+def dit_spec(name: str, architecture: str, config_type: type, build: type,
+             config_from_shapes: Callable[[dict, str], DiTConfig]) -> components.ComponentSpec:
+    """What the GLM-Image and CogView4 DiTs share in their ComponentSpec."""
+    return components.ComponentSpec(
+        name=name, architecture=architecture, subfolder="transformer", config_type=config_type, build=build,
+        config_from_dict=config_type.from_dict, config_from_shapes=config_from_shapes, fp16_reason=FP16_REASON,
+        quantize=tensor_role, blocks="transformer_blocks")
 
 
 def release_shift_settings(path: str) -> ShiftSettings:
-    """The scheduler settings of the release a component folder belongs to (defaults for a single file)."""
-    root = os.path.dirname(os.path.abspath(path))
-    config = os.path.join(root, "scheduler", "scheduler_config.json")
-    return read_shift_settings(config) if os.path.isfile(config) else ShiftSettings()
-
-
-def load_dit(path: str, dtype: str, device: torch.device | str | None, *, model_class: type, class_name: str,
-             infer: Callable[[dict, str], dict], defaults: dict, component: str) -> nn.Module:
-    """Build ``model_class`` on the meta device from the folder's config (or shapes) and fill it from the weights."""
-    path = loading.component_path(path, "transformer")
-    device = torch.device(device) if device is not None else get_device()
-    torch_dtype = loading.resolve_dtype(dtype, device, component=component, fp16_reason=FP16_REASON)
-    config = dit_config(path, class_name, infer)
-    config = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
-    with loading.meta_device():
-        model = model_class(config)
-    loading.fill_module(model, loading.load_state_dict(path), source=path, dtype=torch_dtype, device=device)
-    model.shift_settings = release_shift_settings(path)
-    return model
+    """The scheduler settings of the release ``path`` (release root, component folder or file) belongs to:
+    ``scheduler/scheduler_config.json`` there or one folder up; the defaults when there is none."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for root in (folder, os.path.dirname(os.path.abspath(folder))):
+        config = os.path.join(root, "scheduler", "scheduler_config.json")
+        if os.path.isfile(config):
+            return read_shift_settings(config)
+    return ShiftSettings()

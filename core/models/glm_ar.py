@@ -10,7 +10,6 @@ kept. The vision encoder and VQ (``model.visual.*``, ``model.vqmodel.*``) are ne
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +17,10 @@ from torch import nn
 
 from ..cuda import dispatch
 from ..cuda.rope import apply_partial_rope
-from ..runtime import loading
+from ..runtime import components
 from ..runtime.attention import attention, cached_decode_attention
-from ..runtime.comfy_compat import get_device
 from ..runtime.loading import CheckpointError
+from ..runtime.residency import placed_device
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections, RMSNorm
 
 PREFIX = "model.language_model."
@@ -140,7 +139,7 @@ class GlmImageAR(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return placed_device(self, self.lm_head.weight)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -202,59 +201,61 @@ class GlmImageAR(nn.Module):
 
 # ---- loading ---------------------------------------------------------------------------------------------
 
-def _infer_text_config(path: str, keys: list[str]) -> dict:
-    """text_config from tensor shapes (single-file checkpoints); head_dim and RoPE use the release values."""
+def text_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> ARConfig:
+    """The config of a single-file checkpoint from its tensor shapes; head_dim and RoPE use the release values."""
     layer = PREFIX + "layers.0."
-    wanted = {PREFIX + "embed_tokens.weight", "lm_head.weight", layer + "self_attn.q_proj.weight",
-              layer + "self_attn.k_proj.weight", layer + "mlp.down_proj.weight"}
-    shapes = loading.checkpoint_shapes(path, keep=wanted.__contains__)
-    missing = sorted(wanted - set(shapes))
+    wanted = [PREFIX + "embed_tokens.weight", "lm_head.weight", layer + "self_attn.q_proj.weight",
+              layer + "self_attn.k_proj.weight", layer + "mlp.down_proj.weight"]
+    missing = [k for k in wanted if k not in shapes]
     if missing:
-        raise CheckpointError(f"{path}: cannot infer the AR config, missing {', '.join(missing)}. "
+        raise CheckpointError(f"{source}: cannot infer the AR config, missing {', '.join(missing)}. "
                               f"Put the release's vision_language_encoder/config.json beside the weights.")
     head_dim = DEFAULT_TEXT_CONFIG["head_dim"]
     q_rows, k_rows = shapes[layer + "self_attn.q_proj.weight"][0], shapes[layer + "self_attn.k_proj.weight"][0]
     if q_rows % head_dim or k_rows % head_dim:
-        raise CheckpointError(f"{path}: q/k projections ({q_rows}, {k_rows} rows) are not multiples of head_dim "
+        raise CheckpointError(f"{source}: q/k projections ({q_rows}, {k_rows} rows) are not multiples of head_dim "
                               f"{head_dim}; provide the config.json of this checkpoint.")
-    layers = {int(k[len(PREFIX) + len("layers."):].split(".")[0]) for k in keys if k.startswith(PREFIX + "layers.")}
+    layers = {int(k[len(PREFIX) + len("layers."):].split(".")[0]) for k in shapes if k.startswith(PREFIX + "layers.")}
     vocab, hidden = shapes[PREFIX + "embed_tokens.weight"]
-    return {**DEFAULT_TEXT_CONFIG, "vocab_size": vocab, "hidden_size": hidden,
-            "vision_vocab_size": shapes["lm_head.weight"][0],
-            "intermediate_size": shapes[layer + "mlp.down_proj.weight"][1], "num_hidden_layers": len(layers),
-            "num_attention_heads": q_rows // head_dim, "num_key_value_heads": k_rows // head_dim,
-            "attention_bias": (layer + "self_attn.q_proj.bias") in keys}
+    return ARConfig.from_text_config({
+        **DEFAULT_TEXT_CONFIG, "vocab_size": vocab, "hidden_size": hidden,
+        "vision_vocab_size": shapes["lm_head.weight"][0],
+        "intermediate_size": shapes[layer + "mlp.down_proj.weight"][1], "num_hidden_layers": len(layers),
+        "num_attention_heads": q_rows // head_dim, "num_key_value_heads": k_rows // head_dim,
+        "attention_bias": (layer + "self_attn.q_proj.bias") in shapes})
 
 
-def _text_config(src: str, keys: list[str]) -> dict:
-    """The folder's (or the single file's neighbouring) config.json text_config, else inferred from shapes."""
-    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-    path = os.path.join(folder, "config.json")
-    if os.path.isfile(path):
-        config = loading.read_json(path)
-        if "text_config" in config:
-            return config["text_config"]
-        if os.path.isdir(src):
-            raise CheckpointError(f"{path} has no text_config; it is not a GLM-Image vision_language_encoder "
-                                  f"config.")
-    return _infer_text_config(src, keys)
+def check_language_model(keys: list[str], source: str) -> None:
+    if not any(k.startswith(PREFIX) for k in keys) or "lm_head.weight" not in keys:
+        raise CheckpointError(f"{source} has no GLM-Image language-model weights (expected keys '{PREFIX}*' and "
+                              f"'lm_head.weight'). Choose the release folder or its vision_language_encoder/ "
+                              f"weights, not another component.")
+
+
+def language_model_keys(keys: list[str], config: ARConfig) -> dict[str, str]:
+    """Only ``model.language_model.*`` (prefix stripped) and ``lm_head.*``: never the vision encoder or VQ."""
+    return {k: (k if k.startswith(HEAD) else k[len(PREFIX):]) for k in keys
+            if k.startswith(PREFIX) or k.startswith(HEAD)}
+
+
+def tensor_role(key: str, shape: tuple[int, ...]) -> str:
+    if len(shape) < 2 or key.startswith(HEAD):
+        return components.KEEP  # the vision head decides every token: kept in the source precision
+    if key == "embed_tokens.weight":
+        return components.EMBEDDING
+    return components.LINEAR
+
+
+SPEC = components.ComponentSpec(
+    name="The GLM-Image AR model", architecture="glm_image_ar", subfolder="vision_language_encoder",
+    config_type=ARConfig, build=GlmImageAR,
+    config_from_dict=lambda cfg, source: ARConfig.from_text_config(cfg), config_from_shapes=text_config_from_shapes,
+    key_map=language_model_keys, fp16_reason=FP16_REASON, config_key="text_config", config_beside_file=True,
+    check=check_language_model, quantize=tensor_role, blocks="layers")
 
 
 def load_ar_model(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageAR:
-    """Load the AR model from a release root, its ``vision_language_encoder/`` folder or one safetensors file.
-
-    Only ``model.language_model.*`` and ``lm_head.*`` are read. ``dtype``: auto (bf16 on GPU, fp32 on CPU),
-    bf16 or fp32; fp16 is refused.
-    """
-    device = torch.device(device) if device is not None else get_device()
-    torch_dtype = loading.resolve_dtype(dtype, device, component="The GLM-Image AR model", fp16_reason=FP16_REASON)
-    src = loading.component_path(path, "vision_language_encoder")
-    keys = loading.checkpoint_keys(src)
-    if not any(k.startswith(PREFIX) for k in keys) or "lm_head.weight" not in keys:
-        raise CheckpointError(f"{src} has no GLM-Image language-model weights (expected keys '{PREFIX}*' and "
-                              f"'lm_head.weight'). Choose the release folder or its vision_language_encoder/ "
-                              f"weights, not another component.")
-    with loading.meta_device():
-        model = GlmImageAR(ARConfig.from_text_config(_text_config(src, keys)))
-    state = loading.load_state_dict(src, keep=lambda k: k.startswith(PREFIX) or k.startswith(HEAD), strip_prefix=PREFIX)
-    return loading.fill_module(model, state, source=src, dtype=torch_dtype, device=device)
+    """Load the AR model from a release root, its ``vision_language_encoder/`` folder, one safetensors file or a
+    converted FP8 / GGUF file. Only ``model.language_model.*`` and ``lm_head.*`` are read. ``dtype``: auto (bf16
+    on GPU, fp32 on CPU), bf16, fp32 or fp8_e4m3fn; fp16 is refused."""
+    return components.load_component(SPEC, path, dtype, device)

@@ -8,6 +8,12 @@ from torch import nn
 from ..cuda import dispatch
 
 
+def _near(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A norm weight read directly (not through the norm's forward) on ``x``'s device: a block swap or ComfyUI's
+    partial load may have left it on the offload device."""
+    return weight if weight.device == x.device else weight.to(x.device, non_blocking=True)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -79,5 +85,7 @@ class GlmDecoderLayer(nn.Module):
         ``next_norm(x)`` (the next layer's input norm, or the final norm), each norm seam one fused pass."""
         eps = self.input_layernorm.eps
         a = self.self_attn(normed, *attention_args)
-        x, h = dispatch.add_rms_norm(x, a, self.post_self_attn_layernorm.weight, self.post_attention_layernorm.weight, eps)
-        return dispatch.add_rms_norm(x, self.mlp(h), self.post_mlp_layernorm.weight, next_norm.weight, eps)
+        x, h = dispatch.add_rms_norm(x, a, _near(self.post_self_attn_layernorm.weight, x),
+                                     _near(self.post_attention_layernorm.weight, x), eps)
+        return dispatch.add_rms_norm(x, self.mlp(h), _near(self.post_mlp_layernorm.weight, x),
+                                     _near(next_norm.weight, x), eps)

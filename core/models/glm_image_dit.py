@@ -6,30 +6,35 @@ and raw (unstretched) 2D RoPE positions. Editing adds a reference K/V cache.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..runtime import components
 from .dit import (
     KV_MODES,
+    DiTConfig,
     DiTTrunk,
     FeedForward,
     ReferenceKVCache,
     TimeConditionEmbed,
-    infer_trunk_config,
-    load_dit,
+    dit_spec,
     patchify,
     require_keys,
     rope_2d,
+    trunk_fields_from_shapes,
 )
 from .step_cache import BranchCache
 
-# transformer/config.json of zai-org/GLM-Image
-GLM_IMAGE_DIT_CONFIG = {
-    "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 30, "attention_head_dim": 128,
-    "num_attention_heads": 32, "text_embed_dim": 1472, "time_embed_dim": 512, "condition_dim": 256,
-    "prior_vq_quantizer_codebook_size": 16384,
-}
+
+@dataclass
+class GlmImageDiTConfig(DiTConfig):
+    """transformer/config.json of zai-org/GLM-Image (the defaults are the release's values)."""
+    CLASS_NAME: ClassVar[str] = "GlmImageTransformer2DModel"
+    prior_vq_quantizer_codebook_size: int = 16384
 
 
 # ---- the decoder -----------------------------------------------------------------------------------------------
@@ -46,15 +51,15 @@ class PatchProjector(nn.Module):
 class GlmImageDiT(DiTTrunk):
     """The GLM-Image diffusion decoder; ``forward`` returns the predicted velocity (noise - x0)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: GlmImageDiTConfig):
         super().__init__(config)
         c, dim = self.config, self.dim
-        self.codebook_size = c["prior_vq_quantizer_codebook_size"]
-        self.image_projector = PatchProjector(c["in_channels"], dim, c["patch_size"])
-        self.glyph_projector = FeedForward(c["text_embed_dim"], dim, dim, F.gelu)
-        self.prior_token_embedding = nn.Embedding(c["prior_vq_quantizer_codebook_size"], dim)
+        self.codebook_size = c.prior_vq_quantizer_codebook_size
+        self.image_projector = PatchProjector(c.in_channels, dim, c.patch_size)
+        self.glyph_projector = FeedForward(c.text_embed_dim, dim, dim, F.gelu)
+        self.prior_token_embedding = nn.Embedding(c.prior_vq_quantizer_codebook_size, dim)
         self.prior_projector = FeedForward(dim, dim, dim, F.silu)
-        self.time_condition_embed = TimeConditionEmbed(c["time_embed_dim"], c["time_embed_dim"], c["condition_dim"], 2)
+        self.time_condition_embed = TimeConditionEmbed(c.time_embed_dim, c.time_embed_dim, c.condition_dim, 2)
         self.add_trunk()
 
     def new_kv_cache(self) -> ReferenceKVCache:
@@ -98,21 +103,22 @@ class GlmImageDiT(DiTTrunk):
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
-def infer_glm_image_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> GlmImageDiTConfig:
     """A config from tensor shapes; the head split (not visible in shapes) keeps the real head_dim of 128."""
     require_keys(shapes, ["image_projector.proj.weight", "glyph_projector.net.0.proj.weight",
                           "prior_token_embedding.weight", "proj_out.weight",
                           "time_condition_embed.condition_embedder.linear_1.weight"], source, "GLM-Image DiT")
-    c = infer_trunk_config(shapes, source, defaults=GLM_IMAGE_DIT_CONFIG, patch_key="image_projector.proj.weight",
-                           text_key="glyph_projector.net.0.proj.weight", num_conditions=2)
-    c["prior_vq_quantizer_codebook_size"] = shapes["prior_token_embedding.weight"][0]
-    return c
+    found = trunk_fields_from_shapes(shapes, source, defaults=GlmImageDiTConfig(),
+                                     patch_key="image_projector.proj.weight",
+                                     text_key="glyph_projector.net.0.proj.weight", num_conditions=2)
+    return GlmImageDiTConfig(**found, prior_vq_quantizer_codebook_size=shapes["prior_token_embedding.weight"][0])
+
+
+SPEC = dit_spec("The GLM-Image decoder", "glm_image_dit", GlmImageDiTConfig, GlmImageDiT, config_from_shapes)
 
 
 def load_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageDiT:
-    """Load the GLM-Image DiT from a release root, its ``transformer/`` folder or a single .safetensors file.
-
-    ``dtype``: ``auto`` (bf16 where supported, else fp32), ``bf16`` or ``fp32``; fp16 is refused.
-    """
-    return load_dit(path, dtype, device, model_class=GlmImageDiT, class_name="GlmImageTransformer2DModel",
-                    infer=infer_glm_image_config, defaults=GLM_IMAGE_DIT_CONFIG, component="The GLM-Image decoder")
+    """Load the GLM-Image DiT from a release root, its ``transformer/`` folder, a single .safetensors file or a
+    converted FP8 / GGUF file. ``dtype``: auto (bf16 where supported, else fp32), bf16, fp32 or fp8_e4m3fn;
+    fp16 is refused. The scheduler settings of its release: ``dit.release_shift_settings(path)``."""
+    return components.load_component(SPEC, path, dtype, device)

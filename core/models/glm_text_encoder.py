@@ -16,9 +16,9 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 
-from ..runtime import loading
+from ..runtime import components
 from ..runtime.attention import attention
-from ..runtime.comfy_compat import check_interrupt, get_device
+from ..runtime.comfy_compat import check_interrupt
 from ..runtime.loading import CheckpointError
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections
 
@@ -141,25 +141,32 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> GlmConfig:
                      attention_bias="layers.0.self_attn.q_proj.bias" in shapes)
 
 
-def load_glm_text_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmTextEncoder:
-    """Load CogView4's GLM-4-9B text encoder from a release root, its ``text_encoder/`` folder or one
-    safetensors file. The last layer and the final norm are skipped (never read from disk)."""
-    path = loading.component_path(path, "text_encoder")
-    device = torch.device(device) if device is not None else get_device()
-    torch_dtype = loading.resolve_dtype(dtype, device, component="CogView4 text encoder (GLM-4-9B)")
-    raw = loading.config_or_none(path)
-    cfg = GlmConfig.from_dict(raw, path) if raw is not None else infer_config(loading.checkpoint_shapes(path), path)
-
+def encoder_keys(keys: list[str], cfg: GlmConfig) -> dict[str, str]:
+    """``model.`` stripped; the last layer, the final norm and an LM head (all unused by CogView4) left out."""
     unused_layer = cfg.num_hidden_layers - 1
-
-    def wanted(key: str) -> bool:
+    out = {}
+    for key in keys:
         name = key.removeprefix("model.")
-        if name == "norm.weight" or key.startswith("lm_head."):
-            return False
         m = LAYER_KEY.match(key)
-        return not (m and int(m.group(1)) == unused_layer)
+        if name == "norm.weight" or key.startswith("lm_head.") or (m and int(m.group(1)) == unused_layer):
+            continue
+        out[key] = name
+    return out
 
-    with loading.meta_device():
-        model = GlmTextEncoder(cfg)
-    state_dict = loading.load_state_dict(path, keep=wanted, strip_prefix="model.")
-    return loading.fill_module(model, state_dict, source=path, dtype=torch_dtype, device=device)
+
+def tensor_role(key: str, shape: tuple[int, ...]) -> str:
+    if len(shape) < 2:
+        return components.KEEP
+    return components.EMBEDDING if key == "embed_tokens.weight" else components.LINEAR
+
+
+SPEC = components.ComponentSpec(
+    name="CogView4 text encoder (GLM-4-9B)", architecture="cogview4_text_encoder", subfolder="text_encoder",
+    config_type=GlmConfig, build=GlmTextEncoder, config_from_dict=GlmConfig.from_dict,
+    config_from_shapes=infer_config, key_map=encoder_keys, quantize=tensor_role, blocks="layers")
+
+
+def load_glm_text_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmTextEncoder:
+    """Load CogView4's GLM-4-9B text encoder from a release root, its ``text_encoder/`` folder, one safetensors
+    file or a converted FP8 / GGUF file. The last layer and the final norm are skipped (never read from disk)."""
+    return components.load_component(SPEC, path, dtype, device)

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..runtime import loading
+from ..runtime import components, loading
 from ..runtime.attention import attention
-from ..runtime.comfy_compat import get_device
 from ..runtime.geometry import MAX_PIXELS, MIN_PIXELS, PATCH_SIZE, check_token_grid_size, smart_resize
 from ..runtime.images import resize_reference, to_rgb01, to_uint8
 from ..runtime.loading import CheckpointError
+from ..runtime.residency import placed_device
 
 VISION_PREFIX = "model.visual."
 VQ_PREFIX = "model.vqmodel."
@@ -248,7 +248,7 @@ def tokenize_image(tokenizer: SemanticTokenizer, image, target_height: int | Non
         image = resize_reference(image, target_height, target_width)
     pixels = preprocess_image(image, min_pixels=min_pixels, max_pixels=cfg.max_pixels, patch_size=cfg.patch_size)
     weight = tokenizer.model["visual"].patch_embed.proj.weight
-    return tokenizer(pixels.to(device=weight.device, dtype=weight.dtype))[0].cpu()
+    return tokenizer(pixels.to(device=placed_device(tokenizer, weight), dtype=weight.dtype))[0].cpu()
 
 
 def tokenize_images(tokenizer: SemanticTokenizer, images, target_height: int | None = None,
@@ -273,26 +273,6 @@ def _wanted(key: str) -> bool:
     return (key.startswith(VISION_PREFIX) or key.startswith(VQ_PREFIX)) and not key.startswith(UNUSED_PREFIX)
 
 
-def _tokenizer_keys_by_file(path: str) -> dict[str, list[str]]:
-    """The tokenizer's keys, grouped by the safetensors file holding them. A sharded folder is resolved
-    through its index, so shards holding only language-model weights are never opened."""
-    if os.path.isdir(path):
-        indexes = sorted(n for n in os.listdir(path) if n.endswith(loading.INDEX_SUFFIX))
-        if indexes:
-            weight_map = loading.read_json(os.path.join(path, indexes[0])).get("weight_map", {})
-            by_file: dict[str, list[str]] = {}
-            for key, shard in weight_map.items():
-                by_file.setdefault(os.path.join(path, shard), []).append(key)
-            missing = [f for f in by_file if not os.path.isfile(f)]
-            if missing:
-                needed = [os.path.basename(f) for f in missing if any(map(_wanted, by_file[f]))]
-                if needed:
-                    raise CheckpointError(f"{path}: the index {indexes[0]} lists shards that are missing and hold "
-                                          f"vision/VQ weights: {', '.join(needed)}. Download them too.")
-            return {f: keys for f, keys in by_file.items() if os.path.isfile(f)}
-    return {f: loading.checkpoint_keys(f) for f in loading.safetensors_files(path)}
-
-
 def _check_prefixes(all_keys: list[str], source: str) -> None:
     missing = [p for p in (VISION_PREFIX, VQ_PREFIX) if not any(k.startswith(p) for k in all_keys)]
     if not missing:
@@ -315,32 +295,21 @@ def _processor_limits(path: str) -> dict:
     return {k: int(values[k]) for k in ("min_pixels", "max_pixels") if k in values}
 
 
+SPEC = components.ComponentSpec(
+    name="The semantic tokenizer (vision encoder + VQ)", architecture="glm_image_semantic_tokenizer",
+    subfolder="vision_language_encoder", config_type=SemanticTokenizerConfig, build=SemanticTokenizer,
+    config_from_dict=SemanticTokenizerConfig.from_release_config,
+    config_from_shapes=lambda shapes, source: SemanticTokenizerConfig.from_shapes(shapes),
+    key_map=lambda keys, config: {k: k for k in keys if _wanted(k)},
+    keep_fp32=lambda k: k.startswith(VQ_PREFIX), check=_check_prefixes)
+
+
 def load_semantic_tokenizer(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> SemanticTokenizer:
     """Load the vision encoder and VQ from a GLM-Image release root, its ``vision_language_encoder/``
     folder (config.json + sharded safetensors) or a single ``.safetensors`` file holding ``model.visual.*``
     and ``model.vqmodel.*``. Only those tensors are read. The VQ stays in float32 whatever ``dtype`` is,
     so the 16384-way nearest-code search does not tie in bf16."""
-    device = torch.device(device) if device is not None else get_device()
-    folder = loading.component_path(path, "vision_language_encoder")
-    keys_by_file = _tokenizer_keys_by_file(folder)
-    _check_prefixes([k for keys in keys_by_file.values() for k in keys], folder)
-    if os.path.isdir(folder):
-        cfg = SemanticTokenizerConfig.from_release_config(loading.read_config(folder), folder)
-    else:
-        shapes = {}
-        for f, keys in keys_by_file.items():
-            with loading.open_safetensors(f) as sf:
-                shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in keys if _wanted(k)})
-        cfg = SemanticTokenizerConfig.from_shapes(shapes)
+    tokenizer = components.load_component(SPEC, path, dtype, device)
     for name, value in _processor_limits(path).items():
-        setattr(cfg, name, value)
-    with loading.meta_device():
-        tokenizer = SemanticTokenizer(cfg)
-    state_dict = {}
-    for f, keys in keys_by_file.items():
-        wanted = {k for k in keys if _wanted(k)}
-        if wanted:
-            state_dict.update(loading.load_state_dict(f, keep=wanted.__contains__))
-    return loading.fill_module(tokenizer, state_dict, source=folder,
-                       dtype=loading.resolve_dtype(dtype, device, component="semantic tokenizer"), device=device,
-                       keep_fp32=lambda k: k.startswith(VQ_PREFIX))
+        setattr(tokenizer.config, name, value)
+    return tokenizer

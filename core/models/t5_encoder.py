@@ -7,22 +7,45 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import loading
+from ..formats.layers import compute_dtype
+from ..runtime import components
 from ..runtime.attention import attention
-from ..runtime.comfy_compat import get_device
 from ..runtime.loading import CheckpointError
 
 FP16_REASON = "T5 activations exceed the fp16 range (the feed-forward overflows to inf/NaN)."
 
-# the GLM-Image text_encoder/config.json, used where a single file does not say
-DEFAULT_CONFIG = {"d_model": 1472, "d_ff": 3584, "d_kv": 64, "num_heads": 6, "num_layers": 12, "vocab_size": 384,
-                  "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
-                  "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6}
+
+@dataclass
+class T5Config:
+    """The fields of a transformers ``T5Config`` the encoder uses (defaults: GLM-Image's text_encoder/config.json,
+    used where a single file does not say)."""
+    d_model: int = 1472
+    d_ff: int = 3584
+    d_kv: int = 64
+    num_heads: int = 6
+    num_layers: int = 12
+    vocab_size: int = 384
+    feed_forward_proj: str = "gated-gelu"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "config") -> "T5Config":
+        if config.get("model_type", "t5") != "t5":
+            raise CheckpointError(f"{source}: its config is a {config['model_type']!r} config, not T5; choose the "
+                                  f"text_encoder folder of the GLM-Image release.")
+        known = {f.name for f in fields(cls)}
+        values = cls(**{k: v for k, v in config.items() if k in known})
+        activation_name(values)  # an unsupported feed-forward fails here, before any weight is read
+        return values
+
 
 ACTIVATIONS = {
     # transformers' NewGELUActivation, written out so bf16 rounding matches it
@@ -32,9 +55,9 @@ ACTIVATIONS = {
 }
 
 
-def activation_name(config: dict) -> str:
+def activation_name(config: T5Config) -> str:
     """The gated activation named by ``feed_forward_proj`` (T5Config's rule: ``gated-gelu`` means ``gelu_new``)."""
-    proj = config.get("feed_forward_proj", DEFAULT_CONFIG["feed_forward_proj"])
+    proj = config.feed_forward_proj
     parts = proj.split("-")
     act = "gelu_new" if proj == "gated-gelu" else parts[-1]
     if parts[0] != "gated" or act not in ACTIVATIONS:
@@ -71,17 +94,17 @@ def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, 
 
 
 class T5Attention(nn.Module):
-    def __init__(self, config: dict, has_relative_bias: bool):
+    def __init__(self, config: T5Config, has_relative_bias: bool):
         super().__init__()
-        d_model, inner = config["d_model"], config["num_heads"] * config["d_kv"]
-        self.heads, self.head_dim = config["num_heads"], config["d_kv"]
+        d_model, inner = config.d_model, config.num_heads * config.d_kv
+        self.heads, self.head_dim = config.num_heads, config.d_kv
         self.q = nn.Linear(d_model, inner, bias=False)
         self.k = nn.Linear(d_model, inner, bias=False)
         self.v = nn.Linear(d_model, inner, bias=False)
         self.o = nn.Linear(inner, d_model, bias=False)
         if has_relative_bias:
-            self.num_buckets = config["relative_attention_num_buckets"]
-            self.max_distance = config["relative_attention_max_distance"]
+            self.num_buckets = config.relative_attention_num_buckets
+            self.max_distance = config.relative_attention_max_distance
             self.relative_attention_bias = nn.Embedding(self.num_buckets, self.heads)
 
     def position_bias(self, length: int, device: torch.device) -> torch.Tensor:
@@ -98,39 +121,39 @@ class T5Attention(nn.Module):
 
 
 class T5LayerSelfAttention(nn.Module):
-    def __init__(self, config: dict, has_relative_bias: bool):
+    def __init__(self, config: T5Config, has_relative_bias: bool):
         super().__init__()
         self.SelfAttention = T5Attention(config, has_relative_bias)
-        self.layer_norm = T5LayerNorm(config["d_model"], config["layer_norm_epsilon"])
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return x + self.SelfAttention(self.layer_norm(x), bias)
 
 
 class T5DenseGatedActDense(nn.Module):
-    def __init__(self, config: dict):
+    def __init__(self, config: T5Config):
         super().__init__()
-        self.wi_0 = nn.Linear(config["d_model"], config["d_ff"], bias=False)
-        self.wi_1 = nn.Linear(config["d_model"], config["d_ff"], bias=False)
-        self.wo = nn.Linear(config["d_ff"], config["d_model"], bias=False)
+        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.act = ACTIVATIONS[activation_name(config)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo((self.act(self.wi_0(x)) * self.wi_1(x)).to(self.wo.weight.dtype))
+        return self.wo((self.act(self.wi_0(x)) * self.wi_1(x)).to(compute_dtype(self.wo)))
 
 
 class T5LayerFF(nn.Module):
-    def __init__(self, config: dict):
+    def __init__(self, config: T5Config):
         super().__init__()
         self.DenseReluDense = T5DenseGatedActDense(config)
-        self.layer_norm = T5LayerNorm(config["d_model"], config["layer_norm_epsilon"])
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.DenseReluDense(self.layer_norm(x))
 
 
 class T5Block(nn.Module):
-    def __init__(self, config: dict, has_relative_bias: bool):
+    def __init__(self, config: T5Config, has_relative_bias: bool):
         super().__init__()
         self.layer = nn.ModuleList([T5LayerSelfAttention(config, has_relative_bias), T5LayerFF(config)])
 
@@ -139,10 +162,10 @@ class T5Block(nn.Module):
 
 
 class T5Stack(nn.Module):
-    def __init__(self, config: dict):
+    def __init__(self, config: T5Config):
         super().__init__()
-        self.block = nn.ModuleList([T5Block(config, i == 0) for i in range(config["num_layers"])])
-        self.final_layer_norm = T5LayerNorm(config["d_model"], config["layer_norm_epsilon"])
+        self.block = nn.ModuleList([T5Block(config, i == 0) for i in range(config.num_layers)])
+        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
 
 class T5Encoder(nn.Module):
@@ -151,10 +174,10 @@ class T5Encoder(nn.Module):
     The input embedding is ``shared`` (checkpoints may instead hold its tied alias ``encoder.embed_tokens``).
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: T5Config):
         super().__init__()
-        self.config = {**DEFAULT_CONFIG, **config}
-        self.shared = nn.Embedding(self.config["vocab_size"], self.config["d_model"])
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, self.config.d_model)
         self.encoder = T5Stack(self.config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,7 +191,7 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 
-def encoder_state_keys(keys: list[str]) -> dict[str, str]:
+def encoder_state_keys(keys: list[str], config: T5Config | None = None) -> dict[str, str]:
     """Checkpoint key -> ``T5Encoder`` key: decoder and LM-head keys are dropped, the embedding alias is mapped."""
     out = {k: k for k in keys if k.startswith("encoder.") and k != "encoder.embed_tokens.weight"}
     if "shared.weight" in keys:
@@ -178,8 +201,9 @@ def encoder_state_keys(keys: list[str]) -> dict[str, str]:
     return out
 
 
-def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
-    """A T5 encoder config from the tensor shapes of a checkpoint (keys as in ``T5Encoder``)."""
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> T5Config:
+    """A T5 encoder config from the tensor shapes of a checkpoint."""
+    shapes = {encoder_state_keys(list(shapes)).get(k, k): s for k, s in shapes.items()}
     bias_key = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     q_key, wi_key = "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
     for key in ("shared.weight", bias_key, q_key, wi_key):
@@ -189,25 +213,24 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict:
     vocab, d_model = shapes["shared.weight"]
     buckets, heads = shapes[bias_key]
     layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.block\.(\d+)\.", k)))
-    return {**DEFAULT_CONFIG, "vocab_size": vocab, "d_model": d_model, "num_heads": heads,
-            "relative_attention_num_buckets": buckets, "num_layers": layers,
-            "d_kv": shapes[q_key][0] // heads, "d_ff": shapes[wi_key][0]}
+    return T5Config(vocab_size=vocab, d_model=d_model, num_heads=heads, relative_attention_num_buckets=buckets,
+                    num_layers=layers, d_kv=shapes[q_key][0] // heads, d_ff=shapes[wi_key][0])
+
+
+def tensor_role(key: str, shape: tuple[int, ...]) -> str:
+    """The block projections are quantized; the byte embedding and the position bias are tiny and kept."""
+    if len(shape) == 2 and key.startswith("encoder.block.") and "relative_attention_bias" not in key:
+        return components.LINEAR
+    return components.KEEP
+
+
+SPEC = components.ComponentSpec(
+    name="Glyph-ByT5 encoder (T5)", architecture="glyph_byt5", subfolder="text_encoder", config_type=T5Config,
+    build=T5Encoder, config_from_dict=T5Config.from_dict, config_from_shapes=config_from_shapes,
+    key_map=encoder_state_keys, fp16_reason=FP16_REASON, quantize=tensor_role)
 
 
 def load_glyph_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> T5Encoder:
-    """The Glyph-ByT5 T5 encoder from a release root, its ``text_encoder/`` folder or a single safetensors file."""
-    device = torch.device(device) if device is not None else get_device()
-    source = loading.component_path(path, "text_encoder")
-    torch_dtype = loading.resolve_dtype(dtype, device, component="Glyph-ByT5 encoder (T5)", fp16_reason=FP16_REASON)
-    shapes = loading.checkpoint_shapes(source)
-    names = encoder_state_keys(list(shapes))
-    config = loading.config_or_none(source)
-    if config is None:
-        config = infer_config({names[k]: s for k, s in shapes.items() if k in names}, source)
-    elif config.get("model_type", "t5") != "t5":
-        raise CheckpointError(f"{source}/config.json is a {config['model_type']!r} config, not T5; choose the "
-                              f"text_encoder folder of the GLM-Image release.")
-    with loading.meta_device():
-        model = T5Encoder(config)
-    state = {names[k]: v for k, v in loading.load_state_dict(source, keep=names.__contains__).items()}
-    return loading.fill_module(model, state, source=source, dtype=torch_dtype, device=device)
+    """The Glyph-ByT5 T5 encoder from a release root, its ``text_encoder/`` folder, a single safetensors file or
+    a converted FP8 / GGUF file."""
+    return components.load_component(SPEC, path, dtype, device)

@@ -6,6 +6,7 @@ Latents handed to and from the pack are *normalized*: GLM-Image uses per-channel
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -13,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import loading
+from ..runtime import components, loading
 from ..runtime.attention import attention
 from ..runtime.checks import check_finite_output
-from ..runtime.comfy_compat import Progress, get_device, log
+from ..runtime.comfy_compat import Progress, log
 from ..runtime.geometry import check_multiple_of
 from ..runtime.loading import CheckpointError
+from ..runtime.residency import placed_device
 
 FP16_REASON = "the VAE's activations overflow fp16 (NaN, black images)."
 
@@ -296,7 +298,7 @@ class GlmVAE:
 
     @property
     def device(self) -> torch.device:
-        return self.model.encoder.conv_in.weight.device
+        return placed_device(self.model, self.model.encoder.conv_in.weight)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -374,9 +376,9 @@ class GlmVAE:
 
 
 # ---- loading -----------------------------------------------------------------------------------------
-def check_format(shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
-        sample = ", ".join(sorted(shapes)[:3])
+def check_format(keys: list[str], source: str) -> None:
+    if "encoder.conv_in.weight" not in keys or "decoder.conv_in.weight" not in keys:
+        sample = ", ".join(sorted(keys)[:3])
         raise CheckpointError(
             f"{source} is not a diffusers-format AutoencoderKL (no encoder.conv_in.weight / decoder.conv_in.weight; "
             f"its keys start with {sample}). Use the vae/ folder of the GLM-Image or CogView4 release, or its "
@@ -400,6 +402,21 @@ def infer_config(keys_and_shapes: dict[str, tuple[int, ...]], family: str) -> VA
         **FAMILY_NORMALIZATION[family])
 
 
+def _config_from_shapes(family: str | None):
+    def infer(shapes: dict[str, tuple[int, ...]], source: str) -> VAEConfig:
+        if family is None:
+            log.info("VAE: %s has no config.json; using GLM-Image's latent normalization (per-channel mean/std). "
+                     "Pass family='cogview4' for a CogView4 VAE.", os.path.basename(source))
+        return infer_config(shapes, family or "glm_image")
+    return infer
+
+
+SPEC = components.ComponentSpec(
+    name="The VAE", architecture="vae", subfolder="vae", config_type=VAEConfig, build=AutoencoderKL,
+    config_from_dict=VAEConfig.from_dict, config_from_shapes=_config_from_shapes(None), fp16_reason=FP16_REASON,
+    check=check_format)
+
+
 def load_vae(path: str, dtype: str = "auto", device: torch.device | str | None = None, *,
              family: str | None = None, config: dict | str | None = None) -> GlmVAE:
     """Load the VAE from a release root, its ``vae/`` folder or a single safetensors file.
@@ -410,26 +427,11 @@ def load_vae(path: str, dtype: str = "auto", device: torch.device | str | None =
     """
     if family is not None and family not in FAMILY_NORMALIZATION:
         raise ValueError(f"family must be one of {', '.join(FAMILY_NORMALIZATION)}; got {family!r}.")
-    device = torch.device(device) if device is not None else get_device()
-    torch_dtype = loading.resolve_dtype(dtype, device, component="The VAE", fp16_reason=FP16_REASON)
-    path = loading.component_path(path, "vae")
     if isinstance(config, str):
         config = loading.read_json(config)
-    if config is None:
-        config = loading.config_or_none(path)
-        if config is not None and family is not None:
-            log.info("VAE: %s has a config.json; its latent normalization is used, not family=%s.", path, family)
-    shapes = loading.checkpoint_shapes(path)
-    check_format(shapes, path)
-    if config is not None:
-        cfg = VAEConfig.from_dict(config, source=path)
-    else:
-        if family is None:
-            family = "glm_image"
-            log.info("VAE: %s has no config.json; using GLM-Image's latent normalization (per-channel mean/std). "
-                     "Pass family='cogview4' for a CogView4 VAE.", os.path.basename(path))
-        cfg = infer_config(shapes, family)
-    with loading.meta_device():
-        model = AutoencoderKL(cfg)
-    loading.fill_module(model, loading.load_state_dict(path), source=path, dtype=torch_dtype, device=device)
-    return GlmVAE(model)
+    component = loading.component_path(path, "vae")
+    if config is None and family is not None and loading.config_or_none(component) is not None:
+        log.info("VAE: %s has a config.json; its latent normalization is used, not family=%s.", component, family)
+    spec = dataclasses.replace(SPEC, config_from_shapes=_config_from_shapes(family))
+    typed = VAEConfig.from_dict(config, source=component) if config is not None else None
+    return GlmVAE(components.load_component(spec, path, dtype, device, config=typed))

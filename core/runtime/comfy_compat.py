@@ -111,39 +111,148 @@ def _weight_bytes(modules) -> int:
     return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
-@contextmanager
-def on_compute_device(*modules: torch.nn.Module, stage: str = "this node",
-                      advice: str = "lower the image size or the number of images"):
-    """Run ``modules`` on the compute device, then move them back to the offload device.
+def _module(item) -> torch.nn.Module:
+    """A handle's weights (``handle.module``) or a bare module."""
+    return item.module if hasattr(item, "module") else item
 
-    Loaders keep weights on the offload device, so the AR model, then the decoder, each take the GPU only
-    while they run: stages swap instead of sitting side by side (GLM-Image at 1024x1024 fits 24 GB this way).
-    Inside ComfyUI, its memory manager first frees room for the weights (unloading other models).
+
+class _Managed(torch.nn.Module):
+    """What ComfyUI's ModelPatcher holds: the pack's model as ``net`` (the patcher sets attributes such as
+    ``device`` on the object it manages, which the pack's models keep as properties)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+
+_managed_classes: dict[str, type] = {}
+
+
+def _managed(net: torch.nn.Module) -> _Managed:
+    """A ``_Managed`` subclass named after the model, so ComfyUI's log says "Requested to load GlmImageDiT"."""
+    name = type(net).__name__
+    if name not in _managed_classes:
+        _managed_classes[name] = type(name, (_Managed,), {"__doc__": _Managed.__doc__})
+    return _managed_classes[name](net)
+
+
+_told: set[str] = set()
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _told:
+        _told.add(key)
+        log.info(message)
+
+
+def model_patcher(item):
+    """The ComfyUI ``ModelPatcher`` of a handle, made on first use and kept on the handle, so ComfyUI's
+    ``load_models_gpu`` keeps the model resident between runs, evicts it for other models, or loads it
+    partially (the rest streamed per layer)."""
+    import comfy.model_patcher
+
+    from .residency import streamable
+
+    patcher = getattr(item, "patcher", None)
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(_managed(streamable(_module(item))), load_device=get_device(),
+                                                   offload_device=offload_device())
+        item.patcher = patcher
+    return patcher
+
+
+@contextmanager
+def _comfy_placement(items, device: torch.device, memory_required: int):
+    from contextlib import ExitStack
+
+    from .residency import EXECUTION_DEVICE, resident
+
+    for item in items:
+        if getattr(item, "block_swap", 0):
+            _say_once("block_swap", "block_swap is not used inside ComfyUI: its memory manager keeps what fits "
+                                    "on the GPU and streams the rest layer by layer (partial loading).")
+    handles = [item for item in items if hasattr(item, "patcher")]
+    _mm.load_models_gpu([model_patcher(item) for item in handles], memory_required=memory_required)
+    with ExitStack() as stack:
+        for item in items:
+            module = _module(item)
+            if item in handles:
+                module.__dict__[EXECUTION_DEVICE] = device
+                stack.callback(module.__dict__.pop, EXECUTION_DEVICE, None)
+            else:  # a bare module (scripts, tests): swapped in for the stage as outside ComfyUI
+                stack.enter_context(resident(module, device))
+        yield device
+
+
+@contextmanager
+def _swap_placement(items, device: torch.device):
+    from contextlib import ExitStack
+
+    from .residency import resident, resolve_blocks
+
+    with ExitStack() as stack:
+        for item in items:
+            module = _module(item)
+            blocks = resolve_blocks(module, getattr(item, "blocks", None), getattr(item, "block_swap", 0))
+            stack.enter_context(resident(module, device, blocks))
+        yield device
+
+
+def fully_resident(item) -> bool:
+    """Whether all of a handle's weights sit on the compute device while its stage runs (no block swap, no
+    partial load by ComfyUI)."""
+    patcher = getattr(item, "patcher", None)
+    partial = patcher is not None and getattr(patcher.model, "model_lowvram", False)
+    return not getattr(item, "block_swap", 0) and not partial
+
+
+def capturable_steps(item, decode_steps: str) -> str:
+    """``decode_steps`` for the AR sampler: a CUDA graph cannot hold the weight copies of block swap or of a
+    partial load, so those run eagerly (and say so once)."""
+    if decode_steps == "eager" or fully_resident(item):
+        return decode_steps
+    _say_once("graph_offload", f"decode_steps {decode_steps!r} needs the whole AR model on the GPU; it is partly "
+                               f"on the offload device (block_swap or ComfyUI's partial load), so the steps run "
+                               f"eagerly.")
+    return "eager"
+
+
+@contextmanager
+def on_compute_device(*items, stage: str = "this node", advice: str = "lower the image size or the number of images",
+                      memory_required: int = 0):
+    """Run the models of ``items`` (the pack's handles, or bare modules) on the compute device.
+
+    Inside ComfyUI each handle's ``ModelPatcher`` goes through ComfyUI's ``load_models_gpu``: the model stays
+    on the GPU after the stage while it fits, is evicted when other models need the room, and is loaded partly
+    (the rest streamed per layer) when the card is too small. Outside ComfyUI the weights take the GPU only while
+    the stage runs (stage swap, so the 9B AR model and the 7B decoder never sit there together); a handle's
+    ``block_swap`` keeps that many of its blocks on the offload device, streamed in one at a time.
     Running out of memory frees what the stage took and says what to lower.
     """
-    device, offload = get_device(), offload_device()
+    device = get_device()
+    modules = [_module(item) for item in items]
     weights = _weight_bytes(modules)
+    placement = (_comfy_placement(items, device, memory_required) if _mm is not None
+                 else _swap_placement(items, device))
     try:
-        if _mm is not None and device.type != "cpu":
-            _mm.free_memory(int(weights * 1.2) + (1 << 30), device)
         try:
-            for module in modules:
-                module.to(device)
+            placed = placement.__enter__()
         except torch.OutOfMemoryError:
+            placement = None
             raise OutOfMemory(f"Out of memory on {device} moving the weights of {stage} ({weights / 2**30:.1f} GB) "
                               f"there: unload other models or close other programs using the GPU, or load the "
-                              f"model in bf16.") from None
+                              f"model in a smaller format (fp8_e4m3fn, a GGUF file) or with block_swap.") from None
         try:
-            yield device
+            yield placed
         except torch.OutOfMemoryError as e:
             if isinstance(e, OutOfMemory):
                 raise
             raise OutOfMemory(f"Out of memory on {device} in {stage}: {advice}, or close other programs using "
                               f"the GPU. ({str(e).splitlines()[0]})") from None
     finally:
-        if device != offload:
-            for module in modules:
-                module.to(offload)
+        if placement is not None:
+            placement.__exit__(None, None, None)
+        if _mm is None and device.type != "cpu":
             soft_empty_cache()
 
 
@@ -229,15 +338,21 @@ SINGLE_FILE_FOLDERS = {
     "text_encoder": "text_encoders",
     "vae": "vae",
 }
+# .gguf files live in the standard folders; ComfyUI-GGUF lists them under these keys (same paths, .gguf only)
+GGUF_KEYS = {"diffusion_models": "unet_gguf", "text_encoders": "clip_gguf"}
 
 
 def register_model_folders() -> None:
-    """Register the ``glm_image`` folder (release folders) with ComfyUI."""
+    """Register the ``glm_image`` folder (release folders) and the GGUF views of the diffusion_models (models/unet
+    too) and text_encoders folders with ComfyUI."""
     if _folder_paths is None:
         return
     path = os.path.join(_folder_paths.models_dir, RELEASE_FOLDER)
     if RELEASE_FOLDER not in _folder_paths.folder_names_and_paths:
         _folder_paths.folder_names_and_paths[RELEASE_FOLDER] = ([path], set())
+    for kind, key in GGUF_KEYS.items():
+        if key not in _folder_paths.folder_names_and_paths and kind in _folder_paths.folder_names_and_paths:
+            _folder_paths.folder_names_and_paths[key] = (_folder_paths.folder_names_and_paths[kind][0], {".gguf"})
 
 
 def list_release_folders() -> list[str]:
@@ -257,6 +372,14 @@ def list_single_files(kind: str) -> list[str]:
     if _folder_paths is None:
         return []
     return [n for n in _folder_paths.get_filename_list(kind) if n.endswith(".safetensors")]
+
+
+def list_gguf_files(kind: str) -> list[str]:
+    """``.gguf`` files in ComfyUI's ``kind`` folders (diffusion_models also covers models/unet)."""
+    key = GGUF_KEYS.get(kind)
+    if _folder_paths is None or key is None or key not in _folder_paths.folder_names_and_paths:
+        return []
+    return [n for n in _folder_paths.get_filename_list(key) if n.endswith(".gguf")]
 
 
 def list_pt_files(kind: str) -> list[str]:

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
+
+from ..stages.flow_schedule import ShiftSettings
 
 # socket type names
 AR_MODEL = "GLMIMAGE_AR"
@@ -73,17 +77,39 @@ class ReferenceImages:
     sizes: list[tuple[int, int]]
 
 
-@dataclass
-class ARModel:
-    """The GLM AR model with its text tokenizer (socket ``GLMIMAGE_AR``)."""
-    model: torch.nn.Module
-    tokenizer: object
+@dataclass(eq=False)
+class ModelHandle:
+    """A loaded model as the pack's sockets carry it: ``model`` is what the core functions take (an
+    ``nn.Module``, or the VAE / captioner wrapper around one), with where it came from and how it lives in
+    memory. ``block_swap`` (outside ComfyUI): that many of the blocks at ``blocks`` stay on the offload device.
+    ``patcher``: ComfyUI's ``ModelPatcher`` for it, made on first use inside ComfyUI (see comfy_compat)."""
+    model: Any
     path: str = ""
+    block_swap: int = 0
+    blocks: str | None = None
+    patcher: Any = field(default=None, repr=False)
+
+    @property
+    def module(self) -> nn.Module:
+        """The ``nn.Module`` holding the weights."""
+        return self.model if isinstance(self.model, nn.Module) else self.model.model
+
+
+@dataclass(eq=False)
+class ARModel(ModelHandle):
+    """The GLM AR model with its text tokenizer (socket ``GLMIMAGE_AR``)."""
+    tokenizer: object = None
 
     @property
     def vocabulary(self):
         """The release's special-token ids and codebook size (``ar_prompt.ARVocabulary``, read from its config)."""
         return self.tokenizer.vocabulary
+
+
+@dataclass(eq=False)
+class Decoder(ModelHandle):
+    """A DiT decoder (GLM-Image or CogView4) with its release's scheduler settings."""
+    shift_settings: ShiftSettings = field(default_factory=ShiftSettings)
 
 
 @dataclass
@@ -94,8 +120,7 @@ class CogView4Conditioning:
     prompt: str = ""
 
 
-@dataclass
-class CogView4TextEncoder:
+@dataclass(eq=False)
+class CogView4TextEncoder(ModelHandle):
     """The GLM-4-9B text encoder with its tokenizer (socket ``GLMIMAGE_COGVIEW4_TEXT_ENCODER``)."""
-    model: torch.nn.Module
-    tokenizer: object
+    tokenizer: object = None

@@ -1,19 +1,17 @@
-"""Reading configs and safetensors checkpoints, and filling models built on the meta device.
+"""Finding a component's files and configs, opening safetensors with clear errors, and the dtype choices.
 
 Supported layouts:
 - a component folder of the official release (``config.json`` plus ``model.safetensors``,
   ``diffusion_pytorch_model.safetensors`` or sharded files with a ``*.safetensors.index.json``);
-- a single ``.safetensors`` file.
+- a single ``.safetensors`` file (``core/formats`` adds scaled-FP8 safetensors and GGUF files).
 
-A model is built on the meta device and its parameters are assigned straight from the
-(memory-mapped) safetensors tensors, so a 9B model is never held twice in RAM.
+Models are built on the meta device and filled by ``components.load_component``.
 """
 from __future__ import annotations
 
 import json
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -81,84 +79,10 @@ def open_safetensors(file: str):
         yield sf
 
 
-def checkpoint_keys(path: str) -> list[str]:
-    keys: list[str] = []
-    for f in safetensors_files(path):
-        with open_safetensors(f) as sf:
-            keys.extend(sf.keys())
-    return keys
-
-
-def checkpoint_shapes(path: str, keep: Callable[[str], bool] | None = None) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a checkpoint, from the safetensors headers only (no tensor data is read)."""
-    shapes = {}
-    for f in safetensors_files(path):
-        with open_safetensors(f) as sf:
-            for key in sf.keys():
-                if keep is None or keep(key):
-                    shapes[key] = tuple(sf.get_slice(key).get_shape())
-    return shapes
-
-
-def load_state_dict(path: str, keep: Callable[[str], bool] | None = None,
-                    strip_prefix: str | Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Load tensors from a file or component folder; ``keep`` filters keys before any data is read."""
-    prefixes = (strip_prefix,) if isinstance(strip_prefix, str) else tuple(strip_prefix)
-    out: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(path):
-        with open_safetensors(f) as sf:
-            for key in sf.keys():
-                if keep is not None and not keep(key):
-                    continue
-                name = key
-                for p in prefixes:
-                    if p and name.startswith(p):
-                        name = name[len(p):]
-                        break
-                out[name] = sf.get_tensor(key)
-    return out
-
-
 @contextmanager
 def meta_device():
     with torch.device("meta"):
         yield
-
-
-def fill_module(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str,
-                dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                keep_fp32: Callable[[str], bool] | None = None, ignore: Callable[[str], bool] | None = None) -> torch.nn.Module:
-    """Assign ``state_dict`` into a meta-built ``module`` (strict), casting floating tensors to ``dtype``.
-
-    ``keep_fp32(name)`` marks tensors that stay in float32 whatever ``dtype`` is.
-    ``ignore(name)`` marks checkpoint keys that are expected but not used (they are dropped).
-    """
-    expected = set(module.state_dict().keys())
-    given = {k: v for k, v in state_dict.items() if not (ignore and ignore(k))}
-    missing = sorted(expected - set(given))
-    unexpected = sorted(set(given) - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-        raise CheckpointError(f"{source} does not match {type(module).__name__}: " + "; ".join(parts) +
-                              ". Check that this file is the right component of the release.")
-    own = module.state_dict()
-    converted = {}
-    for k, v in given.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"{source}: tensor {k} has shape {tuple(v.shape)} but the config expects "
-                                  f"{tuple(own[k].shape)}. The config.json and the weights disagree.")
-        if v.is_floating_point():
-            target = torch.float32 if (keep_fp32 and keep_fp32(k)) else (dtype or v.dtype)
-            v = v.to(device=device, dtype=target)
-        else:
-            v = v.to(device=device)
-        converted[k] = v
-    module.load_state_dict(converted, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 from tokenizers import AddedToken, Tokenizer, processors
 
+from ..formats.layers import compute_dtype
 from ..models.glm_text_encoder import GlmTextEncoder
 from ..runtime.checks import check_finite_output, check_text
 from ..runtime.loading import CheckpointError, component_path
+from ..runtime.residency import placed_device
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,6 @@ def encode_cogview4_prompt(encoder: GlmTextEncoder, tokenizer: CogView4Tokenizer
     """Prompt -> CogView4 text conditioning [1, L, hidden] (float32, on the encoder's device). No attention
     mask: the pads are attended, as in the reference pipeline."""
     check_text(prompt, name)
-    weight = encoder.embed_tokens.weight
-    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(weight.device)
-    return check_finite_output(encoder(ids), "The CogView4 text encoder (GLM-4)", weight.dtype).float()
+    embed = encoder.embed_tokens
+    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(placed_device(encoder, embed.weight))
+    return check_finite_output(encoder(ids), "The CogView4 text encoder (GLM-4)", compute_dtype(embed)).float()

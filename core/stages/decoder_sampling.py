@@ -23,7 +23,7 @@ from ..runtime import checks
 from ..runtime.comfy_compat import Progress
 from ..runtime.geometry import check_latent_size, patch_count
 from ..runtime.handles import GlyphConditioning, ReferenceImages
-from .flow_schedule import FlowSchedule, cogview4_schedule, glm_image_schedule
+from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Preview = Callable[[torch.Tensor], object]   # denoised estimate [B, C, h, w] -> a PIL image for the progress bar
@@ -101,7 +101,7 @@ def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress:
 def write_reference_cache(dit, references: ReferenceImages):
     """One DiT pass per reference (timestep 0, empty glyph stream, its own size and prior ids) storing its K/V."""
     cache = dit.new_kv_cache()
-    glyph_dim = dit.config["text_embed_dim"]
+    glyph_dim = dit.config.text_embed_dim
     for i, (latents, ids) in enumerate(zip(references.latents, references.prior_ids)):
         latents = latents.to(device=dit.device, dtype=dit.dtype)
         if latents.dim() == 3:
@@ -129,14 +129,16 @@ def check_ids(ids: torch.Tensor, codebook_size: int, what: str) -> None:
 def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, height: int, width: int, *,
                    steps: int = 50, guidance: float = 1.5, seed: int = 0, noise: torch.Tensor | None = None,
                    references: ReferenceImages | None = None, start_latents: torch.Tensor | None = None,
-                   start_sigma: float | None = None, progress: bool = True, preview: Preview | None = None,
-                   compile_blocks: bool = False, step_cache: float = 0.0) -> torch.Tensor:
+                   start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
+                   progress: bool = True, preview: Preview | None = None, compile_blocks: bool = False,
+                   step_cache: float = 0.0) -> torch.Tensor:
     """Denoise GLM-Image latents ``[B, 16, H/8, W/8]`` (fp32, normalized: the VAE de-normalizes them with
     latents_mean/std) from 2x-upsampled prior ids ``[B, (H/16)(W/16)]`` and glyph conditioning.
 
     guidance > 1 adds the unconditional branch (glyph of "", prior dropped, references not read).
     references: editing; their K/V are computed once before the loop and read by every conditional pass.
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
+    shift_settings: the release's scheduler settings (``dit.release_shift_settings``; default: the release's values).
     preview: turns each step's denoised estimate into a live preview (``latent_preview.decoder_preview``).
     compile_blocks, step_cache: the speed options of the module docstring.
     """
@@ -155,8 +157,8 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
                          f"((H/16)*(W/16), the 2x-upsampled token grid).")
     check_ids(prior_ids, dit.codebook_size, "prior")
 
-    schedule = glm_image_schedule(steps, height, width, dit.shift_settings)
-    noise = initial_noise((b, dit.config["in_channels"], height // 8, width // 8), seed, noise, device)
+    schedule = glm_image_schedule(steps, height, width, shift_settings)
+    noise = initial_noise((b, dit.config.in_channels, height // 8, width // 8), seed, noise, device)
     x, schedule = start_point(noise, schedule, start_latents, start_sigma)
 
     cond = batch_of(glyph.cond, b, "glyph.cond").to(device=device, dtype=dit.dtype)
@@ -193,8 +195,8 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
 def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor | None, height: int,
                             width: int, *, steps: int = 50, guidance: float = 5.0, seed: int = 0,
                             noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
-                            start_sigma: float | None = None, progress: bool = True,
-                            preview: Preview | None = None, compile_blocks: bool = False,
+                            start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
+                            progress: bool = True, preview: Preview | None = None, compile_blocks: bool = False,
                             step_cache: float = 0.0) -> torch.Tensor:
     """Denoise CogView4 latents ``[B, 16, H/8, W/8]`` (fp32, CogView4's space: scaling 1.0, no mean/std) from
     GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` may have another length; unused when
@@ -211,8 +213,8 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
     use_cfg = guidance > 1
     if use_cfg and uncond_embeds is None:
         raise ValueError("guidance > 1 needs uncond_embeds (the encoding of the negative prompt, \"\" by default).")
-    schedule = cogview4_schedule(steps, height, width, dit.shift_settings)
-    noise = initial_noise((b, dit.config["in_channels"], height // 8, width // 8), seed, noise, device)
+    schedule = cogview4_schedule(steps, height, width, shift_settings)
+    noise = initial_noise((b, dit.config.in_channels, height // 8, width // 8), seed, noise, device)
     x, schedule = start_point(noise, schedule, start_latents, start_sigma)
     cond = cond_embeds.to(device=device, dtype=dit.dtype)
     uncond = batch_of(uncond_embeds, b, "uncond_embeds").to(device=device, dtype=dit.dtype) if use_cfg else None

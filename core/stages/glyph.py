@@ -14,6 +14,7 @@ import torch
 from ..models.t5_encoder import T5Encoder
 from ..runtime.checks import check_finite_output, check_text
 from ..runtime.handles import GlyphConditioning
+from ..runtime.residency import placed_device
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def encode_glyph_texts(encoder: T5Encoder, texts: list[str]) -> torch.Tensor:
     """float32 ``[1, L, D]``: the valid positions of every text's encoding, concatenated (on the encoder's device)."""
     if not texts:
         raise ValueError("encode_glyph_texts needs at least one text; the pipeline encodes [\"\"] when there is none.")
-    device = encoder.shared.weight.device
+    device = placed_device(encoder, encoder.shared.weight)
     ids, mask = tokenize_glyph_texts(texts)
     ids, mask = ids.to(device), mask.to(device)
     hidden = check_finite_output(encoder(ids, mask), "The glyph encoder (Glyph-ByT5)", encoder.shared.weight.dtype)

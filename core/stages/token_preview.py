@@ -58,9 +58,10 @@ def code_vectors(ar_model=None, tokenizer=None, codebook_size: int = CODEBOOK_SI
                  ) -> tuple[torch.nn.Module, torch.Tensor] | None:
     """(owner module, ``[codebook_size, D]`` vectors) of the AR model's codebook-id embeddings or the tokenizer's
     codebook, or None without either."""
-    if ar_model is not None:
+    if ar_model is not None:  # looked up, not sliced: FP8 / GGUF tables dequantize the rows asked for
         embed = ar_model.embed_tokens
-        return embed, embed.weight[:codebook_size]
+        with torch.no_grad():
+            return embed, embed(torch.arange(codebook_size, device=embed.weight.device))
     if tokenizer is not None:
         codebook = tokenizer.model["vqmodel"].quantize.embedding
         return codebook, codebook.weight

@@ -21,6 +21,7 @@ from ..runtime.geometry import LARGE_ALTERNATIVE, MAX_SIDE, check_cogview4_size,
 from ..runtime.handles import GlyphConditioning, upsample_ids
 from ..runtime.images import to_rgb01
 from .decoder_sampling import sample_cogview4_latents, sample_latents
+from .flow_schedule import ShiftSettings
 from .references import prepare_references
 
 
@@ -69,7 +70,8 @@ def refine_start(image: torch.Tensor, vae: GlmVAE, height: int, width: int, stre
 
 def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, glyph: GlyphConditioning,
                steps: int = 30, guidance: float = 1.5, seed: int = 0, strength: float = 1.0,
-               use_reference: bool = True, preview=None) -> torch.Tensor:
+               use_reference: bool = True, shift_settings: ShiftSettings | None = None,
+               preview=None) -> torch.Tensor:
     """Upscale one image ``[H, W, 3]`` 0..1 to ``[2H', 2W', 3]`` (H', W': the input rounded to multiples of 16)
     by re-decoding its semantic tokens at twice the size with the GLM-Image decoder.
 
@@ -85,7 +87,7 @@ def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, gly
     prior_ids = upsample_ids(ids)[None]
     references = prepare_references([image], vae, tokenizer)[0] if use_reference else None
     latents = sample_latents(decoder, prior_ids, glyph, height, width, steps=steps, guidance=guidance, seed=seed,
-                             references=references, preview=preview,
+                             references=references, shift_settings=shift_settings, preview=preview,
                              **refine_start(image, vae, height, width, strength))
     return vae.decode(latents)[0]
 
@@ -104,7 +106,8 @@ def refine_size(height: int, width: int, scale: float) -> tuple[int, int]:
 
 def refine_cogview4(image, *, decoder, vae: GlmVAE, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
                     scale: float = 2.0, steps: int = 30, guidance: float = 5.0, seed: int = 0,
-                    strength: float = 0.5, preview=None) -> torch.Tensor:
+                    strength: float = 0.5, shift_settings: ShiftSettings | None = None,
+                    preview=None) -> torch.Tensor:
     """Refine one image ``[H, W, 3]`` 0..1 with CogView4 at ``scale`` times its size (rounded to multiples of 32):
     bicubic upsample, VAE encode, noise to sigma = strength, denoise the rest with the prompt embeddings
     ``[1, L, 4096]``. Returns ``[H_out, W_out, 3]``; ``vae`` is CogView4's."""
@@ -112,6 +115,6 @@ def refine_cogview4(image, *, decoder, vae: GlmVAE, cond_embeds: torch.Tensor, u
     height, width = refine_size(image.shape[0], image.shape[1], scale)
     check_strength(strength)
     latents = sample_cogview4_latents(decoder, cond_embeds, uncond_embeds, height, width, steps=steps,
-                                      guidance=guidance, seed=seed, preview=preview,
+                                      guidance=guidance, seed=seed, shift_settings=shift_settings, preview=preview,
                                       **refine_start(image, vae, height, width, strength))
     return vae.decode(latents)[0]

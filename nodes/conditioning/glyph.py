@@ -41,8 +41,8 @@ class GLMImageGlyphConditioning:
 
     def encode(self, glyph_encoder, prompt, texts=""):
         check_now(locals(), check_glyph_inputs)
-        with comfy_compat.on_compute_device(glyph_encoder):
-            return (glyph_conditioning(glyph_encoder, prompt, texts=texts_to_render(texts)),)
+        with comfy_compat.on_compute_device(glyph_encoder, stage="glyph conditioning"):
+            return (glyph_conditioning(glyph_encoder.model, prompt, texts=texts_to_render(texts)),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageGlyphConditioning": GLMImageGlyphConditioning}

@@ -32,8 +32,8 @@ class GLMImageReferenceImages:
                 checks.check_image_batch(batch, name)
         images = [img for batch in (image, image_2, image_3) if batch is not None for img in batch]
         reference_sizes(images)  # a reference that cannot be used is refused before the models move
-        with comfy_compat.on_compute_device(vae.model, tokenizer):
-            references, note = prepare_references(images, vae, tokenizer)
+        with comfy_compat.on_compute_device(vae, tokenizer, stage="reference images"):
+            references, note = prepare_references(images, vae.model, tokenizer.model)
         return (references, note)
 
 
@@ -57,8 +57,8 @@ class GLMImageImageToTokens:
     def tokenize(self, tokenizer, image, width, height):
         check_now(locals(), check_token_grid_size)
         checks.check_image_batch(image, "image")
-        with comfy_compat.on_compute_device(tokenizer):
-            ids = torch.stack(tokenize_images(tokenizer, image, target_height=height, target_width=width))
+        with comfy_compat.on_compute_device(tokenizer, stage="image to tokens"):
+            ids = torch.stack(tokenize_images(tokenizer.model, image, target_height=height, target_width=width))
         return (handles.TokenGrid(ids=ids, height=height, width=width),)
 
 

@@ -36,7 +36,7 @@ class GLMImageTokenGridPreview:
         if ar_model is not None:
             colours = palette(ar_model=ar_model.model, codebook_size=ar_model.vocabulary.codebook_size)
         else:
-            colours = palette(tokenizer=tokenizer)
+            colours = palette(tokenizer=tokenizer.model if tokenizer is not None else None)
         return (token_grid_images(tokens, colours, grid),)
 
 

@@ -22,7 +22,7 @@ class GLMImageCaptionerLoader(ModelLoader):
         }}
 
     def load_model(self, path, dtype, device):
-        return load_captioner(path, dtype=dtype, device=device)
+        return handles.ModelHandle(load_captioner(path, dtype=dtype, device=device))
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCaptionerLoader": GLMImageCaptionerLoader}

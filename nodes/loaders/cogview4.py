@@ -1,8 +1,8 @@
 """Loaders for CogView4-6B: the GLM-4-9B text encoder (with its tokenizer) and the DiT decoder."""
 from __future__ import annotations
 
-from ...core.models.cogview4_dit import load_cogview4_decoder
-from ...core.models.glm_text_encoder import load_glm_text_encoder
+from ...core.models import cogview4_dit, glm_text_encoder
+from ...core.models.dit import release_shift_settings
 from ...core.runtime import handles
 from ...core.stages.cogview4_text import load_cogview4_tokenizer
 from ..common import ModelLoader
@@ -10,27 +10,33 @@ from ..common import ModelLoader
 
 class GLMImageCogView4TextEncoderLoader(ModelLoader):
     DESCRIPTION = ("Loads CogView4's GLM-4-9B text encoder (all layers but the last, which CogView4 does not use) "
-                   "and its tokenizer. It runs once per prompt and goes back to the offload device after.")
+                   "and its tokenizer, from the release, a single safetensors file, or an FP8 / GGUF file made by "
+                   "convert.py.")
     RETURN_TYPES = (handles.COGVIEW4_TEXT_ENCODER,)
     RETURN_NAMES = ("text_encoder",)
-    TOOLTIP = ("CogView4-6B release folder in models/glm_image, or a single safetensors file with tokenizer.json "
-               "beside it.")
+    SPEC = glm_text_encoder.SPEC
+    TOOLTIP = ("CogView4-6B release folder in models/glm_image, or a single .safetensors / .gguf file in "
+               "models/text_encoders with tokenizer.json beside it.")
 
     def load_model(self, path, dtype, device):
         tokenizer = load_cogview4_tokenizer(path)
-        return handles.CogView4TextEncoder(model=load_glm_text_encoder(path, dtype=dtype, device=device),
-                                         tokenizer=tokenizer)
+        return handles.CogView4TextEncoder(glm_text_encoder.load_glm_text_encoder(path, dtype=dtype, device=device),
+                                           tokenizer=tokenizer)
 
 
 class GLMImageCogView4DecoderLoader(ModelLoader):
-    DESCRIPTION = "Loads the CogView4-6B DiT (28 layers, the GLM-Image decoder's block design)."
+    DESCRIPTION = ("Loads the CogView4-6B DiT (28 layers, the GLM-Image decoder's block design) from the release, a "
+                   "single safetensors file, or an FP8 / GGUF file made by convert.py.")
     RETURN_TYPES = (handles.COGVIEW4_DECODER,)
     RETURN_NAMES = ("decoder",)
     FOLDER = "diffusion_models"
-    TOOLTIP = "CogView4-6B release folder, or a single safetensors file in models/diffusion_models."
+    SPEC = cogview4_dit.SPEC
+    TOOLTIP = ("CogView4-6B release folder, or a single .safetensors / .gguf file in models/diffusion_models (or "
+               "models/unet).")
 
     def load_model(self, path, dtype, device):
-        return load_cogview4_decoder(path, dtype=dtype, device=device)
+        return handles.Decoder(cogview4_dit.load_cogview4_decoder(path, dtype=dtype, device=device),
+                               shift_settings=release_shift_settings(path))
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCogView4TextEncoderLoader": GLMImageCogView4TextEncoderLoader,

@@ -22,7 +22,7 @@ class GLMImageCogViewVQVAELoader:
 
     def load(self, checkpoint):
         path = comfy_compat.resolve_checkpoint(checkpoint, "vae")
-        return (load_cogview_vqvae(path, device=comfy_compat.offload_device()),)
+        return (handles.ModelHandle(load_cogview_vqvae(path, device=comfy_compat.offload_device()), path=path),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCogViewVQVAELoader": GLMImageCogViewVQVAELoader}

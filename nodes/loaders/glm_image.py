@@ -1,11 +1,8 @@
 """Loaders for the GLM-Image components: AR model, semantic tokenizer, DiT decoder, Glyph-ByT5, VAE."""
 from __future__ import annotations
 
-from ...core.models.glm_ar import load_ar_model
-from ...core.models.glm_image_dit import load_decoder
-from ...core.models.semantic_tokenizer import load_semantic_tokenizer
-from ...core.models.t5_encoder import load_glyph_encoder
-from ...core.models.vae import load_vae
+from ...core.models import glm_ar, glm_image_dit, semantic_tokenizer, t5_encoder, vae
+from ...core.models.dit import release_shift_settings
 from ...core.runtime import handles
 from ...core.stages.ar_prompt import load_text_tokenizer
 from ...core.stages.latent_preview import remember_vae
@@ -13,15 +10,17 @@ from ..common import ModelLoader
 
 
 class GLMImageARLoader(ModelLoader):
-    DESCRIPTION = "Loads the 9B GLM autoregressive model (vision_language_encoder) and its text tokenizer."
+    DESCRIPTION = ("Loads the 9B GLM autoregressive model (vision_language_encoder) and its text tokenizer, from the "
+                   "release, a single safetensors file, or an FP8 / GGUF file made by convert.py.")
     RETURN_TYPES = (handles.AR_MODEL,)
     RETURN_NAMES = ("ar_model",)
-    TOOLTIP = ("Release folder in models/glm_image, or a single safetensors file in models/text_encoders with "
-               "tokenizer.json beside it.")
+    SPEC = glm_ar.SPEC
+    TOOLTIP = ("Release folder in models/glm_image, or a single .safetensors / .gguf file in models/text_encoders "
+               "with the release's processor/tokenizer.json beside it.")
 
     def load_model(self, path, dtype, device):
         tokenizer = load_text_tokenizer(path)
-        return handles.ARModel(model=load_ar_model(path, dtype=dtype, device=device), tokenizer=tokenizer, path=path)
+        return handles.ARModel(model=glm_ar.load_ar_model(path, dtype=dtype, device=device), tokenizer=tokenizer)
 
 
 class GLMImageTokenizerLoader(ModelLoader):
@@ -29,31 +28,36 @@ class GLMImageTokenizerLoader(ModelLoader):
                    "AR checkpoint, never the 9B decoder.")
     RETURN_TYPES = (handles.TOKENIZER,)
     RETURN_NAMES = ("tokenizer",)
-    TOOLTIP = "Release folder, or the AR model's single safetensors file."
+    SPEC = semantic_tokenizer.SPEC
+    TOOLTIP = "Release folder, or the AR model's original single safetensors file."
 
     def load_model(self, path, dtype, device):
-        return load_semantic_tokenizer(path, dtype=dtype, device=device)
+        return handles.ModelHandle(semantic_tokenizer.load_semantic_tokenizer(path, dtype=dtype, device=device))
 
 
 class GLMImageDecoderLoader(ModelLoader):
-    DESCRIPTION = "Loads the 7B DiT decoder (transformer)."
+    DESCRIPTION = ("Loads the 7B DiT decoder (transformer) from the release, a single safetensors file, or an FP8 / "
+                   "GGUF file made by convert.py.")
     RETURN_TYPES = (handles.DECODER,)
     RETURN_NAMES = ("decoder",)
     FOLDER = "diffusion_models"
-    TOOLTIP = "Release folder, or a single safetensors file in models/diffusion_models."
+    SPEC = glm_image_dit.SPEC
+    TOOLTIP = "Release folder, or a single .safetensors / .gguf file in models/diffusion_models (or models/unet)."
 
     def load_model(self, path, dtype, device):
-        return load_decoder(path, dtype=dtype, device=device)
+        return handles.Decoder(glm_image_dit.load_decoder(path, dtype=dtype, device=device),
+                               shift_settings=release_shift_settings(path))
 
 
 class GLMImageGlyphEncoderLoader(ModelLoader):
     DESCRIPTION = "Loads the Glyph-ByT5 text encoder that embeds the quoted text of the prompt."
     RETURN_TYPES = (handles.GLYPH_ENCODER,)
     RETURN_NAMES = ("glyph_encoder",)
-    TOOLTIP = "Release folder, or a single safetensors file in models/text_encoders."
+    SPEC = t5_encoder.SPEC
+    TOOLTIP = "Release folder, or a single .safetensors / .gguf file in models/text_encoders."
 
     def load_model(self, path, dtype, device):
-        return load_glyph_encoder(path, dtype=dtype, device=device)
+        return handles.ModelHandle(t5_encoder.load_glyph_encoder(path, dtype=dtype, device=device))
 
 
 class GLMImageVAELoader(ModelLoader):
@@ -62,6 +66,7 @@ class GLMImageVAELoader(ModelLoader):
     RETURN_TYPES = (handles.VAE,)
     RETURN_NAMES = ("vae",)
     FOLDER = "vae"
+    SPEC = vae.SPEC
     TOOLTIP = "Release folder, or a single safetensors file in models/vae."
 
     @classmethod
@@ -73,9 +78,9 @@ class GLMImageVAELoader(ModelLoader):
         return inputs
 
     def load_model(self, path, dtype, device, family="glm_image"):
-        vae = load_vae(path, dtype=dtype, device=device, family=family)
-        remember_vae(vae)  # the decoder samplers of its latent family preview with its colours
-        return vae
+        model = vae.load_vae(path, dtype=dtype, device=device, family=family)
+        remember_vae(model)  # the decoder samplers of its latent family preview with its colours
+        return handles.ModelHandle(model)
 
 
 NODE_CLASS_MAPPINGS = {

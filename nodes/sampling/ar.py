@@ -78,8 +78,9 @@ class GLMImageARSampler:
         check_backend(attention)
         source_grids = references.token_ids if references is not None else None
         with comfy_compat.on_compute_device(
-                ar_model.model, stage="AR token sampling", advice="lower num_images or the output size"), \
+                ar_model, stage="AR token sampling", advice="lower num_images or the output size"), \
                 attention_backend(attention):
+            decode_steps = comfy_compat.capturable_steps(ar_model, decode_steps)
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
                                        source_grids=source_grids,

@@ -59,8 +59,8 @@ class GLMImageCaption:
     def caption(self, captioner, image, preset, max_new_tokens, temperature, seed, custom_instruction="", append=""):
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
-        with comfy_compat.on_compute_device(captioner.model):
-            captions = [caption_image(captioner, img, preset, max_new_tokens=max_new_tokens, seed=seed,
+        with comfy_compat.on_compute_device(captioner):
+            captions = [caption_image(captioner.model, img, preset, max_new_tokens=max_new_tokens, seed=seed,
                                       custom_instruction=custom_instruction, temperature=temperature)
                         for img in image]
         if append.strip():
@@ -89,8 +89,8 @@ class GLMImageRerank:
     def rerank(self, captioner, images, prompt):
         check_now(locals(), check_rerank_prompt)
         checks.check_image_batch(images, "images")
-        with comfy_compat.on_compute_device(captioner.model):
-            order, scores = rerank(captioner, images, prompt)
+        with comfy_compat.on_compute_device(captioner):
+            order, scores = rerank(captioner.model, images, prompt)
         report = "\n".join(f"#{rank + 1}: image {int(i)} score {float(scores[i]):.4f}" for rank, i in enumerate(order))
         return (images[order[:1]], images[order], report)
 
@@ -124,8 +124,8 @@ class GLMImagePromptEnhance:
 
     def enhance(self, captioner, prompt, language, max_new_tokens, temperature, seed):
         check_now(locals(), *self.CHECKS)
-        with comfy_compat.on_compute_device(captioner.model):
-            return (enhance_prompt(captioner, prompt, language=language, max_new_tokens=max_new_tokens,
+        with comfy_compat.on_compute_device(captioner):
+            return (enhance_prompt(captioner.model, prompt, language=language, max_new_tokens=max_new_tokens,
                                    temperature=temperature, seed=seed),)
 
 

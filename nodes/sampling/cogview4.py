@@ -38,7 +38,8 @@ class GLMImageCogView4TextEncode:
 
     def encode(self, text_encoder, prompt, negative_prompt):
         check_now(locals(), *self.CHECKS)
-        with comfy_compat.on_compute_device(text_encoder.model):
+        with comfy_compat.on_compute_device(text_encoder, stage="CogView4 text encoding",
+                                             advice="shorten the prompt"):
             cond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, prompt).cpu()
             uncond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, negative_prompt,
                                             name="negative_prompt").cpu()
@@ -79,10 +80,12 @@ class GLMImageCogView4Sampler:
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
         preview = decoder_preview(COGVIEW4)
-        with comfy_compat.on_compute_device(decoder), attention_backend(attention):
-            latents = sample_cogview4_latents(decoder, cond, uncond, height, width, steps=steps, guidance=guidance,
-                                              seed=seed, preview=preview, compile_blocks=compile,
-                                              step_cache=step_cache)
+        with comfy_compat.on_compute_device(decoder, stage="CogView4 sampling",
+                                             advice="lower the output size or the number of images"), \
+                attention_backend(attention):
+            latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, steps=steps,
+                                              guidance=guidance, seed=seed, shift_settings=decoder.shift_settings,
+                                              preview=preview, compile_blocks=compile, step_cache=step_cache)
         return ({"samples": latents.float().cpu()},)
 
 

@@ -20,7 +20,7 @@ class GLMImageCogViewVQEncode:
     def encode(self, vqvae, image):
         checks.check_image_batch(image, "image")
         with comfy_compat.on_compute_device(vqvae):
-            return (vqvae.encode(image),)
+            return (vqvae.model.encode(image),)
 
 
 class GLMImageCogViewVQDecode:
@@ -35,9 +35,9 @@ class GLMImageCogViewVQDecode:
         return {"required": {"vqvae": (handles.COGVIEW_VQVAE,), "tokens": (handles.COGVIEW_VQ_TOKENS,)}}
 
     def decode(self, vqvae, tokens):
-        checks.check_token_ids(tokens, "tokens", vqvae.n_embed)
+        checks.check_token_ids(tokens, "tokens", vqvae.model.n_embed)
         with comfy_compat.on_compute_device(vqvae):
-            return (vqvae.decode(tokens),)
+            return (vqvae.model.decode(tokens),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCogViewVQEncode": GLMImageCogViewVQEncode,

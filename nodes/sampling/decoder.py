@@ -46,9 +46,10 @@ class GLMImageDecoderSampler:
         with comfy_compat.on_compute_device(
                 decoder, stage="decoder sampling", advice="lower the output size or the number of images"), \
                 attention_backend(attention):
-            latents = sample_latents(decoder, tokens.upsampled(), glyph, tokens.height, tokens.width,
+            latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width,
                                      steps=steps, guidance=guidance, seed=seed, references=references,
-                                     preview=preview, compile_blocks=compile, step_cache=step_cache)
+                                     shift_settings=decoder.shift_settings, preview=preview,
+                                     compile_blocks=compile, step_cache=step_cache)
         return ({"samples": latents.float().cpu()},)
 
 

@@ -50,11 +50,12 @@ class GLMImageUpscale:
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
         upscale_2x_size(image.shape[1], image.shape[2])
-        preview = decoder_preview(GLM_IMAGE, vae)
-        with comfy_compat.on_compute_device(decoder, vae.model, tokenizer):
-            out = [upscale_2x(img, decoder=decoder, vae=vae, tokenizer=tokenizer, glyph=glyph, steps=steps,
-                              guidance=guidance, seed=seed, strength=strength, use_reference=use_reference,
-                              preview=preview)
+        preview = decoder_preview(GLM_IMAGE, vae.model)
+        with comfy_compat.on_compute_device(decoder, vae, tokenizer, stage="upscaling",
+                                             advice="upscale a smaller image"):
+            out = [upscale_2x(img, decoder=decoder.model, vae=vae.model, tokenizer=tokenizer.model, glyph=glyph,
+                              steps=steps, guidance=guidance, seed=seed, strength=strength,
+                              use_reference=use_reference, shift_settings=decoder.shift_settings, preview=preview)
                    for img in image]
         return (torch.stack(out),)
 
@@ -93,11 +94,12 @@ class GLMImageCogView4Refine:
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
         refine_size(image.shape[1], image.shape[2], scale)
-        preview = decoder_preview(COGVIEW4, vae)
-        with comfy_compat.on_compute_device(decoder, vae.model):
-            out = [refine_cogview4(img, decoder=decoder, vae=vae, cond_embeds=conditioning.cond,
+        preview = decoder_preview(COGVIEW4, vae.model)
+        with comfy_compat.on_compute_device(decoder, vae, stage="refining", advice="lower the scale"):
+            out = [refine_cogview4(img, decoder=decoder.model, vae=vae.model, cond_embeds=conditioning.cond,
                                    uncond_embeds=conditioning.uncond, scale=scale, steps=steps, guidance=guidance,
-                                   seed=seed, strength=strength, preview=preview)
+                                   seed=seed, strength=strength, shift_settings=decoder.shift_settings,
+                                   preview=preview)
                    for img in image]
         return (torch.stack(out),)
 

@@ -22,8 +22,8 @@ class GLMImageVAEDecode:
     def decode(self, vae, latent, tiling):
         samples = checks.check_latent(latent, "latent")
         tiled = {"auto": None, "on": True, "off": False}[tiling]
-        with comfy_compat.on_compute_device(vae.model, stage="VAE decode", advice="set tiling to on"):
-            return (vae.decode(samples, tiled=tiled),)
+        with comfy_compat.on_compute_device(vae, stage="VAE decode", advice="set tiling to on"):
+            return (vae.model.decode(samples, tiled=tiled),)
 
 
 class GLMImageVAEEncode:
@@ -39,9 +39,8 @@ class GLMImageVAEEncode:
 
     def encode(self, vae, image):
         checks.check_image_batch(image, "image")
-        with comfy_compat.on_compute_device(vae.model, stage="VAE encode",
-                                             advice="encode fewer or smaller images"):
-            return ({"samples": vae.encode(image).float().cpu()},)
+        with comfy_compat.on_compute_device(vae, stage="VAE encode", advice="encode fewer or smaller images"):
+            return ({"samples": vae.model.encode(image).float().cpu()},)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageVAEDecode": GLMImageVAEDecode, "GLMImageVAEEncode": GLMImageVAEEncode}

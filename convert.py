@@ -1,0 +1,88 @@
+"""Convert GLM-Image / CogView4 weights to FP8 safetensors or GGUF files the pack's loaders read.
+
+    python convert.py /models/GLM-Image --format q4_k --out /models/converted/       # every component of a release
+    python convert.py /models/GLM-Image/transformer --format fp8_e4m3fn --out glm_image_dit_fp8_e4m3fn.safetensors
+
+SRC is a release folder (model_index.json; every convertible component is written into the --out folder) or
+one component (its folder or a single .safetensors file; --out is the file). Put the files where the README's
+"Where the weights go" says. Formats: fp8_e4m3fn (.safetensors, ComfyUI's scaled-FP8 layout), q8_0, q6_k, q5_k,
+q4_k, q4_0, f16, bf16 (.gguf).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+try:  # a checkout: this folder, registered as the package glm_image_nodes
+    from standalone import register_pack
+except ImportError:  # installed with pip (glm-image-convert): the package is importable as it is
+    def register_pack():
+        pass
+
+COMPONENT_NAMES = {"ar": "glm_image_ar", "decoder": "glm_image_dit", "glyph": "glyph_byt5",
+                   "cogview4_text_encoder": "cogview4_text_encoder", "cogview4_decoder": "cogview4_dit"}
+# the text tokenizer a single AR / text-encoder file needs beside it, from the release
+TOKENIZERS = {"glm_image_ar": "processor", "cogview4_text_encoder": "tokenizer"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def copy_tokenizer(release: str, architecture: str, out_folder: str) -> list[str]:
+    """Copy the release's text tokenizer beside a converted text model (its loader looks there)."""
+    copied = []
+    for name in TOKENIZER_FILES if architecture in TOKENIZERS else ():
+        src = os.path.join(release, TOKENIZERS[architecture], name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_folder, name))
+            copied.append(name)
+    return copied
+
+
+def main(argv=None) -> int:
+    register_pack()
+    from glm_image_nodes.core.formats import conversion
+    from glm_image_nodes.core.runtime.loading import CheckpointError
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="a release folder, a component folder or a .safetensors file")
+    parser.add_argument("--format", required=True, choices=conversion.FORMATS)
+    parser.add_argument("--out", required=True, help="output file (one component) or folder (a release)")
+    parser.add_argument("--component", choices=sorted(COMPONENT_NAMES),
+                        help="which component SRC holds (default: recognised from its tensor names)")
+    parser.add_argument("--fp8-scale", choices=("channel", "tensor"), default="channel",
+                        help="FP8 scale per output channel (default) or one per tensor (ComfyUI's own files)")
+    args = parser.parse_args(argv)
+
+    try:
+        if os.path.isfile(os.path.join(args.src, "model_index.json")):
+            name = os.path.basename(os.path.normpath(args.src))
+            jobs = [(spec, os.path.join(args.out, f"{name}_{spec.architecture}_{args.format}"
+                                                  f"{conversion.extension(args.format)}"))
+                    for spec in conversion.release_components(args.src)]
+        else:
+            spec = (conversion.specs_by_architecture()[COMPONENT_NAMES[args.component]] if args.component
+                    else conversion.detect_component(args.src))
+            if not args.out.endswith(conversion.extension(args.format)):
+                parser.error(f"--format {args.format} writes a {conversion.extension(args.format)} file; "
+                             f"--out {args.out} has another extension.")
+            jobs = [(spec, args.out)]
+        for spec, out in jobs:
+            start = time.perf_counter()
+            report = conversion.convert_component(spec, args.src, args.format, out, fp8_scale=args.fp8_scale)
+            kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(report.kinds.items()))
+            print(f"{spec.name}: {out}  {report.source_bytes / 1e9:.2f} GB -> {report.bytes / 1e9:.2f} GB "
+                  f"({kinds}) in {time.perf_counter() - start:.1f} s")
+            if len(jobs) > 1:
+                copied = copy_tokenizer(args.src, spec.architecture, os.path.dirname(os.path.abspath(out)))
+                if copied:
+                    print(f"  beside it: {', '.join(copied)} (keep them with the file in models/text_encoders/)")
+    except (CheckpointError, ValueError) as e:
+        print(f"convert.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Converting a component's bf16/fp32 safetensors into an FP8 safetensors file or a GGUF file that the loaders
+(and, for GGUF, the ``gguf`` package) read back.
+
+What each role becomes (``ComponentSpec.quantize`` gives the role of every tensor):
+
+| role | fp8_e4m3fn | q8_0 .. q4_0 | f16 / bf16 |
+|---|---|---|---|
+| linear (attention, MLP) | FP8, one scale per output channel | the chosen type (a K-quant falls back, below) | that type |
+| modulation (adaLN) | FP8 | Q8_0 | that type |
+| embedding | source precision | Q8_0 | that type |
+| keep (input/output projections, the AR's vision head) | source precision | source precision | source precision |
+| 1-D (norms, biases) | source precision | F32 | F32 |
+
+Rows that are not a multiple of 256 cannot be K-quantized: Q4_K falls back to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..runtime import loading
+from ..runtime.components import (
+    EMBEDDING,
+    KEEP,
+    LINEAR,
+    MODULATION,
+    ComponentSpec,
+    check_state,
+    config_to_json,
+    resolve_config,
+)
+from ..runtime.loading import CheckpointError
+from . import fp8, ggml
+from .checkpoint import META_ARCH, META_CONFIG, META_FORMAT, open_checkpoint
+from .writers import ST_DTYPES, Entry, write_gguf, write_safetensors
+
+FORMATS = ("fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "f16", "bf16")
+GGUF_SOURCE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+@dataclass
+class Report:
+    component: str
+    out: str
+    source_bytes: int = 0
+    bytes: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)   # stored kind -> number of tensors
+
+
+def extension(fmt: str) -> str:
+    return ".safetensors" if fmt == "fp8_e4m3fn" else ".gguf"
+
+
+def _gguf_kind(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torch.dtype) -> str:
+    if len(shape) < 2:
+        return "F32"
+    if fmt in ("f16", "bf16"):
+        return fmt.upper()
+    if role == KEEP:
+        return GGUF_SOURCE_TYPES.get(source_dtype, "F32")
+    name = "Q8_0" if role in (MODULATION, EMBEDDING) else fmt.upper()
+    return ggml.qtype_for_row(name, shape[-1]).name
+
+
+def _nbytes(kind: str, shape: tuple[int, ...]) -> int:
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows * ggml.QTYPES[kind].row_bytes(shape[-1] if shape else 1)
+
+
+def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torch.dtype = torch.bfloat16) -> int:
+    """The bytes one tensor takes in a ``fmt`` file (the FP8 weight's scale included); ``fmt`` ``"source"``: as
+    given. Used by convert_component and for the full-size figures (shapes only, nothing built)."""
+    count = 1
+    for d in shape:
+        count *= d
+    if fmt == "source":
+        return count * torch.tensor([], dtype=source_dtype).element_size()
+    if fmt == "fp8_e4m3fn":
+        if role in (LINEAR, MODULATION) and len(shape) == 2:
+            return count + 4 * shape[0]
+        return count * torch.tensor([], dtype=source_dtype).element_size()
+    return _nbytes(_gguf_kind(fmt, role, shape, source_dtype), shape)
+
+
+def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8_scale: str = "channel",
+                      progress=None) -> Report:
+    """Write ``spec``'s component found at ``path`` (release root, component folder or file) as ``fmt`` to
+    ``out``. Tensors keep their checkpoint names; the file embeds the typed config and the component's tag."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    if spec.quantize is None:
+        raise ValueError(f"{spec.name} has no FP8/GGUF form; keep its safetensors.")
+    source = loading.component_path(path, spec.subfolder)
+    checkpoint = open_checkpoint(source)
+    if checkpoint.kind != "safetensors":
+        raise CheckpointError(f"{source} is already {checkpoint.format_name}; convert from the release's "
+                              f"bf16/fp32 safetensors.")
+    keys = list(checkpoint.shapes)
+    if spec.check is not None:
+        spec.check(keys, source)
+    config = resolve_config(spec, source, checkpoint)
+    names = spec.key_map(keys, config)
+    with loading.meta_device():
+        model = spec.build(config)
+    check_state(model, {m: checkpoint.shapes[k] for k, m in names.items()}, source)
+
+    def tensor(key: str) -> torch.Tensor:
+        return checkpoint.load({key: key})[key]
+
+    report = Report(spec.architecture, out)
+    entries: list[Entry] = []
+    for key, module_key in names.items():
+        shape = checkpoint.shapes[key]
+        role = spec.quantize(module_key, shape)
+        original = tensor(key)  # memory-mapped: only its header is read here
+        source_dtype = original.dtype
+        report.source_bytes += original.nbytes
+        if fmt == "fp8_e4m3fn":
+            entries += _fp8_entries(key, shape, role, source_dtype, tensor, fp8_scale)
+        else:
+            kind = _gguf_kind(fmt, role, shape, source_dtype)
+            entries.append(Entry(key, shape, kind, _nbytes(kind, shape),
+                                 lambda key=key, kind=kind: ggml.quantize(tensor(key), ggml.QTYPES[kind])))
+    for e in entries:
+        report.kinds[e.kind] = report.kinds.get(e.kind, 0) + 1
+        report.bytes += e.nbytes
+    strings = {META_CONFIG: config_to_json(config), META_ARCH: spec.architecture, META_FORMAT: fmt}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tick = progress or (lambda e: None)
+    if fmt == "fp8_e4m3fn":
+        marker = Entry(fp8.MARKER, (0,), "F8_E4M3", 0, lambda: torch.empty(0, dtype=fp8.FP8))
+        write_safetensors(out, [marker, *entries], strings, tick)
+    else:
+        write_gguf(out, spec.architecture, strings, entries, tick)
+    return report
+
+
+def _fp8_entries(key, shape, role, source_dtype, tensor, granularity) -> list[Entry]:
+    if role not in (LINEAR, MODULATION) or len(shape) != 2:
+        name = ST_DTYPES[source_dtype]
+        size = torch.tensor([], dtype=source_dtype).element_size()
+        count = 1
+        for d in shape:
+            count *= d
+        return [Entry(key, shape, name, count * size, lambda: tensor(key))]
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pair():
+        if "q" not in cache:
+            cache["q"] = fp8.quantize(tensor(key), granularity)
+        return cache["q"]
+
+    def scale():
+        value = pair()[1]
+        cache.clear()
+        return value
+
+    stem = key.rsplit(".", 1)[0]
+    scale_shape = () if granularity == "tensor" else (shape[0], 1)
+    count = shape[0] if granularity == "channel" else 1
+    return [Entry(key, shape, "F8_E4M3", shape[0] * shape[1], lambda: pair()[0]),
+            Entry(f"{stem}.{fp8.SCALE}", scale_shape, "F32", 4 * count, scale)]
+
+
+# ---- which component a path holds -------------------------------------------------------------------------
+def specs_by_architecture() -> dict[str, ComponentSpec]:
+    from ..models import cogview4_dit, glm_ar, glm_image_dit, glm_text_encoder, t5_encoder
+
+    return {s.architecture: s for s in (glm_ar.SPEC, glm_image_dit.SPEC, t5_encoder.SPEC, cogview4_dit.SPEC,
+                                        glm_text_encoder.SPEC)}
+
+
+RELEASE_COMPONENTS = {"GlmImagePipeline": ("glm_image_ar", "glm_image_dit", "glyph_byt5"),
+                      "CogView4Pipeline": ("cogview4_text_encoder", "cogview4_dit")}
+SIGNATURES = (("model.language_model.layers.0.self_attn.q_proj.weight", "glm_image_ar"),
+              ("prior_token_embedding.weight", "glm_image_dit"),
+              ("patch_embed.text_proj.weight", "cogview4_dit"),
+              ("encoder.block.0.layer.0.SelfAttention.q.weight", "glyph_byt5"),
+              ("layers.0.self_attn.q_proj.weight", "cogview4_text_encoder"),
+              ("model.layers.0.self_attn.q_proj.weight", "cogview4_text_encoder"))
+
+
+def release_components(root: str) -> list[ComponentSpec]:
+    """The convertible components of a release folder, from its ``model_index.json``."""
+    index = loading.read_json(os.path.join(root, "model_index.json"))
+    names = RELEASE_COMPONENTS.get(index.get("_class_name"))
+    if names is None:
+        raise CheckpointError(f"{root}: model_index.json names {index.get('_class_name')!r}; convert.py knows "
+                              f"{', '.join(RELEASE_COMPONENTS)}.")
+    specs = specs_by_architecture()
+    return [specs[n] for n in names]
+
+
+def detect_component(path: str) -> ComponentSpec:
+    """The spec of the component in a folder or file, from its tensor names."""
+    keys = set(open_checkpoint(path).shapes)
+    for key, architecture in SIGNATURES:
+        if key in keys:
+            return specs_by_architecture()[architecture]
+    raise CheckpointError(f"{path}: no GLM-Image or CogView4 component recognised from its tensor names (e.g. "
+                          f"{', '.join(sorted(keys)[:3])}); pass --component.")
