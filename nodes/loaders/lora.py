@@ -4,7 +4,8 @@ only while a sampler runs it. A branch of the graph without the LoRA gets exactl
 from __future__ import annotations
 
 from ...core.formats import lora_targets
-from ...core.runtime import comfy_compat, handles
+from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime.lora_patches import with_lora
 from ..common import category
 
 LORA_TOOLTIP = ("A LoRA in models/loras: a PEFT adapter (its adapter_model.safetensors, with adapter_config.json "
@@ -33,9 +34,8 @@ class LoraLoader:
         }}
 
     def load(self, lora_name, strength, **model):
-        from ...core.runtime.lora_patches import with_lora
-
         handle = model[self.MODEL_INPUT]
+        strength = checks.check_float(strength, "strength", fix="1 applies the LoRA as trained, 0 not at all.")
         if strength == 0:  # as core's LoraLoader: nothing to apply, the same model
             return (handle,)
         lora = lora_targets.load_lora(comfy_compat.resolve_lora(lora_name), self.TARGET, handle.module)
