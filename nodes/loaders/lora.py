@@ -23,6 +23,10 @@ class LoraLoader:
     SOCKET = ""
     TARGET: lora_targets.LoraTarget
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.RETURN_TYPES, cls.RETURN_NAMES = (cls.SOCKET,), (cls.MODEL_INPUT,)
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
@@ -47,8 +51,6 @@ class GLMImageARLoraLoader(LoraLoader):
                    "e.g. rank-32 adapters on the attention projections).")
     MODEL_INPUT = "ar_model"
     SOCKET = handles.AR_MODEL
-    RETURN_TYPES = (handles.AR_MODEL,)
-    RETURN_NAMES = ("ar_model",)
     TARGET = lora_targets.AR
 
 
@@ -56,8 +58,6 @@ class GLMImageDecoderLoraLoader(LoraLoader):
     DESCRIPTION = "Applies a LoRA to the GLM-Image DiT decoder (diffusers, PEFT or kohya keys)."
     MODEL_INPUT = "decoder"
     SOCKET = handles.DECODER
-    RETURN_TYPES = (handles.DECODER,)
-    RETURN_NAMES = ("decoder",)
     TARGET = lora_targets.GLM_IMAGE_DIT
 
 
@@ -66,8 +66,6 @@ class GLMImageCogView4LoraLoader(LoraLoader):
                    "or ai-toolkit files).")
     MODEL_INPUT = "decoder"
     SOCKET = handles.COGVIEW4_DECODER
-    RETURN_TYPES = (handles.COGVIEW4_DECODER,)
-    RETURN_NAMES = ("decoder",)
     TARGET = lora_targets.COGVIEW4_DIT
 
 
