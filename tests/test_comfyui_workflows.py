@@ -21,6 +21,7 @@ pytest.importorskip("diffusers")
 
 import convert  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
+from glm_image_nodes.testing.tiny_lora import write_tiny_loras  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 from PIL import Image  # noqa: E402
 from tiny_dit import write_tiny_cogview4_release  # noqa: E402
@@ -40,8 +41,10 @@ def comfy(tmp_path_factory):
     write_tiny_cogview4_release(str(models / "glm_image" / "CogView4-6B"))
     write_tiny_glmv(str(models / "text_encoders" / "GLM-4.6V-Flash"))
     write_gguf_files(release, models)
+    write_tiny_loras(release, str(models / "loras"),  # the names the LoRA workflow chooses
+                     ar_name="glm_image_ar_style_lora", dit_name="glm_image_dit_style_lora.safetensors")
     with comfyui(str(root), {"glm_image": str(models / "glm_image"), "text_encoders": str(models / "text_encoders"),
-                             "diffusion_models": str(models / "unet")}) as server:
+                             "diffusion_models": str(models / "unet"), "loras": str(models / "loras")}) as server:
         names = {node["inputs"]["image"] for path in API_FILES for node in json.load(open(path)).values()
                  if node["class_type"] == "LoadImage"}
         for i, name in enumerate(sorted(names)):

@@ -122,7 +122,7 @@ def linear_layer(packed, bias=True, dtype=torch.float32):
     with torch.device("meta"):
         layer = torch.nn.Linear(packed.shape[1], packed.shape[0], bias=bias)
     adopt(layer, dtype)
-    layer.set_weight(packed, torch.device("cpu"))
+    layer.assign_weight(packed, torch.device("cpu"))
     if bias:
         layer.bias = torch.nn.Parameter(torch.zeros(packed.shape[0]), requires_grad=False)
     return layer
@@ -145,6 +145,15 @@ def test_packed_linear_and_its_patch_hook():
     layer.add_weight_patch(lambda weight: weight[:, :8])
     with pytest.raises(ValueError, match="must keep the shape"):
         layer(x)
+
+
+def test_comfyui_weight_functions_never_touch_the_stored_weight():
+    """ComfyUI's low-VRAM LoRA patches (``weight_function``) add in place: a plain weight is copied for them."""
+    w, x = torch.randn(8, 16), torch.randn(2, 16)
+    layer = linear_layer(w.clone())
+    layer.weight_function = [lambda weight: weight.add_(1.0)]
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, w + 1.0, layer.bias))
+    assert torch.equal(layer.weight, w)
 
 
 def test_plain_layer_runs_exactly_as_torch():

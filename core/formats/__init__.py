@@ -24,17 +24,17 @@ layer dequantizes the weight to the compute dtype on the compute device, applies
 ``weight_function`` list first (its low-VRAM LoRA patches, which ComfyUI clears on reloads), then every entry of
 ``weight_patches`` in order, checks the shape is unchanged, and runs with the result. The stored (packed)
 weight is never modified, so patches can be added, re-weighted or removed between runs at no cost and a
-quantized model stays quantized. A LoRA delta is ``lambda w: w + scale * (up @ down).to(w)``; keep ``up``/``down``
-on the layer's device (or move them in the patch). Use ``layer.add_weight_patch`` and clear the list to unpatch.
-While a layer has patches, FP8 layers skip ``_scaled_mm`` and take the dequantize path (correct, a little slower);
-plain layers pay one weight-sized temporary per call. For speed with many LoRAs, fold them into the plain weight
-once (``layer.weight.data += delta``) instead, which is only exact for plain weights.
+quantized model stays quantized. LoRAs use it (``runtime.lora_patches``): one patch per patched layer, installed
+only while a stage runs and removed after. While a layer has patches, FP8 layers skip ``_scaled_mm`` and take the
+dequantize path (correct, a little slower); plain layers pay one weight-sized temporary per call.
 
 Inside ComfyUI a model sits in a ``ModelPatcher`` (``comfy_compat.model_patcher``) whose model is a container with
-the pack's module as ``net``: ComfyUI's key-based patches (``patcher.add_patches({"net.layers.0...weight": ...})``)
-would reach ``patch_weight_to_device``, which casts the *stored* tensor to float32 and is wrong for packed weights;
-route LoRA through ``weight_patches`` instead (or override ``patch_weight_to_device`` to turn ComfyUI's patches
-into a ``weight_patches`` entry for packed layers, as ComfyUI-GGUF's ``GGUFModelPatcher`` does).
+the pack's module as ``net``, and LoRAs are ComfyUI's key-based patches on a clone of it
+(``add_patches({"net.layers.0...weight": ...})``). ``runtime.comfy_patcher.PackModelPatcher`` leaves plain weights
+to ComfyUI (a patched copy while loaded, the stored tensor kept as its backup) and turns the patches of a packed
+weight into a ``weight_patches`` entry instead of patching the stored tensor, as ComfyUI-GGUF's patcher does. The
+layers' ``weight_function`` gets a copy of a plain weight, since ComfyUI's low-VRAM patches work in place; and the
+method that assigns a weight is ``assign_weight``, not ``set_weight``, which ComfyUI would take for its own hook.
 
 Rules kept by the format code: nothing is dequantized for the whole model at once; only the layer that runs is
 (the embedding only the rows looked up); loading never copies a weight that is already in the wanted dtype (the

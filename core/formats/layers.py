@@ -66,7 +66,8 @@ class PackedLayer:
         self.weight_kind = "plain"
         self.weight_shape = tuple(self.weight.shape)
 
-    def set_weight(self, weight: torch.Tensor | Packed, device: torch.device) -> None:
+    def assign_weight(self, weight: torch.Tensor | Packed, device: torch.device) -> None:
+        # not ``set_weight``: ComfyUI's ModelPatcher takes a module's ``set_<param>`` for its own re-quantizing hook
         if isinstance(weight, Packed):
             self.weight = nn.Parameter(weight.data.to(device), requires_grad=False)
             self.weight_kind, self.weight_shape = weight.kind, tuple(weight.shape)
@@ -94,7 +95,7 @@ class PackedLayer:
         dtype = dtype or self.compute_dtype
         data = _on(self.weight, device)
         if self.weight_kind == "plain":
-            weight = data.to(dtype)
+            weight = data.to(dtype, copy=bool(self.weight_function))  # ComfyUI's patches work in place
         else:
             scale = getattr(self, fp8.SCALE, None)
             weight = dequantize_packed(data, self.weight_kind, self.weight_shape,

@@ -116,6 +116,9 @@ def _module(item) -> torch.nn.Module:
     return item.module if hasattr(item, "module") else item
 
 
+MANAGED_PREFIX = "net."  # where the pack's model sits in the ModelPatcher's container: its keys in patches
+
+
 class _Managed(torch.nn.Module):
     """What ComfyUI's ModelPatcher holds: the pack's model as ``net`` (the patcher sets attributes such as
     ``device`` on the object it manages, which the pack's models keep as properties)."""
@@ -149,14 +152,17 @@ def model_patcher(item):
     """The ComfyUI ``ModelPatcher`` of a handle, made on first use and kept on the handle, so ComfyUI's
     ``load_models_gpu`` keeps the model resident between runs, evicts it for other models, or loads it
     partially (the rest streamed per layer)."""
-    import comfy.model_patcher
-
+    from .comfy_patcher import PackModelPatcher
+    from .lora_patches import comfy_lora_patcher
     from .residency import streamable
 
     patcher = getattr(item, "patcher", None)
     if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(_managed(streamable(_module(item))), load_device=get_device(),
-                                                   offload_device=offload_device())
+        if getattr(item, "loras", ()):  # a LoRA handle: a clone of its base's patcher with the LoRA patches
+            patcher = comfy_lora_patcher(model_patcher(item.base), item.loras, prefix=MANAGED_PREFIX)
+        else:
+            patcher = PackModelPatcher(_managed(streamable(_module(item))), load_device=get_device(),
+                                       offload_device=offload_device())
         item.patcher = patcher
     return patcher
 
@@ -188,6 +194,7 @@ def _comfy_placement(items, device: torch.device, memory_required: int):
 def _swap_placement(items, device: torch.device):
     from contextlib import ExitStack
 
+    from .lora_patches import installed
     from .residency import resident, resolve_blocks
 
     with ExitStack() as stack:
@@ -195,6 +202,7 @@ def _swap_placement(items, device: torch.device):
             module = _module(item)
             blocks = resolve_blocks(module, getattr(item, "blocks", None), getattr(item, "block_swap", 0))
             stack.enter_context(resident(module, device, blocks))
+            stack.enter_context(installed(module, getattr(item, "loras", ())))
         yield device
 
 
@@ -423,3 +431,29 @@ def resolve_checkpoint(name: str, kind: str) -> str:
     raise FileNotFoundError(
         f"Checkpoint {name!r} not found. Put a release folder in models/{RELEASE_FOLDER}/, a single file in "
         f"models/{kind}/, or give an absolute path.")
+
+
+LORA_FOLDER = "loras"
+
+
+def list_lora_files() -> list[str]:
+    """The files of ComfyUI's ``loras`` folders (a PEFT adapter shows as ``<folder>/adapter_model.safetensors``)."""
+    if _folder_paths is None:
+        return []
+    return list(_folder_paths.get_filename_list(LORA_FOLDER))
+
+
+def resolve_lora(name: str) -> str:
+    """A LoRA node's choice as a path: a path as is, else a file (or PEFT adapter folder) in ``models/loras``."""
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        return expanded
+    if _folder_paths is not None and not os.path.isabs(expanded):
+        path = _folder_paths.get_full_path(LORA_FOLDER, name)
+        if path:
+            return path
+        for base in _folder_paths.get_folder_paths(LORA_FOLDER):
+            if os.path.isdir(os.path.join(base, name)):
+                return os.path.join(base, name)
+    raise FileNotFoundError(f"LoRA {name!r} not found. Put it in models/{LORA_FOLDER}/ (a PEFT adapter as its "
+                            f"folder), or give a path.")

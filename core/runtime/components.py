@@ -171,7 +171,7 @@ def fill(model: nn.Module, tensors: dict[str, torch.Tensor | Packed], *, spec: C
                         and spec.quantize(key, tuple(value.shape)) in (LINEAR, MODULATION)):
                     q, scale = fp8.quantize(value, "channel")
                     value = Packed(q, "fp8", tuple(value.shape), scale)
-                layer.set_weight(value, device)
+                layer.assign_weight(value, device)
                 continue
             if isinstance(value, Packed):  # a packed tensor outside the pack's layers: unpack once
                 value = dequantize_packed(value.data, value.kind, value.shape, value.scale, dtype)
