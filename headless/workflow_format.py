@@ -102,32 +102,32 @@ def api_to_ui(graph: dict, node_classes: dict, name: str | None = None) -> dict:
     ids = {node_id: int(node_id) for node_id in graph}
     outgoing: dict[tuple[int, int], list[int]] = {}
     for node_id, node in graph.items():
-        for name, value in node["inputs"].items():
+        for input_name, value in node["inputs"].items():
             if isinstance(value, list):
                 link_id = len(links) + 1
                 src, slot = ids[value[0]], value[1]
                 src_type = output_types(node_classes, graph[value[0]]["class_type"])[slot]
-                links.append([link_id, src, slot, ids[node_id], None, src_type, name])
+                links.append([link_id, src, slot, ids[node_id], None, src_type, input_name])
                 outgoing.setdefault((src, slot), []).append(link_id)
     columns = _columns(graph)
     column_y = {}
     for order, (node_id, node) in enumerate(sorted(graph.items(), key=lambda item: (columns[item[0]], int(item[0])))):
         types = all_inputs(input_types(node_classes, node["class_type"]))
         ui_inputs, widgets = [], []
-        for name, spec in types.items():
-            value = node["inputs"].get(name)
+        for input_name, spec in types.items():
+            value = node["inputs"].get(input_name)
             default = spec[1].get("default") if len(spec) > 1 else None
             if isinstance(value, list):
-                link = next(link for link in links if link[3] == ids[node_id] and link[6] == name)
+                link = next(link for link in links if link[3] == ids[node_id] and link[6] == input_name)
                 link[4] = len(ui_inputs)
-                ui_inputs.append({"name": name, "type": link[5], "link": link[0]})
+                ui_inputs.append({"name": input_name, "type": link[5], "link": link[0]})
                 if is_widget(spec):  # a widget turned into an input keeps its (unused) value
-                    ui_inputs[-1]["widget"] = {"name": name}
-                    widgets += _widget_values(name, spec, default)
+                    ui_inputs[-1]["widget"] = {"name": input_name}
+                    widgets += _widget_values(input_name, spec, default)
             elif is_widget(spec):
-                widgets += _widget_values(name, spec, value if name in node["inputs"] else default)
+                widgets += _widget_values(input_name, spec, value if input_name in node["inputs"] else default)
             else:
-                ui_inputs.append({"name": name, "type": spec[0], "link": None})
+                ui_inputs.append({"name": input_name, "type": spec[0], "link": None})
         outputs = [{"name": t, "type": t, "slot_index": i, "links": outgoing.get((ids[node_id], i), [])}
                    for i, t in enumerate(output_types(node_classes, node["class_type"]))]
         height = node_height(types, len(outputs), node["class_type"])

@@ -138,3 +138,10 @@ def test_readme_lists_every_node_with_its_inputs():
         assert node_id in rows, f"README's node reference lacks {node_id}"
         for name in all_inputs(cls.INPUT_TYPES()):
             assert f"`{name}`" in rows[node_id], f"README's row for {node_id} lacks the input {name}"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=os.path.basename)
+def test_ui_workflow_is_named_after_its_file(path):
+    """The template browser shows ``extra.info.name``: the file's name in words, not some input's name."""
+    expected = os.path.basename(path)[:-len(".json")].replace("_", " ")
+    assert load(path)["extra"]["info"]["name"] == expected
