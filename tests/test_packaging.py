@@ -2,6 +2,7 @@
 workflows, the LICENSE), declares the caption extra, and works installed, away from the checkout."""
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,8 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
+    # setuptools builds in the source tree (build/, *.egg-info): build from a copy, not the checkout
+    source = tmp_path_factory.mktemp("source") / "glm-image-nodes"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                 ".pytest_cache", "outputs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    ROOT], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     (path,) = glob.glob(str(out / "*.whl"))
     return path
 

@@ -13,16 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..runtime import components
-from .dit import (
-    DiTConfig,
-    DiTTrunk,
-    TimeConditionEmbed,
-    dit_spec,
-    patchify,
-    require_keys,
-    rope_2d,
-    trunk_fields_from_shapes,
-)
+from .dit import DiTConfig, DiTTrunk, TimeConditionEmbed, dit_spec, trunk_fields_from_shapes
 from .step_cache import BranchCache
 
 
@@ -63,7 +54,7 @@ class CogView4DiT(DiTTrunk):
         b, _, h, w = latents.shape
         p = self.patch_size
         dtype = self.dtype
-        x = self.patch_embed.proj(patchify(latents.to(dtype), p))
+        x = self.patch_embed.proj(self.patches(latents.to(dtype)))
         text = self.patch_embed.text_proj(text.to(dtype))
         device = x.device
         timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(b)
@@ -71,17 +62,16 @@ class CogView4DiT(DiTTrunk):
                                          dtype)
         rows = torch.arange(h // p, device=device) * self.rope_axes[0] // (h // p)
         cols = torch.arange(w // p, device=device) * self.rope_axes[1] // (w // p)
-        rope = rope_2d(rows, cols, self.head_dim)
+        rope = self.rope(rows, cols)
         x = self.run_blocks(x, text, temb, rope, text_pad=text_pad, step_cache=step_cache)
         return self.output(x, temb, h, w)
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> CogView4DiTConfig:
-    require_keys(shapes, ["patch_embed.proj.weight", "patch_embed.text_proj.weight", "proj_out.weight",
-                          "time_condition_embed.condition_embedder.linear_1.weight"], source, "CogView4 DiT")
     return CogView4DiTConfig(**trunk_fields_from_shapes(
-        shapes, source, defaults=CogView4DiTConfig(), patch_key="patch_embed.proj.weight",
-        text_key="patch_embed.text_proj.weight", num_conditions=3))
+        shapes, source, defaults=CogView4DiTConfig(), what="CogView4 DiT",
+        required=["proj_out.weight", "time_condition_embed.condition_embedder.linear_1.weight"],
+        patch_key="patch_embed.proj.weight", text_key="patch_embed.text_proj.weight", num_conditions=3))
 
 
 SPEC = dit_spec("The CogView4 decoder", "cogview4_dit", CogView4DiTConfig, CogView4DiT, config_from_shapes)

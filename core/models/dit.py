@@ -321,6 +321,14 @@ class DiTTrunk(nn.Module):
         self.head_dim = config.attention_head_dim
         self.compile_blocks = False
 
+    def patches(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` latents -> ``[B, (h/p)(w/p), C*p*p]`` patches."""
+        return patchify(latents, self.patch_size)
+
+    def rope(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """2D RoPE cos/sin of the ``rows`` x ``cols`` patch grid (per-axis position indices)."""
+        return rope_2d(rows, cols, self.head_dim)
+
     def add_trunk(self) -> None:
         c = self.config
         self.transformer_blocks = nn.ModuleList(
@@ -388,10 +396,11 @@ def require_keys(shapes: dict[str, tuple[int, ...]], keys: list[str], source: st
                               f"Choose the transformer/ component (or its single .safetensors file).")
 
 
-def trunk_fields_from_shapes(shapes: dict[str, tuple[int, ...]], source: str, *, defaults: DiTConfig,
-                             patch_key: str, text_key: str, num_conditions: int) -> dict:
-    """The trunk's config fields from tensor shapes; the head split (not visible in shapes) keeps the default
-    head_dim."""
+def trunk_fields_from_shapes(shapes: dict[str, tuple[int, ...]], source: str, *, defaults: DiTConfig, what: str,
+                             required: list[str], patch_key: str, text_key: str, num_conditions: int) -> dict:
+    """The trunk's config fields from tensor shapes, after checking the ``required`` keys of a ``what``
+    checkpoint; the head split (not visible in shapes) keeps the default head_dim."""
+    require_keys(shapes, [patch_key, text_key, *required], source, what)
     dim, patch_in = shapes[patch_key]
     patch_size = int(round(math.sqrt(patch_in / defaults.in_channels)))
     head_dim = defaults.attention_head_dim

@@ -23,8 +23,6 @@ from .dit import (
     TimeConditionEmbed,
     dit_spec,
     patchify,
-    require_keys,
-    rope_2d,
     trunk_fields_from_shapes,
 )
 from .step_cache import BranchCache
@@ -97,7 +95,7 @@ class GlmImageDiT(DiTTrunk):
         temb = self.time_condition_embed(timestep, [crop.to(x.device), target_size.to(x.device)], dtype)
 
         device = x.device
-        rope = rope_2d(torch.arange(h // p, device=device), torch.arange(w // p, device=device), self.head_dim)
+        rope = self.rope(torch.arange(h // p, device=device), torch.arange(w // p, device=device))
         x = self.run_blocks(x, text, temb, rope, kv_cache, kv_mode, text_pad, step_cache)
         return self.output(x, temb, h, w)
 
@@ -105,12 +103,11 @@ class GlmImageDiT(DiTTrunk):
 # ---- loading ---------------------------------------------------------------------------------------------------
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> GlmImageDiTConfig:
     """A config from tensor shapes; the head split (not visible in shapes) keeps the real head_dim of 128."""
-    require_keys(shapes, ["image_projector.proj.weight", "glyph_projector.net.0.proj.weight",
-                          "prior_token_embedding.weight", "proj_out.weight",
-                          "time_condition_embed.condition_embedder.linear_1.weight"], source, "GLM-Image DiT")
-    found = trunk_fields_from_shapes(shapes, source, defaults=GlmImageDiTConfig(),
-                                     patch_key="image_projector.proj.weight",
-                                     text_key="glyph_projector.net.0.proj.weight", num_conditions=2)
+    found = trunk_fields_from_shapes(
+        shapes, source, defaults=GlmImageDiTConfig(), what="GLM-Image DiT",
+        required=["prior_token_embedding.weight", "proj_out.weight",
+                  "time_condition_embed.condition_embedder.linear_1.weight"],
+        patch_key="image_projector.proj.weight", text_key="glyph_projector.net.0.proj.weight", num_conditions=2)
     return GlmImageDiTConfig(**found, prior_vq_quantizer_codebook_size=shapes["prior_token_embedding.weight"][0])
 
 
