@@ -15,7 +15,6 @@ import argparse
 import collections
 import datetime
 import json
-import math
 import os
 import statistics
 import sys
@@ -35,12 +34,8 @@ from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTCo
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig, load_vae  # noqa: E402
 from glm_image_nodes.core.runtime.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
+from glm_image_nodes.core.stages.upscale import psnr  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def models(args, device: torch.device):

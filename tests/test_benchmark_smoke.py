@@ -4,21 +4,18 @@ No timing is asserted: only that every figure is there and is a finite positive 
 the reference really got the same weights (their outputs on fixed inputs agree), and that the stage switches
 and the out-of-memory recording work.
 """
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from glm_image_nodes.core.runtime import comfy_compat
 from glm_image_nodes.core.stages import ar_sampling, decoder_sampling
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_glm_image.py")
 SANITY_ATOL = 1e-4   # fp32, same weights and inputs; measured 0.0 for all four
 TINY = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--ar-tokens", "4", "--ar-batch", "2",
         "--prompt-tokens", "16", "--vae-repeats", "1", "--seed", "1"]
@@ -26,11 +23,7 @@ TINY = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--ar-tokens", "4",
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_glm_image", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_glm_image")
 
 
 def positive_numbers(record: dict, where: str) -> None:

@@ -4,15 +4,14 @@ No memory or timing is asserted (there is no GPU here): only that every node sta
 the image has the requested shape, and that the in-memory stand-ins for the loaders return exactly what the
 real loader nodes return for the same release written to disk.
 """
-import importlib.util
 import json
 import math
 import os
 import shutil
-import sys
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from glm_image_nodes.nodes.loaders.cogview4 import (
     GLMImageCogView4DecoderLoader,
     GLMImageCogView4TextEncoderLoader,
@@ -21,16 +20,10 @@ from glm_image_nodes.nodes.loaders.glm_image import GLMImageVAELoader
 from glm_image_nodes.testing.tiny_glm4_tokenizer import write_tiny_glm4_tokenizer
 from safetensors.torch import save_file
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cogview4_memory.py")
-
 
 @pytest.fixture(scope="module")
 def memory():
-    spec = importlib.util.spec_from_file_location("cogview4_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("cogview4_memory")
 
 
 def test_tiny_run_records_every_stage_and_makes_the_image(memory, tmp_path):

@@ -1,16 +1,10 @@
 """benchmarks/lora_cost.py: the full-size counts follow from the release configs' shapes. No timing is asserted."""
-import importlib.util
-import os
-import sys
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from benchmark_scripts import load_benchmark
 
 
 def test_lora_cost_counts():
-    spec = importlib.util.spec_from_file_location("lora_cost", os.path.join(BENCHMARKS, "lora_cost.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("lora_cost")
     shapes = module.full_size_shapes()
     assert len([n for n in shapes["GLM-Image AR"] if n.endswith("q_proj")]) == 40
     assert shapes["GLM-Image AR"]["layers.0.self_attn.k_proj"] == (256, 4096)   # 2 KV heads of 128

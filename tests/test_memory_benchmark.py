@@ -1,26 +1,19 @@
 """benchmarks/memory.py in its tiny CPU mode (one format, to stay quick), and the full-size weight bytes it
 computes from the real configs (the issue's targets: AR <= 10 GB FP8 / <= 6 GB Q4_K, DiT <= 7.5 / <= 4.5 GB,
 both models <= 20 GB in FP8)."""
-import importlib.util
 import json
 import math
-import os
 import re
-import sys
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "memory.py")
 GB = 1e9
 
 
 @pytest.fixture(scope="module")
 def memory():
-    spec = importlib.util.spec_from_file_location("memory_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory", "memory_benchmark")
 
 
 def test_tiny_run_measures_every_component_and_ends_with_the_summary(memory, tmp_path, capsys):

@@ -1,25 +1,18 @@
 """benchmarks/launch_count.py and benchmarks/step_cache.py in small CPU runs: every row is there, the counts
 behave as the fused and cached paths promise, and the launch count ends on its summary line. No timing is
 asserted."""
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 def script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name)
 
 
 def test_launch_count(capsys):
