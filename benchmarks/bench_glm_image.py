@@ -50,7 +50,8 @@ from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTCo
 from glm_image_nodes.core.models.t5_encoder import T5Config, T5Encoder  # noqa: E402
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig  # noqa: E402
 from glm_image_nodes.core.runtime import comfy_compat  # noqa: E402
-from glm_image_nodes.core.runtime.attention import BACKENDS, attention_backend  # noqa: E402
+from glm_image_nodes.core.runtime.attention import BACKENDS  # noqa: E402
+from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.runtime.handles import TokenGrid  # noqa: E402
 from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import ARInputs, build_ar_inputs, load_text_tokenizer  # noqa: E402
@@ -292,10 +293,11 @@ class PackSide:
 
     def generate(self, job: Job, clock: Clock, variant: str) -> torch.Tensor | None:
         try:
-            with counting(clock), attention_backend(self.attention):
+            with counting(clock):
                 grid = generate_token_grid(self.ar, self.tokenizer, job.prompt, job.height, job.width,
                                            seed=job.seed, num_images=job.batch, progress=False,
-                                           decode_steps=self.decode_steps, **SAMPLING)
+                                           decode_steps=self.decode_steps, **SAMPLING,
+                                           options=RunOptions(attention=self.attention))
         except Stop:
             return None
         return grid.upsampled()
@@ -324,12 +326,13 @@ class PackSide:
     def denoise(self, job: ImageJob, clock: Clock) -> torch.Tensor | None:
         hook = self.dit.register_forward_pre_hook(clock.mark_begin)
         try:
-            with counting(clock), attention_backend(self.attention):
+            with counting(clock):
                 glyph = glyph_conditioning(self.glyph, job.prompt)
                 return decoder_sampling.sample_latents(self.dit, job.prior_ids, glyph, job.height, job.width,
                                                        steps=job.steps, guidance=job.guidance, noise=job.noise,
                                                        shift_settings=self.shift_settings, progress=False,
-                                                       compile_blocks=self.compile_blocks)
+                                                       options=RunOptions(attention=self.attention,
+                                                                          compile=self.compile_blocks))
         except Stop:
             return None
         finally:

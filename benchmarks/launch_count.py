@@ -40,7 +40,8 @@ os.environ.setdefault("GLMIMAGE_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
 from bench_glm_image import CONFIGS, EOS_ID, PAD_ID, SAMPLING, build_pack_module, building, randomize_  # noqa: E402
-from glm_image_nodes.core.cuda.dispatch import LAUNCHES, NAMESPACE, kernel_mode  # noqa: E402
+from glm_image_nodes.core.cuda.dispatch import LAUNCHES, NAMESPACE  # noqa: E402
+from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR, mrope_cos_sin  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig  # noqa: E402
 from glm_image_nodes.core.stages import ar_sampling  # noqa: E402
@@ -157,9 +158,9 @@ class PackAR:
         model(inputs.input_ids, inputs.position_ids, self.cache, 0, last_only=True)
 
     @torch.inference_mode()
-    def step(self, fn=decode_step):
+    def step(self, fn=decode_step, mode: str = "reference"):
         fn(self.model, self.cache, self.state, SAMPLING["temperature"], SAMPLING["top_k"], SAMPLING["top_p"],
-           self.codebook_size)
+           self.codebook_size, RunOptions(kernels=mode))
 
 
 class ReferenceAR:
@@ -193,20 +194,18 @@ def measure_ar(args, tokenizer) -> dict:
     rows = {}
 
     def pack_figures(mode: str, fn=decode_step) -> dict:
-        with kernel_mode(mode):
-            pack.reset()
-            pack.step(fn)  # warm-up (and the compile)
-            return counted(lambda: pack.step(fn))
+        pack.reset()
+        pack.step(fn, mode)  # warm-up (and the compile)
+        return counted(lambda: pack.step(fn, mode))
 
     rows["pack eager"] = pack_figures("reference")
     rows["pack fused"] = pack_figures("fused")
     compiled = None
     if not args.skip_compiled:
         compiled = ar_sampling.compiled_decode_step()
-        with kernel_mode("reference"):  # inductor fuses the references itself
-            pack.reset()
-            pack.step(compiled)  # the compile
-            rows["pack compiled"] = compiled_figures(lambda: pack.step(compiled))
+        pack.reset()  # kernel mode reference: inductor fuses the references itself
+        pack.step(compiled)  # the compile
+        rows["pack compiled"] = compiled_figures(lambda: pack.step(compiled))
     for cache in args.reference_caches:
         ref.generate(1, cache)  # warm-up
         rows[f"transformers ({cache} cache)"] = per_unit(counted(lambda: ref.generate(n + k, cache)),
@@ -216,13 +215,11 @@ def measure_ar(args, tokenizer) -> dict:
     times = collections.defaultdict(list)
     for _ in range(args.repeats):
         for label, mode in (("pack eager", "reference"), ("pack fused", "fused")):
-            with kernel_mode(mode):
-                pack.reset()
-                times[label].append(cpu_seconds(lambda: [pack.step() for _ in range(k)]) / k)
+            pack.reset()
+            times[label].append(cpu_seconds(lambda: [pack.step(decode_step, mode) for _ in range(k)]) / k)
         if compiled is not None:
-            with kernel_mode("reference"):
-                pack.reset()
-                times["pack compiled"].append(cpu_seconds(lambda: [pack.step(compiled) for _ in range(k)]) / k)
+            pack.reset()
+            times["pack compiled"].append(cpu_seconds(lambda: [pack.step(compiled) for _ in range(k)]) / k)
         for cache in args.reference_caches:
             big = cpu_seconds(lambda: ref.generate(n + k, cache))
             small = cpu_seconds(lambda: ref.generate(n, cache))
@@ -259,10 +256,9 @@ def measure_dit(args) -> dict:
     drop = torch.tensor([False, True])
     t, size, crop = torch.tensor([500.0, 500.0]), torch.tensor([[512.0, 512.0]] * b), torch.zeros(b, 2)
 
-    def run_pack(layers, compiled=False):
-        packs[layers].compile_blocks = compiled
+    def run_pack(layers, compiled=False, mode="reference"):
         with torch.inference_mode():
-            packs[layers](latents, glyph, ids, drop, t, size, crop)
+            packs[layers](latents, glyph, ids, drop, t, size, crop, options=RunOptions(kernels=mode, compile=compiled))
 
     def run_ref(layers):
         with torch.inference_mode():
@@ -273,24 +269,21 @@ def measure_dit(args) -> dict:
         variants["pack compiled"] = ("reference", True)
     rows = {}
     for label, (mode, compiled) in variants.items():
-        with kernel_mode(mode):
-            for layers in (1, 2):
-                run_pack(layers, compiled)  # warm-up (and the compile)
-            count = compiled_figures if compiled else counted
-            rows[label] = per_unit(count(lambda: run_pack(2, compiled)), count(lambda: run_pack(1, compiled)), 1)
+        for layers in (1, 2):
+            run_pack(layers, compiled, mode)  # warm-up (and the compile)
+        count = compiled_figures if compiled else counted
+        rows[label] = per_unit(count(lambda: run_pack(2, compiled, mode)), count(lambda: run_pack(1, compiled, mode)), 1)
     for layers in (1, 2):
         run_ref(layers)
     rows["diffusers"] = per_unit(counted(lambda: run_ref(2)), counted(lambda: run_ref(1)), 1)
     times = collections.defaultdict(list)
     for _ in range(args.repeats):
         for label, (mode, compiled) in variants.items():
-            with kernel_mode(mode):
-                times[label].append(cpu_seconds(lambda: run_pack(2, compiled)) - cpu_seconds(lambda: run_pack(1, compiled)))
+            times[label].append(cpu_seconds(lambda: run_pack(2, compiled, mode))
+                                - cpu_seconds(lambda: run_pack(1, compiled, mode)))
         times["diffusers"].append(cpu_seconds(lambda: run_ref(2)) - cpu_seconds(lambda: run_ref(1)))
     for label, values in times.items():
         rows[label]["cpu_ms"] = 1000 * statistics.median(values)
-    for layers in (1, 2):
-        packs[layers].compile_blocks = False
     return rows
 
 

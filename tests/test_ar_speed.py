@@ -2,7 +2,7 @@
 (custom ops running their torch references) and ``torch.compile(fullgraph=True)`` give the reference's tokens."""
 import pytest
 import torch
-from glm_image_nodes.core.cuda.dispatch import kernel_mode
+from glm_image_nodes.core.runtime.options import RunOptions
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
@@ -46,18 +46,15 @@ def test_greedy_matches_transformers_do_sample_false(release):
 
 def test_fused_kernel_path_gives_the_reference_tokens(release):
     _, _, model, tok = release
-    with kernel_mode("reference"):
-        want = _edit(model, tok, num_images=2)
-    with kernel_mode("fused"):  # every custom op, with the torch reference inside on CPU
-        got = _edit(model, tok, num_images=2)
+    want = _edit(model, tok, num_images=2, options=RunOptions(kernels="reference"))
+    # every custom op, with the torch reference inside on CPU
+    got = _edit(model, tok, num_images=2, options=RunOptions(kernels="fused"))
     assert torch.equal(got.ids, want.ids)
     ids = torch.randint(0, 16000, (1, 9))
     positions = torch.randint(0, 30, (3, 1, 9))
     with torch.no_grad():
-        with kernel_mode("reference"):
-            ref = model(ids, positions, model.new_cache(1, 9), 0)
-        with kernel_mode("fused"):
-            fused = model(ids, positions, model.new_cache(1, 9), 0)
+        ref = model(ids, positions, model.new_cache(1, 9), 0, options=RunOptions(kernels="reference"))
+        fused = model(ids, positions, model.new_cache(1, 9), 0, options=RunOptions(kernels="fused"))
     assert torch.equal(fused, ref)
 
 

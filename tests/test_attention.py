@@ -47,7 +47,8 @@ def test_causal_prefill_runs_without_a_mask_tensor(monkeypatch):
 
 
 def test_backend_choice_is_checked_and_falls_back_on_cpu():
-    from glm_image_nodes.core.runtime.attention import BACKENDS, attention_backend, check_backend, installed
+    from glm_image_nodes.core.runtime.attention import BACKENDS, check_backend, installed
+    from glm_image_nodes.core.runtime.options import RunOptions
     assert BACKENDS == ("auto", "sdpa", "sage", "flash")
     with pytest.raises(ValueError, match="must be one of"):
         check_backend("xformers")
@@ -56,8 +57,9 @@ def test_backend_choice_is_checked_and_falls_back_on_cpu():
             with pytest.raises(ValueError, match="pip install"):
                 check_backend(name)
     q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
-    with attention_backend("sdpa"):
-        assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    with pytest.raises(ValueError, match="must be one of"):
+        RunOptions(attention="xformers")
+    assert torch.equal(attention(q, k, v, options=RunOptions(attention="sdpa")), F.scaled_dot_product_attention(q, k, v))
 
 
 def test_flash_and_sage_wrappers_keep_layout_gqa_and_causality(monkeypatch):

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from glm_image_nodes.core.cuda import activations, adaln, decode_attention, norms, rope  # noqa: E402
-from glm_image_nodes.core.cuda.dispatch import kernel_mode  # noqa: E402
+from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import ARConfig, GlmImageAR  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer  # noqa: E402
@@ -75,9 +75,8 @@ def test_captured_and_compiled_steps_give_the_eager_tokens(tmp_path):
     model = GlmImageAR(cfg).to(CUDA, torch.bfloat16).eval()
     runs = {}
     for mode in ("eager", "cuda graph", "compiled"):
-        with kernel_mode("auto"):
-            runs[mode] = generate_token_grid(model, tok, "a red fox", 256, 256, seed=3, progress=False,
-                                             decode_steps=mode).ids
+        runs[mode] = generate_token_grid(model, tok, "a red fox", 256, 256, seed=3, progress=False,
+                                         decode_steps=mode, options=RunOptions(kernels="auto")).ids
     assert torch.equal(runs["cuda graph"], runs["eager"])
     # inductor's own fusions may round differently from the fused kernels: allow rare differences
     assert (runs["compiled"] == runs["eager"]).float().mean() >= 0.95

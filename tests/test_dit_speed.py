@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from glm_image_nodes.core.cuda.dispatch import kernel_mode  # noqa: E402
+from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
 from glm_image_nodes.core.runtime.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import left_pad, sample_latents  # noqa: E402
@@ -84,10 +84,8 @@ def test_cfg_runs_one_forward_per_step_when_glyph_lengths_differ(dit):
 
 def test_fused_kernel_path_matches_the_reference(dit):
     g, ids = glyph(), prior()
-    with kernel_mode("reference"):
-        want = sample_latents(dit, ids, g, H, W, steps=2, progress=False)
-    with kernel_mode("fused"):
-        got = sample_latents(dit, ids, g, H, W, steps=2, progress=False)
+    want = sample_latents(dit, ids, g, H, W, steps=2, progress=False, options=RunOptions(kernels="reference"))
+    got = sample_latents(dit, ids, g, H, W, steps=2, progress=False, options=RunOptions(kernels="fused"))
     assert (got - want).abs().max().item() <= TOL
 
 
@@ -95,8 +93,8 @@ def test_regional_compile_matches_eager(dit):
     torch._dynamo.reset()
     g, ids = glyph(), prior()
     want = sample_latents(dit, ids, g, H, W, steps=2, progress=False)
-    got = sample_latents(dit, ids, g, H, W, steps=2, progress=False, compile_blocks=True)
-    assert not dit.compile_blocks  # the option does not stick to the shared model
+    got = sample_latents(dit, ids, g, H, W, steps=2, progress=False, options=RunOptions(compile=True))
+    assert "compile_blocks" not in vars(dit)  # the option travels with the call, not on the shared model
     assert (got - want).abs().max().item() <= TOL
 
 

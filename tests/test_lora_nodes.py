@@ -13,6 +13,7 @@ from glm_image_nodes.core.formats.lora_targets import AR, GLM_IMAGE_DIT, load_lo
 from glm_image_nodes.core.models import glm_image_dit
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
 from glm_image_nodes.core.runtime.handles import GlyphConditioning, TokenGrid
+from glm_image_nodes.core.runtime.options import RunOptions
 from glm_image_nodes.core.runtime.lora_patches import AppliedLora, installed
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents as decode
@@ -150,12 +151,12 @@ def test_the_compiled_dit_blocks_apply_the_lora_and_drop_it_after(release, handl
         return decode(dit, ids, glyph, 256, 256, steps=2, seed=1, progress=False, **options)
 
     torch._dynamo.reset()
-    base = latents(compile_blocks=True)
+    base = latents(options=RunOptions(compile=True))
     with installed(dit, [AppliedLora(lora, 1.0)]):
         eager = latents()
-        assert (latents(compile_blocks=True) - eager).abs().max() <= 1e-5
+        assert (latents(options=RunOptions(compile=True)) - eager).abs().max() <= 1e-5
     assert (eager - base).abs().max() > 1e-3
-    assert (latents(compile_blocks=True) - base).abs().max() == 0
+    assert (latents(options=RunOptions(compile=True)) - base).abs().max() == 0
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_k", "fp8_e4m3fn"])

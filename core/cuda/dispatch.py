@@ -3,7 +3,8 @@
 Each fused function is a ``torch.library`` custom op (``glm_image_nodes::*``) with a fake implementation, so
 ``torch.compile`` traces through it as one opaque node. Its CUDA implementation launches the Triton kernel(s)
 (``LAUNCHES`` says how many); on every other device it runs the torch reference, which is also what the
-model runs when the fused path is off. Modes (``kernel_mode``, or ``GLMIMAGE_KERNELS`` in the environment):
+model runs when the fused path is off. The mode travels with each call (``mode=``, from the caller's
+``RunOptions.kernels``); ``GLMIMAGE_KERNELS`` in the environment is the default, read when a call names none:
 
 - ``auto``: fused on CUDA tensors of fp32/bf16 where Triton imports, references elsewhere (CPU keeps the
   reference functions, so CPU results do not change);
@@ -14,7 +15,6 @@ model runs when the fused path is off. Modes (``kernel_mode``, or ``GLMIMAGE_KER
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import torch
 from torch._library.custom_ops import OPDEFS
@@ -26,27 +26,30 @@ NAMESPACE = "glm_image_nodes"
 MODES = ("auto", "reference", "fused")
 LAUNCHES = {"decode_attention": 2}  # GPU kernel launches per call where not 1
 
-_mode = os.environ.get("GLMIMAGE_KERNELS", "auto")
-if _mode not in MODES:
-    raise ValueError(f"GLMIMAGE_KERNELS={_mode!r}: expected one of {', '.join(MODES)}.")
 
 
-@contextmanager
-def kernel_mode(mode: str):
-    global _mode
+def default_mode() -> str:
+    """The kernel mode of a call that names none: ``GLMIMAGE_KERNELS`` (``auto`` when unset)."""
+    mode = os.environ.get("GLMIMAGE_KERNELS", "auto")
+    if mode not in MODES:
+        raise ValueError(f"GLMIMAGE_KERNELS={mode!r}: expected one of {', '.join(MODES)}.")
+    return mode
+
+
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
-    previous, _mode = _mode, mode
-    try:
-        yield
-    finally:
-        _mode = previous
 
 
-def use_fused(*tensors: torch.Tensor) -> bool:
-    if _mode == "fused":
+default_mode()  # a bad GLMIMAGE_KERNELS fails on import, before any work
+
+
+def use_fused(*tensors: torch.Tensor, mode: str | None = None) -> bool:
+    """THE decision between a fused kernel and its torch reference for ``tensors`` under ``mode``."""
+    mode = mode or default_mode()
+    if mode == "fused":
         return True
-    if _mode == "reference" or not HAVE_TRITON:
+    if mode == "reference" or not HAVE_TRITON:
         return False
     return all(t.is_cuda and t.dtype in KERNEL_DTYPES for t in tensors)
 
@@ -130,28 +133,28 @@ OPS = {
 
 
 # ---- what the models call ----------------------------------------------------------------------------------------
-def rms_norm(x, weight, eps: float):
-    if use_fused(x) and weight.dtype == x.dtype:
+def rms_norm(x, weight, eps: float, mode: str | None = None):
+    if use_fused(x, mode=mode) and weight.dtype == x.dtype:
         return OPS["rms_norm"](x, weight, eps)
     return norms.rms_norm_reference(x, weight, eps)
 
 
-def add_rms_norm(residual, branch, branch_weight, next_weight, eps: float):
+def add_rms_norm(residual, branch, branch_weight, next_weight, eps: float, mode: str | None = None):
     """``x = residual + rms_norm(branch, branch_weight)``; returns ``(x, rms_norm(x, next_weight))``."""
-    if use_fused(residual) and branch_weight.dtype == next_weight.dtype == residual.dtype:
+    if use_fused(residual, mode=mode) and branch_weight.dtype == next_weight.dtype == residual.dtype:
         return OPS["add_rms_norm"](residual, branch, branch_weight, next_weight, eps)
     return norms.add_rms_norm_reference(residual, branch, branch_weight, next_weight, eps)
 
 
-def silu_mul(gate_up):
-    return OPS["silu_mul"](gate_up) if use_fused(gate_up) else activations.silu_mul_reference(gate_up)
+def silu_mul(gate_up, mode: str | None = None):
+    return OPS["silu_mul"](gate_up) if use_fused(gate_up, mode=mode) else activations.silu_mul_reference(gate_up)
 
 
-def decode_attention_fused(x) -> bool:
+def decode_attention_fused(x, mode: str | None = None) -> bool:
     """Whether one-token decode attention for activations like ``x`` runs as the fused kernel (RoPE, cache
     write, and masking by itself from ``key_valid`` and the slot index) rather than as SDPA under the
     caller's mask."""
-    return use_fused(x)
+    return use_fused(x, mode=mode)
 
 
 def decode_attention_op(q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale: float):
@@ -159,25 +162,25 @@ def decode_attention_op(q, k, v, cos, sin, cache_k, cache_v, key_valid, index, s
     return OPS["decode_attention"](q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale)
 
 
-def qk_layernorm_rope(t, cos, sin, n_text: int):
+def qk_layernorm_rope(t, cos, sin, n_text: int, mode: str | None = None):
     """``t [B, S, H, D]`` -> ``[B, H, S, D]``: per-head LayerNorm, 2D RoPE on tokens ``n_text:``."""
-    if use_fused(t) and t.stride(-1) == 1:
+    if use_fused(t, mode=mode) and t.stride(-1) == 1:
         return OPS["qk_layernorm_rope"](t, cos, sin, n_text)
     return rope.qk_layernorm_rope_reference(t, cos, sin, n_text)
 
 
-def layernorm_modulate(x, scale, shift):
-    if use_fused(x):
+def layernorm_modulate(x, scale, shift, mode: str | None = None):
+    if use_fused(x, mode=mode):
         return OPS["layernorm_modulate"](x, scale, shift)
     return adaln.layernorm_modulate_reference(x, scale, shift)
 
 
-def gated_residual(x, branch, gate):
-    return OPS["gated_residual"](x, branch, gate) if use_fused(x) else adaln.gated_residual_reference(x, branch, gate)
+def gated_residual(x, branch, gate, mode: str | None = None):
+    return OPS["gated_residual"](x, branch, gate) if use_fused(x, mode=mode) else adaln.gated_residual_reference(x, branch, gate)
 
 
-def gated_residual_layernorm_modulate(x, branch, gate, scale, shift):
+def gated_residual_layernorm_modulate(x, branch, gate, scale, shift, mode: str | None = None):
     """``x = x + branch * gate``; returns ``(x, LN(x) * (1 + scale) + shift)``."""
-    if use_fused(x):
+    if use_fused(x, mode=mode):
         return OPS["gated_residual_layernorm_modulate"](x, branch, gate, scale, shift)
     return adaln.gated_residual_layernorm_modulate_reference(x, branch, gate, scale, shift)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..runtime import components
+from ..runtime.options import RunOptions
 from .dit import DiTConfig, DiTTrunk, TimeConditionEmbed, dit_spec, trunk_fields_from_shapes
 from .step_cache import BranchCache
 
@@ -47,10 +48,10 @@ class CogView4DiT(DiTTrunk):
 
     def forward(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, original_size: torch.Tensor,
                 target_size: torch.Tensor, crop: torch.Tensor, text_pad: tuple[int, ...] | None = None,
-                step_cache: BranchCache | None = None) -> torch.Tensor:
+                step_cache: BranchCache | None = None, options: RunOptions | None = None) -> torch.Tensor:
         """latents ``[B,16,h,w]``, text ``[B,L,4096]`` (GLM-4 hidden states), timestep ``[B]`` (unshifted),
         sizes and crop ``[B,2]`` in pixels; ``text_pad``: leading padding tokens per sample; ``step_cache``: see
-        ``step_cache.BranchCache``. Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
+        ``step_cache.BranchCache``; ``options``: see ``RunOptions``. Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
         b, _, h, w = latents.shape
         p = self.patch_size
         dtype = self.dtype
@@ -63,7 +64,7 @@ class CogView4DiT(DiTTrunk):
         rows = torch.arange(h // p, device=device) * self.rope_axes[0] // (h // p)
         cols = torch.arange(w // p, device=device) * self.rope_axes[1] // (w // p)
         rope = self.rope(rows, cols)
-        x = self.run_blocks(x, text, temb, rope, text_pad=text_pad, step_cache=step_cache)
+        x = self.run_blocks(x, text, temb, rope, text_pad=text_pad, step_cache=step_cache, options=options)
         return self.output(x, temb, h, w)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Callable, ClassVar
 
@@ -23,6 +22,7 @@ from ..cuda import dispatch
 from ..runtime import components
 from ..runtime.attention import attention
 from ..runtime.loading import CheckpointError
+from ..runtime.options import RunOptions
 from ..runtime.residency import placed_device
 from ..stages.flow_schedule import ShiftSettings, read_shift_settings
 from .step_cache import BranchCache
@@ -166,7 +166,8 @@ class AdaLNZero(nn.Module):
         return tuple(m.unsqueeze(1) for m in self.linear(temb).chunk(12, dim=1))
 
 
-def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_pad: tuple[int, ...]) -> torch.Tensor:
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_pad: tuple[int, ...],
+                     options: RunOptions | None = None) -> torch.Tensor:
     """Attention for a batch whose text streams are left-padded: sample ``i``'s first ``text_pad[i]`` keys are
     padding. Each run of samples with the same padding attends over its real keys only (a slice, no mask), so
     every real token sees exactly the keys of its unpadded forward; padding queries see the same keys and are
@@ -177,7 +178,7 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_pad
         while stop < len(text_pad) and text_pad[stop] == text_pad[start]:
             stop += 1
         pad = text_pad[start]
-        outputs.append(attention(q[start:stop], k[start:stop, :, pad:], v[start:stop, :, pad:]))
+        outputs.append(attention(q[start:stop], k[start:stop, :, pad:], v[start:stop, :, pad:], options=options))
         start = stop
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
@@ -193,14 +194,15 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                prefix_kv: KV | None = None, keep_kv: bool = False,
-                text_pad: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
+                prefix_kv: KV | None = None, keep_kv: bool = False, text_pad: tuple[int, ...] | None = None,
+                options: RunOptions | None = None) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
         """Image and text outputs, and this layer's post-RoPE K/V ``[B, H, S, D]`` when ``keep_kv``.
         ``prefix_kv``: reference K/V attended before the text; ``text_pad``: left padding per sample."""
         n_text = text.shape[1]
+        mode = options.kernels if options is not None else None
         s = torch.cat([text, x], dim=1)
-        q = dispatch.qk_layernorm_rope(self.to_q(s).unflatten(2, (self.heads, self.head_dim)), *rope, n_text)
-        k = dispatch.qk_layernorm_rope(self.to_k(s).unflatten(2, (self.heads, self.head_dim)), *rope, n_text)
+        q = dispatch.qk_layernorm_rope(self.to_q(s).unflatten(2, (self.heads, self.head_dim)), *rope, n_text, mode)
+        k = dispatch.qk_layernorm_rope(self.to_k(s).unflatten(2, (self.heads, self.head_dim)), *rope, n_text, mode)
         v = self.to_v(s).unflatten(2, (self.heads, self.head_dim)).transpose(1, 2)  # [B, H, S, D]
         kept = (k, v) if keep_kv else None
         if prefix_kv is not None:
@@ -214,9 +216,9 @@ class JointAttention(nn.Module):
         if text_pad is not None:
             if prefix_kv is not None:
                 raise ValueError("A padded text batch cannot read a reference cache.")
-            o = padded_attention(q, k, v, text_pad)
+            o = padded_attention(q, k, v, text_pad, options)
         else:
-            o = attention(q, k, v)
+            o = attention(q, k, v, options=options)
         o = self.to_out[0](o.transpose(1, 2).flatten(2, 3))
         return o[:, n_text:], o[:, :n_text], kept
 
@@ -231,29 +233,21 @@ class DiTBlock(nn.Module):
         self.ff = FeedForward(dim, 4 * dim, dim, gelu_tanh)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                prefix_kv: KV | None = None, keep_kv: bool = False,
-                text_pad: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
+                prefix_kv: KV | None = None, keep_kv: bool = False, text_pad: tuple[int, ...] | None = None,
+                options: RunOptions | None = None) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
         (shift, c_shift, scale, c_scale, gate, c_gate,
          shift_ff, c_shift_ff, scale_ff, c_scale_ff, gate_ff, c_gate_ff) = self.norm1(temb)
-        nx = dispatch.layernorm_modulate(x, scale, shift)
-        nt = dispatch.layernorm_modulate(text, c_scale, c_shift)
-        ax, at, kv = self.attn1(nx, nt, rope, prefix_kv, keep_kv, text_pad)
-        x, nx = dispatch.gated_residual_layernorm_modulate(x, ax, gate, scale_ff, shift_ff)
-        text, nt = dispatch.gated_residual_layernorm_modulate(text, at, c_gate, c_scale_ff, c_shift_ff)
-        return dispatch.gated_residual(x, self.ff(nx), gate_ff), dispatch.gated_residual(text, self.ff(nt), c_gate_ff), kv
+        mode = options.kernels if options is not None else None
+        nx = dispatch.layernorm_modulate(x, scale, shift, mode)
+        nt = dispatch.layernorm_modulate(text, c_scale, c_shift, mode)
+        ax, at, kv = self.attn1(nx, nt, rope, prefix_kv, keep_kv, text_pad, options)
+        x, nx = dispatch.gated_residual_layernorm_modulate(x, ax, gate, scale_ff, shift_ff, mode)
+        text, nt = dispatch.gated_residual_layernorm_modulate(text, at, c_gate, c_scale_ff, c_shift_ff, mode)
+        return (dispatch.gated_residual(x, self.ff(nx), gate_ff, mode),
+                dispatch.gated_residual(text, self.ff(nt), c_gate_ff, mode), kv)
 
 
 _compiled_block = None
-
-
-@contextmanager
-def compiled_blocks(model: "DiTTrunk", enabled: bool):
-    """Run ``model``'s blocks through the regional compile inside the block (restored after)."""
-    previous, model.compile_blocks = model.compile_blocks, enabled
-    try:
-        yield
-    finally:
-        model.compile_blocks = previous
 
 
 def compiled_block_forward():
@@ -319,7 +313,6 @@ class DiTTrunk(nn.Module):
         self.dim = config.num_attention_heads * config.attention_head_dim
         self.patch_size = config.patch_size
         self.head_dim = config.attention_head_dim
-        self.compile_blocks = False
 
     def patches(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]`` latents -> ``[B, (h/p)(w/p), C*p*p]`` patches."""
@@ -352,19 +345,20 @@ class DiTTrunk(nn.Module):
     def run_blocks(self, x: torch.Tensor, text: torch.Tensor, temb: torch.Tensor,
                    rope: tuple[torch.Tensor, torch.Tensor], kv_cache: ReferenceKVCache | None = None,
                    kv_mode: str | None = None, text_pad: tuple[int, ...] | None = None,
-                   step_cache: BranchCache | None = None) -> torch.Tensor:
+                   step_cache: BranchCache | None = None, options: RunOptions | None = None) -> torch.Tensor:
         """The image stream after every block.
 
         ``kv_mode``: ``write`` appends each layer's K/V to ``kv_cache``, ``read`` attends over it first.
         ``text_pad``: left padding of each sample's text stream. ``step_cache``: after the first block, reuse
         the rest of the blocks' residual from an earlier step when the first block's output barely moved.
-        ``compile_blocks`` (attribute): run each block through one regional ``torch.compile``.
+        ``options``: the attention kernel and kernel mode of every block; ``options.compile`` runs each block
+        through one regional ``torch.compile``.
         """
-        compiled = compiled_block_forward() if self.compile_blocks else None
+        compiled = compiled_block_forward() if options is not None and options.compile else None
         x_in = x
         for i, block in enumerate(self.transformer_blocks):
             prefix = kv_cache.prefix(i) if kv_cache is not None and kv_mode == "read" else None
-            args = (x, text, temb, rope, prefix, kv_mode == "write", text_pad)
+            args = (x, text, temb, rope, prefix, kv_mode == "write", text_pad, options)
             x, text, kv = compiled(block, *args) if compiled is not None else block(*args)
             if kv_mode == "write":
                 kv_cache.append(i, *kv)

@@ -20,6 +20,7 @@ from ..cuda.rope import apply_partial_rope
 from ..runtime import components
 from ..runtime.attention import attention, cached_decode_attention
 from ..runtime.loading import CheckpointError
+from ..runtime.options import RunOptions
 from ..runtime.residency import placed_device
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections, RMSNorm
 
@@ -109,7 +110,7 @@ class Attention(GroupedQueryProjections):
     def __init__(self, cfg: ARConfig):
         super().__init__(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, start, mask, key_valid):
+    def forward(self, x, cos, sin, cache_k, cache_v, start, mask, key_valid, options=None):
         n = x.shape[1]
         scale = self.head_dim ** -0.5
         if isinstance(start, int):  # prefill / chunk: attend to the filled part of the cache
@@ -118,11 +119,12 @@ class Attention(GroupedQueryProjections):
             cache_k[:, :, start:start + n] = k
             cache_v[:, :, start:start + n] = v
             out = attention(q, cache_k[:, :, :start + n], cache_v[:, :, :start + n], causal=mask is None, mask=mask,
-                            scale=scale)
+                            scale=scale, options=options)
             return self.merge(out)
         # decode with a device-side index: static shapes over the whole cache
         return self.o_proj(cached_decode_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache_k,
-                                                   cache_v, mask=mask, key_valid=key_valid, index=start, scale=scale))
+                                                   cache_v, mask=mask, key_valid=key_valid, index=start, scale=scale,
+                                                   options=options))
 
 
 class GlmImageAR(nn.Module):
@@ -176,24 +178,27 @@ class GlmImageAR(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: KVCache,
                 start: int | torch.Tensor, last_only: bool = False,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                options: RunOptions | None = None) -> torch.Tensor:
         """Logits (float32) ``[B, L, vision_vocab]`` for ``input_ids`` [B,L] at cache slots ``start..start+L``
         (``[B, 1, vision_vocab]`` of the last position with ``last_only``: a long prefill needs no more).
 
         ``position_ids``: M-RoPE positions [3,B,L]. ``start``: a Python int (prefill, attends to the cache
         up to the new tokens) or a 0-dim device tensor (decode: static shapes, attends to the whole cache
         under a mask; suitable for CUDA-graph capture). ``rope``: the ``mrope_cos_sin`` of ``position_ids``,
-        precomputed (a decode loop computes every step's at once).
+        precomputed (a decode loop computes every step's at once). ``options``: the attention kernel and the
+        fused-kernel mode (``RunOptions``; None: the defaults).
         """
+        mode = options.kernels if options is not None else None
         n = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         cos, sin = rope if rope is not None else mrope_cos_sin(self.config, position_ids, x.dtype)
-        fused_decode = not isinstance(start, int) and n == 1 and dispatch.decode_attention_fused(x)
+        fused_decode = not isinstance(start, int) and n == 1 and dispatch.decode_attention_fused(x, mode)
         mask = None if fused_decode else self._mask(cache, start, n)  # the fused kernel masks by itself
-        h = self.layers[0].input_layernorm(x)
+        h = self.layers[0].input_layernorm(x, mode)
         nexts = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         for layer, next_norm, k, v in zip(self.layers, nexts, cache.k, cache.v):
-            x, h = layer.forward_chained(x, h, next_norm, cos, sin, k, v, start, mask, cache.key_valid)
+            x, h = layer.forward_chained(x, h, next_norm, mode, cos, sin, k, v, start, mask, cache.key_valid, options)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()

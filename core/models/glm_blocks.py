@@ -20,8 +20,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        return dispatch.rms_norm(x, self.weight, self.eps, mode)
 
 
 class MLP(nn.Module):
@@ -32,8 +32,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(dispatch.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x, mode: str | None = None):
+        return self.down_proj(dispatch.silu_mul(self.gate_up_proj(x), mode))
 
 
 class GroupedQueryProjections(nn.Module):
@@ -79,13 +79,14 @@ class GlmDecoderLayer(nn.Module):
         x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), *attention_args))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
-    def forward_chained(self, x: torch.Tensor, normed: torch.Tensor, next_norm: RMSNorm,
+    def forward_chained(self, x: torch.Tensor, normed: torch.Tensor, next_norm: RMSNorm, mode: str | None,
                         *attention_args) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` for sandwich-norm layers given ``normed = input_layernorm(x)``; returns the new ``x`` and
-        ``next_norm(x)`` (the next layer's input norm, or the final norm), each norm seam one fused pass."""
+        ``next_norm(x)`` (the next layer's input norm, or the final norm), each norm seam one fused pass.
+        ``mode``: the fused-kernel mode (``dispatch.use_fused``)."""
         eps = self.input_layernorm.eps
         a = self.self_attn(normed, *attention_args)
         x, h = dispatch.add_rms_norm(x, a, _near(self.post_self_attn_layernorm.weight, x),
-                                     _near(self.post_attention_layernorm.weight, x), eps)
-        return dispatch.add_rms_norm(x, self.mlp(h), _near(self.post_mlp_layernorm.weight, x),
-                                     _near(next_norm.weight, x), eps)
+                                     _near(self.post_attention_layernorm.weight, x), eps, mode)
+        return dispatch.add_rms_norm(x, self.mlp(h, mode), _near(self.post_mlp_layernorm.weight, x),
+                                     _near(next_norm.weight, x), eps, mode)

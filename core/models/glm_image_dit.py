@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..runtime import components
+from ..runtime.options import RunOptions
 from .dit import (
     KV_MODES,
     DiTConfig,
@@ -67,13 +68,14 @@ class GlmImageDiT(DiTTrunk):
                 prior_drop: bool | torch.Tensor, timestep: torch.Tensor, target_size: torch.Tensor,
                 crop: torch.Tensor, kv_cache: ReferenceKVCache | None = None,
                 kv_mode: str | None = None, text_pad: tuple[int, ...] | None = None,
-                step_cache: BranchCache | None = None) -> torch.Tensor:
+                step_cache: BranchCache | None = None, options: RunOptions | None = None) -> torch.Tensor:
         """latents ``[B,16,h,w]``, glyph ``[B,Lg,Dg]``, prior_ids ``[B,(h/2)(w/2)]`` (or ``[N]``, shared),
         prior_drop bool / ``[B]`` / ``[B,N]`` (zero the prior embedding before the projector), timestep ``[B]``
         (what the model is conditioned on, e.g. ``t_raw - 1``), target_size and crop ``[B,2]`` in pixels.
         ``kv_mode``: ``write`` stores this pass's K/V in ``kv_cache``, ``read`` attends over it too,
         ``skip``/None ignores it. ``text_pad``: per sample, how many leading glyph tokens are padding (a
-        batched CFG pair of different glyph lengths). ``step_cache``: see ``step_cache.BranchCache``.
+        batched CFG pair of different glyph lengths). ``step_cache``: see ``step_cache.BranchCache``. ``options``:
+        attention kernel, kernel mode and regional compile of the blocks (``RunOptions``; None: the defaults).
         Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
         if kv_mode is not None and kv_mode not in KV_MODES:
             raise ValueError(f"kv_mode must be one of {KV_MODES} or None, got {kv_mode!r}")
@@ -96,7 +98,7 @@ class GlmImageDiT(DiTTrunk):
 
         device = x.device
         rope = self.rope(torch.arange(h // p, device=device), torch.arange(w // p, device=device))
-        x = self.run_blocks(x, text, temb, rope, kv_cache, kv_mode, text_pad, step_cache)
+        x = self.run_blocks(x, text, temb, rope, kv_cache, kv_mode, text_pad, step_cache, options)
         return self.output(x, temb, h, w)
 
 

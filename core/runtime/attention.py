@@ -7,8 +7,8 @@ the last key (queries are the newest ``Sq`` of ``Sk`` positions).
 Kernels are chosen here and only here:
 - unmasked (causal prefill, the DiT): ``scaled_dot_product_attention`` with ``is_causal`` and ``enable_gqa``,
   no mask tensor, so CUDA can pick a fused kernel (cuDNN first, then flash, then memory-efficient, in that
-  order); with ``attention_backend("sage")`` or ``("flash")`` SageAttention or FlashAttention when
-  installed and applicable (CUDA, fp16/bf16; otherwise SDPA);
+  order); with ``RunOptions(attention="sage")`` or ``"flash"`` (passed as ``options=``) SageAttention or
+  FlashAttention when installed and applicable (CUDA, fp16/bf16; otherwise SDPA);
 - masked (padded prompts, the AR decode step on CPU): SDPA under the mask, grouped-query heads folded into the
   query length so K/V are never copied per head;
 - one-token AR decode on CUDA: the pack's Triton flash-decoding kernel (``cached_decode_attention``).
@@ -17,7 +17,7 @@ On CPU the results are those of plain SDPA.
 from __future__ import annotations
 
 import importlib.util
-from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..cuda import dispatch
 from ..cuda.rope import rope_kv_write_reference
 
+if TYPE_CHECKING:
+    from .options import RunOptions
+
 BACKENDS = ("auto", "sdpa", "sage", "flash")
 CUDA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
 INSTALL = {"sage": "pip install sageattention", "flash": "pip install flash-attn (or build FlashAttention-3)"}
-
-_backend = "auto"
-
 
 def installed(backend: str) -> bool:
     if backend == "sage":
@@ -49,18 +49,6 @@ def check_backend(backend: str) -> None:
     if not installed(backend):
         raise ValueError(f"attention '{backend}' needs its package, which is not installed: {INSTALL[backend]} "
                          f"(CUDA only), or choose auto / sdpa.")
-
-
-@contextmanager
-def attention_backend(backend: str):
-    """Use ``backend`` for the unmasked attention calls inside the block (auto and sdpa: SDPA)."""
-    global _backend
-    check_backend(backend)
-    previous, _backend = _backend, backend
-    try:
-        yield
-    finally:
-        _backend = previous
 
 
 def _sdpa(q, k, v, **kwargs) -> torch.Tensor:
@@ -87,10 +75,10 @@ def flash(q, k, v, causal: bool, scale: float | None) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _optional_kernel(q, k, v, causal: bool, scale: float | None) -> torch.Tensor | None:
-    if _backend not in ("sage", "flash") or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+def _optional_kernel(q, k, v, causal: bool, scale: float | None, backend: str) -> torch.Tensor | None:
+    if backend not in ("sage", "flash") or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return None
-    if _backend == "sage":
+    if backend == "sage":
         if causal and q.shape[2] != k.shape[2] or q.shape[-1] not in (64, 128):
             return None
         return sage(q, k, v, causal, scale)
@@ -98,11 +86,13 @@ def _optional_kernel(q, k, v, causal: bool, scale: float | None) -> torch.Tensor
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, scale: float | None = None,
+              options: RunOptions | None = None) -> torch.Tensor:
+    """``options.attention`` picks the kernel of unmasked calls (None: auto)."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     if mask is None:
-        out = _optional_kernel(q, k, v, causal, scale)
+        out = _optional_kernel(q, k, v, causal, scale, options.attention if options is not None else "auto")
         if out is not None:
             return out
         if not causal or sq == sk:
@@ -120,13 +110,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 def cached_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             cache_k: torch.Tensor, cache_v: torch.Tensor, *, mask: torch.Tensor | None,
-                            key_valid: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+                            key_valid: torch.Tensor, index: torch.Tensor, scale: float,
+                            options: RunOptions | None = None) -> torch.Tensor:
     """AR decode over the whole static cache, from the projections ``[B, n, * D]``: RoPE, the k/v cache write at
     slot ``index`` and attention; returns the ``o_proj`` input ``[B, n, heads * D]``. The fused kernel when
     the model asked for it (``mask`` None, see ``dispatch.decode_attention_fused``), else the torch reference
     and SDPA under the reference's ``mask``."""
     b, n, _ = q.shape
-    if mask is None and n == 1 and dispatch.decode_attention_fused(q):
+    mode = options.kernels if options is not None else None
+    if mask is None and n == 1 and dispatch.decode_attention_fused(q, mode):
         return dispatch.decode_attention_op(q, k, v, cos, sin, cache_k, cache_v, key_valid, index, scale)
     q = rope_kv_write_reference(q, k, v, cos, sin, cache_k, cache_v, index)
-    return attention(q, cache_k, cache_v, mask=mask, scale=scale).transpose(1, 2).reshape(b, n, -1)
+    return attention(q, cache_k, cache_v, mask=mask, scale=scale, options=options).transpose(1, 2).reshape(b, n, -1)

@@ -19,6 +19,7 @@ from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
 from ..runtime import checks
 from ..runtime.comfy_compat import OutOfMemory, Progress, available_memory
 from ..runtime.handles import TokenGrid
+from ..runtime.options import RunOptions, resolved
 from .ar_prompt import TextTokenizer, build_ar_inputs
 
 
@@ -93,7 +94,7 @@ class DecodeState:
 
 
 def decode_step(model: GlmImageAR, cache: KVCache, state: DecodeState, temperature: float, top_k: int,
-                top_p: float, codebook_size: int = 16384) -> None:
+                top_p: float, codebook_size: int = 16384, options: RunOptions | None = None) -> None:
     """Produce token ``state.step``: feed ``state.tokens`` at cache slot ``state.index``, sample, advance the state.
 
     In place, static shapes, no host sync and no generator: the same function runs eagerly, under
@@ -102,7 +103,7 @@ def decode_step(model: GlmImageAR, cache: KVCache, state: DecodeState, temperatu
     k = state.step
     position = (k - 1).view(1)
     rope = state.cos.index_select(2, position), state.sin.index_select(2, position)
-    logits = model(state.tokens, None, cache, state.index, rope=rope)[:, -1]
+    logits = model(state.tokens, None, cache, state.index, rope=rope, options=options)[:, -1]
     ids = sample_codebook_ids(logits, temperature, top_k, top_p, state.noise.at(k), codebook_size)
     state.out.index_copy_(1, k.view(1), ids[:, None])
     state.tokens.copy_(ids[:, None])
@@ -176,7 +177,8 @@ def check_prefill_fits(model: GlmImageAR, batch: int, length: int, cache_len: in
 def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int,
                         width: int, *, seed: int, temperature: float = 0.9, top_p: float = 0.75,
                         top_k: int = 16512, num_images: int = 1, source_grids: list[torch.Tensor] | None = None,
-                        progress: bool = True, preview=None, decode_steps: str = "eager") -> TokenGrid:
+                        progress: bool = True, preview=None, decode_steps: str = "eager",
+                        options: RunOptions | None = None) -> TokenGrid:
     """Sample the token grid(s) for ``prompt`` at ``height`` x ``width`` (floored to multiples of 32).
 
     Returns a TokenGrid with ids [B, H/32, W/32] (B = prompts x num_images, prompt-major), the preview grids
@@ -184,8 +186,9 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     ``preview(ids_written [B, n], grids)``: a live preview for the progress bar, or None (``token_preview``).
     ``decode_steps``: ``eager``; ``cuda graph`` (the eager step captured once, one graph replay per token, on
     CUDA); ``compiled`` (``torch.compile(fullgraph=True)``, also captured on CUDA). Tokens are the same for a
-    seed whichever is chosen (up to kernel rounding on GPUs).
+    seed whichever is chosen (up to kernel rounding on GPUs). ``options``: attention kernel and kernel mode.
     """
+    options = resolved(options)
     check_sampling_settings(temperature, top_k, top_p, num_images)
     checks.check_seed(seed)
     if decode_steps not in DECODE_STEPS:
@@ -221,10 +224,11 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
                         index=torch.tensor(length, device=device), step=torch.tensor(1, device=device), cos=cos,
                         sin=sin, out=torch.empty(batch, total, dtype=torch.long, device=device), noise=noise)
     step = compiled_decode_step() if decode_steps == "compiled" else decode_step
-    run = StepRunner(decode_steps, device, partial(step, model, cache, state, temperature, top_k, top_p, codebook))
+    run = StepRunner(decode_steps, device, partial(step, model, cache, state, temperature, top_k, top_p, codebook,
+                                                          options))
 
     with Progress(total, "GLM-Image AR tokens", enabled=progress) as bar:
-        logits = model(input_ids, positions, cache, 0, last_only=True)[:, -1]
+        logits = model(input_ids, positions, cache, 0, last_only=True, options=options)[:, -1]
         checks.check_finite_output(logits, "The AR model's prefill", model.dtype)
         noise.refill_for(0)
         state.tokens[:, 0] = sample_codebook_ids(logits, temperature, top_k, top_p, noise.at(0), codebook)

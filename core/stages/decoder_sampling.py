@@ -7,7 +7,7 @@ CFG runs both branches in one batched forward unless there is a reference cache 
 it, the unconditional one does not). Text streams of different lengths are left-padded to the longer one and
 each sample attends over its real keys only, so the padding changes nothing.
 
-Speed options: ``compile_blocks`` runs the DiT blocks through a regional ``torch.compile``; ``step_cache`` > 0
+Speed options: ``options.compile`` runs the DiT blocks through a regional ``torch.compile``; ``step_cache`` > 0
 turns on the first-block step cache (``models.step_cache``: approximate, off by default).
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models.dit import compiled_blocks
 from ..models.step_cache import StepCache
 from ..runtime import checks
 from ..runtime.comfy_compat import Progress
 from ..runtime.geometry import check_latent_size, patch_count
 from ..runtime.handles import GlyphConditioning, ReferenceImages
+from ..runtime.options import RunOptions, resolved
 from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -98,7 +98,7 @@ def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress:
 
 
 # ---- GLM-Image -------------------------------------------------------------------------------------------------
-def write_reference_cache(dit, references: ReferenceImages):
+def write_reference_cache(dit, references: ReferenceImages, options: RunOptions | None = None):
     """One DiT pass per reference (timestep 0, empty glyph stream, its own size and prior ids) storing its K/V."""
     cache = dit.new_kv_cache()
     glyph_dim = dit.config.text_embed_dim
@@ -115,7 +115,7 @@ def write_reference_cache(dit, references: ReferenceImages):
         check_ids(ids, dit.codebook_size, f"reference {i}")
         dit(latents, latents.new_zeros(1, 0, glyph_dim), ids, False, torch.zeros(1, device=dit.device),
             torch.tensor([[h * 8, w * 8]], dtype=torch.float32, device=dit.device),
-            torch.zeros(1, 2, device=dit.device), kv_cache=cache, kv_mode="write")
+            torch.zeros(1, 2, device=dit.device), kv_cache=cache, kv_mode="write", options=options)
     return cache
 
 
@@ -130,7 +130,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
                    steps: int = 50, guidance: float = 1.5, seed: int = 0, noise: torch.Tensor | None = None,
                    references: ReferenceImages | None = None, start_latents: torch.Tensor | None = None,
                    start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
-                   progress: bool = True, preview: Preview | None = None, compile_blocks: bool = False,
+                   progress: bool = True, preview: Preview | None = None, options: RunOptions | None = None,
                    step_cache: float = 0.0) -> torch.Tensor:
     """Denoise GLM-Image latents ``[B, 16, H/8, W/8]`` (fp32, normalized: the VAE de-normalizes them with
     latents_mean/std) from 2x-upsampled prior ids ``[B, (H/16)(W/16)]`` and glyph conditioning.
@@ -140,10 +140,11 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
     shift_settings: the release's scheduler settings (``dit.release_shift_settings``; default: the release's values).
     preview: turns each step's denoised estimate into a live preview (``latent_preview.decoder_preview``).
-    compile_blocks, step_cache: the speed options of the module docstring.
+    step_cache, options (attention kernel, kernel mode, compile): the speed options of the module docstring.
     """
     check_latent_size(height, width)
     check_sampler_settings(steps, guidance, seed)
+    options = resolved(options)
     steps_cache = StepCache(step_cache)
     device = dit.device
     if prior_ids.dim() == 1:
@@ -163,7 +164,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
 
     cond = batch_of(glyph.cond, b, "glyph.cond").to(device=device, dtype=dit.dtype)
     uncond = batch_of(glyph.uncond, b, "glyph.uncond").to(device=device, dtype=dit.dtype)
-    cache = write_reference_cache(dit, references) if references is not None and references.latents else None
+    cache = write_reference_cache(dit, references, options) if references is not None and references.latents else None
     size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
     crop = torch.zeros(b, 2, device=device)
     use_cfg = guidance > 1
@@ -176,18 +177,17 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if batched:
             both = dit(torch.cat([x, x]), both_glyph, both_ids, both_drop, t.expand(2 * b), both_size,
-                       both_crop, text_pad=text_pad, step_cache=steps_cache.branch("cfg")).float()
+                       both_crop, text_pad=text_pad, step_cache=steps_cache.branch("cfg"), options=options).float()
             return guide(*both.chunk(2), guidance)
         c = dit(x, cond, prior_ids, False, t.expand(b), size, crop, kv_cache=cache, kv_mode="read",
-                step_cache=steps_cache.branch("cond")).float()
+                step_cache=steps_cache.branch("cond"), options=options).float()
         if not use_cfg:
             return c
         u = dit(x, uncond, prior_ids, True, t.expand(b), size, crop, kv_cache=cache, kv_mode="skip",
-                step_cache=steps_cache.branch("uncond")).float()
+                step_cache=steps_cache.branch("uncond"), options=options).float()
         return guide(c, u, guidance)
 
-    with compiled_blocks(dit, compile_blocks):
-        return euler(x, schedule, velocity, progress, "GLM-Image decoder", dit.dtype, preview)
+    return euler(x, schedule, velocity, progress, "GLM-Image decoder", dit.dtype, preview)
 
 
 # ---- CogView4 --------------------------------------------------------------------------------------------------
@@ -196,16 +196,17 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
                             width: int, *, steps: int = 50, guidance: float = 5.0, seed: int = 0,
                             noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
                             start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
-                            progress: bool = True, preview: Preview | None = None, compile_blocks: bool = False,
+                            progress: bool = True, preview: Preview | None = None, options: RunOptions | None = None,
                             step_cache: float = 0.0) -> torch.Tensor:
     """Denoise CogView4 latents ``[B, 16, H/8, W/8]`` (fp32, CogView4's space: scaling 1.0, no mean/std) from
     GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` may have another length; unused when
     guidance <= 1). original_size = target_size = (H, W), crop (0, 0).
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
     preview: turns each step's denoised estimate into a live preview.
-    compile_blocks, step_cache: the speed options of the module docstring."""
+    step_cache, options (attention kernel, kernel mode, compile): the speed options of the module docstring."""
     check_latent_size(height, width)
     check_sampler_settings(steps, guidance, seed)
+    options = resolved(options)
     steps_cache = StepCache(step_cache)
     device = dit.device
     b = cond_embeds.shape[0]
@@ -229,7 +230,6 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
             both = dit(torch.cat([x, x]), both_text, t.expand(2 * b), sizes, sizes, crops, text_pad=text_pad,
                        step_cache=steps_cache.branch("cfg")).float()
             return guide(*both.chunk(2), guidance)
-        return dit(x, cond, t.expand(b), size, size, crop, step_cache=steps_cache.branch("cond")).float()
+        return dit(x, cond, t.expand(b), size, size, crop, step_cache=steps_cache.branch("cond"), options=options).float()
 
-    with compiled_blocks(dit, compile_blocks):
-        return euler(x, schedule, velocity, progress, "CogView4 decoder", dit.dtype, preview)
+    return euler(x, schedule, velocity, progress, "CogView4 decoder", dit.dtype, preview)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...core.runtime import checks, comfy_compat, handles
-from ...core.runtime.attention import attention_backend, check_backend
+from ...core.runtime.options import RunOptions
 from ...core.runtime.geometry import check_glm_image_size
 from ...core.stages.ar_sampling import DECODE_STEPS, check_sampling_settings, generate_token_grid
 from ...core.stages.token_preview import ar_preview
@@ -75,17 +75,16 @@ class GLMImageARSampler:
         check_now(locals(), *self.CHECKS)
         width, height = output_size(width, height, references)
         check_glm_image_size(height, width)
-        check_backend(attention)
+        options = RunOptions(attention=attention)
         source_grids = references.token_ids if references is not None else None
         with comfy_compat.on_compute_device(
-                ar_model, stage="AR token sampling", advice="lower num_images or the output size"), \
-                attention_backend(attention):
+                ar_model, stage="AR token sampling", advice="lower num_images or the output size"):
             decode_steps = comfy_compat.capturable_steps(ar_model, decode_steps)
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
                                        source_grids=source_grids,
                                        preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size),
-                                       decode_steps=decode_steps)
+                                       decode_steps=decode_steps, options=options)
         return (grid,)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...core.runtime import checks, comfy_compat, handles
-from ...core.runtime.attention import attention_backend, check_backend
+from ...core.runtime.options import RunOptions
 from ...core.runtime.geometry import check_cogview4_size
 from ...core.stages.cogview4_text import encode_cogview4_prompt
 from ...core.stages.decoder_sampling import check_sampler_settings, sample_cogview4_latents
@@ -76,16 +76,15 @@ class GLMImageCogView4Sampler:
     def sample(self, decoder, conditioning, width, height, seed, steps, guidance, num_images, attention="auto",
                compile=False, step_cache=0.0):
         check_now(locals(), *self.CHECKS)
-        check_backend(attention)
+        options = RunOptions(attention=attention, compile=compile)
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
         preview = decoder_preview(COGVIEW4)
         with comfy_compat.on_compute_device(decoder, stage="CogView4 sampling",
-                                             advice="lower the output size or the number of images"), \
-                attention_backend(attention):
+                                             advice="lower the output size or the number of images"):
             latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, steps=steps,
                                               guidance=guidance, seed=seed, shift_settings=decoder.shift_settings,
-                                              preview=preview, compile_blocks=compile, step_cache=step_cache)
+                                              preview=preview, options=options, step_cache=step_cache)
         return ({"samples": latents.float().cpu()},)
 
 

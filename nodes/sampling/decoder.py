@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
-from ...core.runtime.attention import attention_backend, check_backend
+from ...core.runtime.options import RunOptions
 from ...core.runtime.geometry import check_token_grid_shape
 from ...core.stages.decoder_sampling import check_sampler_settings, sample_latents
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
@@ -41,15 +41,14 @@ class GLMImageDecoderSampler:
                step_cache=0.0):
         check_now(locals(), check_sampler_settings)
         check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
-        check_backend(attention)
+        options = RunOptions(attention=attention, compile=compile)
         preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
         with comfy_compat.on_compute_device(
-                decoder, stage="decoder sampling", advice="lower the output size or the number of images"), \
-                attention_backend(attention):
+                decoder, stage="decoder sampling", advice="lower the output size or the number of images"):
             latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width,
                                      steps=steps, guidance=guidance, seed=seed, references=references,
                                      shift_settings=decoder.shift_settings, preview=preview,
-                                     compile_blocks=compile, step_cache=step_cache)
+                                     options=options, step_cache=step_cache)
         return ({"samples": latents.float().cpu()},)
 
 
