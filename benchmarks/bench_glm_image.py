@@ -55,9 +55,10 @@ from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.runtime.handles import TokenGrid  # noqa: E402
 from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import ARInputs, build_ar_inputs, load_text_tokenizer  # noqa: E402
-from glm_image_nodes.core.stages.ar_sampling import DECODE_STEPS, generate_token_grid  # noqa: E402
+from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
 from glm_image_nodes.core.stages.flow_schedule import read_shift_settings  # noqa: E402
 from glm_image_nodes.core.stages.glyph import glyph_conditioning, tokenize_glyph_texts  # noqa: E402
+from glm_image_nodes.core.stages.settings import DECODE_STEPS, ARSampling, DecoderRun  # noqa: E402
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -295,8 +296,9 @@ class PackSide:
         try:
             with counting(clock):
                 grid = generate_token_grid(self.ar, self.tokenizer, job.prompt, job.height, job.width,
-                                           seed=job.seed, num_images=job.batch, progress=False,
-                                           decode_steps=self.decode_steps, **SAMPLING,
+                                           ARSampling(seed=job.seed, num_images=job.batch,
+                                                      decode_steps=self.decode_steps,
+                                                      **SAMPLING), progress=False,
                                            options=RunOptions(attention=self.attention))
         except Stop:
             return None
@@ -328,9 +330,9 @@ class PackSide:
         try:
             with counting(clock):
                 glyph = glyph_conditioning(self.glyph, job.prompt)
+                settings = DecoderRun(steps=job.steps, guidance=job.guidance, shift_settings=self.shift_settings)
                 return decoder_sampling.sample_latents(self.dit, job.prior_ids, glyph, job.height, job.width,
-                                                       steps=job.steps, guidance=job.guidance, noise=job.noise,
-                                                       shift_settings=self.shift_settings, progress=False,
+                                                       settings, noise=job.noise, progress=False,
                                                        options=RunOptions(attention=self.attention,
                                                                           compile=self.compile_blocks))
         except Stop:

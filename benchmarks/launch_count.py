@@ -272,7 +272,8 @@ def measure_dit(args) -> dict:
         for layers in (1, 2):
             run_pack(layers, compiled, mode)  # warm-up (and the compile)
         count = compiled_figures if compiled else counted
-        rows[label] = per_unit(count(lambda: run_pack(2, compiled, mode)), count(lambda: run_pack(1, compiled, mode)), 1)
+        rows[label] = per_unit(count(lambda: run_pack(2, compiled, mode)), count(lambda: run_pack(1, compiled, mode)),
+                               1)
     for layers in (1, 2):
         run_ref(layers)
     rows["diffusers"] = per_unit(counted(lambda: run_ref(2)), counted(lambda: run_ref(1)), 1)

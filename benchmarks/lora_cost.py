@@ -93,6 +93,7 @@ def median_ratio(run_base, run_lora, repeats: int) -> tuple[float, float]:
 def tiny_times(repeats: int) -> list[str]:
     from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
     from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
+    from glm_image_nodes.core.stages.settings import ARSampling
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
@@ -105,7 +106,8 @@ def tiny_times(repeats: int) -> list[str]:
 
         def tokens(applied):  # an edit: a 16x16 target grid, 256 decode steps
             with installed(ar, applied):
-                generate_token_grid(ar, tokenizer, "make it blue", 512, 512, seed=0, progress=False,
+                generate_token_grid(ar, tokenizer, "make it blue", 512, 512, settings=ARSampling(seed=0),
+                                    progress=False,
                                     source_grids=[torch.zeros(16, 16, dtype=torch.long)])
 
         g = torch.Generator().manual_seed(0)

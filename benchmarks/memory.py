@@ -45,6 +45,7 @@ from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa:
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
 from glm_image_nodes.core.stages.glyph import glyph_conditioning  # noqa: E402
 from glm_image_nodes.core.stages.upscale import psnr  # noqa: E402
+from glm_image_nodes.core.stages.settings import ARSampling, DecoderRun  # noqa: E402
 
 FORMATS = ("fp8_at_load", "fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0")
 COMPONENTS = {"ar": glm_ar.SPEC, "dit": glm_image_dit.SPEC, "glyph": t5_encoder.SPEC}
@@ -176,10 +177,10 @@ def component_output(name: str, model, reference_walk, device):
 
 @torch.inference_mode()
 def image(models: dict, tokenizer, vae, release: str) -> torch.Tensor:
-    grid = generate_token_grid(models["ar"], tokenizer, PROMPT, 512, 512, seed=0, progress=False)
+    grid = generate_token_grid(models["ar"], tokenizer, PROMPT, 512, 512, settings=ARSampling(seed=0), progress=False)
     glyph = glyph_conditioning(models["glyph"], PROMPT)
-    latents = sample_latents(models["dit"], grid.upsampled(), glyph, 512, 512, steps=4, seed=0,
-                             shift_settings=release_shift_settings(release), progress=False)
+    settings = DecoderRun(steps=4, seed=0, shift_settings=release_shift_settings(release))
+    latents = sample_latents(models["dit"], grid.upsampled(), glyph, 512, 512, settings, progress=False)
     return vae.decode(latents).float()
 
 

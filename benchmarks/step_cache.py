@@ -35,6 +35,7 @@ from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig, lo
 from glm_image_nodes.core.runtime.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
 from glm_image_nodes.core.stages.upscale import psnr  # noqa: E402
+from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 
 
@@ -81,8 +82,8 @@ def main(argv=None) -> dict:
         calls = []
         hook = dit.transformer_blocks[-1].register_forward_hook(lambda *a: calls.append(1))
         try:
-            latents = sample_latents(dit, ids, glyph, args.height, args.width, steps=args.steps, seed=args.seed,
-                                     step_cache=threshold, progress=False)
+            settings = DecoderRun(steps=args.steps, seed=args.seed, step_cache=threshold)
+            latents = sample_latents(dit, ids, glyph, args.height, args.width, settings, progress=False)
         finally:
             hook.remove()
         skipped[threshold] = 1 - len(calls) / args.steps

@@ -1,7 +1,8 @@
 """Shared bits of the node layer: categories, widget definitions, model-file choices."""
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -10,6 +11,7 @@ from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
 from ..core.runtime.loading import resolve_dtype
 from ..core.runtime.residency import resolve_blocks
+from ..core.stages.settings import from_widgets
 
 CATEGORY = "GLM-Image"
 MAX_SEED = checks.MAX_SEED
@@ -84,40 +86,62 @@ def category(sub: str) -> str:
     return f"{CATEGORY}/{sub}"
 
 
+@dataclass(frozen=True)
+class Check:
+    """A core check and the node inputs it reads, named here (not found by reflection): called with them as
+    keywords once every one of ``inputs`` is given (``optional`` ones go along when given). A core parameter
+    renamed without this list fails with a TypeError in the tests, instead of the check silently switching off."""
+    function: Callable
+    inputs: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    def __call__(self, given: dict) -> None:
+        if all(name in given for name in self.inputs):
+            self.function(**{name: given[name] for name in self.inputs + self.optional if name in given})
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.inputs + self.optional
+
+
+def run_check(check, given: dict):
+    """One entry of a node's ``CHECKS``: a ``Check``, or a settings dataclass built from the widgets by field
+    name (its ``__post_init__`` holds the rules). Returns the settings object (None for a ``Check``)."""
+    if isinstance(check, Check):
+        return check(given)
+    return from_widgets(check, given)
+
+
 def answer(cls, values: dict, *core_checks) -> bool | str:
     """What a node's ``VALIDATE_INPUTS`` returns: True, or the message of the first failing check.
 
     ``values``: the inputs VALIDATE_INPUTS takes. An input that arrives through a link is None here and is
     checked when the node runs. ComfyUI skips its own min/max checks for these inputs, so after the core
     checks their widget ranges are checked too.
-    ``core_checks``: the core's functions, whose parameter names are input names; each is called once every
-    input it needs (its parameters without a default) is given, with the message the core gives at run time.
+    ``core_checks``: ``Check`` rules and settings dataclasses (see ``run_check``), with the messages the core
+    gives at run time.
     """
     given = _given(values)
     try:
-        _run_checks(given, core_checks)
+        for check in core_checks:
+            run_check(check, given)
         check_widget_values(cls, given)
     except ValueError as e:
         return str(e)
     return True
 
 
-def check_now(values: dict, *core_checks) -> None:
+def check_now(values: dict, *core_checks) -> dict:
     """The core checks of ``answer``, run by the node itself before it moves any model: the in-process executor
     and scripts call nodes without ComfyUI's validation (the widget ranges are the UI's; the core's bounds
-    are the core checks')."""
-    _run_checks(_given(values), core_checks)
+    are the core checks'). Returns the settings objects built, by class."""
+    given = _given(values)
+    built = {check: run_check(check, given) for check in core_checks}
+    return {cls: obj for cls, obj in built.items() if obj is not None}
 
 
 def _given(values: dict) -> dict:
     return {name: value for name, value in values.items() if name not in ("cls", "self") and value is not None}
-
-
-def _run_checks(given: dict, core_checks) -> None:
-    for check in core_checks:
-        parameters = inspect.signature(check).parameters.values()
-        if all(p.name in given for p in parameters if p.default is p.empty):
-            check(**{p.name: given[p.name] for p in parameters if p.name in given})
 
 
 def check_widget_values(cls, values: dict) -> None:

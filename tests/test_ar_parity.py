@@ -13,6 +13,7 @@ from glm_image_nodes.core.runtime import comfy_compat, loading
 from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import filter_logits, generate_token_grid
+from glm_image_nodes.core.stages.settings import ARSampling
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_glm_release import TEXT_CONFIG, make_model, make_release
@@ -209,10 +210,11 @@ class _EosBias(torch.nn.Module):
         return out
 
 
-def _edit(model, tok, seed, size=128, **kw):
+def _edit(model, tok, seed, size=128, **settings):
     """Editing mode writes only the target grid (no ~256-token preview), which keeps these tests short."""
     sources = [torch.arange(16).view(4, 4) * 1000]
-    return generate_token_grid(model, tok, "make it blue", size, size, seed=seed, source_grids=sources, **kw)
+    return generate_token_grid(model, tok, "make it blue", size, size, ARSampling(seed=seed, **settings),
+                               source_grids=sources)
 
 
 def test_batched_sampling_writes_exactly_the_grid_of_codebook_ids(release):
@@ -225,7 +227,8 @@ def test_batched_sampling_writes_exactly_the_grid_of_codebook_ids(release):
         assert model(torch.tensor([[5]]), torch.zeros(3, 1, 1, dtype=torch.long), model.new_cache(1, 1), 0
                      ).argmax().item() == 16385
         calls.clear()
-        grid = generate_token_grid(model, tok, ["a cat", "a much longer prompt about 32 dogs"], 128, 96, seed=1)
+        grid = generate_token_grid(model, tok, ["a cat", "a much longer prompt about 32 dogs"], 128, 96,
+                                   settings=ARSampling(seed=1))
     finally:
         hook.remove()
         model.lm_head = head
@@ -284,11 +287,11 @@ def test_interrupt_raises_and_model_stays_usable(release):
 def test_bad_sampling_arguments(release):
     _, _, _, model, tok = release
     with pytest.raises(ValueError, match="at least 32"):
-        generate_token_grid(model, tok, "a cat", 16, 1024, seed=0)
+        generate_token_grid(model, tok, "a cat", 16, 1024, settings=ARSampling(seed=0))
     with pytest.raises(ValueError, match="temperature"):
-        generate_token_grid(model, tok, "a cat", 64, 64, seed=0, temperature=-0.1)
+        generate_token_grid(model, tok, "a cat", 64, 64, settings=ARSampling(seed=0, temperature=-0.1))
     with pytest.raises(ValueError, match="top_p"):
-        generate_token_grid(model, tok, "a cat", 64, 64, seed=0, top_p=0)
+        generate_token_grid(model, tok, "a cat", 64, 64, settings=ARSampling(seed=0, top_p=0))
 
 
 def test_prompt_longer_than_the_context_is_refused(release):
@@ -297,6 +300,6 @@ def test_prompt_longer_than_the_context_is_refused(release):
     model.config.max_position_embeddings = 300
     try:
         with pytest.raises(ValueError, match="over the model's context of 300 tokens: shorten the prompt"):
-            generate_token_grid(model, tok, "a cat " * 40, 256, 256, seed=0)
+            generate_token_grid(model, tok, "a cat " * 40, 256, 256, settings=ARSampling(seed=0))
     finally:
         model.config.max_position_embeddings = context

@@ -6,6 +6,7 @@ from glm_image_nodes.core.runtime.options import RunOptions
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
+from glm_image_nodes.core.stages.settings import ARSampling
 from tiny_glm_release import make_release
 
 PROMPT = "a cat, the 32"
@@ -19,10 +20,10 @@ def release(tmp_path_factory):
     return hf, processor, load_ar_model(str(root), dtype="fp32", device="cpu"), load_text_tokenizer(str(root))
 
 
-def _edit(model, tok, **kw):
+def _edit(model, tok, options=None, **settings):
     """Editing writes only the 4x4 target grid: short walks."""
-    return generate_token_grid(model, tok, "make it blue", 128, 128, seed=kw.pop("seed", 7),
-                               source_grids=[torch.arange(16).view(4, 4) * 1000], progress=False, **kw)
+    return generate_token_grid(model, tok, "make it blue", 128, 128, ARSampling(**{"seed": 7, **settings}),
+                               source_grids=[torch.arange(16).view(4, 4) * 1000], progress=False, options=options)
 
 
 def test_greedy_matches_transformers_do_sample_false(release):
@@ -35,12 +36,13 @@ def test_greedy_matches_transformers_do_sample_false(release):
     ref = hf.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                       suppress_tokens=list(range(tok.codebook_size, 16512)))[:, inputs["input_ids"].shape[1]:]
     assert build_ar_inputs(tok, [PROMPT], 256, 256).input_ids.shape == inputs["input_ids"].shape
-    grid = generate_token_grid(model, tok, PROMPT, 256, 256, seed=0, temperature=0, progress=False)
+    grid = generate_token_grid(model, tok, PROMPT, 256, 256, settings=ARSampling(seed=0, temperature=0), progress=False)
     ours = torch.cat([grid.preview.flatten(1), grid.ids.flatten(1)], dim=1)  # generation order: preview first
     assert torch.equal(ours[:, :steps], ref)
     assert len(set(ref[0].tolist())) > 5  # not a constant stream
     # greedy ignores the seed and the nucleus settings
-    again = generate_token_grid(model, tok, PROMPT, 256, 256, seed=5, temperature=0, top_p=0.1, progress=False)
+    again = generate_token_grid(model, tok, PROMPT, 256, 256, settings=ARSampling(seed=5, temperature=0, top_p=0.1),
+                                progress=False)
     assert torch.equal(again.ids, grid.ids)
 
 

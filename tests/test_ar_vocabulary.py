@@ -14,6 +14,7 @@ from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.core.stages.ar_prompt import ARVocabulary, build_ar_inputs, load_text_tokenizer, read_ar_vocabulary
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
+from glm_image_nodes.core.stages.settings import ARSampling
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import chat_template, special_id, write_tiny_glm_image_tokenizer
 from PIL import Image
@@ -106,7 +107,7 @@ def test_logits_match_and_sampling_stays_inside_the_codebook(release):
     head = model.lm_head.weight.clone()
     model.lm_head.weight[CODEBOOK:] += 50 * model.lm_head.weight[CODEBOOK:].sign()  # reserved ids very likely
     try:
-        grid = generate_token_grid(model, tok, "a cat", 64, 64, seed=3)
+        grid = generate_token_grid(model, tok, "a cat", 64, 64, settings=ARSampling(seed=3))
     finally:
         model.lm_head.weight.copy_(head)
     assert grid.ids.max() < CODEBOOK and grid.preview.max() < CODEBOOK and grid.ids.min() >= 0

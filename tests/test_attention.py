@@ -59,7 +59,8 @@ def test_backend_choice_is_checked_and_falls_back_on_cpu():
     q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
     with pytest.raises(ValueError, match="must be one of"):
         RunOptions(attention="xformers")
-    assert torch.equal(attention(q, k, v, options=RunOptions(attention="sdpa")), F.scaled_dot_product_attention(q, k, v))
+    assert torch.equal(attention(q, k, v, options=RunOptions(attention="sdpa")), F.scaled_dot_product_attention(q, k,
+                                                                                                                v))
 
 
 def test_flash_and_sage_wrappers_keep_layout_gqa_and_causality(monkeypatch):

@@ -18,6 +18,7 @@ from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents
 from glm_image_nodes.core.stages.glyph import glyph_conditioning
+from glm_image_nodes.core.stages.settings import ARSampling, DecoderRun
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 
@@ -37,11 +38,12 @@ def outputs(models) -> list[torch.Tensor]:
     """Small outputs of every loaded model: AR ids (editing, 2x2 grid), glyph embeddings, a 2-step decoder
     latent, its VAE decode and re-encode, semantic tokens."""
     ar = models["ar"]
-    ids = generate_token_grid(ar.model, ar.tokenizer, "a cat", 64, 64, seed=3,
+    ids = generate_token_grid(ar.model, ar.tokenizer, "a cat", 64, 64, settings=ARSampling(seed=3),
                               source_grids=[torch.tensor([[1, 2], [3, 4]])], progress=False).ids
     glyph = glyph_conditioning(models["glyph_encoder"].model, 'a sign that says "OPEN"')
     tokens = TokenGrid(ids=ids, height=64, width=64)
-    latent = sample_latents(models["decoder"].model, tokens.upsampled(), glyph, 64, 64, steps=2, seed=5,
+    latent = sample_latents(models["decoder"].model, tokens.upsampled(), glyph, 64, 64, settings=DecoderRun(steps=2,
+                                                                                                            seed=5),
                             progress=False)
     image = models["vae"].model.decode(latent)
     tokenizer = NODES["GLMImageImageToTokens"]().tokenize(models["tokenizer"], image, 64, 64)[0].ids
@@ -147,7 +149,7 @@ def test_seeds_run_over_exactly_the_widget_range(models, baseline):
             checks.check_seed(seed)
     with pytest.raises(ValueError, match=r"seed = -1 is out of range.*Use a seed in 0\.\.18446744073709551615"):
         sample_latents(models["decoder"].model, torch.zeros(1, 16, dtype=torch.long), glyph_conditioning(
-            models["glyph_encoder"].model, "x"), 64, 64, steps=1, seed=-1)
+            models["glyph_encoder"].model, "x"), 64, 64, settings=DecoderRun(steps=1, seed=-1))
     assert_unchanged(models, baseline)
 
 
@@ -155,11 +157,11 @@ def test_core_upper_bounds_hold_without_widgets(models, baseline):
     ar, tokens = models["ar"], torch.zeros(1, 16, dtype=torch.long)
     glyph = glyph_conditioning(models["glyph_encoder"].model, "x")
     with pytest.raises(ValueError, match="num_images = 17 is out of range: it must be 1..16"):
-        generate_token_grid(ar.model, ar.tokenizer, "a cat", 64, 64, seed=0, num_images=17)
+        generate_token_grid(ar.model, ar.tokenizer, "a cat", 64, 64, settings=ARSampling(seed=0, num_images=17))
     with pytest.raises(ValueError, match="steps = 1000 is out of range: it must be 1..200"):
-        sample_latents(models["decoder"].model, tokens, glyph, 64, 64, steps=1000)
+        sample_latents(models["decoder"].model, tokens, glyph, 64, 64, settings=DecoderRun(steps=1000))
     with pytest.raises(ValueError, match=r"prompt is 40000 characters long, over the 32768"):
-        generate_token_grid(ar.model, ar.tokenizer, "a" * 40000, 64, 64, seed=0)
+        generate_token_grid(ar.model, ar.tokenizer, "a" * 40000, 64, 64, settings=ARSampling(seed=0))
     with pytest.raises(ValueError, match="image holds 65 images, over the 64 this node takes at once: split"):
         NODES["GLMImageVAEEncode"]().encode(models["vae"], torch.rand(65, 8, 8, 3))
     assert_unchanged(models, baseline)
@@ -168,7 +170,7 @@ def test_core_upper_bounds_hold_without_widgets(models, baseline):
 def test_text_that_no_tokenizer_can_encode(models, baseline):
     ar = models["ar"]
     with pytest.raises(ValueError, match="prompt holds invalid Unicode: an unpaired surrogate U\\+D800 at character 17"):
-        generate_token_grid(ar.model, ar.tokenizer, SURROGATE, 64, 64, seed=0)
+        generate_token_grid(ar.model, ar.tokenizer, SURROGATE, 64, 64, settings=ARSampling(seed=0))
     with pytest.raises(ValueError, match="prompt holds invalid Unicode"):
         NODES["GLMImageGlyphConditioning"]().encode(models["glyph_encoder"], SURROGATE)
     with pytest.raises(ValueError, match="glyph text 1 holds invalid Unicode"):
@@ -222,7 +224,7 @@ def test_non_finite_outputs_name_the_stage_and_cause(models, baseline):
     try:
         with pytest.raises(NonFiniteOutput, match=r"GLM-Image decoder sampling \(2 steps\) produced 1024 NaN or "
                                                   r"inf values of 1024; it is not passed on: the checkpoint"):
-            sample_latents(decoder, torch.zeros(1, 16, dtype=torch.long), glyph, 64, 64, steps=2)
+            sample_latents(decoder, torch.zeros(1, 16, dtype=torch.long), glyph, 64, 64, settings=DecoderRun(steps=2))
     finally:
         with torch.no_grad():
             weight.copy_(saved)
@@ -247,7 +249,8 @@ def test_a_prefill_that_would_not_fit_is_refused_before_allocating(models, basel
     monkeypatch.setattr(ar.model, "new_cache", lambda *a, **k: allocated.append(a))
     monkeypatch.setattr(ar_sampling, "available_memory", lambda device, need: 1 << 20)
     with pytest.raises(comfy_compat.OutOfMemory) as error:
-        generate_token_grid(ar.model, ar.tokenizer, "a cat " * 200, 1024, 1024, seed=0, num_images=4)
+        generate_token_grid(ar.model, ar.tokenizer, "a cat " * 200, 1024, 1024, settings=ARSampling(seed=0,
+                                                                                                    num_images=4))
     message = str(error.value)
     inputs = build_ar_inputs(ar.tokenizer, ["a cat " * 200] * 4, 1024, 1024)
     length = inputs.input_ids.shape[1]

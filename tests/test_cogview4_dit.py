@@ -11,6 +11,7 @@ from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler  # noqa:
 from glm_image_nodes.core.models.cogview4_dit import load_cogview4_decoder  # noqa: E402
 from glm_image_nodes.core.runtime.loading import CheckpointError  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_cogview4_latents  # noqa: E402
+from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dit import SCHEDULER, single_thread, tiny_cogview4_dit, write_release  # noqa: E402
@@ -69,7 +70,8 @@ def test_sampling_matches_pipeline(models, cond_len, uncond_len, batch, steps, g
                              num_inference_steps=steps, guidance_scale=guidance,
                              generator=torch.Generator("cpu").manual_seed(8), output_type="latent",
                              return_dict=False)[0]
-    got = sample_cogview4_latents(dit, cond, uncond, height, width, steps=steps, guidance=guidance, seed=8,
+    got = sample_cogview4_latents(dit, cond, uncond, height, width, settings=DecoderRun(steps=steps, guidance=guidance,
+                                                                                        seed=8),
                                   progress=False)
     err = (got - want).abs().max().item()
     assert got.shape == (batch, 16, height // 8, width // 8) and err <= SAMPLE_TOL, err
@@ -88,4 +90,5 @@ def test_single_file_and_errors(models, tmp_path):
         save_file({"image_projector.proj.weight": torch.zeros(4, 64)}, glm)
         load_cogview4_decoder(glm, dtype="fp32", device="cpu")
     with pytest.raises(ValueError, match="uncond_embeds"):
-        sample_cogview4_latents(models[1], embeds(1, 3, 0), None, 64, 64, steps=1, progress=False)
+        sample_cogview4_latents(models[1], embeds(1, 3, 0), None, 64, 64, settings=DecoderRun(steps=1, guidance=5.0),
+                                progress=False)

@@ -15,6 +15,7 @@ from glm_image_nodes.core.cuda import activations, adaln, decode_attention, norm
 from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import ARConfig, GlmImageAR  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
+from glm_image_nodes.core.stages.settings import ARSampling  # noqa: E402
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer  # noqa: E402
 from test_cuda_kernels import assert_matches, randn  # noqa: E402
 
@@ -75,8 +76,8 @@ def test_captured_and_compiled_steps_give_the_eager_tokens(tmp_path):
     model = GlmImageAR(cfg).to(CUDA, torch.bfloat16).eval()
     runs = {}
     for mode in ("eager", "cuda graph", "compiled"):
-        runs[mode] = generate_token_grid(model, tok, "a red fox", 256, 256, seed=3, progress=False,
-                                         decode_steps=mode, options=RunOptions(kernels="auto")).ids
+        runs[mode] = generate_token_grid(model, tok, "a red fox", 256, 256, ARSampling(seed=3, decode_steps=mode),
+                                         progress=False, options=RunOptions(kernels="auto")).ids
     assert torch.equal(runs["cuda graph"], runs["eager"])
     # inductor's own fusions may round differently from the fused kernels: allow rare differences
     assert (runs["compiled"] == runs["eager"]).float().mean() >= 0.95

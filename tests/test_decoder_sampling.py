@@ -21,6 +21,7 @@ from glm_image_nodes.core.runtime.handles import GlyphConditioning, ReferenceIma
 from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
 from glm_image_nodes.core.stages.flow_schedule import FlowSchedule  # noqa: E402
+from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel  # noqa: E402
 
@@ -92,7 +93,8 @@ def test_text_to_image_matches_pipeline(setup, glyph_len, batch, steps):
     hooks = [record_timesteps(pipe.transformer, fed_ref), record_timesteps(dit, fed_ours)]
     try:
         want = run_pipe(pipe, cond, ids, seed=11, steps=steps)
-        got = sample_latents(dit, ids, glyph, H, W, steps=steps, guidance=1.5, seed=11, progress=False)
+        got = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=steps, guidance=1.5, seed=11),
+                             progress=False)
     finally:
         for h in hooks:
             h.remove()
@@ -110,7 +112,7 @@ def test_guidance_one_is_conditional_only(setup):
     cond, glyph = glyph_for(setup, 4)
     ids = prior(1)
     want = run_pipe(pipe, cond, ids, seed=2, steps=3, guidance=1.0)
-    got = sample_latents(dit, ids, glyph, H, W, steps=3, guidance=1.0, seed=2, progress=False)
+    got = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=3, guidance=1.0, seed=2), progress=False)
     assert (got - want).abs().max().item() <= TOL
 
 
@@ -141,10 +143,11 @@ def test_editing_matches_pipeline(setup, sizes):
     ids = prior(1)
     images, refs, prior_kwargs = references(setup, sizes)
     want = run_pipe(pipe, cond, ids, seed=5, steps=3, image=images, **prior_kwargs)
-    got = sample_latents(dit, ids, glyph, H, W, steps=3, guidance=1.5, seed=5, references=refs, progress=False)
+    got = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=3, guidance=1.5, seed=5), references=refs,
+                         progress=False)
     err = (got - want).abs().max().item()
     assert err <= TOL, err
-    plain = sample_latents(dit, ids, glyph, H, W, steps=3, guidance=1.5, seed=5, progress=False)
+    plain = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=3, guidance=1.5, seed=5), progress=False)
     assert (got - plain).abs().max() > 100 * TOL  # references change the result
 
 
@@ -160,7 +163,7 @@ def test_tolerance_catches_shifted_timesteps(setup, monkeypatch):
         return FlowSchedule(s.sigmas[:-1] * 1000, s.sigmas)
 
     monkeypatch.setattr(decoder_sampling, "glm_image_schedule", shifted)
-    bad = sample_latents(dit, ids, glyph, H, W, steps=4, guidance=1.5, seed=11, progress=False)
+    bad = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=4, guidance=1.5, seed=11), progress=False)
     assert (bad - want).abs().max().item() > 100 * TOL
 
 
@@ -169,9 +172,9 @@ def test_noise_and_seed(setup):
     _, glyph = glyph_for(setup, 3)
     ids = prior(1)
     noise = torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator("cpu").manual_seed(9))
-    a = sample_latents(dit, ids, glyph, H, W, steps=2, seed=9, progress=False)
-    b = sample_latents(dit, ids, glyph, H, W, steps=2, seed=123, noise=noise, progress=False)
-    c = sample_latents(dit, ids, glyph, H, W, steps=2, seed=10, progress=False)
+    a = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=2, seed=9), progress=False)
+    b = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=2, seed=123), noise=noise, progress=False)
+    c = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=2, seed=10), progress=False)
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-2
 
 
@@ -182,21 +185,24 @@ def test_refine_from_start_sigma(setup):
     start = torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
     noise = torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(4))
     # start_sigma >= 1 keeps the whole schedule and pure noise
-    full = sample_latents(dit, ids, glyph, H, W, steps=4, noise=noise, progress=False)
-    same = sample_latents(dit, ids, glyph, H, W, steps=4, noise=noise, start_latents=start, start_sigma=1.0,
+    full = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=4), noise=noise, progress=False)
+    same = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=4), noise=noise, start_latents=start,
+                          start_sigma=1.0,
                           progress=False)
     assert torch.equal(full, same)
     # a tail of the schedule == the pipeline given the same tail of raw timesteps and the noised start
     tail = decoder_sampling.glm_image_schedule(6, H, W).starting_at(0.7)
     assert 0 < len(tail) < 6
     s = tail.sigmas[0]
-    got = sample_latents(dit, ids, glyph, H, W, steps=6, noise=noise, start_latents=start, start_sigma=0.7,
+    got = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=6), noise=noise, start_latents=start,
+                         start_sigma=0.7,
                          progress=False)
     raw = (tail.model_timesteps + 1).int().tolist()
     want = run_pipe(pipe, cond, ids, seed=0, steps=len(raw), timesteps=raw, latents=(1 - s) * start + s * noise)
     assert (got - want).abs().max().item() <= TOL
     # below the last sigma nothing is left to do
-    assert torch.equal(sample_latents(dit, ids, glyph, H, W, steps=6, noise=noise, start_latents=start,
+    assert torch.equal(sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=6), noise=noise,
+                                      start_latents=start,
                                       start_sigma=0.0, progress=False), start)
 
 
@@ -204,12 +210,12 @@ def test_input_errors(setup):
     _, dit, _ = setup
     _, glyph = glyph_for(setup, 3)
     with pytest.raises(ValueError, match="prior ids"):
-        sample_latents(dit, prior(1)[:, :-2], glyph, H, W, steps=1, progress=False)
+        sample_latents(dit, prior(1)[:, :-2], glyph, H, W, settings=DecoderRun(steps=1), progress=False)
     bad = prior(1)
     bad[0, 0] = 64
     with pytest.raises(ValueError, match=r"\[0, 64\)"):
-        sample_latents(dit, bad, glyph, H, W, steps=1, progress=False)
+        sample_latents(dit, bad, glyph, H, W, settings=DecoderRun(steps=1), progress=False)
     with pytest.raises(ValueError, match="together"):
-        sample_latents(dit, prior(1), glyph, H, W, steps=1, start_sigma=0.5, progress=False)
+        sample_latents(dit, prior(1), glyph, H, W, settings=DecoderRun(steps=1), start_sigma=0.5, progress=False)
     with pytest.raises(ValueError, match="multiples of 16"):
-        sample_latents(dit, prior(1), glyph, H + 8, W, steps=1, progress=False)
+        sample_latents(dit, prior(1), glyph, H + 8, W, settings=DecoderRun(steps=1), progress=False)

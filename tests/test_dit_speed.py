@@ -14,6 +14,7 @@ from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
 from glm_image_nodes.core.runtime.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import left_pad, sample_latents  # noqa: E402
+from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dit import single_thread, tiny_glm_image_dit, write_release  # noqa: E402
@@ -76,7 +77,7 @@ def test_padded_batch_equals_separate_forwards(dit):
 def test_cfg_runs_one_forward_per_step_when_glyph_lengths_differ(dit):
     calls, hook = count_forwards(dit)
     try:
-        sample_latents(dit, prior(), glyph(6, 2), H, W, steps=3, guidance=1.5, progress=False)
+        sample_latents(dit, prior(), glyph(6, 2), H, W, settings=DecoderRun(steps=3, guidance=1.5), progress=False)
     finally:
         hook.remove()
     assert calls == [2, 2, 2]
@@ -84,31 +85,35 @@ def test_cfg_runs_one_forward_per_step_when_glyph_lengths_differ(dit):
 
 def test_fused_kernel_path_matches_the_reference(dit):
     g, ids = glyph(), prior()
-    want = sample_latents(dit, ids, g, H, W, steps=2, progress=False, options=RunOptions(kernels="reference"))
-    got = sample_latents(dit, ids, g, H, W, steps=2, progress=False, options=RunOptions(kernels="fused"))
+    want = sample_latents(dit, ids, g, H, W, settings=DecoderRun(steps=2), progress=False,
+                          options=RunOptions(kernels="reference"))
+    got = sample_latents(dit, ids, g, H, W, settings=DecoderRun(steps=2), progress=False,
+                         options=RunOptions(kernels="fused"))
     assert (got - want).abs().max().item() <= TOL
 
 
 def test_regional_compile_matches_eager(dit):
     torch._dynamo.reset()
     g, ids = glyph(), prior()
-    want = sample_latents(dit, ids, g, H, W, steps=2, progress=False)
-    got = sample_latents(dit, ids, g, H, W, steps=2, progress=False, options=RunOptions(compile=True))
+    want = sample_latents(dit, ids, g, H, W, settings=DecoderRun(steps=2), progress=False)
+    got = sample_latents(dit, ids, g, H, W, settings=DecoderRun(steps=2), progress=False,
+                         options=RunOptions(compile=True))
     assert "compile_blocks" not in vars(dit)  # the option travels with the call, not on the shared model
     assert (got - want).abs().max().item() <= TOL
 
 
 def test_step_cache(dit):
     g, ids = glyph(), prior()
-    exact = sample_latents(dit, ids, g, H, W, steps=6, progress=False)
-    assert torch.equal(sample_latents(dit, ids, g, H, W, steps=6, progress=False, step_cache=0.0), exact)
+    exact = sample_latents(dit, ids, g, H, W, settings=DecoderRun(steps=6), progress=False)
+    assert torch.equal(sample_latents(dit, ids, g, H, W, settings=DecoderRun(steps=6, step_cache=0.0), progress=False),
+                       exact)
     calls, hook = count_forwards(dit.transformer_blocks[1])
     try:
-        cached = sample_latents(dit, ids, g, H, W, steps=6, progress=False, step_cache=10.0)
+        cached = sample_latents(dit, ids, g, H, W, settings=DecoderRun(steps=6, step_cache=10.0), progress=False)
     finally:
         hook.remove()
     # the first step has nothing to compare with; with a huge threshold every later step reuses it
     assert len(calls) == 1
     assert torch.isfinite(cached).all() and (cached - exact).abs().max() > TOL
     with pytest.raises(ValueError, match="step_cache must be >= 0"):
-        sample_latents(dit, ids, g, H, W, steps=1, progress=False, step_cache=-1.0)
+        sample_latents(dit, ids, g, H, W, settings=DecoderRun(steps=1, step_cache=-1.0), progress=False)

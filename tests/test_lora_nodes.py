@@ -17,6 +17,7 @@ from glm_image_nodes.core.runtime.options import RunOptions
 from glm_image_nodes.core.runtime.lora_patches import AppliedLora, installed
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents as decode
+from glm_image_nodes.core.stages.settings import ARSampling, DecoderRun
 from glm_image_nodes.headless.executor import Executor
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
 from glm_image_nodes.nodes.loaders.glm_image import GLMImageARLoader, GLMImageDecoderLoader
@@ -127,9 +128,10 @@ def test_the_compiled_decode_step_applies_the_lora_and_drops_it_after(release, h
     ar = handles[0]
     lora = load_lora(loras["ar"], AR, ar.model)
 
-    def edit(**options):  # editing writes only a 4x4 grid: a short walk
-        return generate_token_grid(ar.model, ar.tokenizer, "make it blue", 128, 128, seed=7, progress=False,
-                                   source_grids=[torch.arange(16).view(4, 4) * 1000], **options).ids
+    def edit(decode_steps="eager"):  # editing writes only a 4x4 grid: a short walk
+        return generate_token_grid(ar.model, ar.tokenizer, "make it blue", 128, 128,
+                                   ARSampling(seed=7, decode_steps=decode_steps), progress=False,
+                                   source_grids=[torch.arange(16).view(4, 4) * 1000]).ids
 
     torch._dynamo.reset()
     base = edit()
@@ -148,7 +150,7 @@ def test_the_compiled_dit_blocks_apply_the_lora_and_drop_it_after(release, handl
     ids = torch.randint(0, 16384, (1, 16 * 16))
 
     def latents(**options):
-        return decode(dit, ids, glyph, 256, 256, steps=2, seed=1, progress=False, **options)
+        return decode(dit, ids, glyph, 256, 256, DecoderRun(steps=2, seed=1), progress=False, **options)
 
     torch._dynamo.reset()
     base = latents(options=RunOptions(compile=True))

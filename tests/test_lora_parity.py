@@ -18,6 +18,7 @@ from glm_image_nodes.core.models.glm_ar import load_ar_model  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
 from glm_image_nodes.core.runtime.lora_patches import AppliedLora, installed  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_cogview4_latents  # noqa: E402
+from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
@@ -136,7 +137,8 @@ def test_cogview4_lora_matches_load_lora_weights(tmp_path):
 
     def ours(strength):
         with installed(dit, [AppliedLora(lora, strength)]):
-            return sample_cogview4_latents(dit, cond, uncond, 64, 96, steps=3, guidance=4.0, seed=8, progress=False)
+            return sample_cogview4_latents(dit, cond, uncond, 64, 96, settings=DecoderRun(steps=3, guidance=4.0,
+                                                                                          seed=8), progress=False)
 
     record("CogView4 latents, strength 1 vs load_lora_weights", ours(1.0), reference(), SAMPLE_TOL)
     pipe.set_adapters(["style"], [-0.7])

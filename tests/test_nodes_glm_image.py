@@ -36,8 +36,8 @@ def test_ar_sampler_asks_for_a_valid_size_before_running(width, height, nearest)
 
 
 def test_decoder_sampler_checks_steps_and_guidance():
-    from glm_image_nodes.core.stages.decoder_sampling import check_sampler_settings
+    from glm_image_nodes.core.stages.settings import DecoderRun
     with pytest.raises(ValueError, match=r"steps = 0 is out of range: it must be 1\.\.200\. Use 1\.\.200 steps"):
-        check_sampler_settings(0, 1.5, 0)
+        DecoderRun(steps=0, guidance=1.5, seed=0)
     with pytest.raises(ValueError, match="guidance = -1 is out of range: it must be at least 0"):
-        check_sampler_settings(50, -1.0, 0)
+        DecoderRun(steps=50, guidance=-1.0, seed=0)

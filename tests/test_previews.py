@@ -15,6 +15,7 @@ from glm_image_nodes.core.stages import latent_preview, token_preview
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents
+from glm_image_nodes.core.stages.settings import ARSampling, DecoderRun
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 from PIL import Image
@@ -124,7 +125,8 @@ def test_decoder_previews_each_steps_denoised_estimate(release, vae):
 
     glyph = GlyphConditioning(cond=torch.randn(1, 3, 32), uncond=torch.randn(1, 1, 32))
     ids = torch.randint(0, 16384, (1, 16 * 16))
-    latents = sample_latents(decoder, ids, glyph, 256, 256, steps=3, guidance=1.5, seed=1, preview=preview,
+    latents = sample_latents(decoder, ids, glyph, 256, 256, settings=DecoderRun(steps=3, guidance=1.5, seed=1),
+                             preview=preview,
                              progress=False)
     assert len(seen) == 3 and all(s.shape == latents.shape for s in seen)
     # the schedule ends at sigma 0, so the last step's estimate is the result
@@ -148,7 +150,8 @@ def test_ar_preview_redraws_the_grid_after_each_row(release, monkeypatch):
             frames.append((written.shape[1], image))
         return image
 
-    grid = generate_token_grid(model, tokenizer, "a red door", 512, 512, seed=3, preview=record, progress=False)
+    grid = generate_token_grid(model, tokenizer, "a red door", 512, 512, settings=ARSampling(seed=3), preview=record,
+                               progress=False)
     t = target_grid(512, 512)
     # one frame per finished row: the preview grid's rows, then the token grid's
     assert [n for n, _ in frames] == [t.pw * (r + 1) for r in range(t.ph)] + \

@@ -9,6 +9,7 @@ from glm_image_nodes.core.runtime import attention as attention_module
 from glm_image_nodes.core.runtime.handles import GlyphConditioning
 from glm_image_nodes.core.runtime.options import RunOptions
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents
+from glm_image_nodes.core.stages.settings import DecoderRun
 
 H = W = 64
 STEPS = 3
@@ -39,7 +40,8 @@ def test_two_samplers_in_two_threads_each_use_their_own_attention_backend(monkey
 
     def run(backend: str) -> None:
         try:
-            results[backend] = sample_latents(dit, ids, glyph, H, W, steps=STEPS, guidance=1.5, seed=2,
+            results[backend] = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=STEPS, guidance=1.5,
+                                                                                         seed=2),
                                               progress=False, preview=lambda x: barrier.wait(),
                                               options=RunOptions(attention=backend))
         except BaseException as e:  # surfaced below

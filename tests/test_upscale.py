@@ -23,6 +23,7 @@ from glm_image_nodes.core.stages.decoder_sampling import sample_cogview4_latents
 from glm_image_nodes.core.stages.flow_schedule import cogview4_schedule, glm_image_schedule
 from glm_image_nodes.core.stages.glyph import glyph_conditioning
 from glm_image_nodes.core.stages.upscale import downscale_to, psnr, refine_cogview4, upsample, upscale_2x
+from glm_image_nodes.core.stages.settings import DecoderRun
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +109,7 @@ def test_output_size_and_decoder_inputs(glm, monkeypatch, height, width):
     # the reference is the input, resized by the reference path (sides >= 512)
     assert torch.equal(refs[0][0][0][0], image)
     assert kwargs["references"].sizes == [normalize_reference_size(height, width)[:2]]
-    assert "start_latents" not in kwargs and kwargs["steps"] == 2
+    assert "start_latents" not in kwargs and kwargs["settings"].steps == 2
 
 
 def test_refine_starts_from_noised_upsample(glm, monkeypatch):
@@ -172,7 +173,7 @@ def test_cogview4_start_sigma_matches_pipeline(cogview4):
     g = torch.Generator().manual_seed(1)
     cond, uncond = torch.randn(1, 7, 48, generator=g), torch.randn(1, 4, 48, generator=g)
     start, noise = torch.randn(2, 1, 16, height // 8, width // 8, generator=g)
-    run = dict(steps=steps, guidance=3.5, noise=noise, progress=False)
+    run = dict(settings=DecoderRun(steps=steps, guidance=3.5), noise=noise, progress=False)
     full = sample_cogview4_latents(dit, cond, uncond, height, width, **run)
     assert torch.equal(full, sample_cogview4_latents(dit, cond, uncond, height, width, start_latents=start,
                                                      start_sigma=1.0, **run))

@@ -176,7 +176,9 @@ def layernorm_modulate(x, scale, shift, mode: str | None = None):
 
 
 def gated_residual(x, branch, gate, mode: str | None = None):
-    return OPS["gated_residual"](x, branch, gate) if use_fused(x, mode=mode) else adaln.gated_residual_reference(x, branch, gate)
+    if use_fused(x, mode=mode):
+        return OPS["gated_residual"](x, branch, gate)
+    return adaln.gated_residual_reference(x, branch, gate)
 
 
 def gated_residual_layernorm_modulate(x, branch, gate, scale, shift, mode: str | None = None):

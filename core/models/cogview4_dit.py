@@ -51,7 +51,8 @@ class CogView4DiT(DiTTrunk):
                 step_cache: BranchCache | None = None, options: RunOptions | None = None) -> torch.Tensor:
         """latents ``[B,16,h,w]``, text ``[B,L,4096]`` (GLM-4 hidden states), timestep ``[B]`` (unshifted),
         sizes and crop ``[B,2]`` in pixels; ``text_pad``: leading padding tokens per sample; ``step_cache``: see
-        ``step_cache.BranchCache``; ``options``: see ``RunOptions``. Returns the velocity ``[B,16,h,w]`` in the model's dtype."""
+        ``step_cache.BranchCache``; ``options``: see ``RunOptions``. Returns the velocity ``[B,16,h,w]`` in the
+        model's dtype."""
         b, _, h, w = latents.shape
         p = self.patch_size
         dtype = self.dtype

@@ -38,8 +38,6 @@ class StepCache:
     """The branches of one sampling run; ``threshold`` <= 0 disables the cache."""
 
     def __init__(self, threshold: float):
-        if threshold < 0:
-            raise ValueError(f"step_cache must be >= 0 (got {threshold}); 0 turns it off.")
         self.threshold = threshold
         self.branches: dict[str, BranchCache] = {}
 

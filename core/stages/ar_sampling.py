@@ -21,6 +21,7 @@ from ..runtime.comfy_compat import OutOfMemory, Progress, available_memory
 from ..runtime.handles import TokenGrid
 from ..runtime.options import RunOptions, resolved
 from .ar_prompt import TextTokenizer, build_ar_inputs
+from .settings import ARSampling
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -39,22 +40,22 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 NOISE_BLOCK = 64  # decode steps whose sampling noise is drawn in one call
-DECODE_STEPS = ("eager", "cuda graph", "compiled")
 
 
-def sample_codebook_ids(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                        noise: torch.Tensor | None, codebook_size: int = 16384) -> torch.Tensor:
+def sample_codebook_ids(logits: torch.Tensor, settings: ARSampling, noise: torch.Tensor | None,
+                        codebook_size: int = 16384) -> torch.Tensor:
     """One codebook id in [0, codebook_size) per row of ``logits`` [B, V]; no host synchronisation.
 
     temperature 0 is greedy: the argmax over the codebook ids (transformers' ``do_sample=False`` with the
     reserved ids suppressed). Otherwise ``noise`` [B, codebook_size] holds Exp(1) draws: argmax(p / noise)
-    draws from p (like multinomial) with a fixed number of random draws per step.
+    draws from p (like multinomial) with a fixed number of random draws per step. ``settings``: temperature,
+    top_k and top_p.
     """
     # dropping ids >= codebook_size equals masking them to -inf before the warpers (they would get probability 0)
     logits = logits[:, :codebook_size]
-    if temperature == 0:
+    if settings.greedy:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    probs = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p).softmax(dim=-1)
     return (probs / noise).argmax(dim=-1)
 
 
@@ -93,8 +94,8 @@ class DecodeState:
     noise: SamplingNoise
 
 
-def decode_step(model: GlmImageAR, cache: KVCache, state: DecodeState, temperature: float, top_k: int,
-                top_p: float, codebook_size: int = 16384, options: RunOptions | None = None) -> None:
+def decode_step(model: GlmImageAR, cache: KVCache, state: DecodeState, settings: ARSampling,
+                codebook_size: int = 16384, options: RunOptions | None = None) -> None:
     """Produce token ``state.step``: feed ``state.tokens`` at cache slot ``state.index``, sample, advance the state.
 
     In place, static shapes, no host sync and no generator: the same function runs eagerly, under
@@ -104,7 +105,7 @@ def decode_step(model: GlmImageAR, cache: KVCache, state: DecodeState, temperatu
     position = (k - 1).view(1)
     rope = state.cos.index_select(2, position), state.sin.index_select(2, position)
     logits = model(state.tokens, None, cache, state.index, rope=rope, options=options)[:, -1]
-    ids = sample_codebook_ids(logits, temperature, top_k, top_p, state.noise.at(k), codebook_size)
+    ids = sample_codebook_ids(logits, settings, state.noise.at(k), codebook_size)
     state.out.index_copy_(1, k.view(1), ids[:, None])
     state.tokens.copy_(ids[:, None])
     state.index.add_(1)
@@ -154,15 +155,6 @@ class StepRunner:
             self.graph.replay()
 
 
-def check_sampling_settings(temperature: float, top_k: int, top_p: float, num_images: int) -> None:
-    """The AR sampler's settings (the node's VALIDATE_INPUTS calls this too)."""
-    checks.check_float(temperature, "temperature", 0.0,
-                       fix="Use a temperature of at least 0 (0.9 is the release's default; 0 is greedy decoding).")
-    checks.check_float(top_p, "top_p", 0.0, 1.0, low_open=True, fix="Use a top_p in (0, 1] (1 disables it).")
-    checks.check_int(top_k, "top_k", 1, fix="Use a top_k of at least 1; 16512 (the vision vocabulary) disables it.")
-    checks.check_count(num_images, "num_images")
-
-
 def check_prefill_fits(model: GlmImageAR, batch: int, length: int, cache_len: int, padded: bool) -> None:
     """Refuse, before allocating, a generation whose KV cache and prefill would not fit the free memory."""
     need = model.generation_bytes(batch, length, cache_len, padded)
@@ -175,24 +167,20 @@ def check_prefill_fits(model: GlmImageAR, batch: int, length: int, cache_len: in
 
 @torch.inference_mode()
 def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int,
-                        width: int, *, seed: int, temperature: float = 0.9, top_p: float = 0.75,
-                        top_k: int = 16512, num_images: int = 1, source_grids: list[torch.Tensor] | None = None,
-                        progress: bool = True, preview=None, decode_steps: str = "eager",
+                        width: int, settings: ARSampling = ARSampling(), *,
+                        source_grids: list[torch.Tensor] | None = None, progress: bool = True, preview=None,
                         options: RunOptions | None = None) -> TokenGrid:
     """Sample the token grid(s) for ``prompt`` at ``height`` x ``width`` (floored to multiples of 32).
 
-    Returns a TokenGrid with ids [B, H/32, W/32] (B = prompts x num_images, prompt-major), the preview grids
+    ``settings``: seed, temperature, top_k, top_p, num_images and decode_steps (``ARSampling``, checked when
+    built). Returns a TokenGrid with ids [B, H/32, W/32] (B = prompts x num_images, prompt-major), the preview grids
     for text-to-image, on the CPU. ``source_grids``: [h, w] id grids of reference images (editing).
     ``preview(ids_written [B, n], grids)``: a live preview for the progress bar, or None (``token_preview``).
-    ``decode_steps``: ``eager``; ``cuda graph`` (the eager step captured once, one graph replay per token, on
+    ``settings.decode_steps``: ``eager``; ``cuda graph`` (the eager step captured once, one graph replay per token, on
     CUDA); ``compiled`` (``torch.compile(fullgraph=True)``, also captured on CUDA). Tokens are the same for a
     seed whichever is chosen (up to kernel rounding on GPUs). ``options``: attention kernel and kernel mode.
     """
     options = resolved(options)
-    check_sampling_settings(temperature, top_k, top_p, num_images)
-    checks.check_seed(seed)
-    if decode_steps not in DECODE_STEPS:
-        raise ValueError(f"decode_steps must be one of {', '.join(DECODE_STEPS)} (got {decode_steps!r}).")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("No prompt given.")
@@ -203,7 +191,7 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
         raise ValueError(f"The tokenizer's codebook of {codebook} ids exceeds the AR model's "
                          f"{model.config.vision_vocab_size}-id vision vocabulary: the tokenizer and the model are "
                          f"from different releases.")
-    prompts = [p for p in prompts for _ in range(num_images)]
+    prompts = [p for p in prompts for _ in range(settings.num_images)]
     inputs = build_ar_inputs(tokenizer, prompts, height, width, source_grids)
 
     device = model.device
@@ -217,21 +205,20 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     input_ids, positions = inputs.input_ids.to(device), inputs.position_ids.to(device)
     decode_positions = inputs.decode_position_ids.to(device)
     cache = model.new_cache(batch, length + total - 1, inputs.attention_mask)
-    noise = SamplingNoise(torch.Generator(device=device).manual_seed(int(seed)), batch, device, temperature == 0,
-                          codebook)
+    noise = SamplingNoise(torch.Generator(device=device).manual_seed(int(settings.seed)), batch, device,
+                          settings.greedy, codebook)
     cos, sin = mrope_cos_sin(model.config, decode_positions, model.dtype)
     state = DecodeState(tokens=torch.empty(batch, 1, dtype=torch.long, device=device),
                         index=torch.tensor(length, device=device), step=torch.tensor(1, device=device), cos=cos,
                         sin=sin, out=torch.empty(batch, total, dtype=torch.long, device=device), noise=noise)
-    step = compiled_decode_step() if decode_steps == "compiled" else decode_step
-    run = StepRunner(decode_steps, device, partial(step, model, cache, state, temperature, top_k, top_p, codebook,
-                                                          options))
+    step = compiled_decode_step() if settings.decode_steps == "compiled" else decode_step
+    run = StepRunner(settings.decode_steps, device, partial(step, model, cache, state, settings, codebook, options))
 
     with Progress(total, "GLM-Image AR tokens", enabled=progress) as bar:
         logits = model(input_ids, positions, cache, 0, last_only=True, options=options)[:, -1]
         checks.check_finite_output(logits, "The AR model's prefill", model.dtype)
         noise.refill_for(0)
-        state.tokens[:, 0] = sample_codebook_ids(logits, temperature, top_k, top_p, noise.at(0), codebook)
+        state.tokens[:, 0] = sample_codebook_ids(logits, settings, noise.at(0), codebook)
         state.out[:, 0] = state.tokens[:, 0]
         bar.update(preview=preview(state.out[:, :1], inputs.grids) if preview is not None else None)
         for k in range(1, total):

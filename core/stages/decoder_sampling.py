@@ -7,8 +7,10 @@ CFG runs both branches in one batched forward unless there is a reference cache 
 it, the unconditional one does not). Text streams of different lengths are left-padded to the longer one and
 each sample attends over its real keys only, so the padding changes nothing.
 
-Speed options: ``options.compile`` runs the DiT blocks through a regional ``torch.compile``; ``step_cache`` > 0
-turns on the first-block step cache (``models.step_cache``: approximate, off by default).
+One loop (``denoise``) serves both DiTs; each contributes its conditioning (``ModelConditioning``). The run's
+settings are one checked ``settings.DecoderRun``. Speed options: ``options.compile`` runs the DiT blocks through
+a regional ``torch.compile``; ``settings.step_cache`` > 0 turns on the first-block step cache
+(``models.step_cache``: approximate, off by default).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..runtime.geometry import check_latent_size, patch_count
 from ..runtime.handles import GlyphConditioning, ReferenceImages
 from ..runtime.options import RunOptions, resolved
 from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule
+from .settings import DecoderRun
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Preview = Callable[[torch.Tensor], object]   # denoised estimate [B, C, h, w] -> a PIL image for the progress bar
@@ -36,13 +39,6 @@ def initial_noise(shape: tuple[int, ...], seed: int, noise: torch.Tensor | None,
         return noise.to(device=device, dtype=torch.float32)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-
-
-def check_sampler_settings(steps: int, guidance: float, seed: int) -> None:
-    """The decoders' settings (the nodes' VALIDATE_INPUTS call this too)."""
-    checks.check_steps(steps)
-    checks.check_guidance(guidance)
-    checks.check_seed(seed)
 
 
 def batch_of(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -79,6 +75,51 @@ def left_pad(streams: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, ...]
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
     return uncond + guidance * (cond - uncond)
+
+
+class ModelConditioning:
+    """What one DiT contributes to the sampling loop: its batch, schedule and name, and its forward for a
+    branch: ``cond``, ``uncond`` or ``both`` (the CFG pair batched in one forward, conditional first)."""
+    name: str
+    batch: int
+    batched: bool        # whether CFG runs as one ``both`` forward
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, branch: str, step_cache, options: RunOptions) -> torch.Tensor:
+        raise NotImplementedError
+
+    def schedule(self, steps: int, height: int, width: int, shift: ShiftSettings | None) -> FlowSchedule:
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def denoise(dit, conditioning: ModelConditioning, height: int, width: int, settings: DecoderRun, *,
+            noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
+            start_sigma: float | None = None, progress: bool = True, preview: Preview | None = None,
+            options: RunOptions | None = None) -> torch.Tensor:
+    """The loop both DiTs share: latents ``[B, 16, H/8, W/8]`` (fp32) from the seed's noise (or ``noise``),
+    Euler over the model's schedule with CFG (``settings.guidance`` > 1) and the step cache.
+    start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
+    preview: turns each step's denoised estimate into a live preview (``latent_preview.decoder_preview``).
+    options: attention kernel, kernel mode and regional compile of the DiT blocks."""
+    options = resolved(options)
+    steps_cache = StepCache(settings.step_cache)
+    b = conditioning.batch
+    schedule = conditioning.schedule(settings.steps, height, width, settings.shift_settings)
+    noise = initial_noise((b, dit.config.in_channels, height // 8, width // 8), settings.seed, noise, dit.device)
+    x, schedule = start_point(noise, schedule, start_latents, start_sigma)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if settings.cfg and conditioning.batched:
+            both = conditioning.forward(torch.cat([x, x]), t.expand(2 * b), "both", steps_cache.branch("cfg"),
+                                        options).float()
+            return guide(*both.chunk(2), settings.guidance)
+        c = conditioning.forward(x, t.expand(b), "cond", steps_cache.branch("cond"), options).float()
+        if not settings.cfg:
+            return c
+        u = conditioning.forward(x, t.expand(b), "uncond", steps_cache.branch("uncond"), options).float()
+        return guide(c, u, settings.guidance)
+
+    return euler(x, schedule, velocity, progress, conditioning.name, dit.dtype, preview)
 
 
 def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress: bool, desc: str,
@@ -125,111 +166,113 @@ def check_ids(ids: torch.Tensor, codebook_size: int, what: str) -> None:
                          f"[{int(ids.min())}, {int(ids.max())}]; the AR output probably holds a special token.")
 
 
+class GlmImageConditioning(ModelConditioning):
+    """GLM-Image: 2x-upsampled prior ids and glyph embeddings; the unconditional branch has the glyph of "" and
+    the prior dropped. With references their K/V are computed once (before the loop) and read by every
+    conditional pass, which then runs apart from the unconditional one."""
+    name = "GLM-Image decoder"
+
+    def __init__(self, dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, height: int, width: int,
+                 cfg: bool, references: ReferenceImages | None, options: RunOptions):
+        device = dit.device
+        prior_ids = (prior_ids[None] if prior_ids.dim() == 1 else prior_ids).to(device)
+        b = self.batch = prior_ids.shape[0]
+        checks.check_count(b, "the number of images (token grids)", checks.MAX_BATCH)
+        grid = patch_count(height, width)
+        if prior_ids.shape[1] != grid:
+            raise ValueError(f"{prior_ids.shape[1]} prior ids per image but {height}x{width} needs {grid} "
+                             f"((H/16)*(W/16), the 2x-upsampled token grid).")
+        check_ids(prior_ids, dit.codebook_size, "prior")
+        self.dit, self.ids = dit, prior_ids
+        self.cond = batch_of(glyph.cond, b, "glyph.cond").to(device=device, dtype=dit.dtype)
+        self.uncond = batch_of(glyph.uncond, b, "glyph.uncond").to(device=device, dtype=dit.dtype)
+        self.cache = write_reference_cache(dit, references, options) if references is not None and references.latents \
+            else None
+        self.size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
+        self.crop = torch.zeros(b, 2, device=device)
+        self.batched = cfg and self.cache is None
+        if self.batched:
+            self.both_glyph, self.text_pad = left_pad([self.cond, self.uncond])
+            self.both_ids, self.both_drop = torch.cat([prior_ids, prior_ids]), torch.arange(2 * b, device=device) >= b
+            self.both_size, self.both_crop = torch.cat([self.size, self.size]), torch.cat([self.crop, self.crop])
+
+    def forward(self, x, t, branch, step_cache, options):
+        if branch == "both":
+            return self.dit(x, self.both_glyph, self.both_ids, self.both_drop, t, self.both_size, self.both_crop,
+                            text_pad=self.text_pad, step_cache=step_cache, options=options)
+        uncond = branch == "uncond"
+        return self.dit(x, self.uncond if uncond else self.cond, self.ids, uncond, t, self.size, self.crop,
+                        kv_cache=self.cache, kv_mode="skip" if uncond else "read", step_cache=step_cache,
+                        options=options)
+
+    def schedule(self, steps: int, height: int, width: int, shift: ShiftSettings | None) -> FlowSchedule:
+        return glm_image_schedule(steps, height, width, shift)
+
+
 @torch.no_grad()
-def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, height: int, width: int, *,
-                   steps: int = 50, guidance: float = 1.5, seed: int = 0, noise: torch.Tensor | None = None,
-                   references: ReferenceImages | None = None, start_latents: torch.Tensor | None = None,
-                   start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
-                   progress: bool = True, preview: Preview | None = None, options: RunOptions | None = None,
-                   step_cache: float = 0.0) -> torch.Tensor:
+def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, height: int, width: int,
+                   settings: DecoderRun = DecoderRun(), *, references: ReferenceImages | None = None,
+                   noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
+                   start_sigma: float | None = None, progress: bool = True, preview: Preview | None = None,
+                   options: RunOptions | None = None) -> torch.Tensor:
     """Denoise GLM-Image latents ``[B, 16, H/8, W/8]`` (fp32, normalized: the VAE de-normalizes them with
     latents_mean/std) from 2x-upsampled prior ids ``[B, (H/16)(W/16)]`` and glyph conditioning.
 
-    guidance > 1 adds the unconditional branch (glyph of "", prior dropped, references not read).
+    settings: steps, guidance (> 1 adds the unconditional branch: glyph of "", prior dropped, references not
+    read), seed, step cache and the release's scheduler settings (``dit.release_shift_settings``).
     references: editing; their K/V are computed once before the loop and read by every conditional pass.
-    start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
-    shift_settings: the release's scheduler settings (``dit.release_shift_settings``; default: the release's values).
-    preview: turns each step's denoised estimate into a live preview (``latent_preview.decoder_preview``).
-    step_cache, options (attention kernel, kernel mode, compile): the speed options of the module docstring.
+    noise, start_latents + start_sigma, progress, preview, options: see ``denoise``.
     """
     check_latent_size(height, width)
-    check_sampler_settings(steps, guidance, seed)
     options = resolved(options)
-    steps_cache = StepCache(step_cache)
-    device = dit.device
-    if prior_ids.dim() == 1:
-        prior_ids = prior_ids[None]
-    prior_ids = prior_ids.to(device)
-    b = prior_ids.shape[0]
-    checks.check_count(b, "the number of images (token grids)", checks.MAX_BATCH)
-    grid = patch_count(height, width)
-    if prior_ids.shape[1] != grid:
-        raise ValueError(f"{prior_ids.shape[1]} prior ids per image but {height}x{width} needs {grid} "
-                         f"((H/16)*(W/16), the 2x-upsampled token grid).")
-    check_ids(prior_ids, dit.codebook_size, "prior")
-
-    schedule = glm_image_schedule(steps, height, width, shift_settings)
-    noise = initial_noise((b, dit.config.in_channels, height // 8, width // 8), seed, noise, device)
-    x, schedule = start_point(noise, schedule, start_latents, start_sigma)
-
-    cond = batch_of(glyph.cond, b, "glyph.cond").to(device=device, dtype=dit.dtype)
-    uncond = batch_of(glyph.uncond, b, "glyph.uncond").to(device=device, dtype=dit.dtype)
-    cache = write_reference_cache(dit, references, options) if references is not None and references.latents else None
-    size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
-    crop = torch.zeros(b, 2, device=device)
-    use_cfg = guidance > 1
-    batched = use_cfg and cache is None
-    if batched:
-        (both_glyph, text_pad), both_ids = left_pad([cond, uncond]), torch.cat([prior_ids, prior_ids])
-        both_drop = torch.arange(2 * b, device=device) >= b
-        both_size, both_crop = torch.cat([size, size]), torch.cat([crop, crop])
-
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if batched:
-            both = dit(torch.cat([x, x]), both_glyph, both_ids, both_drop, t.expand(2 * b), both_size,
-                       both_crop, text_pad=text_pad, step_cache=steps_cache.branch("cfg"), options=options).float()
-            return guide(*both.chunk(2), guidance)
-        c = dit(x, cond, prior_ids, False, t.expand(b), size, crop, kv_cache=cache, kv_mode="read",
-                step_cache=steps_cache.branch("cond"), options=options).float()
-        if not use_cfg:
-            return c
-        u = dit(x, uncond, prior_ids, True, t.expand(b), size, crop, kv_cache=cache, kv_mode="skip",
-                step_cache=steps_cache.branch("uncond"), options=options).float()
-        return guide(c, u, guidance)
-
-    return euler(x, schedule, velocity, progress, "GLM-Image decoder", dit.dtype, preview)
-
+    conditioning = GlmImageConditioning(dit, prior_ids, glyph, height, width, settings.cfg, references, options)
+    return denoise(dit, conditioning, height, width, settings, noise=noise, start_latents=start_latents,
+                   start_sigma=start_sigma, progress=progress, preview=preview, options=options)
 
 # ---- CogView4 --------------------------------------------------------------------------------------------------
+class CogView4Conditioning(ModelConditioning):
+    """CogView4: GLM-4 prompt embeddings ``[B, L, 4096]`` (the negative prompt's may have another length);
+    original_size = target_size = (H, W), crop (0, 0). CFG always runs batched."""
+    name = "CogView4 decoder"
+    batched = True
+
+    def __init__(self, dit, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor | None, height: int, width: int,
+                 cfg: bool):
+        device = dit.device
+        b = self.batch = cond_embeds.shape[0]
+        checks.check_count(b, "num_images")
+        if cfg and uncond_embeds is None:
+            raise ValueError("guidance > 1 needs uncond_embeds (the encoding of the negative prompt, \"\" by default).")
+        self.dit = dit
+        self.cond = cond_embeds.to(device=device, dtype=dit.dtype)
+        self.size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
+        self.crop = torch.zeros(b, 2, device=device)
+        if cfg:
+            uncond = batch_of(uncond_embeds, b, "uncond_embeds").to(device=device, dtype=dit.dtype)
+            self.both_text, self.text_pad = left_pad([self.cond, uncond])
+            self.both_size, self.both_crop = torch.cat([self.size, self.size]), torch.cat([self.crop, self.crop])
+
+    def forward(self, x, t, branch, step_cache, options):
+        if branch == "both":
+            return self.dit(x, self.both_text, t, self.both_size, self.both_size, self.both_crop,
+                            text_pad=self.text_pad, step_cache=step_cache, options=options)
+        return self.dit(x, self.cond, t, self.size, self.size, self.crop, step_cache=step_cache, options=options)
+
+    def schedule(self, steps: int, height: int, width: int, shift: ShiftSettings | None) -> FlowSchedule:
+        return cogview4_schedule(steps, height, width, shift)
+
+
 @torch.no_grad()
 def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor | None, height: int,
-                            width: int, *, steps: int = 50, guidance: float = 5.0, seed: int = 0,
+                            width: int, settings: DecoderRun = DecoderRun(guidance=5.0), *,
                             noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
-                            start_sigma: float | None = None, shift_settings: ShiftSettings | None = None,
-                            progress: bool = True, preview: Preview | None = None, options: RunOptions | None = None,
-                            step_cache: float = 0.0) -> torch.Tensor:
+                            start_sigma: float | None = None, progress: bool = True, preview: Preview | None = None,
+                            options: RunOptions | None = None) -> torch.Tensor:
     """Denoise CogView4 latents ``[B, 16, H/8, W/8]`` (fp32, CogView4's space: scaling 1.0, no mean/std) from
-    GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` may have another length; unused when
-    guidance <= 1). original_size = target_size = (H, W), crop (0, 0).
-    start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
-    preview: turns each step's denoised estimate into a live preview.
-    step_cache, options (attention kernel, kernel mode, compile): the speed options of the module docstring."""
+    GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` unused when guidance <= 1).
+    noise, start_latents + start_sigma, progress, preview, options: see ``denoise``."""
     check_latent_size(height, width)
-    check_sampler_settings(steps, guidance, seed)
-    options = resolved(options)
-    steps_cache = StepCache(step_cache)
-    device = dit.device
-    b = cond_embeds.shape[0]
-    checks.check_count(b, "num_images")
-    use_cfg = guidance > 1
-    if use_cfg and uncond_embeds is None:
-        raise ValueError("guidance > 1 needs uncond_embeds (the encoding of the negative prompt, \"\" by default).")
-    schedule = cogview4_schedule(steps, height, width, shift_settings)
-    noise = initial_noise((b, dit.config.in_channels, height // 8, width // 8), seed, noise, device)
-    x, schedule = start_point(noise, schedule, start_latents, start_sigma)
-    cond = cond_embeds.to(device=device, dtype=dit.dtype)
-    uncond = batch_of(uncond_embeds, b, "uncond_embeds").to(device=device, dtype=dit.dtype) if use_cfg else None
-    size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
-    crop = torch.zeros(b, 2, device=device)
-    if use_cfg:
-        both_text, text_pad = left_pad([cond, uncond])
-        sizes, crops = torch.cat([size, size]), torch.cat([crop, crop])
+    conditioning = CogView4Conditioning(dit, cond_embeds, uncond_embeds, height, width, settings.cfg)
+    return denoise(dit, conditioning, height, width, settings, noise=noise, start_latents=start_latents,
+                   start_sigma=start_sigma, progress=progress, preview=preview, options=options)
 
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if use_cfg:
-            both = dit(torch.cat([x, x]), both_text, t.expand(2 * b), sizes, sizes, crops, text_pad=text_pad,
-                       step_cache=steps_cache.branch("cfg")).float()
-            return guide(*both.chunk(2), guidance)
-        return dit(x, cond, t.expand(b), size, size, crop, step_cache=steps_cache.branch("cond"), options=options).float()
-
-    return euler(x, schedule, velocity, progress, "CogView4 decoder", dit.dtype, preview)

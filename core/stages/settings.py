@@ -65,7 +65,9 @@ class DecoderRun:
         checks.check_steps(self.steps)
         checks.check_guidance(self.guidance)
         checks.check_seed(self.seed)
-        checks.check_float(self.step_cache, "step_cache", 0.0, fix="0 turns it off.")
+        checks.check_float(self.step_cache, "step_cache")
+        if self.step_cache < 0:
+            raise ValueError(f"step_cache must be >= 0 (got {self.step_cache}); 0 turns it off.")
 
     @property
     def cfg(self) -> bool:

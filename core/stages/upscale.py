@@ -21,6 +21,7 @@ from ..runtime.geometry import LARGE_ALTERNATIVE, MAX_SIDE, check_cogview4_size,
 from ..runtime.handles import GlyphConditioning, upsample_ids
 from ..runtime.images import to_rgb01
 from .decoder_sampling import sample_cogview4_latents, sample_latents
+from .settings import DecoderRun
 from .flow_schedule import ShiftSettings
 from .references import prepare_references
 
@@ -83,12 +84,12 @@ def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, gly
     image = to_rgb01(image)
     height, width = upscale_2x_size(*image.shape[:2])
     check_strength(strength)
+    settings = DecoderRun(seed=seed, steps=steps, guidance=guidance, shift_settings=shift_settings)
     ids = tokenize_image(tokenizer, image, height, width)
     prior_ids = upsample_ids(ids)[None]
     references = prepare_references([image], vae, tokenizer)[0] if use_reference else None
-    latents = sample_latents(decoder, prior_ids, glyph, height, width, steps=steps, guidance=guidance, seed=seed,
-                             references=references, shift_settings=shift_settings, preview=preview,
-                             **refine_start(image, vae, height, width, strength))
+    latents = sample_latents(decoder, prior_ids, glyph, height, width, settings=settings, references=references,
+                             preview=preview, **refine_start(image, vae, height, width, strength))
     return vae.decode(latents)[0]
 
 
@@ -114,7 +115,7 @@ def refine_cogview4(image, *, decoder, vae: GlmVAE, cond_embeds: torch.Tensor, u
     image = to_rgb01(image)
     height, width = refine_size(image.shape[0], image.shape[1], scale)
     check_strength(strength)
-    latents = sample_cogview4_latents(decoder, cond_embeds, uncond_embeds, height, width, steps=steps,
-                                      guidance=guidance, seed=seed, shift_settings=shift_settings, preview=preview,
-                                      **refine_start(image, vae, height, width, strength))
+    settings = DecoderRun(seed=seed, steps=steps, guidance=guidance, shift_settings=shift_settings)
+    latents = sample_cogview4_latents(decoder, cond_embeds, uncond_embeds, height, width, settings=settings,
+                                      preview=preview, **refine_start(image, vae, height, width, strength))
     return vae.decode(latents)[0]

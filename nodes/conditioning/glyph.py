@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ...core.runtime import comfy_compat, handles
 from ...core.stages.glyph import glyph_conditioning, glyph_texts
-from ..common import answer, category, check_now
+from ..common import Check, answer, category, check_now
 
 
 def texts_to_render(texts: str) -> list[str] | None:
@@ -35,12 +35,14 @@ class GLMImageGlyphConditioning:
                                               "tooltip": "Texts to render, one per line; overrides the quotes."})},
         }
 
+    CHECKS = (Check(check_glyph_inputs, ("prompt",), optional=("texts",)),)
+
     @classmethod
     def VALIDATE_INPUTS(cls, prompt, texts=None):
-        return answer(cls, locals(), check_glyph_inputs)
+        return answer(cls, locals(), *cls.CHECKS)
 
     def encode(self, glyph_encoder, prompt, texts=""):
-        check_now(locals(), check_glyph_inputs)
+        check_now(locals(), *self.CHECKS)
         with comfy_compat.on_compute_device(glyph_encoder, stage="glyph conditioning"):
             return (glyph_conditioning(glyph_encoder.model, prompt, texts=texts_to_render(texts)),)
 

@@ -7,7 +7,7 @@ from ...core.models.semantic_tokenizer import tokenize_images
 from ...core.runtime import checks, comfy_compat, handles
 from ...core.runtime.geometry import check_token_grid_size
 from ...core.stages.references import prepare_references, reference_sizes
-from ..common import answer, category, check_now, size_input
+from ..common import Check, answer, category, check_now, size_input
 
 
 class GLMImageReferenceImages:
@@ -50,12 +50,14 @@ class GLMImageImageToTokens:
         return {"required": {"tokenizer": (handles.TOKENIZER,), "image": ("IMAGE",),
                              "width": size_input(1024, "width"), "height": size_input(1024, "height")}}
 
+    CHECKS = (Check(check_token_grid_size, ("height", "width")),)
+
     @classmethod
     def VALIDATE_INPUTS(cls, width, height):
-        return answer(cls, locals(), check_token_grid_size)
+        return answer(cls, locals(), *cls.CHECKS)
 
     def tokenize(self, tokenizer, image, width, height):
-        check_now(locals(), check_token_grid_size)
+        check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
         with comfy_compat.on_compute_device(tokenizer, stage="image to tokens"):
             ids = torch.stack(tokenize_images(tokenizer.model, image, target_height=height, target_width=width))

@@ -1,12 +1,15 @@
 """AR token sampling: prompt (and optional reference images) -> a semantic-VQ token grid."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...core.runtime import checks, comfy_compat, handles
-from ...core.runtime.options import RunOptions
 from ...core.runtime.geometry import check_glm_image_size
-from ...core.stages.ar_sampling import DECODE_STEPS, check_sampling_settings, generate_token_grid
+from ...core.stages.ar_sampling import generate_token_grid
+from ...core.stages.settings import DECODE_STEPS, ARSampling
 from ...core.stages.token_preview import ar_preview
-from ..common import answer, attention_input, category, check_now, seed_input, size_input
+from ..common import Check, attention_input, seed_input, size_input
+from ..sampler_node import SamplerNode
 
 SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
 
@@ -27,14 +30,14 @@ def check_output_size(width: int, height: int) -> None:
         check_glm_image_size(height, width)
 
 
-class GLMImageARSampler:
+class GLMImageARSampler(SamplerNode):
     DESCRIPTION = ("Runs the GLM AR model: writes the grid of semantic-VQ tokens (1/32 of the output size) for the "
                    "prompt. With references it edits: their tokens enter the context and only the target grid is "
                    "generated.")
-    CATEGORY = category("sampling")
     RETURN_TYPES = (handles.TOKENS,)
     RETURN_NAMES = ("tokens",)
-    FUNCTION = "sample"
+    STAGE = "AR token sampling"
+    ADVICE = "lower num_images or the output size"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -64,27 +67,24 @@ class GLMImageARSampler:
             },
         }
 
-    CHECKS = (checks.check_prompt, check_output_size, checks.check_seed, check_sampling_settings)
+    CHECKS = (Check(checks.check_prompt, ("prompt",)), Check(check_output_size, ("width", "height")), ARSampling)
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompt, width, height, seed, temperature, top_p, top_k, num_images):
-        return answer(cls, locals(), *cls.CHECKS)
+        return cls.answer(locals())
 
     def sample(self, ar_model, prompt, width, height, seed, temperature, top_p, top_k, num_images, references=None,
                attention="auto", decode_steps="eager"):
-        check_now(locals(), *self.CHECKS)
+        run = self.checked(locals())
         width, height = output_size(width, height, references)
         check_glm_image_size(height, width)
-        options = RunOptions(attention=attention)
         source_grids = references.token_ids if references is not None else None
-        with comfy_compat.on_compute_device(
-                ar_model, stage="AR token sampling", advice="lower num_images or the output size"):
-            decode_steps = comfy_compat.capturable_steps(ar_model, decode_steps)
-            grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
-                                       temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
+        with self.on_device(ar_model):
+            settings = replace(run[ARSampling], decode_steps=comfy_compat.capturable_steps(ar_model, decode_steps))
+            grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, settings,
                                        source_grids=source_grids,
                                        preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size),
-                                       decode_steps=decode_steps, options=options)
+                                       options=run.options)
         return (grid,)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...core.models.captioner import PRESETS, caption_image, check_caption_settings, check_rerank_prompt, rerank
 from ...core.runtime import checks, comfy_compat, handles
 from ...core.stages.prompt_enhance import LANGUAGES, check_prompt_to_enhance, enhance_prompt
-from ..common import MAX_SEED, answer, category, check_now
+from ..common import MAX_SEED, Check, answer, category, check_now
 
 
 def check_caption_texts(custom_instruction: str = "", append: str = "") -> None:
@@ -50,7 +50,8 @@ class GLMImageCaption:
             },
         }
 
-    CHECKS = (check_caption_settings, check_caption_texts)
+    CHECKS = (Check(check_caption_settings, ("max_new_tokens", "temperature", "seed")),
+              Check(check_caption_texts, (), optional=("custom_instruction", "append")))
 
     @classmethod
     def VALIDATE_INPUTS(cls, max_new_tokens, temperature, seed, custom_instruction=None, append=None):
@@ -82,12 +83,14 @@ class GLMImageRerank:
         return {"required": {"captioner": (handles.CAPTIONER,), "images": ("IMAGE",),
                              "prompt": ("STRING", {"multiline": True, "default": ""})}}
 
+    CHECKS = (Check(check_rerank_prompt, ("prompt",)),)
+
     @classmethod
     def VALIDATE_INPUTS(cls, prompt):
-        return answer(cls, locals(), check_rerank_prompt)
+        return answer(cls, locals(), *cls.CHECKS)
 
     def rerank(self, captioner, images, prompt):
-        check_now(locals(), check_rerank_prompt)
+        check_now(locals(), *self.CHECKS)
         checks.check_image_batch(images, "images")
         with comfy_compat.on_compute_device(captioner):
             order, scores = rerank(captioner.model, images, prompt)
@@ -116,7 +119,8 @@ class GLMImagePromptEnhance:
             **reply_inputs("rewrite", "; the official utility uses 1.0"),
         }}
 
-    CHECKS = (check_prompt_to_enhance, check_caption_settings)
+    CHECKS = (Check(check_prompt_to_enhance, ("prompt",)),
+              Check(check_caption_settings, ("max_new_tokens", "temperature", "seed")))
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompt, max_new_tokens, temperature, seed):

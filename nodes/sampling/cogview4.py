@@ -1,13 +1,16 @@
 """CogView4-6B: prompt encoding (positive and negative) and decoder sampling to LATENT."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...core.runtime import checks, comfy_compat, handles
-from ...core.runtime.options import RunOptions
 from ...core.runtime.geometry import check_cogview4_size
 from ...core.stages.cogview4_text import encode_cogview4_prompt
-from ...core.stages.decoder_sampling import check_sampler_settings, sample_cogview4_latents
+from ...core.stages.decoder_sampling import sample_cogview4_latents
 from ...core.stages.latent_preview import COGVIEW4, decoder_preview
-from ..common import answer, category, check_now, dit_speed_inputs, seed_input, size_input
+from ...core.stages.settings import DecoderRun
+from ..common import Check, answer, category, check_now, dit_speed_inputs, seed_input, size_input
+from ..sampler_node import SamplerNode
 
 
 def check_negative_prompt(negative_prompt: str) -> str:
@@ -30,7 +33,7 @@ class GLMImageCogView4TextEncode:
             "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
         }}
 
-    CHECKS = (checks.check_prompt, check_negative_prompt)
+    CHECKS = (Check(checks.check_prompt, ("prompt",)), Check(check_negative_prompt, ("negative_prompt",)))
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompt, negative_prompt):
@@ -46,13 +49,12 @@ class GLMImageCogView4TextEncode:
         return (handles.CogView4Conditioning(cond=cond, uncond=uncond, prompt=prompt),)
 
 
-class GLMImageCogView4Sampler:
+class GLMImageCogView4Sampler(SamplerNode):
     DESCRIPTION = ("CogView4-6B text to image: flow matching with CFG (guidance 5.0). Decode the latent with the "
                    "GLM-Image VAE Decode node and CogView4's VAE.")
-    CATEGORY = category("sampling")
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    FUNCTION = "sample"
+    STAGE = "CogView4 sampling"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -67,24 +69,23 @@ class GLMImageCogView4Sampler:
             "num_images": ("INT", {"default": 1, "min": 1, "max": 16}),
         }, "optional": dit_speed_inputs()}
 
-    CHECKS = (check_cogview4_size, check_sampler_settings, checks.check_num_images)
+    CHECKS = (Check(check_cogview4_size, ("height", "width")), DecoderRun, Check(checks.check_num_images,
+                                                                                 ("num_images",)))
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height, seed, steps, guidance, num_images):
-        return answer(cls, locals(), *cls.CHECKS)
+        return cls.answer(locals())
 
     def sample(self, decoder, conditioning, width, height, seed, steps, guidance, num_images, attention="auto",
                compile=False, step_cache=0.0):
-        check_now(locals(), *self.CHECKS)
-        options = RunOptions(attention=attention, compile=compile)
+        run = self.checked(locals())
+        settings = replace(run[DecoderRun], shift_settings=decoder.shift_settings)
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
         preview = decoder_preview(COGVIEW4)
-        with comfy_compat.on_compute_device(decoder, stage="CogView4 sampling",
-                                             advice="lower the output size or the number of images"):
-            latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, steps=steps,
-                                              guidance=guidance, seed=seed, shift_settings=decoder.shift_settings,
-                                              preview=preview, options=options, step_cache=step_cache)
+        with self.on_device(decoder):
+            latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, settings, preview=preview,
+                                              options=run.options)
         return ({"samples": latents.float().cpu()},)
 
 

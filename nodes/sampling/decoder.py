@@ -1,21 +1,24 @@
 """Decoder sampling: token grid + glyph conditioning -> LATENT (flow matching with CFG)."""
 from __future__ import annotations
 
-from ...core.runtime import comfy_compat, handles
-from ...core.runtime.options import RunOptions
+from dataclasses import replace
+
+from ...core.runtime import handles
 from ...core.runtime.geometry import check_token_grid_shape
-from ...core.stages.decoder_sampling import check_sampler_settings, sample_latents
+from ...core.stages.decoder_sampling import sample_latents
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
-from ..common import answer, category, check_now, dit_speed_inputs, seed_input
+from ...core.stages.settings import DecoderRun
+from ..common import dit_speed_inputs, seed_input
+from ..sampler_node import SamplerNode
 
 
-class GLMImageDecoderSampler:
+class GLMImageDecoderSampler(SamplerNode):
     DESCRIPTION = ("Runs the DiT decoder: turns a token grid (plus the glyph embeddings of the quoted text, and "
                    "reference images when editing) into a latent, 50 Euler flow-matching steps with CFG 1.5 by default.")
-    CATEGORY = category("sampling")
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    FUNCTION = "sample"
+    CHECKS = (DecoderRun,)
+    STAGE = "decoder sampling"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -35,20 +38,17 @@ class GLMImageDecoderSampler:
 
     @classmethod
     def VALIDATE_INPUTS(cls, seed, steps, guidance):
-        return answer(cls, locals(), check_sampler_settings)
+        return cls.answer(locals())
 
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None, attention="auto", compile=False,
                step_cache=0.0):
-        check_now(locals(), check_sampler_settings)
+        run = self.checked(locals())
         check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
-        options = RunOptions(attention=attention, compile=compile)
+        settings = replace(run[DecoderRun], shift_settings=decoder.shift_settings)
         preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
-        with comfy_compat.on_compute_device(
-                decoder, stage="decoder sampling", advice="lower the output size or the number of images"):
-            latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width,
-                                     steps=steps, guidance=guidance, seed=seed, references=references,
-                                     shift_settings=decoder.shift_settings, preview=preview,
-                                     options=options, step_cache=step_cache)
+        with self.on_device(decoder):
+            latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width, settings,
+                                     references=references, preview=preview, options=run.options)
         return ({"samples": latents.float().cpu()},)
 
 

@@ -5,10 +5,10 @@ import torch
 
 from ...core.runtime import checks, comfy_compat, handles
 from ...core.runtime.geometry import upscale_2x_size
-from ...core.stages.decoder_sampling import check_sampler_settings
 from ...core.stages.latent_preview import COGVIEW4, GLM_IMAGE, decoder_preview
 from ...core.stages.upscale import check_refine_scale, check_strength, refine_cogview4, refine_size, upscale_2x
-from ..common import answer, category, check_now, seed_input
+from ...core.stages.settings import DecoderRun
+from ..common import Check, answer, category, check_now, seed_input
 
 STRENGTH_TOOLTIP = ("Noise level (flow-matching sigma) the bicubic upsample is refined from; 1.0 decodes from pure "
                     "noise. Below the last sigma of the schedule (about 0.06 at 512 px, 0.1 at 1024 px with 30 steps) "
@@ -40,7 +40,7 @@ class GLMImageUpscale:
                                           "tooltip": "Let the decoder read the input as a reference image."}),
         }}
 
-    CHECKS = (check_sampler_settings, check_strength)
+    CHECKS = (DecoderRun, Check(check_strength, ("strength",)))
 
     @classmethod
     def VALIDATE_INPUTS(cls, seed, steps, guidance, strength):
@@ -84,7 +84,7 @@ class GLMImageCogView4Refine:
             "strength": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 1.0, "step": 0.01, "tooltip": STRENGTH_TOOLTIP}),
         }}
 
-    CHECKS = (check_refine_scale, check_sampler_settings, check_strength)
+    CHECKS = (Check(check_refine_scale, ("scale",)), DecoderRun, Check(check_strength, ("strength",)))
 
     @classmethod
     def VALIDATE_INPUTS(cls, scale, seed, steps, guidance, strength):
