@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..core.runtime import checks, comfy_compat
+from ..core.runtime import checks, comfy_compat, handles
 from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
 from ..core.runtime.loading import resolve_dtype
@@ -68,6 +68,12 @@ def attention_input():
     return (list(BACKENDS), {"default": "auto", "tooltip": (
         "Attention kernel. auto/sdpa: PyTorch SDPA (cuDNN or flash on CUDA); sage: SageAttention (8-bit, "
         "approximate) and flash: FlashAttention, when installed; CPU and masked calls always use SDPA.")})
+
+
+def preview_vae_input():
+    return (handles.VAE, {"tooltip": (
+        "The VAE whose colours the live previews use. Not connected: the VAE of the decoder's own release "
+        "(vae/ beside it); a decoder file outside a release shows no preview without this input.")})
 
 
 def dit_speed_inputs() -> dict:

@@ -1,5 +1,6 @@
 """Live previews on the tiny release: the latent-to-RGB map fitted from the VAE, the frames the decoder and the
 AR stage hand to ComfyUI's progress bar, the Token Grid Preview node, and the demo's preview folder."""
+import os
 import types
 
 import numpy as np
@@ -33,10 +34,10 @@ def vae(release):
 
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
-    """No preview folder, no remembered VAE, no fitted factors, outside ComfyUI."""
+    """No preview folder, no fitted factors, outside ComfyUI."""
     monkeypatch.setattr(comfy_compat, "_preview_folder", None)
     monkeypatch.setattr(comfy_compat, "_comfy_args", None)
-    monkeypatch.setattr(latent_preview, "_remembered", {})
+    monkeypatch.setattr(latent_preview, "_release_fits", {})
     monkeypatch.setattr(latent_preview, "_fitted", {})
 
 
@@ -74,23 +75,30 @@ def test_factors_are_fitted_once_per_vae_file(release, vae, monkeypatch):
     assert len(calls) == 1
 
 
-def test_preview_method_decides_and_the_vae_loader_supplies_the_colours(release, vae, monkeypatch):
+def test_preview_method_decides_and_the_workflow_or_the_release_supplies_the_colours(release, vae, monkeypatch):
     assert comfy_compat.preview_method() == "none"                 # outside ComfyUI, unless a folder is named
-    assert latent_preview.decoder_preview("glm_image") is None
+    assert latent_preview.decoder_preview("glm_image", vae) is None
     comfy_args = types.SimpleNamespace(preview_method=types.SimpleNamespace(value="auto"), preview_size=256)
     monkeypatch.setattr(comfy_compat, "_comfy_args", comfy_args)   # ComfyUI's --preview-method auto
     assert comfy_compat.preview_method() == "auto" and comfy_compat.preview_size() == 256
-    assert latent_preview.decoder_preview("glm_image") is None      # no VAE loaded yet
+    assert latent_preview.decoder_preview("glm_image") is None      # no VAE given, no release to take one from
+    # loading a VAE changes no other node's previews (there is no "last VAE loaded")
     (loaded,) = NODE_CLASS_MAPPINGS["GLMImageVAELoader"]().load(release, "fp32")
     assert latent_preview.latent_family(loaded.model) == "glm_image"
-    preview = latent_preview.decoder_preview("glm_image")
-    assert isinstance(preview, latent_preview.LatentPreview)
-    assert latent_preview.decoder_preview("cogview4") is None       # another latent space: not this VAE's colours
-    assert latent_preview.decoder_preview("cogview4", vae) is not None  # a node with a VAE input passes its own
-    comfy_args.preview_method = types.SimpleNamespace(value="taesd")  # no TAESD exists: falls back to latent2rgb
-    assert isinstance(latent_preview.decoder_preview("glm_image"), latent_preview.LatentPreview)
-    comfy_args.preview_method = types.SimpleNamespace(value="none")
     assert latent_preview.decoder_preview("glm_image") is None
+    # the workflow's VAE (the samplers' optional vae input)
+    assert isinstance(latent_preview.decoder_preview("glm_image", loaded.model), latent_preview.LatentPreview)
+    assert latent_preview.decoder_preview("cogview4", vae) is not None  # a node with a VAE input passes its own
+    # the per-handle default: the VAE of the decoder's own release, fitted once per release
+    decoder = os.path.join(release, "transformer")
+    preview = latent_preview.decoder_preview("glm_image", release=decoder)
+    assert isinstance(preview, latent_preview.LatentPreview)
+    assert torch.equal(preview.factors.weights, latent_preview.latent_rgb_for(vae).weights)
+    assert latent_preview.decoder_preview("cogview4", release=decoder) is None  # another latent space
+    comfy_args.preview_method = types.SimpleNamespace(value="taesd")  # no TAESD exists: falls back to latent2rgb
+    assert isinstance(latent_preview.decoder_preview("glm_image", release=release), latent_preview.LatentPreview)
+    comfy_args.preview_method = types.SimpleNamespace(value="none")
+    assert latent_preview.decoder_preview("glm_image", release=release) is None
     assert token_preview.ar_preview(object()) is None
 
 

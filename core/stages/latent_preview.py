@@ -7,14 +7,15 @@ few small random latents, average the decoded pixels over each 8x8 cell and solv
 The random latents have regions (noise upsampled from 1/4 of the side, plus a little fine noise), like the
 decoder's denoised estimates; white noise would make each cell's colour depend mostly on its neighbours.
 
-The decoder samplers have no VAE input, so the VAE loader remembers the last VAE of each latent family
-(GLM-Image: per-channel mean/std; CogView4: scaling 1.0) and the samplers preview with its factors, as
-ComfyUI's samplers use the factors of their model's latent format.
+Which VAE previews a decoder comes from the workflow: the samplers' optional ``vae`` input. Without it the
+documented per-handle default is the VAE of the decoder's own release (``vae/`` beside the decoder's component,
+as ``scheduler/`` is found), read once per release for the fit; a decoder from a single file outside a release
+previews only with the input connected. Nothing depends on which VAE was loaded last.
 """
 from __future__ import annotations
 
 import hashlib
-import weakref
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..models.vae import load_vae
 from ..runtime import comfy_compat
 from ..runtime.comfy_compat import log
 from ..runtime.geometry import PREVIEW_FIT_COARSE, PREVIEW_FIT_LATENT_SIDE
@@ -104,7 +106,7 @@ def latent_rgb_for(vae) -> LatentRGB:
 
 # ---- which VAE previews a decoder -------------------------------------------------------------------------------
 GLM_IMAGE, COGVIEW4 = "glm_image", "cogview4"
-_remembered: dict[str, weakref.ref] = {}
+_release_fits: dict[str, tuple[str, LatentRGB]] = {}  # vae/ folder -> (its latent family, its fit)
 _warned: set[str] = set()
 
 
@@ -113,9 +115,30 @@ def latent_family(vae) -> str:
     return GLM_IMAGE if vae.latents_mean is not None else COGVIEW4
 
 
-def remember_vae(vae) -> None:
-    """Called by the VAE loader: the decoders of this VAE's family preview with its colours."""
-    _remembered[latent_family(vae)] = weakref.ref(vae)
+def release_vae_folder(path: str | None) -> str | None:
+    """The ``vae/`` folder of the release the component at ``path`` (release root, component folder or file)
+    belongs to: there or one folder up; None outside a release."""
+    if not path:
+        return None
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for root in (folder, os.path.dirname(os.path.abspath(folder))):
+        vae = os.path.join(root, "vae")
+        if os.path.isfile(os.path.join(vae, "config.json")):
+            return vae
+    return None
+
+
+def release_latent_rgb(path: str | None, family: str) -> LatentRGB | None:
+    """The per-handle default: the fit of the VAE in the release of the decoder at ``path`` (read once per
+    release folder and not kept), if it is a VAE of ``family``."""
+    folder = release_vae_folder(path)
+    if folder is None:
+        return None
+    if folder not in _release_fits:
+        vae = load_vae(folder, dtype="fp32", device=comfy_compat.offload_device())
+        _release_fits[folder] = (latent_family(vae), latent_rgb_for(vae))
+    vae_family, factors = _release_fits[folder]
+    return factors if vae_family == family else None
 
 
 class LatentPreview:
@@ -128,21 +151,21 @@ class LatentPreview:
         return self.factors.image(denoised[0])
 
 
-def decoder_preview(family: str, vae=None) -> LatentPreview | None:
+def decoder_preview(family: str, vae=None, release: str | None = None) -> LatentPreview | None:
     """The previewer for a decoder of latent ``family``, or None when previews are off (``--preview-method
-    none``) or no VAE of that family was loaded. ``vae``: the VAE the node decodes with, when it has one."""
+    none``) or there is no VAE to fit. ``vae``: the VAE the workflow gives the node; else the VAE of the
+    decoder's ``release`` (the decoder handle's path)."""
     method = comfy_compat.preview_method()
     if method == "none":
         return None
     if method == "taesd" and "taesd" not in _warned:
         _warned.add("taesd")
         log.warning("GLM-Image previews: there is no TAESD for the GLM-Image/CogView4 VAE; using latent2rgb.")
-    if vae is None:
-        vae = _remembered[family]() if family in _remembered else None
-    if vae is None:
+    factors = latent_rgb_for(vae) if vae is not None else release_latent_rgb(release, family)
+    if factors is None:
         if family not in _warned:
             _warned.add(family)
-            log.warning("GLM-Image previews: no %s VAE loaded yet, so no decoder preview; previews start once the "
-                        "workflow's VAE loader has run.", family)
+            log.warning("GLM-Image previews: the %s decoder is not in a release folder with a vae/, so there is "
+                        "no decoder preview; connect the sampler's vae input for previews.", family)
         return None
-    return LatentPreview(latent_rgb_for(vae))
+    return LatentPreview(factors)

@@ -5,7 +5,6 @@ from ...core.models import glm_ar, glm_image_dit, semantic_tokenizer, t5_encoder
 from ...core.models.dit import release_shift_settings
 from ...core.runtime import handles
 from ...core.stages.ar_prompt import load_text_tokenizer
-from ...core.stages.latent_preview import remember_vae
 from ..common import ModelLoader
 
 
@@ -78,9 +77,7 @@ class GLMImageVAELoader(ModelLoader):
         return inputs
 
     def load_model(self, path, dtype, device, family="glm_image"):
-        model = vae.load_vae(path, dtype=dtype, device=device, family=family)
-        remember_vae(model)  # the decoder samplers of its latent family preview with its colours
-        return handles.ModelHandle(model)
+        return handles.ModelHandle(vae.load_vae(path, dtype=dtype, device=device, family=family))
 
 
 NODE_CLASS_MAPPINGS = {

@@ -9,7 +9,7 @@ from ...core.stages.cogview4_text import encode_cogview4_prompt
 from ...core.stages.decoder_sampling import sample_cogview4_latents
 from ...core.stages.latent_preview import COGVIEW4, decoder_preview
 from ...core.stages.settings import DecoderRun
-from ..common import Check, answer, category, check_now, dit_speed_inputs, seed_input, size_input
+from ..common import Check, answer, category, check_now, dit_speed_inputs, preview_vae_input, seed_input, size_input
 from ..sampler_node import SamplerNode
 
 
@@ -67,7 +67,7 @@ class GLMImageCogView4Sampler(SamplerNode):
             "steps": ("INT", {"default": 50, "min": 1, "max": 200}),
             "guidance": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 20.0, "step": 0.1}),
             "num_images": ("INT", {"default": 1, "min": 1, "max": 16}),
-        }, "optional": dit_speed_inputs()}
+        }, "optional": {**dit_speed_inputs(), "vae": preview_vae_input()}}
 
     CHECKS = (Check(check_cogview4_size, ("height", "width")), DecoderRun, Check(checks.check_num_images,
                                                                                  ("num_images",)))
@@ -77,12 +77,12 @@ class GLMImageCogView4Sampler(SamplerNode):
         return cls.answer(locals())
 
     def sample(self, decoder, conditioning, width, height, seed, steps, guidance, num_images, attention="auto",
-               compile=False, step_cache=0.0):
+               compile=False, step_cache=0.0, vae=None):
         run = self.checked(locals())
         settings = replace(run[DecoderRun], shift_settings=decoder.shift_settings)
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
-        preview = decoder_preview(COGVIEW4)
+        preview = decoder_preview(COGVIEW4, vae.model if vae is not None else None, release=decoder.path)
         with self.on_device(decoder):
             latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, settings, preview=preview,
                                               options=run.options)

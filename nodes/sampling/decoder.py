@@ -8,7 +8,7 @@ from ...core.runtime.geometry import check_token_grid_shape
 from ...core.stages.decoder_sampling import sample_latents
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
 from ...core.stages.settings import DecoderRun
-from ..common import dit_speed_inputs, seed_input
+from ..common import dit_speed_inputs, preview_vae_input, seed_input
 from ..sampler_node import SamplerNode
 
 
@@ -33,7 +33,7 @@ class GLMImageDecoderSampler(SamplerNode):
                                        "tooltip": "Classifier-free guidance; 1.0 disables the unconditional pass."}),
             },
             "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."}),
-                         **dit_speed_inputs()},
+                         **dit_speed_inputs(), "vae": preview_vae_input()},
         }
 
     @classmethod
@@ -41,11 +41,12 @@ class GLMImageDecoderSampler(SamplerNode):
         return cls.answer(locals())
 
     def sample(self, decoder, tokens, glyph, seed, steps, guidance, references=None, attention="auto", compile=False,
-               step_cache=0.0):
+               step_cache=0.0, vae=None):
         run = self.checked(locals())
         check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
         settings = replace(run[DecoderRun], shift_settings=decoder.shift_settings)
-        preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
+        # before the decoder takes the GPU: a first use fits on the VAE
+        preview = decoder_preview(GLM_IMAGE, vae.model if vae is not None else None, release=decoder.path)
         with self.on_device(decoder):
             latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width, settings,
                                      references=references, preview=preview, options=run.options)
