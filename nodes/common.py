@@ -4,12 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from ..core.runtime import checks, comfy_compat, handles
 from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
-from ..core.runtime.loading import resolve_dtype
 from ..core.runtime.residency import resolve_blocks
 from ..core.stages.settings import from_widgets
 
@@ -45,13 +42,6 @@ def dtype_input(choices: list[str] | None = None):
     choices = choices or ["auto", "bf16", "fp32", "fp16"]
     tooltip = DTYPE_TOOLTIP + (FP8_TOOLTIP if "fp8_e4m3fn" in choices else "")
     return (choices, {"default": "auto", "tooltip": tooltip})
-
-
-def load_dtype(choice: str) -> str:
-    """Loaders keep weights on the offload device; ``auto`` still means what suits the compute device."""
-    if choice != "auto":
-        return choice
-    return "bf16" if resolve_dtype("auto", comfy_compat.get_device(), component="model") == torch.bfloat16 else "fp32"
 
 
 def seed_input():
@@ -205,7 +195,9 @@ class ModelLoader:
 
     def load(self, checkpoint, dtype, block_swap=0, **options):
         path = comfy_compat.resolve_checkpoint(checkpoint, self.FOLDER)
-        handle = self.load_model(path, load_dtype(dtype), comfy_compat.offload_device(), **options)
+        # weights on the offload device, ``auto`` resolved for the compute device (the sampling nodes move them)
+        handle = self.load_model(path, dtype, comfy_compat.offload_device(), compute_device=comfy_compat.get_device(),
+                                 **options)
         handle.path = path
         if self.SPEC is not None:
             handle.blocks = self.SPEC.blocks
@@ -214,5 +206,5 @@ class ModelLoader:
             handle.block_swap = block_swap
         return (handle,)
 
-    def load_model(self, path: str, dtype: str, device, **options):
+    def load_model(self, path: str, dtype: str, device, compute_device=None, **options):
         raise NotImplementedError

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from ..runtime import checks
-from ..runtime.comfy_compat import Progress, get_device
-from ..runtime.loading import CheckpointError, read_config, resolve_dtype, safetensors_files
+from ..runtime.comfy_compat import Progress
+from ..runtime.loading import CheckpointError, read_config, safetensors_files
+from ..runtime.placement import place
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # glm46v: Glm46VForConditionalGeneration, a renamed Glm4v
 SUPPORTED_MODELS = "GLM-4.1V-9B-Thinking, GLM-4.1V-9B-Base or GLM-4.6V-Flash (config model_type glm4v or glm46v)"
@@ -115,12 +116,14 @@ def _chat_template(path: str, tokenizer) -> str:
                           f"tokenizer_config.json). Download the whole release folder.")
 
 
-def load_captioner(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> Captioner:
-    """Load a GLM-V release folder (model, tokenizer, image processor, chat template) for captioning."""
+def load_captioner(path: str, dtype: str = "auto", device: torch.device | str | None = None, *,
+                   compute_device: torch.device | str | None = None) -> Captioner:
+    """Load a GLM-V release folder (model, tokenizer, image processor, chat template) for captioning onto
+    ``device``, to compute on ``compute_device`` (default: ``device``; ``dtype`` auto suits it)."""
     config = _check_release_folder(path)
     transformers = _require_transformers()
-    device = torch.device(device) if device is not None else get_device()
-    torch_dtype = resolve_dtype(dtype, device, component="GLM-V captioner")
+    placement = place(dtype, device, compute_device, component="GLM-V captioner")
+    device, torch_dtype = placement.weights, placement.dtype
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
     template = _chat_template(path, tokenizer)

@@ -79,8 +79,9 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> CogVi
 SPEC = dit_spec("The CogView4 decoder", "cogview4_dit", CogView4DiTConfig, CogView4DiT, config_from_shapes)
 
 
-def load_cogview4_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> CogView4DiT:
+def load_cogview4_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None, *,
+                          compute_device: torch.device | str | None = None) -> CogView4DiT:
     """Load the CogView4 DiT from a release root, its ``transformer/`` folder, a single .safetensors file or a
     converted FP8 / GGUF file. ``dtype``: auto (bf16 where supported, else fp32), bf16, fp32 or fp8_e4m3fn;
     fp16 is refused."""
-    return components.load_component(SPEC, path, dtype, device)
+    return components.load_component(SPEC, path, dtype, device, compute_device=compute_device)

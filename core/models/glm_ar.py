@@ -259,8 +259,9 @@ SPEC = components.ComponentSpec(
     check=check_language_model, quantize=tensor_role, blocks="layers")
 
 
-def load_ar_model(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageAR:
+def load_ar_model(path: str, dtype: str = "auto", device: torch.device | str | None = None, *,
+                  compute_device: torch.device | str | None = None) -> GlmImageAR:
     """Load the AR model from a release root, its ``vision_language_encoder/`` folder, one safetensors file or a
     converted FP8 / GGUF file. Only ``model.language_model.*`` and ``lm_head.*`` are read. ``dtype``: auto (bf16
     on GPU, fp32 on CPU), bf16, fp32 or fp8_e4m3fn; fp16 is refused."""
-    return components.load_component(SPEC, path, dtype, device)
+    return components.load_component(SPEC, path, dtype, device, compute_device=compute_device)

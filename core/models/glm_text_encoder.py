@@ -166,7 +166,8 @@ SPEC = components.ComponentSpec(
     config_from_shapes=infer_config, key_map=encoder_keys, quantize=tensor_role, blocks="layers")
 
 
-def load_glm_text_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmTextEncoder:
+def load_glm_text_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None, *,
+                          compute_device: torch.device | str | None = None) -> GlmTextEncoder:
     """Load CogView4's GLM-4-9B text encoder from a release root, its ``text_encoder/`` folder, one safetensors
     file or a converted FP8 / GGUF file. The last layer and the final norm are skipped (never read from disk)."""
-    return components.load_component(SPEC, path, dtype, device)
+    return components.load_component(SPEC, path, dtype, device, compute_device=compute_device)

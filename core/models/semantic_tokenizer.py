@@ -304,12 +304,13 @@ SPEC = components.ComponentSpec(
     keep_fp32=lambda k: k.startswith(VQ_PREFIX), check=_check_prefixes)
 
 
-def load_semantic_tokenizer(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> SemanticTokenizer:
+def load_semantic_tokenizer(path: str, dtype: str = "auto", device: torch.device | str | None = None, *,
+                            compute_device: torch.device | str | None = None) -> SemanticTokenizer:
     """Load the vision encoder and VQ from a GLM-Image release root, its ``vision_language_encoder/``
     folder (config.json + sharded safetensors) or a single ``.safetensors`` file holding ``model.visual.*``
     and ``model.vqmodel.*``. Only those tensors are read. The VQ stays in float32 whatever ``dtype`` is,
     so the 16384-way nearest-code search does not tie in bf16."""
-    tokenizer = components.load_component(SPEC, path, dtype, device)
+    tokenizer = components.load_component(SPEC, path, dtype, device, compute_device=compute_device)
     for name, value in _processor_limits(path).items():
         setattr(tokenizer.config, name, value)
     return tokenizer

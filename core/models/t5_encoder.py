@@ -230,7 +230,8 @@ SPEC = components.ComponentSpec(
     key_map=encoder_state_keys, fp16_reason=FP16_REASON, quantize=tensor_role)
 
 
-def load_glyph_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> T5Encoder:
+def load_glyph_encoder(path: str, dtype: str = "auto", device: torch.device | str | None = None, *,
+                       compute_device: torch.device | str | None = None) -> T5Encoder:
     """The Glyph-ByT5 T5 encoder from a release root, its ``text_encoder/`` folder, a single safetensors file or
     a converted FP8 / GGUF file."""
-    return components.load_component(SPEC, path, dtype, device)
+    return components.load_component(SPEC, path, dtype, device, compute_device=compute_device)

@@ -418,7 +418,8 @@ SPEC = components.ComponentSpec(
 
 
 def load_vae(path: str, dtype: str = "auto", device: torch.device | str | None = None, *,
-             family: str | None = None, config: dict | str | None = None) -> GlmVAE:
+             family: str | None = None, config: dict | str | None = None,
+             compute_device: torch.device | str | None = None) -> GlmVAE:
     """Load the VAE from a release root, its ``vae/`` folder or a single safetensors file.
 
     ``config``: a config dict or config.json path that replaces the checkpoint's own. ``family``
@@ -434,4 +435,4 @@ def load_vae(path: str, dtype: str = "auto", device: torch.device | str | None =
         log.info("VAE: %s has a config.json; its latent normalization is used, not family=%s.", component, family)
     spec = dataclasses.replace(SPEC, config_from_shapes=_config_from_shapes(family))
     typed = VAEConfig.from_dict(config, source=component) if config is not None else None
-    return GlmVAE(components.load_component(spec, path, dtype, device, config=typed))
+    return GlmVAE(components.load_component(spec, path, dtype, device, compute_device=compute_device, config=typed))

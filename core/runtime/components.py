@@ -29,10 +29,10 @@ from ..formats import fp8
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.layers import Packed, adopt, dequantize_packed
 from . import loading
-from .comfy_compat import get_device, log
+from .comfy_compat import log
 from .loading import CheckpointError
+from .placement import FP8_CHOICE, Placement, place
 
-FP8_CHOICE = "fp8_e4m3fn"
 # Roles of a tensor in a component that has weight formats (``ComponentSpec.quantize``):
 LINEAR = "linear"          # quantized to the chosen format
 MODULATION = "modulation"  # adaLN: FP8 in FP8 files, Q8_0 in GGUF files (it scales every activation)
@@ -123,19 +123,18 @@ def check_architecture(spec: ComponentSpec, checkpoint: Checkpoint) -> None:
                               f"file converted from this one.")
 
 
-def resolve_dtypes(spec: ComponentSpec, choice: str, device: torch.device,
-                   checkpoint: Checkpoint) -> tuple[torch.dtype, bool]:
-    """(the compute dtype, whether to quantize to FP8 at load) for a loader's dtype choice."""
-    if choice != FP8_CHOICE:
-        return loading.resolve_dtype(choice, device, component=spec.name, fp16_reason=spec.fp16_reason), False
+def quantize_at_load(spec: ComponentSpec, placement: Placement, checkpoint: Checkpoint) -> bool:
+    """Whether the ``fp8_e4m3fn`` choice quantizes this checkpoint's weights while loading (refused where the
+    component has no FP8 form or the file is quantized already)."""
+    if not placement.fp8:
+        return False
     if spec.quantize is None:
         raise CheckpointError(f"{spec.name} has no FP8 form: choose {', '.join(spec.dtypes)}.")
     if checkpoint.kind == "gguf":
         raise CheckpointError(f"{checkpoint.source} is already quantized ({checkpoint.format_name}); fp8_e4m3fn "
                               f"quantizes bf16/fp32 weights while loading. Choose auto, bf16 or fp32: the compute "
                               f"dtype the GGUF weights are dequantized to.")
-    compute = loading.resolve_dtype("auto", get_device(), component=spec.name)
-    return compute, checkpoint.kind == "safetensors"
+    return checkpoint.kind == "safetensors"
 
 
 def check_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
@@ -188,22 +187,22 @@ def fill(model: nn.Module, tensors: dict[str, torch.Tensor | Packed], *, spec: C
 
 
 def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: torch.device | str | None = None,
-                   *, config: Any = None, checkpoint: Checkpoint | None = None) -> nn.Module:
+                   *, compute_device: torch.device | str | None = None, config: Any = None,
+                   checkpoint: Checkpoint | None = None) -> nn.Module:
     """Load ``spec``'s component from ``path`` (release root, component folder, ``.safetensors`` or ``.gguf``
-    file) onto ``device`` (default: the compute device). ``dtype``: one of ``spec.dtypes``; for FP8 and GGUF
-    files it is the compute dtype the weights are dequantized to. ``config``: a typed config that replaces the
-    component's own; ``checkpoint``: tensors already read (a legacy ``.pt``)."""
-    device = torch.device(device) if device is not None else get_device()
+    file) onto ``device`` (default: the compute device), to compute on ``compute_device`` (default: ``device``).
+    ``dtype``: one of ``spec.dtypes``, resolved once against the compute device (``placement.place``); for FP8
+    and GGUF files it is the compute dtype the weights are dequantized to. ``config``: a typed config that
+    replaces the component's own; ``checkpoint``: tensors already read (a legacy ``.pt``)."""
+    placement = place(dtype, device, compute_device, component=spec.name, fp16_reason=spec.fp16_reason)
     source = loading.component_path(path, spec.subfolder) if checkpoint is None else path
-    if dtype != FP8_CHOICE:  # an impossible dtype fails before anything is read
-        loading.resolve_dtype(dtype, device, component=spec.name, fp16_reason=spec.fp16_reason)
     config = config if config is not None else config_from_files(spec, source)
     checkpoint = checkpoint or open_checkpoint(source)
     check_architecture(spec, checkpoint)
     if spec.quantize is None and checkpoint.kind not in ("safetensors", "tensors"):
         raise CheckpointError(f"{source} is a {checkpoint.format_name} file, but {spec.name} is only read from "
                               f"plain safetensors. Use the release's own weights.")
-    compute, quantize_fp8 = resolve_dtypes(spec, dtype, device, checkpoint)
+    quantize_fp8 = quantize_at_load(spec, placement, checkpoint)
     keys = list(checkpoint.shapes) + list(checkpoint.unavailable)
     if spec.check is not None:
         spec.check(keys, source)
@@ -216,9 +215,10 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
     with loading.meta_device():
         model = spec.build(config)
     check_state(model, {module_key: checkpoint.shapes[key] for key, module_key in names.items()}, source)
-    model = fill(model, checkpoint.load(names), spec=spec, dtype=compute, device=device, quantize_fp8=quantize_fp8)
-    if (checkpoint.kind == "fp8" or quantize_fp8) and not fp8.has_fp8_matmul(get_device()):
-        fp8.note_fallback(get_device(), compute)
+    model = fill(model, checkpoint.load(names), spec=spec, dtype=placement.dtype, device=placement.weights,
+                 quantize_fp8=quantize_fp8)
+    if (checkpoint.kind == "fp8" or quantize_fp8) and not fp8.has_fp8_matmul(placement.compute):
+        fp8.note_fallback(placement.compute, placement.dtype)
     log.info("%s: %s from %s, computing in %s", spec.name, "FP8 (quantized at load)" if quantize_fp8
-             else checkpoint.format_name, source, str(compute).removeprefix("torch."))
+             else checkpoint.format_name, source, str(placement.dtype).removeprefix("torch."))
     return model

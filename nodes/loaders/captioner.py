@@ -21,8 +21,8 @@ class GLMImageCaptionerLoader(ModelLoader):
             "dtype": dtype_input(),
         }}
 
-    def load_model(self, path, dtype, device):
-        return handles.ModelHandle(load_captioner(path, dtype=dtype, device=device))
+    def load_model(self, path, dtype, device, compute_device=None):
+        return handles.ModelHandle(load_captioner(path, dtype=dtype, device=device, compute_device=compute_device))
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCaptionerLoader": GLMImageCaptionerLoader}

@@ -18,9 +18,10 @@ class GLMImageCogView4TextEncoderLoader(ModelLoader):
     TOOLTIP = ("CogView4-6B release folder in models/glm_image, or a single .safetensors / .gguf file in "
                "models/text_encoders with tokenizer.json beside it.")
 
-    def load_model(self, path, dtype, device):
+    def load_model(self, path, dtype, device, compute_device=None):
         tokenizer = load_cogview4_tokenizer(path)
-        return handles.CogView4TextEncoder(glm_text_encoder.load_glm_text_encoder(path, dtype=dtype, device=device),
+        return handles.CogView4TextEncoder(glm_text_encoder.load_glm_text_encoder(path, dtype=dtype, device=device,
+                                                                                  compute_device=compute_device),
                                            tokenizer=tokenizer)
 
 
@@ -34,8 +35,9 @@ class GLMImageCogView4DecoderLoader(ModelLoader):
     TOOLTIP = ("CogView4-6B release folder, or a single .safetensors / .gguf file in models/diffusion_models (or "
                "models/unet).")
 
-    def load_model(self, path, dtype, device):
-        return handles.Decoder(cogview4_dit.load_cogview4_decoder(path, dtype=dtype, device=device),
+    def load_model(self, path, dtype, device, compute_device=None):
+        return handles.Decoder(cogview4_dit.load_cogview4_decoder(path, dtype=dtype, device=device,
+                                                                  compute_device=compute_device),
                                shift_settings=release_shift_settings(path))
 
 

@@ -17,9 +17,10 @@ class GLMImageARLoader(ModelLoader):
     TOOLTIP = ("Release folder in models/glm_image, or a single .safetensors / .gguf file in models/text_encoders "
                "with the release's processor/tokenizer.json beside it.")
 
-    def load_model(self, path, dtype, device):
+    def load_model(self, path, dtype, device, compute_device=None):
         tokenizer = load_text_tokenizer(path)
-        return handles.ARModel(model=glm_ar.load_ar_model(path, dtype=dtype, device=device), tokenizer=tokenizer)
+        return handles.ARModel(model=glm_ar.load_ar_model(path, dtype=dtype, device=device,
+                                                          compute_device=compute_device), tokenizer=tokenizer)
 
 
 class GLMImageTokenizerLoader(ModelLoader):
@@ -30,8 +31,9 @@ class GLMImageTokenizerLoader(ModelLoader):
     SPEC = semantic_tokenizer.SPEC
     TOOLTIP = "Release folder, or the AR model's original single safetensors file."
 
-    def load_model(self, path, dtype, device):
-        return handles.ModelHandle(semantic_tokenizer.load_semantic_tokenizer(path, dtype=dtype, device=device))
+    def load_model(self, path, dtype, device, compute_device=None):
+        return handles.ModelHandle(semantic_tokenizer.load_semantic_tokenizer(path, dtype=dtype, device=device,
+                                                                              compute_device=compute_device))
 
 
 class GLMImageDecoderLoader(ModelLoader):
@@ -43,8 +45,9 @@ class GLMImageDecoderLoader(ModelLoader):
     SPEC = glm_image_dit.SPEC
     TOOLTIP = "Release folder, or a single .safetensors / .gguf file in models/diffusion_models (or models/unet)."
 
-    def load_model(self, path, dtype, device):
-        return handles.Decoder(glm_image_dit.load_decoder(path, dtype=dtype, device=device),
+    def load_model(self, path, dtype, device, compute_device=None):
+        return handles.Decoder(glm_image_dit.load_decoder(path, dtype=dtype, device=device,
+                                                          compute_device=compute_device),
                                shift_settings=release_shift_settings(path))
 
 
@@ -55,8 +58,9 @@ class GLMImageGlyphEncoderLoader(ModelLoader):
     SPEC = t5_encoder.SPEC
     TOOLTIP = "Release folder, or a single .safetensors / .gguf file in models/text_encoders."
 
-    def load_model(self, path, dtype, device):
-        return handles.ModelHandle(t5_encoder.load_glyph_encoder(path, dtype=dtype, device=device))
+    def load_model(self, path, dtype, device, compute_device=None):
+        return handles.ModelHandle(t5_encoder.load_glyph_encoder(path, dtype=dtype, device=device,
+                                                                 compute_device=compute_device))
 
 
 class GLMImageVAELoader(ModelLoader):
@@ -76,8 +80,9 @@ class GLMImageVAELoader(ModelLoader):
             "tooltip": "Latent normalization for a single file without config.json; a release folder's config wins."})}
         return inputs
 
-    def load_model(self, path, dtype, device, family="glm_image"):
-        return handles.ModelHandle(vae.load_vae(path, dtype=dtype, device=device, family=family))
+    def load_model(self, path, dtype, device, family="glm_image", compute_device=None):
+        return handles.ModelHandle(vae.load_vae(path, dtype=dtype, device=device, family=family,
+                                                compute_device=compute_device))
 
 
 NODE_CLASS_MAPPINGS = {
