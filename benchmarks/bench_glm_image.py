@@ -49,9 +49,9 @@ from glm_image_nodes.core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageA
 from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig  # noqa: E402
 from glm_image_nodes.core.models.t5_encoder import T5Config, T5Encoder  # noqa: E402
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig  # noqa: E402
-from glm_image_nodes.core.runtime import comfy_compat  # noqa: E402
+from glm_image_nodes.core.host import comfy_compat  # noqa: E402
 from glm_image_nodes.core.runtime.attention import BACKENDS, attention_backend  # noqa: E402
-from glm_image_nodes.core.runtime.handles import TokenGrid  # noqa: E402
+from glm_image_nodes.core.stages.handles import TokenGrid  # noqa: E402
 from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import ARInputs, build_ar_inputs, load_text_tokenizer  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import DECODE_STEPS, generate_token_grid  # noqa: E402

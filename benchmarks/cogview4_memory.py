@@ -42,8 +42,9 @@ from bench_glm_image import (
 from glm_image_nodes.core.models.cogview4_dit import CogView4DiT, CogView4DiTConfig
 from glm_image_nodes.core.models.glm_text_encoder import GlmConfig, GlmTextEncoder
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig
-from glm_image_nodes.core.runtime import comfy_compat, handles
-from glm_image_nodes.core.runtime.loading import read_json
+from glm_image_nodes.core.host import comfy_compat
+from glm_image_nodes.core.stages import handles
+from glm_image_nodes.core.formats.reading import read_json
 from glm_image_nodes.core.stages.cogview4_text import CogView4Tokenizer, load_cogview4_tokenizer
 from glm_image_nodes.core.stages.flow_schedule import read_shift_settings
 from glm_image_nodes.nodes.sampling.cogview4 import (

@@ -5,11 +5,12 @@ import inspect
 
 import torch
 
-from ..core.runtime import checks, comfy_compat
+from ..core.runtime import checks
+from ..core.host import comfy_compat
 from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
-from ..core.runtime.loading import resolve_dtype
-from ..core.runtime.residency import resolve_blocks
+from ..core.formats.reading import resolve_dtype
+from ..core.loading.residency import resolve_blocks
 
 CATEGORY = "GLM-Image"
 MAX_SEED = checks.MAX_SEED

@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 from glm_image_nodes.core.models.glm_ar import load_ar_model
-from glm_image_nodes.core.runtime import comfy_compat, loading
-from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.host import comfy_compat
+from glm_image_nodes.core.formats import reading
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import filter_logits, generate_token_grid
 from PIL import Image
@@ -66,7 +67,7 @@ def test_loader_paths_and_weights(release, tmp_path, monkeypatch):
         assert torch.equal(ours[k.removeprefix("model.language_model.")], v), k
 
     read = []
-    real_safe_open = loading.safe_open
+    real_safe_open = reading.safe_open
 
     class Recording:
         def __init__(self, *a, **kw):
@@ -89,7 +90,7 @@ def test_loader_paths_and_weights(release, tmp_path, monkeypatch):
             read.append(key)
             return self.sf.get_tensor(key)
 
-    monkeypatch.setattr(loading, "safe_open", Recording)
+    monkeypatch.setattr(reading, "safe_open", Recording)
     folder = load_ar_model(str(root / "vision_language_encoder"), dtype="fp32", device="cpu")
     assert len(read) == len(ref) and not any(k.startswith(("model.visual", "model.vqmodel")) for k in read)
     monkeypatch.undo()

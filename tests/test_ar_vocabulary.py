@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from glm_image_nodes.core.models.glm_ar import load_ar_model
-from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.stages.ar_prompt import ARVocabulary, build_ar_inputs, load_text_tokenizer, read_ar_vocabulary
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES

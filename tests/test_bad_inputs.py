@@ -10,9 +10,11 @@ import math
 
 import pytest
 import torch
-from glm_image_nodes.core.runtime import checks, comfy_compat, handles
+from glm_image_nodes.core.runtime import checks
+from glm_image_nodes.core.host import comfy_compat
+from glm_image_nodes.core.stages import handles
 from glm_image_nodes.core.runtime.checks import MAX_SEED, NonFiniteOutput
-from glm_image_nodes.core.runtime.handles import TokenGrid
+from glm_image_nodes.core.stages.handles import TokenGrid
 from glm_image_nodes.core.stages import ar_sampling
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid

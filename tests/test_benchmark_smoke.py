@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from benchmark_scripts import load_benchmark
-from glm_image_nodes.core.runtime import comfy_compat
+from glm_image_nodes.core.host import comfy_compat
 from glm_image_nodes.core.stages import ar_sampling, decoder_sampling
 
 pytest.importorskip("diffusers")

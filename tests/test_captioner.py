@@ -18,7 +18,7 @@ from glm_image_nodes.core.models.captioner import (
     rerank,
     strip_reasoning,
 )
-from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.formats.reading import CheckpointError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_glmv import IMAGE_SIZE, reference_processor, write_tiny_glmv  # noqa: E402

@@ -14,7 +14,7 @@ from comfyui_server import AVAILABLE, ROOT, SKIP_REASON, comfyui
 if not AVAILABLE:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
-from glm_image_nodes.core.formats import conversion  # noqa: E402
+from glm_image_nodes.core.convert import conversion  # noqa: E402
 from glm_image_nodes.core.models import glm_image_dit  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.headless.executor import Executor  # noqa: E402

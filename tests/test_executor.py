@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from glm_image_nodes.core.runtime import comfy_compat
+from glm_image_nodes.core.host import comfy_compat
 from glm_image_nodes.headless.executor import Executor, NodeFailed, WorkflowError
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES
 from glm_image_nodes.testing.tiny_release import write_tiny_release

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.pipelines.glm_image.pipeline_glm_image import GlmImagePipeline
 from glm_image_nodes.core.models.t5_encoder import load_glyph_encoder
-from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.stages.glyph import (
     encode_glyph_texts,
     extract_glyph_texts,

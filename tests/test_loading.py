@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 from glm_image_nodes.core.formats.checkpoint import open_checkpoint
-from glm_image_nodes.core.runtime import comfy_compat
-from glm_image_nodes.core.runtime.components import check_state
-from glm_image_nodes.core.runtime.loading import CheckpointError, component_path, meta_device, resolve_dtype
+from glm_image_nodes.core.host import comfy_compat
+from glm_image_nodes.core.loading.components import check_state
+from glm_image_nodes.core.formats.reading import CheckpointError, component_path, meta_device, resolve_dtype
 from safetensors.torch import save_file
 
 
@@ -71,7 +71,7 @@ def test_out_of_memory_names_the_stage_and_what_to_lower():
 
 
 def test_out_of_memory_while_moving_weights_says_so(monkeypatch):
-    from glm_image_nodes.core.runtime import residency
+    from glm_image_nodes.core.loading import residency
 
     module = torch.nn.Linear(4, 4)
     before = module.weight.data_ptr()
@@ -89,7 +89,7 @@ def test_out_of_memory_while_moving_weights_says_so(monkeypatch):
 
 def test_block_swap_streams_each_swapped_block_and_leaves_no_hooks(monkeypatch):
     """On a CPU-only machine nothing moves, so the test records what the swap asks to move and when."""
-    from glm_image_nodes.core.runtime import residency
+    from glm_image_nodes.core.loading import residency
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     calls, real = [], residency._point_to

@@ -10,7 +10,7 @@ from glm_image_nodes.core.formats.lora_files import read_lora
 from glm_image_nodes.core.formats.lora_targets import AR, COGVIEW4_DIT, GLM_IMAGE_DIT, linear_shapes, load_lora
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
-from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.testing.tiny_lora import (
     AR_TARGETS,
     DIT_TARGETS,

@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
-from glm_image_nodes.core.formats import conversion
+from glm_image_nodes.core.convert import conversion
 from glm_image_nodes.core.formats.layers import packed_layers
 from glm_image_nodes.core.formats.lora_targets import AR, GLM_IMAGE_DIT, load_lora
 from glm_image_nodes.core.models import glm_image_dit
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
-from glm_image_nodes.core.runtime.handles import GlyphConditioning, TokenGrid
-from glm_image_nodes.core.runtime.lora_patches import AppliedLora, installed
+from glm_image_nodes.core.stages.handles import GlyphConditioning, TokenGrid
+from glm_image_nodes.core.loading.lora_patches import AppliedLora, installed
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents as decode
 from glm_image_nodes.headless.executor import Executor

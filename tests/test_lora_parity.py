@@ -16,7 +16,7 @@ from glm_image_nodes.core.formats.lora_targets import AR, COGVIEW4_DIT, GLM_IMAG
 from glm_image_nodes.core.models.cogview4_dit import load_cogview4_decoder  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import load_ar_model  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
-from glm_image_nodes.core.runtime.lora_patches import AppliedLora, installed  # noqa: E402
+from glm_image_nodes.core.loading.lora_patches import AppliedLora, installed  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_cogview4_latents  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402

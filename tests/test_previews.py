@@ -8,9 +8,9 @@ import torch
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
 from glm_image_nodes.core.models.vae import load_vae
-from glm_image_nodes.core.runtime import comfy_compat
+from glm_image_nodes.core.host import comfy_compat
 from glm_image_nodes.core.runtime.geometry import target_grid
-from glm_image_nodes.core.runtime.handles import ARModel, GlyphConditioning, TokenGrid
+from glm_image_nodes.core.stages.handles import ARModel, GlyphConditioning, TokenGrid
 from glm_image_nodes.core.stages import latent_preview, token_preview
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid

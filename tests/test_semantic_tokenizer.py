@@ -21,10 +21,10 @@ from glm_image_nodes.core.models.semantic_tokenizer import (
     tokenize_image,
     tokenize_images,
 )
-from glm_image_nodes.core.runtime import loading
+from glm_image_nodes.core.formats import reading
 from glm_image_nodes.core.runtime.geometry import normalize_reference_size, smart_resize
 from glm_image_nodes.core.runtime.images import resize_reference, to_rgb01, to_uint8
-from glm_image_nodes.core.runtime.loading import CheckpointError, meta_device
+from glm_image_nodes.core.formats.reading import CheckpointError, meta_device
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -133,7 +133,7 @@ def test_loader_reads_only_vision_and_vq(release, monkeypatch):
     assert lm_only, "the fixture must put language-model weights in shards of their own"
 
     opened, read = [], []
-    real_safe_open = loading.safe_open
+    real_safe_open = reading.safe_open
 
     class Spy:
         def __init__(self, path, **kwargs):
@@ -157,7 +157,7 @@ def test_loader_reads_only_vision_and_vq(release, monkeypatch):
             read.append(key)
             return self._file.get_tensor(key)
 
-    monkeypatch.setattr(loading, "safe_open", Spy)
+    monkeypatch.setattr(reading, "safe_open", Spy)
     tokenizer = load_semantic_tokenizer(str(root), dtype="fp32", device="cpu")
 
     assert read and all(k.startswith(("model.visual.", "model.vqmodel.")) for k in read)
@@ -182,7 +182,7 @@ def test_single_file_infers_config(tmp_path, processor):
 
 
 def test_release_config_matches_documented_shapes():
-    cfg = SemanticTokenizerConfig.from_release_config(loading.read_config(f"{REFERENCE}/vision_language_encoder"), "ref")
+    cfg = SemanticTokenizerConfig.from_release_config(reading.read_config(f"{REFERENCE}/vision_language_encoder"), "ref")
     assert cfg == SemanticTokenizerConfig()
     with meta_device():
         tokenizer = SemanticTokenizer(cfg)

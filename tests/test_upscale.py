@@ -238,7 +238,7 @@ def test_nodes(glm):
     assert node.CATEGORY == refine.CATEGORY == "GLM-Image/upscale"
     assert set(refine.INPUT_TYPES()["required"]) >= {"decoder", "vae", "conditioning", "image", "scale", "strength"}
     batch = torch.stack([landscape(64, seed=0), landscape(64, seed=1)])
-    from glm_image_nodes.core.runtime import handles
+    from glm_image_nodes.core.stages import handles
     (out,) = node().upscale(handles.Decoder(glm.decoder), handles.ModelHandle(glm.vae),
                             handles.ModelHandle(glm.tokenizer), glm.glyph, batch, seed=0, steps=2, guidance=1.5,
                             strength=1.0, use_reference=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as ReferenceVAE
 from glm_image_nodes.core.models.vae import blend_weights, load_vae, tile_layout
-from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.formats.reading import CheckpointError
 
 MEAN = [0.1 * i - 0.7 for i in range(16)]
 STD = [0.5 + 0.1 * i for i in range(16)]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.loading import CheckpointError, open_safetensors
+from .reading import CheckpointError, open_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

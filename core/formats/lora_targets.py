@@ -15,8 +15,8 @@ from typing import Callable
 
 from torch import nn
 
-from ..runtime.comfy_compat import log
-from ..runtime.loading import CheckpointError
+from ..host.comfy_compat import log
+from .reading import CheckpointError
 from .lora_files import LoraFile, LoraLayer, read_lora
 
 SHOWN = 8  # module names quoted in a message

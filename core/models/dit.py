@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cuda import dispatch
-from ..runtime import components
+from ..loading import components
 from ..runtime.attention import attention
-from ..runtime.loading import CheckpointError
-from ..runtime.residency import placed_device
+from ..formats.reading import CheckpointError
+from ..loading.residency import placed_device
 from ..stages.flow_schedule import ShiftSettings, read_shift_settings
 from .step_cache import BranchCache
 

@@ -17,10 +17,10 @@ from torch import nn
 
 from ..cuda import dispatch
 from ..cuda.rope import apply_partial_rope
-from ..runtime import components
+from ..loading import components
 from ..runtime.attention import attention, cached_decode_attention
-from ..runtime.loading import CheckpointError
-from ..runtime.residency import placed_device
+from ..formats.reading import CheckpointError
+from ..loading.residency import placed_device
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections, RMSNorm
 
 PREFIX = "model.language_model."

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime import components
+from ..loading import components
 from .dit import (
     KV_MODES,
     DiTConfig,

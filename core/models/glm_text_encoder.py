@@ -16,10 +16,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 
-from ..runtime import components
+from ..loading import components
 from ..runtime.attention import attention
-from ..runtime.comfy_compat import check_interrupt
-from ..runtime.loading import CheckpointError
+from ..host.comfy_compat import check_interrupt
+from ..formats.reading import CheckpointError
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections
 
 

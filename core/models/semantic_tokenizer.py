@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..runtime import components, loading
+from ..loading import components
+from ..formats import reading
 from ..runtime.attention import attention
 from ..runtime.geometry import MAX_PIXELS, MIN_PIXELS, PATCH_SIZE, check_token_grid_size, smart_resize
 from ..runtime.images import resize_reference, to_rgb01, to_uint8
-from ..runtime.loading import CheckpointError
-from ..runtime.residency import placed_device
+from ..formats.reading import CheckpointError
+from ..loading.residency import placed_device
 
 VISION_PREFIX = "model.visual."
 VQ_PREFIX = "model.vqmodel."
@@ -291,7 +292,7 @@ def _processor_limits(path: str) -> dict:
     config = os.path.join(path, "processor", "preprocessor_config.json")
     if not (os.path.isdir(path) and os.path.isfile(config)):
         return {}
-    values = loading.read_json(config)
+    values = reading.read_json(config)
     return {k: int(values[k]) for k in ("min_pixels", "max_pixels") if k in values}
 
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats.layers import compute_dtype
-from ..runtime import components
+from ..loading import components
 from ..runtime.attention import attention
-from ..runtime.loading import CheckpointError
+from ..formats.reading import CheckpointError
 
 FP16_REASON = "T5 activations exceed the fp16 range (the feed-forward overflows to inf/NaN)."
 

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import components, loading
+from ..loading import components
+from ..formats import reading
 from ..runtime.attention import attention
 from ..runtime.checks import check_finite_output
-from ..runtime.comfy_compat import Progress, log
+from ..host.comfy_compat import Progress, log
 from ..runtime.geometry import check_multiple_of
-from ..runtime.loading import CheckpointError
-from ..runtime.residency import placed_device
+from ..formats.reading import CheckpointError
+from ..loading.residency import placed_device
 
 FP16_REASON = "the VAE's activations overflow fp16 (NaN, black images)."
 
@@ -428,9 +429,9 @@ def load_vae(path: str, dtype: str = "auto", device: torch.device | str | None =
     if family is not None and family not in FAMILY_NORMALIZATION:
         raise ValueError(f"family must be one of {', '.join(FAMILY_NORMALIZATION)}; got {family!r}.")
     if isinstance(config, str):
-        config = loading.read_json(config)
-    component = loading.component_path(path, "vae")
-    if config is None and family is not None and loading.config_or_none(component) is not None:
+        config = reading.read_json(config)
+    component = reading.component_path(path, "vae")
+    if config is None and family is not None and reading.config_or_none(component) is not None:
         log.info("VAE: %s has a config.json; its latent normalization is used, not family=%s.", component, family)
     spec = dataclasses.replace(SPEC, config_from_shapes=_config_from_shapes(family))
     typed = VAEConfig.from_dict(config, source=component) if config is not None else None

@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from ..runtime.geometry import TargetGrid, target_grid
-from ..runtime.loading import CheckpointError, read_json
+from ..formats.reading import CheckpointError, read_json
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch
 
 from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
 from ..runtime import checks
-from ..runtime.comfy_compat import OutOfMemory, Progress, available_memory
-from ..runtime.handles import TokenGrid
+from ..host.comfy_compat import OutOfMemory, Progress, available_memory
+from .handles import TokenGrid
 from .ar_prompt import TextTokenizer, build_ar_inputs
 
 

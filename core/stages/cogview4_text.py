@@ -17,8 +17,8 @@ from tokenizers import AddedToken, Tokenizer, processors
 from ..formats.layers import compute_dtype
 from ..models.glm_text_encoder import GlmTextEncoder
 from ..runtime.checks import check_finite_output, check_text
-from ..runtime.loading import CheckpointError, component_path
-from ..runtime.residency import placed_device
+from ..formats.reading import CheckpointError, component_path
+from ..loading.residency import placed_device
 
 log = logging.getLogger(__name__)
 

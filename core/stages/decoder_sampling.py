@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from ..models.dit import compiled_blocks
 from ..models.step_cache import StepCache
 from ..runtime import checks
-from ..runtime.comfy_compat import Progress
+from ..host.comfy_compat import Progress
 from ..runtime.geometry import check_latent_size, patch_count
-from ..runtime.handles import GlyphConditioning, ReferenceImages
+from .handles import GlyphConditioning, ReferenceImages
 from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime.loading import CheckpointError, read_json
+from ..formats.reading import CheckpointError, read_json
 
 
 @dataclass(frozen=True)

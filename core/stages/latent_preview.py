@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..runtime import comfy_compat
-from ..runtime.comfy_compat import log
+from ..host import comfy_compat
+from ..host.comfy_compat import log
 from ..runtime.geometry import PREVIEW_FIT_COARSE, PREVIEW_FIT_LATENT_SIDE
 
 FIT_LATENTS = 4        # 4 latents of 32x32: 4096 cells for 17 unknowns per colour

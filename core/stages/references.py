@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..models.semantic_tokenizer import SemanticTokenizer, tokenize_image
 from ..models.vae import GlmVAE
 from ..runtime.geometry import normalize_reference_size
-from ..runtime.handles import ReferenceImages, upsample_ids
+from .handles import ReferenceImages, upsample_ids
 from ..runtime.images import resize_reference, to_rgb01
 
 

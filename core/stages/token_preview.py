@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..runtime import comfy_compat
+from ..host import comfy_compat
 from ..runtime.geometry import preview_cell
-from ..runtime.handles import TokenGrid
+from .handles import TokenGrid
 from .ar_prompt import ARVocabulary
 
 CODEBOOK_SIZE = ARVocabulary.codebook_size  # the release's; a loaded AR model's comes from its config

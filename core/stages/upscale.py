@@ -18,7 +18,7 @@ from ..models.semantic_tokenizer import SemanticTokenizer, tokenize_image
 from ..models.vae import GlmVAE
 from ..runtime import checks
 from ..runtime.geometry import LARGE_ALTERNATIVE, MAX_SIDE, check_cogview4_size, scaled_size, upscale_2x_size
-from ..runtime.handles import GlyphConditioning, upsample_ids
+from .handles import GlyphConditioning, upsample_ids
 from ..runtime.images import to_rgb01
 from .decoder_sampling import sample_cogview4_latents, sample_latents
 from .flow_schedule import ShiftSettings

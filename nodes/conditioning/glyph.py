@@ -1,7 +1,8 @@
 """Glyph conditioning: the quoted text of the prompt (or an explicit list) -> Glyph-ByT5 embeddings."""
 from __future__ import annotations
 
-from ...core.runtime import comfy_compat, handles
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ...core.stages.glyph import glyph_conditioning, glyph_texts
 from ..common import answer, category, check_now
 

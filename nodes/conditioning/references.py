@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from ...core.models.semantic_tokenizer import tokenize_images
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime import checks
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ...core.runtime.geometry import check_token_grid_size
 from ...core.stages.references import prepare_references, reference_sizes
 from ..common import answer, category, check_now, size_input

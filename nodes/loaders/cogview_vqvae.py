@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ...core.models.cogview_vqvae import load_cogview_vqvae
-from ...core.runtime import comfy_compat, handles
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ..common import category
 
 

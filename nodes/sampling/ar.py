@@ -1,7 +1,9 @@
 """AR token sampling: prompt (and optional reference images) -> a semantic-VQ token grid."""
 from __future__ import annotations
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime import checks
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_glm_image_size
 from ...core.stages.ar_sampling import DECODE_STEPS, check_sampling_settings, generate_token_grid

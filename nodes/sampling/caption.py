@@ -3,7 +3,9 @@ transformers)."""
 from __future__ import annotations
 
 from ...core.models.captioner import PRESETS, caption_image, check_caption_settings, check_rerank_prompt, rerank
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime import checks
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ...core.stages.prompt_enhance import LANGUAGES, check_prompt_to_enhance, enhance_prompt
 from ..common import MAX_SEED, answer, category, check_now
 

@@ -1,7 +1,9 @@
 """CogView4-6B: prompt encoding (positive and negative) and decoder sampling to LATENT."""
 from __future__ import annotations
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime import checks
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_cogview4_size
 from ...core.stages.cogview4_text import encode_cogview4_prompt

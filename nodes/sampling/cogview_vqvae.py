@@ -1,7 +1,9 @@
 """The CogView (v1) VQ-VAE: 8192 codes, 8x downsampling; IMAGE <-> token grid."""
 from __future__ import annotations
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime import checks
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ..common import category
 
 

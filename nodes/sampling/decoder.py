@@ -1,7 +1,8 @@
 """Decoder sampling: token grid + glyph conditioning -> LATENT (flow matching with CFG)."""
 from __future__ import annotations
 
-from ...core.runtime import comfy_compat, handles
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_token_grid_shape
 from ...core.stages.decoder_sampling import check_sampler_settings, sample_latents

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime import checks
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ...core.runtime.geometry import upscale_2x_size
 from ...core.stages.decoder_sampling import check_sampler_settings
 from ...core.stages.latent_preview import COGVIEW4, GLM_IMAGE, decoder_preview

@@ -1,7 +1,9 @@
 """VAE decode (LATENT -> IMAGE) and encode (IMAGE -> LATENT)."""
 from __future__ import annotations
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime import checks
+from ...core.host import comfy_compat
+from ...core.stages import handles
 from ..common import category
 
 

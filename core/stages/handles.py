@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..stages.flow_schedule import ShiftSettings
+from .flow_schedule import ShiftSettings
 
 # socket type names
 AR_MODEL = "GLMIMAGE_AR"

@@ -153,8 +153,8 @@ def model_patcher(item):
     ``load_models_gpu`` keeps the model resident between runs, evicts it for other models, or loads it
     partially (the rest streamed per layer)."""
     from .comfy_patcher import PackModelPatcher
-    from .lora_patches import comfy_lora_patcher
-    from .residency import streamable
+    from ..loading.lora_patches import comfy_lora_patcher
+    from ..loading.residency import streamable
 
     patcher = getattr(item, "patcher", None)
     if patcher is None:
@@ -171,7 +171,7 @@ def model_patcher(item):
 def _comfy_placement(items, device: torch.device, memory_required: int):
     from contextlib import ExitStack
 
-    from .residency import EXECUTION_DEVICE, resident
+    from ..loading.residency import EXECUTION_DEVICE, resident
 
     for item in items:
         if getattr(item, "block_swap", 0):
@@ -194,8 +194,8 @@ def _comfy_placement(items, device: torch.device, memory_required: int):
 def _swap_placement(items, device: torch.device):
     from contextlib import ExitStack
 
-    from .lora_patches import installed
-    from .residency import resident, resolve_blocks
+    from ..loading.lora_patches import installed
+    from ..loading.residency import resident, resolve_blocks
 
     with ExitStack() as stack:
         for item in items:

@@ -28,9 +28,9 @@ from torch import nn
 from ..formats import fp8
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.layers import Packed, adopt, dequantize_packed
-from . import loading
-from .comfy_compat import get_device, log
-from .loading import CheckpointError
+from ..formats import reading
+from ..host.comfy_compat import get_device, log
+from ..formats.reading import CheckpointError
 
 FP8_CHOICE = "fp8_e4m3fn"
 # Roles of a tensor in a component that has weight formats (``ComponentSpec.quantize``):
@@ -85,11 +85,11 @@ def config_from_json(config_type: type, data: dict) -> Any:
 def config_from_files(spec: ComponentSpec, source: str) -> Any | None:
     """The component's config from a ``config.json``: the folder's, or (``config_beside_file``) the one beside a
     single file; None when there is none."""
-    folder_config = loading.config_or_none(source)
+    folder_config = reading.config_or_none(source)
     if folder_config is None and spec.config_beside_file and os.path.isfile(source):
         beside = os.path.join(os.path.dirname(os.path.abspath(source)), "config.json")
         if os.path.isfile(beside):
-            raw = loading.read_json(beside)
+            raw = reading.read_json(beside)
             folder_config = raw if spec.config_key is None or spec.config_key in raw else None
     if folder_config is None:
         return None
@@ -127,14 +127,14 @@ def resolve_dtypes(spec: ComponentSpec, choice: str, device: torch.device,
                    checkpoint: Checkpoint) -> tuple[torch.dtype, bool]:
     """(the compute dtype, whether to quantize to FP8 at load) for a loader's dtype choice."""
     if choice != FP8_CHOICE:
-        return loading.resolve_dtype(choice, device, component=spec.name, fp16_reason=spec.fp16_reason), False
+        return reading.resolve_dtype(choice, device, component=spec.name, fp16_reason=spec.fp16_reason), False
     if spec.quantize is None:
         raise CheckpointError(f"{spec.name} has no FP8 form: choose {', '.join(spec.dtypes)}.")
     if checkpoint.kind == "gguf":
         raise CheckpointError(f"{checkpoint.source} is already quantized ({checkpoint.format_name}); fp8_e4m3fn "
                               f"quantizes bf16/fp32 weights while loading. Choose auto, bf16 or fp32: the compute "
                               f"dtype the GGUF weights are dequantized to.")
-    compute = loading.resolve_dtype("auto", get_device(), component=spec.name)
+    compute = reading.resolve_dtype("auto", get_device(), component=spec.name)
     return compute, checkpoint.kind == "safetensors"
 
 
@@ -194,9 +194,9 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
     files it is the compute dtype the weights are dequantized to. ``config``: a typed config that replaces the
     component's own; ``checkpoint``: tensors already read (a legacy ``.pt``)."""
     device = torch.device(device) if device is not None else get_device()
-    source = loading.component_path(path, spec.subfolder) if checkpoint is None else path
+    source = reading.component_path(path, spec.subfolder) if checkpoint is None else path
     if dtype != FP8_CHOICE:  # an impossible dtype fails before anything is read
-        loading.resolve_dtype(dtype, device, component=spec.name, fp16_reason=spec.fp16_reason)
+        reading.resolve_dtype(dtype, device, component=spec.name, fp16_reason=spec.fp16_reason)
     config = config if config is not None else config_from_files(spec, source)
     checkpoint = checkpoint or open_checkpoint(source)
     check_architecture(spec, checkpoint)
@@ -213,7 +213,7 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
     if absent:
         raise CheckpointError(f"{source}: the index lists shards that are missing and hold weights of "
                               f"{spec.name}: {', '.join(absent)}. Download them too.")
-    with loading.meta_device():
+    with reading.meta_device():
         model = spec.build(config)
     check_state(model, {module_key: checkpoint.shapes[key] for key, module_key in names.items()}, source)
     model = fill(model, checkpoint.load(names), spec=spec, dtype=compute, device=device, quantize_fp8=quantize_fp8)
