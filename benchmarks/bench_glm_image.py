@@ -49,7 +49,7 @@ from glm_image_nodes.core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageA
 from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig  # noqa: E402
 from glm_image_nodes.core.models.t5_encoder import T5Config, T5Encoder  # noqa: E402
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig  # noqa: E402
-from glm_image_nodes.core.host import comfy_compat  # noqa: E402
+from glm_image_nodes.core.host import progress  # noqa: E402
 from glm_image_nodes.core.runtime.attention import BACKENDS, attention_backend  # noqa: E402
 from glm_image_nodes.core.stages.handles import TokenGrid  # noqa: E402
 from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
@@ -186,8 +186,8 @@ class BudgetProgress:
 
 @contextlib.contextmanager
 def counting(clock: Clock):
-    """Every loaded pack module that reports through ``comfy_compat.Progress`` reports to ``clock`` instead."""
-    original = comfy_compat.Progress
+    """Every loaded pack module that reports through ``progress.Progress`` reports to ``clock`` instead."""
+    original = progress.Progress
     modules = [m for name, m in list(sys.modules.items())
                if name.startswith("glm_image_nodes.") and getattr(m, "Progress", None) is original]
     for m in modules:

@@ -6,7 +6,8 @@ import inspect
 import torch
 
 from ..core.runtime import checks
-from ..core.host import comfy_compat
+from ..core.runtime import devices
+from ..core.host import folders
 from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
 from ..core.formats.reading import resolve_dtype
@@ -28,10 +29,10 @@ def checkpoint_choices(single_file_folder: str, gguf: bool = False) -> list[str]
 
     Outside ComfyUI nothing is listed; the loaders also accept a path.
     """
-    files = comfy_compat.list_single_files(single_file_folder)
+    files = folders.list_single_files(single_file_folder)
     if gguf:
-        files += comfy_compat.list_gguf_files(single_file_folder)
-    return comfy_compat.list_release_folders() + files
+        files += folders.list_gguf_files(single_file_folder)
+    return folders.list_release_folders() + files
 
 
 def checkpoint_input(single_file_folder: str, tooltip: str, gguf: bool = False):
@@ -50,7 +51,7 @@ def load_dtype(choice: str) -> str:
     """Loaders keep weights on the offload device; ``auto`` still means what suits the compute device."""
     if choice != "auto":
         return choice
-    return "bf16" if resolve_dtype("auto", comfy_compat.get_device(), component="model") == torch.bfloat16 else "fp32"
+    return "bf16" if resolve_dtype("auto", devices.get_device(), component="model") == torch.bfloat16 else "fp32"
 
 
 def seed_input():
@@ -175,8 +176,8 @@ class ModelLoader:
         return inputs
 
     def load(self, checkpoint, dtype, block_swap=0, **options):
-        path = comfy_compat.resolve_checkpoint(checkpoint, self.FOLDER)
-        handle = self.load_model(path, load_dtype(dtype), comfy_compat.offload_device(), **options)
+        path = folders.resolve_checkpoint(checkpoint, self.FOLDER)
+        handle = self.load_model(path, load_dtype(dtype), devices.offload_device(), **options)
         handle.path = path
         if self.SPEC is not None:
             handle.blocks = self.SPEC.blocks

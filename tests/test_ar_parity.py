@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from glm_image_nodes.core.models.glm_ar import load_ar_model
-from glm_image_nodes.core.host import comfy_compat
+from glm_image_nodes.core.host import interrupts
 from glm_image_nodes.core.formats import reading
 from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
@@ -270,11 +270,11 @@ def test_interrupt_raises_and_model_stays_usable(release):
     def interrupt_at_step_6(module, args, output):
         steps.append(1)
         if len(steps) == 6:
-            comfy_compat.request_interrupt()
+            interrupts.request_interrupt()
 
     hook = model.register_forward_hook(interrupt_at_step_6)
     try:
-        with pytest.raises(comfy_compat.Interrupted):
+        with pytest.raises(interrupts.Interrupted):
             _edit(model, tok, 5)
     finally:
         hook.remove()

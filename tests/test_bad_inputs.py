@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from glm_image_nodes.core.runtime import checks
-from glm_image_nodes.core.host import comfy_compat
+from glm_image_nodes.core.host import memory
 from glm_image_nodes.core.stages import handles
 from glm_image_nodes.core.runtime.checks import MAX_SEED, NonFiniteOutput
 from glm_image_nodes.core.stages.handles import TokenGrid
@@ -248,7 +248,7 @@ def test_a_prefill_that_would_not_fit_is_refused_before_allocating(models, basel
     allocated = []
     monkeypatch.setattr(ar.model, "new_cache", lambda *a, **k: allocated.append(a))
     monkeypatch.setattr(ar_sampling, "available_memory", lambda device, need: 1 << 20)
-    with pytest.raises(comfy_compat.OutOfMemory) as error:
+    with pytest.raises(memory.OutOfMemory) as error:
         generate_token_grid(ar.model, ar.tokenizer, "a cat " * 200, 1024, 1024, seed=0, num_images=4)
     message = str(error.value)
     inputs = build_ar_inputs(ar.tokenizer, ["a cat " * 200] * 4, 1024, 1024)

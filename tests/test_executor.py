@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from glm_image_nodes.core.host import comfy_compat
+from glm_image_nodes.core.host import interrupts
 from glm_image_nodes.headless.executor import Executor, NodeFailed, WorkflowError
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES
 from glm_image_nodes.testing.tiny_release import write_tiny_release
@@ -132,13 +132,13 @@ def test_round_trip_saves_inside_the_output_folder(release, folders):
 
 def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, folders):
     executor = Executor(NODES, folders[0], input_dir=folders[1])
-    comfy_compat.request_interrupt()
+    interrupts.request_interrupt()
     assert len(executor.run(round_trip(release))) == 1
     # while running it does stop the run, with the node named
     decode = NODES["GLMImageVAEDecode"].decode
 
     def interrupted(self, vae, latent, tiling):
-        comfy_compat.request_interrupt()
+        interrupts.request_interrupt()
         return decode(self, vae, latent, tiling)
 
     NODES["GLMImageVAEDecode"].decode = interrupted
@@ -148,7 +148,7 @@ def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, 
             executor.run(round_trip(release))
     finally:
         NODES["GLMImageVAEDecode"].decode = decode
-    assert isinstance(error.value.error, comfy_compat.Interrupted)
+    assert isinstance(error.value.error, interrupts.Interrupted)
     assert len(executor.run(round_trip(release))) == 1
 
 

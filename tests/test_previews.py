@@ -8,7 +8,7 @@ import torch
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
 from glm_image_nodes.core.models.vae import load_vae
-from glm_image_nodes.core.host import comfy_compat
+from glm_image_nodes.core.host import progress
 from glm_image_nodes.core.runtime.geometry import target_grid
 from glm_image_nodes.core.stages.handles import ARModel, GlyphConditioning, TokenGrid
 from glm_image_nodes.core.stages import latent_preview, token_preview
@@ -33,8 +33,8 @@ def vae(release):
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
     """No preview folder, no remembered VAE, no fitted factors, outside ComfyUI."""
-    monkeypatch.setattr(comfy_compat, "_preview_folder", None)
-    monkeypatch.setattr(comfy_compat, "_comfy_args", None)
+    monkeypatch.setattr(progress, "_preview_folder", None)
+    monkeypatch.setattr(progress, "_comfy_args", None)
     monkeypatch.setattr(latent_preview, "_remembered", {})
     monkeypatch.setattr(latent_preview, "_fitted", {})
 
@@ -74,11 +74,11 @@ def test_factors_are_fitted_once_per_vae_file(release, vae, monkeypatch):
 
 
 def test_preview_method_decides_and_the_vae_loader_supplies_the_colours(release, vae, monkeypatch):
-    assert comfy_compat.preview_method() == "none"                 # outside ComfyUI, unless a folder is named
+    assert progress.preview_method() == "none"                 # outside ComfyUI, unless a folder is named
     assert latent_preview.decoder_preview("glm_image") is None
     comfy_args = types.SimpleNamespace(preview_method=types.SimpleNamespace(value="auto"), preview_size=256)
-    monkeypatch.setattr(comfy_compat, "_comfy_args", comfy_args)   # ComfyUI's --preview-method auto
-    assert comfy_compat.preview_method() == "auto" and comfy_compat.preview_size() == 256
+    monkeypatch.setattr(progress, "_comfy_args", comfy_args)   # ComfyUI's --preview-method auto
+    assert progress.preview_method() == "auto" and progress.preview_size() == 256
     assert latent_preview.decoder_preview("glm_image") is None      # no VAE loaded yet
     (loaded,) = NODE_CLASS_MAPPINGS["GLMImageVAELoader"]().load(release, "fp32")
     assert latent_preview.latent_family(loaded.model) == "glm_image"
@@ -104,9 +104,9 @@ def test_progress_hands_comfyui_what_its_latent_previewers_send(monkeypatch):
             self.current = value
             calls.append((value, total, preview))
 
-    monkeypatch.setattr(comfy_compat, "_comfy_utils", types.SimpleNamespace(ProgressBar=ProgressBar))
+    monkeypatch.setattr(progress, "_comfy_utils", types.SimpleNamespace(ProgressBar=ProgressBar))
     frame = Image.new("RGB", (8, 8))
-    with comfy_compat.Progress(3) as bar:
+    with progress.Progress(3) as bar:
         bar.update()
         bar.update(preview=frame)
         bar.update(preview=None)

@@ -24,13 +24,13 @@ layer dequantizes the weight to the compute dtype on the compute device, applies
 ``weight_function`` list first (its low-VRAM LoRA patches, which ComfyUI clears on reloads), then every entry of
 ``weight_patches`` in order, checks the shape is unchanged, and runs with the result. The stored (packed)
 weight is never modified, so patches can be added, re-weighted or removed between runs at no cost and a
-quantized model stays quantized. LoRAs use it (``runtime.lora_patches``): one patch per patched layer, installed
+quantized model stays quantized. LoRAs use it (``loading.lora_patches``): one patch per patched layer, installed
 only while a stage runs and removed after. While a layer has patches, FP8 layers skip ``_scaled_mm`` and take the
 dequantize path (correct, a little slower); plain layers pay one weight-sized temporary per call.
 
-Inside ComfyUI a model sits in a ``ModelPatcher`` (``comfy_compat.model_patcher``) whose model is a container with
+Inside ComfyUI a model sits in a ``ModelPatcher`` (``host.memory.model_patcher``) whose model is a container with
 the pack's module as ``net``, and LoRAs are ComfyUI's key-based patches on a clone of it
-(``add_patches({"net.layers.0...weight": ...})``). ``runtime.comfy_patcher.PackModelPatcher`` leaves plain weights
+(``add_patches({"net.layers.0...weight": ...})``). ``host.comfy_patcher.PackModelPatcher`` leaves plain weights
 to ComfyUI (a patched copy while loaded, the stored tensor kept as its backup) and turns the patches of a packed
 weight into a ``weight_patches`` entry instead of patching the stored tensor, as ComfyUI-GGUF's patcher does. The
 layers' ``weight_function`` gets a copy of a plain weight, since ComfyUI's low-VRAM patches work in place; and the

@@ -9,15 +9,17 @@ says which model it seems to be for.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
 
-from ..host.comfy_compat import log
 from .reading import CheckpointError
 from .lora_files import LoraFile, LoraLayer, read_lora
+
+log = logging.getLogger("glm_image_nodes")
 
 SHOWN = 8  # module names quoted in a message
 

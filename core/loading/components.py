@@ -16,6 +16,7 @@ The recipe, for every component:
 """
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import os
@@ -29,8 +30,10 @@ from ..formats import fp8
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.layers import Packed, adopt, dequantize_packed
 from ..formats import reading
-from ..host.comfy_compat import get_device, log
+from ..runtime.devices import get_device
 from ..formats.reading import CheckpointError
+
+log = logging.getLogger("glm_image_nodes")
 
 FP8_CHOICE = "fp8_e4m3fn"
 # Roles of a tensor in a component that has weight formats (``ComponentSpec.quantize``):

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..runtime import checks
-from ..host.comfy_compat import Progress, get_device
+from ..host.progress import Progress
+from ..runtime.devices import get_device
 from ..formats.reading import CheckpointError, read_config, resolve_dtype, safetensors_files
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # glm46v: Glm46VForConditionalGeneration, a renamed Glm4v

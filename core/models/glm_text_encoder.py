@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..loading import components
 from ..runtime.attention import attention
-from ..host.comfy_compat import check_interrupt
+from ..host.interrupts import check_interrupt
 from ..formats.reading import CheckpointError
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections
 

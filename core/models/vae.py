@@ -6,6 +6,7 @@ Latents handed to and from the pack are *normalized*: GLM-Image uses per-channel
 """
 from __future__ import annotations
 
+import logging
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ from ..loading import components
 from ..formats import reading
 from ..runtime.attention import attention
 from ..runtime.checks import check_finite_output
-from ..host.comfy_compat import Progress, log
+from ..host.progress import Progress
 from ..runtime.geometry import check_multiple_of
 from ..formats.reading import CheckpointError
 from ..loading.residency import placed_device
+
+log = logging.getLogger("glm_image_nodes")
 
 FP16_REASON = "the VAE's activations overflow fp16 (NaN, black images)."
 

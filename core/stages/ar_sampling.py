@@ -17,7 +17,8 @@ import torch
 
 from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
 from ..runtime import checks
-from ..host.comfy_compat import OutOfMemory, Progress, available_memory
+from ..host.memory import OutOfMemory, available_memory
+from ..host.progress import Progress
 from .handles import TokenGrid
 from .ar_prompt import TextTokenizer, build_ar_inputs
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..models.dit import compiled_blocks
 from ..models.step_cache import StepCache
 from ..runtime import checks
-from ..host.comfy_compat import Progress
+from ..host.progress import Progress
 from ..runtime.geometry import check_latent_size, patch_count
 from .handles import GlyphConditioning, ReferenceImages
 from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule

@@ -13,6 +13,7 @@ ComfyUI's samplers use the factors of their model's latent format.
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import weakref
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..host import comfy_compat
-from ..host.comfy_compat import log
+from ..host import memory, progress
 from ..runtime.geometry import PREVIEW_FIT_COARSE, PREVIEW_FIT_LATENT_SIDE
+
+log = logging.getLogger("glm_image_nodes")
 
 FIT_LATENTS = 4        # 4 latents of 32x32: 4096 cells for 17 unknowns per colour
 FINE_NOISE = 0.3       # weight of the per-pixel noise on top of the regions
@@ -96,7 +98,7 @@ def latent_rgb_for(vae) -> LatentRGB:
     """The fitted map of ``vae``, computed once per VAE file; the fit decodes on the compute device."""
     key = fingerprint(vae)
     if key not in _fitted:
-        with comfy_compat.on_compute_device(vae.model, stage="fitting the preview colours",
+        with memory.on_compute_device(vae.model, stage="fitting the preview colours",
                                             advice="set ComfyUI's --preview-method to none"):
             _fitted[key] = fit_latent_rgb(vae)
     return _fitted[key]
@@ -131,7 +133,7 @@ class LatentPreview:
 def decoder_preview(family: str, vae=None) -> LatentPreview | None:
     """The previewer for a decoder of latent ``family``, or None when previews are off (``--preview-method
     none``) or no VAE of that family was loaded. ``vae``: the VAE the node decodes with, when it has one."""
-    method = comfy_compat.preview_method()
+    method = progress.preview_method()
     if method == "none":
         return None
     if method == "taesd" and "taesd" not in _warned:

@@ -1,7 +1,7 @@
 """Glyph conditioning: the quoted text of the prompt (or an explicit list) -> Glyph-ByT5 embeddings."""
 from __future__ import annotations
 
-from ...core.host import comfy_compat
+from ...core.host import memory
 from ...core.stages import handles
 from ...core.stages.glyph import glyph_conditioning, glyph_texts
 from ..common import answer, category, check_now
@@ -42,7 +42,7 @@ class GLMImageGlyphConditioning:
 
     def encode(self, glyph_encoder, prompt, texts=""):
         check_now(locals(), check_glyph_inputs)
-        with comfy_compat.on_compute_device(glyph_encoder, stage="glyph conditioning"):
+        with memory.on_compute_device(glyph_encoder, stage="glyph conditioning"):
             return (glyph_conditioning(glyph_encoder.model, prompt, texts=texts_to_render(texts)),)
 
 

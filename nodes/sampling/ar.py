@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...core.runtime import checks
-from ...core.host import comfy_compat
+from ...core.host import memory
 from ...core.stages import handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_glm_image_size
@@ -79,10 +79,10 @@ class GLMImageARSampler:
         check_glm_image_size(height, width)
         check_backend(attention)
         source_grids = references.token_ids if references is not None else None
-        with comfy_compat.on_compute_device(
+        with memory.on_compute_device(
                 ar_model, stage="AR token sampling", advice="lower num_images or the output size"), \
                 attention_backend(attention):
-            decode_steps = comfy_compat.capturable_steps(ar_model, decode_steps)
+            decode_steps = memory.capturable_steps(ar_model, decode_steps)
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,
                                        temperature=temperature, top_p=top_p, top_k=top_k, num_images=num_images,
                                        source_grids=source_grids,

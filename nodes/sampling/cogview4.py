@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...core.runtime import checks
-from ...core.host import comfy_compat
+from ...core.host import memory
 from ...core.stages import handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_cogview4_size
@@ -40,7 +40,7 @@ class GLMImageCogView4TextEncode:
 
     def encode(self, text_encoder, prompt, negative_prompt):
         check_now(locals(), *self.CHECKS)
-        with comfy_compat.on_compute_device(text_encoder, stage="CogView4 text encoding",
+        with memory.on_compute_device(text_encoder, stage="CogView4 text encoding",
                                              advice="shorten the prompt"):
             cond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, prompt).cpu()
             uncond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, negative_prompt,
@@ -82,7 +82,7 @@ class GLMImageCogView4Sampler:
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
         preview = decoder_preview(COGVIEW4)
-        with comfy_compat.on_compute_device(decoder, stage="CogView4 sampling",
+        with memory.on_compute_device(decoder, stage="CogView4 sampling",
                                              advice="lower the output size or the number of images"), \
                 attention_backend(attention):
             latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, steps=steps,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...core.runtime import checks
-from ...core.host import comfy_compat
+from ...core.host import memory
 from ...core.stages import handles
 from ..common import category
 
@@ -21,7 +21,7 @@ class GLMImageCogViewVQEncode:
 
     def encode(self, vqvae, image):
         checks.check_image_batch(image, "image")
-        with comfy_compat.on_compute_device(vqvae):
+        with memory.on_compute_device(vqvae):
             return (vqvae.model.encode(image),)
 
 
@@ -38,7 +38,7 @@ class GLMImageCogViewVQDecode:
 
     def decode(self, vqvae, tokens):
         checks.check_token_ids(tokens, "tokens", vqvae.model.n_embed)
-        with comfy_compat.on_compute_device(vqvae):
+        with memory.on_compute_device(vqvae):
             return (vqvae.model.decode(tokens),)
 
 

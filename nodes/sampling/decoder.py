@@ -1,7 +1,7 @@
 """Decoder sampling: token grid + glyph conditioning -> LATENT (flow matching with CFG)."""
 from __future__ import annotations
 
-from ...core.host import comfy_compat
+from ...core.host import memory
 from ...core.stages import handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_token_grid_shape
@@ -44,7 +44,7 @@ class GLMImageDecoderSampler:
         check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
         check_backend(attention)
         preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
-        with comfy_compat.on_compute_device(
+        with memory.on_compute_device(
                 decoder, stage="decoder sampling", advice="lower the output size or the number of images"), \
                 attention_backend(attention):
             latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width,

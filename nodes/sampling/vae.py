@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...core.runtime import checks
-from ...core.host import comfy_compat
+from ...core.host import memory
 from ...core.stages import handles
 from ..common import category
 
@@ -24,7 +24,7 @@ class GLMImageVAEDecode:
     def decode(self, vae, latent, tiling):
         samples = checks.check_latent(latent, "latent")
         tiled = {"auto": None, "on": True, "off": False}[tiling]
-        with comfy_compat.on_compute_device(vae, stage="VAE decode", advice="set tiling to on"):
+        with memory.on_compute_device(vae, stage="VAE decode", advice="set tiling to on"):
             return (vae.model.decode(samples, tiled=tiled),)
 
 
@@ -41,7 +41,7 @@ class GLMImageVAEEncode:
 
     def encode(self, vae, image):
         checks.check_image_batch(image, "image")
-        with comfy_compat.on_compute_device(vae, stage="VAE encode", advice="encode fewer or smaller images"):
+        with memory.on_compute_device(vae, stage="VAE encode", advice="encode fewer or smaller images"):
             return ({"samples": vae.model.encode(image).float().cpu()},)
 
 
