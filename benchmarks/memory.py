@@ -37,7 +37,7 @@ from standalone import register_pack  # noqa: E402
 register_pack()
 from glm_image_nodes.core.convert import conversion  # noqa: E402
 from glm_image_nodes.core.models import cogview4_dit, glm_ar, glm_image_dit, glm_text_encoder, t5_encoder  # noqa: E402
-from glm_image_nodes.core.models.dit import release_shift_settings  # noqa: E402
+from glm_image_nodes.core.stages.flow_schedule import release_shift_settings  # noqa: E402
 from glm_image_nodes.core.models.vae import load_vae  # noqa: E402
 from glm_image_nodes.core.loading import components  # noqa: E402
 from glm_image_nodes.core.formats import reading  # noqa: E402

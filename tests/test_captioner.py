@@ -11,13 +11,11 @@ pytest.importorskip("transformers")
 from glm_image_nodes.core.models.captioner import (
     CAPS_INSTRUCTION,
     PRESETS,
-    caption_image,
-    caption_scores,
     chat_inputs,
     load_captioner,
-    rerank,
     strip_reasoning,
 )
+from glm_image_nodes.core.stages.captioning import caption_image, caption_scores, rerank
 from glm_image_nodes.core.formats.reading import CheckpointError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -152,7 +152,7 @@ def test_tiled_decode_close_to_untiled(tmp_path, monkeypatch):
     assert torch.equal(single_tile, crop_full)
 
     calls = []
-    monkeypatch.setattr(vae, "_decode_tiled", lambda z, tile, overlap: calls.append((tuple(z.shape), tile, overlap))
+    monkeypatch.setattr(vae, "_decode_tiled", lambda z, tile, overlap, progress=None: calls.append((tuple(z.shape), tile, overlap))
                         or torch.zeros(1, 3, z.shape[-2] * 8, z.shape[-1] * 8))
     assert vae.fits_untiled(8192, 8192)  # on the CPU the exact decode is always chosen
     # auto: tiles only when the exact decode would not fit (decided per output size)

@@ -10,7 +10,6 @@ then attends over ``[cached references; glyph; target]`` in ``read`` mode.
 from __future__ import annotations
 
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Callable, ClassVar
@@ -24,7 +23,6 @@ from ..loading import components
 from ..runtime.attention import attention
 from ..formats.reading import CheckpointError
 from ..loading.residency import placed_device
-from ..stages.flow_schedule import ShiftSettings, read_shift_settings
 from .step_cache import BranchCache
 
 FP16_REASON = ("the DiT's residual stream exceeds the fp16 range (the reference runs it in bf16 or fp32) and the "
@@ -436,14 +434,3 @@ def dit_spec(name: str, architecture: str, config_type: type, build: type,
         name=name, architecture=architecture, subfolder="transformer", config_type=config_type, build=build,
         config_from_dict=config_type.from_dict, config_from_shapes=config_from_shapes, fp16_reason=FP16_REASON,
         quantize=tensor_role, blocks="transformer_blocks")
-
-
-def release_shift_settings(path: str) -> ShiftSettings:
-    """The scheduler settings of the release ``path`` (release root, component folder or file) belongs to:
-    ``scheduler/scheduler_config.json`` there or one folder up; the defaults when there is none."""
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    for root in (folder, os.path.dirname(os.path.abspath(folder))):
-        config = os.path.join(root, "scheduler", "scheduler_config.json")
-        if os.path.isfile(config):
-            return read_shift_settings(config)
-    return ShiftSettings()

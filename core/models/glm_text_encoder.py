@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from ..loading import components
 from ..runtime.attention import attention
-from ..host.interrupts import check_interrupt
 from ..formats.reading import CheckpointError
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections
 
@@ -103,14 +103,16 @@ class GlmTextEncoder(nn.Module):
                             sandwich_norms=False)
             for _ in range(cfg.num_hidden_layers - 1))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``input_ids`` [B, S] -> penultimate hidden state [B, S, hidden] in the model's dtype (causal, no mask)."""
+    def forward(self, input_ids: torch.Tensor, check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+        """``input_ids`` [B, S] -> penultimate hidden state [B, S, hidden] in the model's dtype (causal, no mask).
+        ``check_interrupt`` (the driving stage's) is called before each layer and may raise to stop."""
         x = self.embed_tokens(input_ids)
         cfg = self.config
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = rotary_cos_sin(positions, int(cfg.head_dim * cfg.partial_rotary_factor), cfg.rope_theta, x.dtype)
         for layer in self.layers:
-            check_interrupt()
+            if check_interrupt is not None:
+                check_interrupt()
             x = layer(x, cos, sin)
         return x
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import dataclasses
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,6 @@ from ..loading import components
 from ..formats import reading
 from ..runtime.attention import attention
 from ..runtime.checks import check_finite_output
-from ..host.progress import Progress
 from ..runtime.geometry import check_multiple_of
 from ..formats.reading import CheckpointError
 from ..loading.residency import placed_device
@@ -339,12 +340,15 @@ class GlmVAE:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, tiled: bool | None = None, tile_size: int = 128,
-               overlap: int = 32) -> torch.Tensor:
+               overlap: int = 32, progress: Callable[..., Any] | None = None) -> torch.Tensor:
         """Normalized latents ``[B,C,h,w]`` -> images ``[B,8h,8w,3]`` float32 0..1 on the CPU.
 
         ``tiled``: None tiles only when the exact decode would not fit the free GPU memory (``fits_untiled``);
         ``tile_size`` and ``overlap`` (at most a third of it) are in latent pixels.
         The untiled path is exact; tiles are blended linearly across their overlaps.
+        ``progress``: a bar for the tiles, ``progress(total, desc=...)`` used as a context manager whose
+        ``update()`` is called per tile (the driving node passes ``host.progress.Progress``, which also honours
+        the user's interrupt); None: none.
         """
         c = self.model.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != c:
@@ -357,25 +361,28 @@ class GlmVAE:
         images = []
         for z in latents:
             z = self.denormalize(z.unsqueeze(0).to(device=self.device, dtype=self.dtype))
-            x = self._decode_tiled(z, tile_size, overlap) if tiled else self.model.decode(z).float()
+            x = self._decode_tiled(z, tile_size, overlap, progress) if tiled else self.model.decode(z).float()
             check_finite_output(x, "VAE decode", self.dtype)  # before the clamp would turn inf into 0 or 1
             images.append((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
         return torch.cat(images)
 
-    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int,
+                      progress: Callable[..., Any] | None) -> torch.Tensor:
         f = self.downscale
         h, w = z.shape[-2:]
         (rows, tile_h), (cols, tile_w) = tile_layout(h, tile, overlap), tile_layout(w, tile, overlap)
         row_w, col_w = blend_weights(rows, tile_h, f), blend_weights(cols, tile_w, f)
         out = torch.zeros(1, self.model.config.out_channels, h * f, w * f, device=z.device)
-        with Progress(len(rows) * len(cols), desc="VAE decode (tiled)") as progress:
+        bar = progress(len(rows) * len(cols), desc="VAE decode (tiled)") if progress is not None else nullcontext()
+        with bar as progress:
             for y, wy in zip(rows, row_w):
                 for x, wx in zip(cols, col_w):
                     pixels = self.model.decode(z[..., y:y + tile_h, x:x + tile_w]).float()
                     weight = (wy[:, None] * wx[None, :]).to(z.device)
                     region = (..., slice(y * f, (y + tile_h) * f), slice(x * f, (x + tile_w) * f))
                     out[region] += pixels * weight  # the weights of overlapping tiles sum to 1
-                    progress.update()
+                    if progress is not None:
+                        progress.update()
         return out
 
 

@@ -15,6 +15,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, processors
 
 from ..formats.layers import compute_dtype
+from ..host.interrupts import check_interrupt
 from ..models.glm_text_encoder import GlmTextEncoder
 from ..runtime.checks import check_finite_output, check_text
 from ..formats.reading import CheckpointError, component_path
@@ -120,4 +121,5 @@ def encode_cogview4_prompt(encoder: GlmTextEncoder, tokenizer: CogView4Tokenizer
     check_text(prompt, name)
     embed = encoder.embed_tokens
     ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(placed_device(encoder, embed.weight))
-    return check_finite_output(encoder(ids), "The CogView4 text encoder (GLM-4)", compute_dtype(embed)).float()
+    hidden = encoder(ids, check_interrupt)
+    return check_finite_output(hidden, "The CogView4 text encoder (GLM-4)", compute_dtype(embed)).float()

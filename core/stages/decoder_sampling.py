@@ -138,7 +138,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     guidance > 1 adds the unconditional branch (glyph of "", prior dropped, references not read).
     references: editing; their K/V are computed once before the loop and read by every conditional pass.
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
-    shift_settings: the release's scheduler settings (``dit.release_shift_settings``; default: the release's values).
+    shift_settings: the release's scheduler settings (``flow_schedule.release_shift_settings``; default: the release's values).
     preview: turns each step's denoised estimate into a live preview (``latent_preview.decoder_preview``).
     compile_blocks, step_cache: the speed options of the module docstring.
     """

@@ -53,6 +53,17 @@ def read_shift_settings(path: str | None) -> ShiftSettings:
         time_shift_type=shift_type)
 
 
+def release_shift_settings(path: str) -> ShiftSettings:
+    """The scheduler settings of the release ``path`` (release root, component folder or file) belongs to:
+    ``scheduler/scheduler_config.json`` there or one folder up; the defaults when there is none."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for root in (folder, os.path.dirname(os.path.abspath(folder))):
+        config = os.path.join(root, "scheduler", "scheduler_config.json")
+        if os.path.isfile(config):
+            return read_shift_settings(config)
+    return ShiftSettings()
+
+
 @dataclass(frozen=True)
 class FlowSchedule:
     """``model_timesteps [N]``: what the DiT is conditioned on at each step; ``sigmas [N+1]``: the shifted

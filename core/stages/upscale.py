@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..host.progress import Progress
 from ..models.semantic_tokenizer import SemanticTokenizer, tokenize_image
 from ..models.vae import GlmVAE
 from ..runtime import checks
@@ -89,7 +90,7 @@ def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, gly
     latents = sample_latents(decoder, prior_ids, glyph, height, width, steps=steps, guidance=guidance, seed=seed,
                              references=references, shift_settings=shift_settings, preview=preview,
                              **refine_start(image, vae, height, width, strength))
-    return vae.decode(latents)[0]
+    return vae.decode(latents, progress=Progress)[0]
 
 
 def refine_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -117,4 +118,4 @@ def refine_cogview4(image, *, decoder, vae: GlmVAE, cond_embeds: torch.Tensor, u
     latents = sample_cogview4_latents(decoder, cond_embeds, uncond_embeds, height, width, steps=steps,
                                       guidance=guidance, seed=seed, shift_settings=shift_settings, preview=preview,
                                       **refine_start(image, vae, height, width, strength))
-    return vae.decode(latents)[0]
+    return vae.decode(latents, progress=Progress)[0]

@@ -2,7 +2,8 @@
 transformers)."""
 from __future__ import annotations
 
-from ...core.models.captioner import PRESETS, caption_image, check_caption_settings, check_rerank_prompt, rerank
+from ...core.models.captioner import PRESETS, check_caption_settings, check_rerank_prompt
+from ...core.stages.captioning import caption_image, rerank
 from ...core.runtime import checks
 from ...core.host import memory
 from ...core.stages import handles

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ...core.runtime import checks
 from ...core.host import memory
+from ...core.host.progress import Progress
 from ...core.stages import handles
 from ..common import category
 
@@ -25,7 +26,7 @@ class GLMImageVAEDecode:
         samples = checks.check_latent(latent, "latent")
         tiled = {"auto": None, "on": True, "off": False}[tiling]
         with memory.on_compute_device(vae, stage="VAE decode", advice="set tiling to on"):
-            return (vae.model.decode(samples, tiled=tiled),)
+            return (vae.model.decode(samples, tiled=tiled, progress=Progress),)
 
 
 class GLMImageVAEEncode:
