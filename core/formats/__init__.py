@@ -1,11 +1,14 @@
-"""Weight formats beyond plain safetensors: scaled FP8 (ComfyUI's convention) and GGUF (city96 style).
+"""Weight files and their layouts: finding and opening a component's files, scaled FP8 (ComfyUI's convention),
+GGUF (city96 style), LoRA files.
 
 Modules:
+- ``reading``: a component's files and configs, ``CheckpointError``, the dtype choices;
 - ``ggml``: the GGML block types in torch (dequantizers bit-identical to ``gguf``'s numpy ones; the K-quant
   quantizers gguf-py lacks), ``fp8``: e4m3fn with per-tensor or per-output-channel scales and ``_scaled_mm``;
 - ``layers``: the pack's ``Linear`` / ``Embedding``, whose weight is plain, FP8 + scale or GGUF-packed;
 - ``checkpoint``: one read-only, memory-mapped view over safetensors, scaled-FP8 and GGUF files;
-- ``writers`` and ``conversion``: what ``convert.py`` uses.
+- ``writers``: the FP8 and GGUF file writers (``convert.conversion`` drives them);
+- ``lora_files`` and ``lora_targets``: LoRA files read and mapped onto the pack's modules.
 
 Design note (per-layer weights, and where LoRA plugs in)
 --------------------------------------------------------
