@@ -45,7 +45,7 @@ from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer  # noqa: E
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
 from glm_image_nodes.core.stages.glyph import glyph_conditioning  # noqa: E402
-from glm_image_nodes.core.stages.upscale import psnr  # noqa: E402
+from glm_image_nodes.testing.images import psnr  # noqa: E402
 
 FORMATS = ("fp8_at_load", "fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0")
 COMPONENTS = {"ar": glm_ar.SPEC, "dit": glm_image_dit.SPEC, "glyph": t5_encoder.SPEC}

@@ -34,7 +34,7 @@ from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTCo
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig, load_vae  # noqa: E402
 from glm_image_nodes.core.stages.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
-from glm_image_nodes.core.stages.upscale import psnr  # noqa: E402
+from glm_image_nodes.testing.images import psnr  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 
 

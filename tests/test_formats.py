@@ -10,7 +10,8 @@ import torch
 from glm_image_nodes.core.convert import conversion
 from glm_image_nodes.core.formats import fp8, ggml
 from glm_image_nodes.core.formats.checkpoint import open_checkpoint
-from glm_image_nodes.core.formats.layers import Packed, adopt, describe
+from glm_image_nodes.core.formats.layers import Packed, adopt
+from glm_image_nodes.testing.layer_kinds import describe
 from glm_image_nodes.core.models import glm_ar, glm_image_dit, t5_encoder
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.models.glm_image_dit import load_decoder

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from glm_image_nodes.core.convert import conversion
-from glm_image_nodes.core.formats.layers import packed_layers
+from glm_image_nodes.testing.layer_kinds import packed_layers
 from glm_image_nodes.core.formats.lora_targets import AR, GLM_IMAGE_DIT, load_lora
 from glm_image_nodes.core.models import glm_image_dit
 from glm_image_nodes.core.models.glm_image_dit import load_decoder

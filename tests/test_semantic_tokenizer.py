@@ -17,11 +17,11 @@ from glm_image_nodes.core.models.semantic_tokenizer import (
     SemanticTokenizerConfig,
     load_semantic_tokenizer,
     preprocess_image,
-    state_dict_for_release,
     tokenize_image,
     tokenize_images,
 )
 from glm_image_nodes.core.formats import reading
+from glm_image_nodes.testing.tiny_release import semantic_tokenizer_from_configs, state_dict_for_release
 from glm_image_nodes.core.runtime.geometry import normalize_reference_size, smart_resize
 from glm_image_nodes.core.runtime.images import resize_reference, to_rgb01, to_uint8
 from glm_image_nodes.core.formats.reading import CheckpointError, meta_device
@@ -196,7 +196,7 @@ def test_release_config_matches_documented_shapes():
 
 def test_release_state_dict_has_the_reference_keys(release):
     _, model = release
-    tokenizer = SemanticTokenizer.from_configs(model.config.vision_config.to_dict(), model.config.vq_config.to_dict())
+    tokenizer = semantic_tokenizer_from_configs(model.config.vision_config.to_dict(), model.config.vq_config.to_dict())
     ours = {k: tuple(v.shape) for k, v in state_dict_for_release(tokenizer.state_dict()).items()}
     assert ours == {k: tuple(v.shape) for k, v in model.state_dict().items()
                     if k.startswith(("model.visual.", "model.vqmodel."))}

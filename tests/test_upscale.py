@@ -22,7 +22,8 @@ from glm_image_nodes.core.stages import upscale
 from glm_image_nodes.core.stages.decoder_sampling import sample_cogview4_latents
 from glm_image_nodes.core.stages.flow_schedule import cogview4_schedule, glm_image_schedule
 from glm_image_nodes.core.stages.glyph import glyph_conditioning
-from glm_image_nodes.core.stages.upscale import downscale_to, psnr, refine_cogview4, upsample, upscale_2x
+from glm_image_nodes.core.stages.upscale import refine_cogview4, upsample, upscale_2x
+from glm_image_nodes.testing.images import downscale_to, psnr
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -63,8 +63,9 @@ def _nbytes(kind: str, shape: tuple[int, ...]) -> int:
 
 
 def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torch.dtype = torch.bfloat16) -> int:
-    """The bytes one tensor takes in a ``fmt`` file (the FP8 weight's scale included); ``fmt`` ``"source"``: as
-    given. Used by convert_component and for the full-size figures (shapes only, nothing built)."""
+    """The bytes one tensor takes in a ``fmt`` file (an FP8 weight with its per-channel fp32 scale, the default
+    ``fp8_scale``); ``fmt`` ``"source"``: as given, in ``source_dtype``. From the shape only, nothing is built:
+    ``benchmarks/memory.py`` sizes the full releases with it (``convert_component`` counts what it writes)."""
     count = 1
     for d in shape:
         count *= d

@@ -32,9 +32,6 @@ class LoraTarget:
     node: str
     reference_names: Callable[[str], tuple[str, ...]]
 
-    def reference_name(self, module: str) -> str:
-        return self.reference_names(module)[0]
-
 
 def _ar_names(module: str) -> tuple[str, ...]:
     """``GlmImageForConditionalGeneration`` names (and those of a LoRA trained on its inner ``GlmImageModel``)."""

@@ -187,12 +187,6 @@ class SemanticTokenizer(nn.Module):
         self.config = cfg
         self.model = nn.ModuleDict({"visual": VisionModel(cfg), "vqmodel": VQModel(cfg)})
 
-    @classmethod
-    def from_configs(cls, vision_config: dict, vq_config: dict) -> "SemanticTokenizer":
-        """Build from the ``vision_config`` and ``vq_config`` dicts of ``vision_language_encoder/config.json``."""
-        config = {"vision_config": vision_config, "vq_config": vq_config}
-        return cls(SemanticTokenizerConfig.from_release_config(config, "vision_config/vq_config"))
-
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Vision features ``[B, C, h/16, w/16]`` (what transformers' ``get_image_features`` returns per image)."""
         x = self.model["visual"](pixels)
@@ -256,16 +250,6 @@ def tokenize_images(tokenizer: SemanticTokenizer, images, target_height: int | N
                     target_width: int | None = None) -> list[torch.Tensor]:
     """``tokenize_image`` for each image of a list or a ComfyUI batch ``[B, H, W, 3]``; one ``[h, w]`` grid each."""
     return [tokenize_image(tokenizer, image, target_height, target_width) for image in images]
-
-
-def state_dict_for_release(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A tokenizer state dict as the release's ``vision_language_encoder`` stores it: with the
-    ``post_quant_conv`` the tokenizer does not use (zeros), so transformers loads the file without gaps."""
-    embed_dim, latent_channels = state_dict[VQ_PREFIX + "quant_conv.weight"].shape[:2]
-    out = dict(state_dict)
-    out[UNUSED_PREFIX + "weight"] = torch.zeros(latent_channels, embed_dim, 1, 1)
-    out[UNUSED_PREFIX + "bias"] = torch.zeros(latent_channels)
-    return out
 
 
 # ---- loading ---------------------------------------------------------------------------------------
