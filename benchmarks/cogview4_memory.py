@@ -5,7 +5,7 @@ Runs the node sequence a ComfyUI user runs: text encoder loader -> text encode (
 are built in memory instead of read from disk: the same modules in the same wrapper types, on the offload
 device (the CPU) in the chosen dtype, with seeded random weights drawn in place (meta -> ``to_empty`` ->
 init, the helpers of ``bench_glm_image.py``). The encode, sample and decode nodes are the real ones: each
-moves its model to the GPU only while it runs (``memory.on_compute_device``), and that is measured.
+moves its model to the GPU only while it runs (``host.memory.on_compute_device``), and that is measured.
 
 Per stage: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` (reset before the stage) and what
 is still allocated after it; the overall peak is the largest stage peak. A measurement: nothing is asserted.
@@ -39,13 +39,12 @@ from bench_glm_image import (
     reset_peak,
     weights_gib,
 )
+from glm_image_nodes.core.formats.reading import read_json
 from glm_image_nodes.core.models.cogview4_dit import CogView4DiT, CogView4DiTConfig
 from glm_image_nodes.core.models.glm_text_encoder import GlmConfig, GlmTextEncoder
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig
 from glm_image_nodes.core.runtime import devices
-from glm_image_nodes.core.host import memory
 from glm_image_nodes.core.stages import handles
-from glm_image_nodes.core.formats.reading import read_json
 from glm_image_nodes.core.stages.cogview4_text import CogView4Tokenizer, load_cogview4_tokenizer
 from glm_image_nodes.core.stages.flow_schedule import read_shift_settings
 from glm_image_nodes.nodes.sampling.cogview4 import (
@@ -101,7 +100,8 @@ def make_vae(configs: dict) -> AutoencoderKL:
     return AutoencoderKL(VAEConfig.from_dict(configs["vae"], "vae/config.json"))
 
 
-def text_encoder_loader(configs: dict, tokenizer_folder: str, dtype: torch.dtype, seed: int) -> handles.CogView4TextEncoder:
+def text_encoder_loader(configs: dict, tokenizer_folder: str, dtype: torch.dtype,
+                        seed: int) -> handles.CogView4TextEncoder:
     """What GLMImageCogView4TextEncoderLoader returns: GLM-4 without its last layer and final norm, and the
     tokenizer, on the offload device."""
     model = build_pack_module(lambda: make_text_encoder(configs), devices.offload_device(), dtype, seed,
@@ -188,8 +188,8 @@ def markdown_table(report: dict) -> str:
     for name, s in report["stages"].items():
         lines.append(f"| {name} | {s['node']} | {fmt(s['peak_gib'])} | {fmt(s['peak_reserved_gib'])} | "
                      f"{fmt(s['allocated_after_gib'])} | {s['time_s']:.1f} |")
-    lines.append(f"| **overall** | | **{fmt(report['overall_peak_gib'])}** | {fmt(report['overall_peak_reserved_gib'])} "
-                 f"| | |")
+    lines.append(f"| **overall** | | **{fmt(report['overall_peak_gib'])}** | "
+                 f"{fmt(report['overall_peak_reserved_gib'])} | | |")
     fits = report["fits_24_gib"]
     verdict = "no GPU figure" if fits is None else f"{'fits' if fits else 'does NOT fit'} in {BUDGET_GIB} GiB"
     return "\n".join(lines) + f"\n\nOverall peak allocated: {verdict} ({report['meta']['device_name']})."

@@ -103,7 +103,8 @@ def compiled_figures(fn) -> dict:
             if name.startswith(("aten::", NAMESPACE + "::")):
                 ops += 1
                 base = name.split("::")[1]
-                launches += LAUNCHES.get(base, 1) if name.startswith(NAMESPACE) else base not in VIEW_NAMES | ALLOCATIONS
+                launches += (LAUNCHES.get(base, 1) if name.startswith(NAMESPACE)
+                             else base not in VIEW_NAMES | ALLOCATIONS)
             elif "cpp_fused" in name or "triton_" in name:
                 generated += 1
     return {"aten_ops": ops, "launches": launches + generated, "host_syncs": 0, "generated_kernels": generated}
@@ -124,8 +125,8 @@ def ar_configs(layers: int, width: int) -> dict:
     with open(os.path.join(CONFIGS, "full", "vision_language_encoder", "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     text = config["text_config"]
-    text.update(num_hidden_layers=layers, head_dim=text["hidden_size"] // text["num_attention_heads"], hidden_size=width,
-                intermediate_size=2 * width)
+    text.update(num_hidden_layers=layers, head_dim=text["hidden_size"] // text["num_attention_heads"],
+                hidden_size=width, intermediate_size=2 * width)
     # the vision tower is not used to write tokens; keep it tiny
     config["vision_config"].update(depth=1, hidden_size=32, num_heads=2, intermediate_size=64)
     config["vq_config"].update(embed_dim=16, latent_channels=32)
@@ -285,7 +286,8 @@ def measure_dit(args) -> dict:
     for _ in range(args.repeats):
         for label, (mode, compiled) in variants.items():
             with kernel_mode(mode):
-                times[label].append(cpu_seconds(lambda: run_pack(2, compiled)) - cpu_seconds(lambda: run_pack(1, compiled)))
+                two, one = cpu_seconds(lambda: run_pack(2, compiled)), cpu_seconds(lambda: run_pack(1, compiled))
+                times[label].append(two - one)
         times["diffusers"].append(cpu_seconds(lambda: run_ref(2)) - cpu_seconds(lambda: run_ref(1)))
     for label, values in times.items():
         rows[label]["cpu_ms"] = 1000 * statistics.median(values)

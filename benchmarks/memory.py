@@ -36,14 +36,14 @@ from standalone import register_pack  # noqa: E402
 
 register_pack()
 from glm_image_nodes.core.convert import conversion  # noqa: E402
-from glm_image_nodes.core.models import cogview4_dit, glm_ar, glm_image_dit, glm_text_encoder, t5_encoder  # noqa: E402
-from glm_image_nodes.core.stages.flow_schedule import release_shift_settings  # noqa: E402
-from glm_image_nodes.core.models.vae import load_vae  # noqa: E402
-from glm_image_nodes.core.loading import components  # noqa: E402
 from glm_image_nodes.core.formats import reading  # noqa: E402
+from glm_image_nodes.core.loading import components  # noqa: E402
+from glm_image_nodes.core.models import cogview4_dit, glm_ar, glm_image_dit, glm_text_encoder, t5_encoder  # noqa: E402
+from glm_image_nodes.core.models.vae import load_vae  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
+from glm_image_nodes.core.stages.flow_schedule import release_shift_settings  # noqa: E402
 from glm_image_nodes.core.stages.glyph import glyph_conditioning  # noqa: E402
 from glm_image_nodes.testing.images import psnr  # noqa: E402
 

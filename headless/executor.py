@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.runtime import checks
 from ..core.host import interrupts
+from ..core.runtime import checks
 from ..nodes.common import check_widget_value
 from .workflow_format import CORE_NODES, all_inputs, input_types, is_widget, output_types
 

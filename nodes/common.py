@@ -5,13 +5,12 @@ import inspect
 
 import torch
 
-from ..core.runtime import checks
-from ..core.runtime import devices
+from ..core.formats.reading import resolve_dtype
 from ..core.host import folders
+from ..core.loading.residency import resolve_blocks
+from ..core.runtime import checks, devices
 from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
-from ..core.formats.reading import resolve_dtype
-from ..core.loading.residency import resolve_blocks
 
 CATEGORY = "GLM-Image"
 MAX_SEED = checks.MAX_SEED

@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
-from glm_image_nodes.core.models.glm_ar import load_ar_model
-from glm_image_nodes.core.host import interrupts
 from glm_image_nodes.core.formats import reading
 from glm_image_nodes.core.formats.reading import CheckpointError
+from glm_image_nodes.core.host import interrupts
+from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import filter_logits, generate_token_grid
 from PIL import Image

@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.models.captioner import (
     CAPS_INSTRUCTION,
     PRESETS,
@@ -16,7 +17,6 @@ from glm_image_nodes.core.models.captioner import (
     strip_reasoning,
 )
 from glm_image_nodes.core.stages.captioning import caption_image, caption_scores, rerank
-from glm_image_nodes.core.formats.reading import CheckpointError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_glmv import IMAGE_SIZE, reference_processor, write_tiny_glmv  # noqa: E402

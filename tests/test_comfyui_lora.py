@@ -39,7 +39,8 @@ def comfy(tmp_path_factory):
     (models / "diffusion_models").mkdir()
     conversion.convert_component(glm_image_dit.SPEC, str(models / "glm_image" / "tiny"), "q8_0",
                                  str(models / "diffusion_models" / GGUF_DECODER))
-    with comfyui(str(root), {name: str(models / name) for name in ("glm_image", "loras", "diffusion_models")}) as server:
+    folders = {name: str(models / name) for name in ("glm_image", "loras", "diffusion_models")}
+    with comfyui(str(root), folders) as server:
         server.models = models
         yield server
 

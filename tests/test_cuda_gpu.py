@@ -58,7 +58,8 @@ def test_kernels_on_the_gpu(dtype):
     h, out = on_gpu(randn(2, 300, 4096, dtype=dtype, seed=14, scale=5), randn(2, 300, 4096, dtype=dtype, seed=15))
     mods = randn(2, 12 * 4096, dtype=dtype, seed=16).to(CUDA).chunk(12, dim=1)
     gate, scale, shift = (m.unsqueeze(1) for m in mods[:3])
-    assert_matches(adaln.layernorm_modulate_triton(h, scale, shift), adaln.layernorm_modulate_reference(h, scale, shift))
+    assert_matches(adaln.layernorm_modulate_triton(h, scale, shift),
+                   adaln.layernorm_modulate_reference(h, scale, shift))
     for g, w in zip(adaln.gated_residual_layernorm_modulate_triton(h, out, gate, scale, shift),
                     adaln.gated_residual_layernorm_modulate_reference(h, out, gate, scale, shift)):
         assert_matches(g, w)

@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("diffusers")
 from glm_image_nodes.core.cuda.dispatch import kernel_mode  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
-from glm_image_nodes.core.stages.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import left_pad, sample_latents  # noqa: E402
+from glm_image_nodes.core.stages.handles import GlyphConditioning  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_dit import single_thread, tiny_glm_image_dit, write_release  # noqa: E402

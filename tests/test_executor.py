@@ -60,8 +60,10 @@ MALFORMED = [
     (edit(t2i(), "7", tokens=["5", 3]), "input 'tokens' links to output 3 of node 5 (GLMImageARSampler), which has 1 "
                                         "output(s)"),
     (edit(t2i(), "7", tokens=["6", 0]), "input 'tokens' takes GLMIMAGE_TOKENS but output 0 of node 6 "
-                                        "(GLMImageGlyphConditioning) gives GLMIMAGE_GLYPH: link a GLMIMAGE_TOKENS output"),
-    (edit(t2i(), "7", decoder="GLM-Image"), "input 'decoder' is a GLMIMAGE_DECODER socket: link it to a node's output"),
+                                        "(GLMImageGlyphConditioning) gives GLMIMAGE_GLYPH: link a GLMIMAGE_TOKENS "
+                                        "output"),
+    (edit(t2i(), "7", decoder="GLM-Image"),
+     "input 'decoder' is a GLMIMAGE_DECODER socket: link it to a node's output"),
     (edit(t2i(), "7", steps="fifty"), "node 7 (GLMImageDecoderSampler): steps must be a whole number, got 'fifty' "
                                       "(str). Use 1..200 steps"),
     (edit(t2i(), "7", guidance=True), "guidance must be a number, got True (bool)"),

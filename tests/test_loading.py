@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 from glm_image_nodes.core.formats.checkpoint import open_checkpoint
-from glm_image_nodes.core.host import memory
-from glm_image_nodes.core.runtime import devices
-from glm_image_nodes.core.loading.components import check_state
 from glm_image_nodes.core.formats.reading import CheckpointError, component_path, meta_device, resolve_dtype
+from glm_image_nodes.core.host import memory
+from glm_image_nodes.core.loading.components import check_state
+from glm_image_nodes.core.runtime import devices
 from safetensors.torch import save_file
 
 

@@ -5,16 +5,16 @@ import types
 import numpy as np
 import pytest
 import torch
+from glm_image_nodes.core.host import progress
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
 from glm_image_nodes.core.models.vae import load_vae
-from glm_image_nodes.core.host import progress
 from glm_image_nodes.core.runtime.geometry import target_grid
-from glm_image_nodes.core.stages.handles import ARModel, GlyphConditioning, TokenGrid
 from glm_image_nodes.core.stages import latent_preview, token_preview
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents
+from glm_image_nodes.core.stages.handles import ARModel, GlyphConditioning, TokenGrid
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 from PIL import Image

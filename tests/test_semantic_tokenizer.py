@@ -12,6 +12,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from glm_image_nodes.core.formats import reading
+from glm_image_nodes.core.formats.reading import CheckpointError, meta_device
 from glm_image_nodes.core.models.semantic_tokenizer import (
     SemanticTokenizer,
     SemanticTokenizerConfig,
@@ -20,11 +22,9 @@ from glm_image_nodes.core.models.semantic_tokenizer import (
     tokenize_image,
     tokenize_images,
 )
-from glm_image_nodes.core.formats import reading
-from glm_image_nodes.testing.tiny_release import semantic_tokenizer_from_configs, state_dict_for_release
 from glm_image_nodes.core.runtime.geometry import normalize_reference_size, smart_resize
 from glm_image_nodes.core.runtime.images import resize_reference, to_rgb01, to_uint8
-from glm_image_nodes.core.formats.reading import CheckpointError, meta_device
+from glm_image_nodes.testing.tiny_release import semantic_tokenizer_from_configs, state_dict_for_release
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -182,7 +182,8 @@ def test_single_file_infers_config(tmp_path, processor):
 
 
 def test_release_config_matches_documented_shapes():
-    cfg = SemanticTokenizerConfig.from_release_config(reading.read_config(f"{REFERENCE}/vision_language_encoder"), "ref")
+    release_config = reading.read_config(f"{REFERENCE}/vision_language_encoder")
+    cfg = SemanticTokenizerConfig.from_release_config(release_config, "ref")
     assert cfg == SemanticTokenizerConfig()
     with meta_device():
         tokenizer = SemanticTokenizer(cfg)
@@ -225,7 +226,8 @@ def test_missing_vision_weights_named(tmp_path, release):
         folder = tmp_path / name
         folder.mkdir()
         shutil.copy(release[0] / "vision_language_encoder" / "config.json", folder / "config.json")
-        save_file({k: v.contiguous() for k, v in sd.items() if k.startswith(prefixes)}, str(folder / "model.safetensors"))
+        kept = {k: v.contiguous() for k, v in sd.items() if k.startswith(prefixes)}
+        save_file(kept, str(folder / "model.safetensors"))
         with pytest.raises(CheckpointError) as err:
             load_semantic_tokenizer(str(folder), dtype="fp32", device="cpu")
         message = str(err.value)

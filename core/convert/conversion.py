@@ -5,7 +5,7 @@ What each role becomes (``ComponentSpec.quantize`` gives the role of every tenso
 
 | role | fp8_e4m3fn | q8_0 .. q4_0 | f16 / bf16 |
 |---|---|---|---|
-| linear (attention, MLP) | FP8, one scale per output channel | the chosen type (a K-quant falls back, below) | that type |
+| linear (attention, MLP) | FP8, one scale per output channel | the chosen type (K-quants fall back below) | that type |
 | modulation (adaLN) | FP8 | Q8_0 | that type |
 | embedding | source precision | Q8_0 | that type |
 | keep (input/output projections, the AR's vision head) | source precision | source precision | source precision |
@@ -20,12 +20,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats import reading
-from ..loading.components import EMBEDDING, KEEP, LINEAR, MODULATION, ComponentSpec, check_state, config_to_json, resolve_config
-from ..formats.reading import CheckpointError
-from ..formats import fp8, ggml
+from ..formats import fp8, ggml, reading
 from ..formats.checkpoint import META_ARCH, META_CONFIG, META_FORMAT, open_checkpoint
+from ..formats.reading import CheckpointError
 from ..formats.writers import ST_DTYPES, Entry, write_gguf, write_safetensors
+from ..loading.components import (
+    EMBEDDING,
+    KEEP,
+    LINEAR,
+    MODULATION,
+    ComponentSpec,
+    check_state,
+    config_to_json,
+    resolve_config,
+)
 
 FORMATS = ("fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "f16", "bf16")
 GGUF_SOURCE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import reading
-from .reading import CheckpointError
-from . import fp8, ggml
+from . import fp8, ggml, reading
 from .layers import Packed
+from .reading import CheckpointError
 
 META_CONFIG = "glm_image_nodes.config"              # the component's config.json, as JSON
 META_ARCH = "glm_image_nodes.architecture"          # which component (ComponentSpec.architecture)

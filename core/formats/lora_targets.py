@@ -16,8 +16,8 @@ from typing import Callable
 
 from torch import nn
 
-from .reading import CheckpointError
 from .lora_files import LoraFile, LoraLayer, read_lora
+from .reading import CheckpointError
 
 log = logging.getLogger("glm_image_nodes")
 

@@ -97,8 +97,8 @@ def model_patcher(item):
     """The ComfyUI ``ModelPatcher`` of a handle, made on first use and kept on the handle, so ComfyUI's
     ``load_models_gpu`` keeps the model resident between runs, evicts it for other models, or loads it
     partially (the rest streamed per layer)."""
-    from .comfy_patcher import PackModelPatcher, comfy_lora_patcher
     from ..loading.residency import streamable
+    from .comfy_patcher import PackModelPatcher, comfy_lora_patcher
 
     patcher = getattr(item, "patcher", None)
     if patcher is None:

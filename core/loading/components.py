@@ -16,9 +16,9 @@ The recipe, for every component:
 """
 from __future__ import annotations
 
-import logging
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,12 +26,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..formats import fp8
+from ..formats import fp8, reading
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.layers import Packed, adopt, dequantize_packed
-from ..formats import reading
-from ..runtime.devices import get_device
 from ..formats.reading import CheckpointError
+from ..runtime.devices import get_device
 
 log = logging.getLogger("glm_image_nodes")
 

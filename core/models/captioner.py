@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..formats.reading import CheckpointError, read_config, resolve_dtype, safetensors_files
 from ..runtime import checks
 from ..runtime.devices import get_device
-from ..formats.reading import CheckpointError, read_config, resolve_dtype, safetensors_files
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # glm46v: Glm46VForConditionalGeneration, a renamed Glm4v
 SUPPORTED_MODELS = "GLM-4.1V-9B-Thinking, GLM-4.1V-9B-Base or GLM-4.6V-Flash (config model_type glm4v or glm46v)"

@@ -19,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cuda import dispatch
-from ..loading import components
-from ..runtime.attention import attention
 from ..formats.reading import CheckpointError
+from ..loading import components
 from ..loading.residency import placed_device
+from ..runtime.attention import attention
 from .step_cache import BranchCache
 
 FP16_REASON = ("the DiT's residual stream exceeds the fp16 range (the reference runs it in bf16 or fp32) and the "
@@ -238,7 +238,8 @@ class DiTBlock(nn.Module):
         ax, at, kv = self.attn1(nx, nt, rope, prefix_kv, keep_kv, text_pad)
         x, nx = dispatch.gated_residual_layernorm_modulate(x, ax, gate, scale_ff, shift_ff)
         text, nt = dispatch.gated_residual_layernorm_modulate(text, at, c_gate, c_scale_ff, c_shift_ff)
-        return dispatch.gated_residual(x, self.ff(nx), gate_ff), dispatch.gated_residual(text, self.ff(nt), c_gate_ff), kv
+        x = dispatch.gated_residual(x, self.ff(nx), gate_ff)
+        return x, dispatch.gated_residual(text, self.ff(nt), c_gate_ff), kv
 
 
 _compiled_block = None

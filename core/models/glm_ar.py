@@ -17,10 +17,10 @@ from torch import nn
 
 from ..cuda import dispatch
 from ..cuda.rope import apply_partial_rope
-from ..loading import components
-from ..runtime.attention import attention, cached_decode_attention
 from ..formats.reading import CheckpointError
+from ..loading import components
 from ..loading.residency import placed_device
+from ..runtime.attention import attention, cached_decode_attention
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections, RMSNorm
 
 PREFIX = "model.language_model."

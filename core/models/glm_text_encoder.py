@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..formats.reading import CheckpointError
 from ..loading import components
 from ..runtime.attention import attention
-from ..formats.reading import CheckpointError
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections
 
 
@@ -63,7 +63,8 @@ class GlmConfig:
 
 def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin ``[S, rotary_dim]`` with each frequency repeated for its channel pair (f0, f0, f1, f1, ...)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))  # on CPU, as the reference
+    # on CPU, as the reference
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)
     # The reference rounds cos/sin to the activation dtype before interleaving; so do we.
     cos = freqs.cos().to(dtype).repeat_interleave(2, dim=-1)
@@ -95,7 +96,8 @@ class GlmTextEncoder(nn.Module):
     def __init__(self, cfg: GlmConfig):
         super().__init__()
         if cfg.num_hidden_layers < 2:
-            raise CheckpointError(f"A GLM text encoder needs at least 2 layers, the config has {cfg.num_hidden_layers}.")
+            raise CheckpointError(f"A GLM text encoder needs at least 2 layers, the config has "
+                                  f"{cfg.num_hidden_layers}.")
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..loading import components
 from ..formats import reading
+from ..formats.reading import CheckpointError
+from ..loading import components
+from ..loading.residency import placed_device
 from ..runtime.attention import attention
 from ..runtime.geometry import MAX_PIXELS, MIN_PIXELS, PATCH_SIZE, check_token_grid_size, smart_resize
 from ..runtime.images import resize_reference, to_rgb01, to_uint8
-from ..formats.reading import CheckpointError
-from ..loading.residency import placed_device
 
 VISION_PREFIX = "model.visual."
 VQ_PREFIX = "model.vqmodel."
@@ -61,7 +61,8 @@ class SemanticTokenizerConfig:
                                   f"gelu / merge 1 encoder is supported.")
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in vision.items() if k in names}
-        values.update(embed_dim=vq.get("embed_dim", cls.embed_dim), num_embeddings=vq.get("num_embeddings", cls.num_embeddings))
+        values.update(embed_dim=vq.get("embed_dim", cls.embed_dim),
+                      num_embeddings=vq.get("num_embeddings", cls.num_embeddings))
         return cls(**values)
 
     @classmethod
@@ -73,8 +74,9 @@ class SemanticTokenizerConfig:
         side = int(round(table ** 0.5))
         depth = len({k.split(".")[3] for k in shapes if k.startswith(VISION_PREFIX + "blocks.")})
         num_embeddings, embed_dim = shapes[VQ_PREFIX + "quantize.embedding.weight"]
-        return cls(depth=depth, hidden_size=hidden, intermediate_size=shapes[VISION_PREFIX + "blocks.0.mlp.fc1.weight"][0],
-                   patch_size=patch, image_size=side * patch, in_channels=in_channels,
+        return cls(depth=depth, hidden_size=hidden,
+                   intermediate_size=shapes[VISION_PREFIX + "blocks.0.mlp.fc1.weight"][0], patch_size=patch,
+                   image_size=side * patch, in_channels=in_channels,
                    attention_bias=VISION_PREFIX + "blocks.0.attn.qkv.bias" in shapes,
                    embed_dim=embed_dim, num_embeddings=num_embeddings)
 
@@ -289,7 +291,8 @@ SPEC = components.ComponentSpec(
     keep_fp32=lambda k: k.startswith(VQ_PREFIX), check=_check_prefixes)
 
 
-def load_semantic_tokenizer(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> SemanticTokenizer:
+def load_semantic_tokenizer(path: str, dtype: str = "auto",
+                            device: torch.device | str | None = None) -> SemanticTokenizer:
     """Load the vision encoder and VQ from a GLM-Image release root, its ``vision_language_encoder/``
     folder (config.json + sharded safetensors) or a single ``.safetensors`` file holding ``model.visual.*``
     and ``model.vqmodel.*``. Only those tensors are read. The VQ stays in float32 whatever ``dtype`` is,

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats.layers import compute_dtype
+from ..formats.reading import CheckpointError
 from ..loading import components
 from ..runtime.attention import attention
-from ..formats.reading import CheckpointError
 
 FP16_REASON = "T5 activations exceed the fp16 range (the feed-forward overflows to inf/NaN)."
 
@@ -81,7 +81,8 @@ class T5LayerNorm(nn.Module):
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """Bidirectional T5 buckets: half per direction, exact below ``num_buckets // 4``, log-spaced up to ``max_distance``."""
+    """Bidirectional T5 buckets: half per direction, exact below ``num_buckets // 4``, log-spaced up to
+    ``max_distance``."""
     num_buckets //= 2
     buckets = (relative_position > 0).long() * num_buckets
     relative_position = relative_position.abs()
@@ -205,7 +206,8 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> T5Con
     """A T5 encoder config from the tensor shapes of a checkpoint."""
     shapes = {encoder_state_keys(list(shapes)).get(k, k): s for k, s in shapes.items()}
     bias_key = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    q_key, wi_key = "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+    q_key = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    wi_key = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
     for key in ("shared.weight", bias_key, q_key, wi_key):
         if key not in shapes:
             raise CheckpointError(f"{source}: no tensor {key}; this is not a gated T5 encoder checkpoint "

@@ -6,8 +6,8 @@ Latents handed to and from the pack are *normalized*: GLM-Image uses per-channel
 """
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading import components
 from ..formats import reading
+from ..formats.reading import CheckpointError
+from ..loading import components
+from ..loading.residency import placed_device
 from ..runtime.attention import attention
 from ..runtime.checks import check_finite_output
 from ..runtime.geometry import check_multiple_of
-from ..formats.reading import CheckpointError
-from ..loading.residency import placed_device
 
 log = logging.getLogger("glm_image_nodes")
 
@@ -289,7 +289,8 @@ class GlmVAE:
         if self.device.type != "cuda":
             return True
         channels = self.model.config.block_out_channels[0]
-        need = self.DECODE_TENSORS_AT_FULL_RES * channels * height * width * self.model.decoder.conv_out.weight.element_size()
+        element = self.model.decoder.conv_out.weight.element_size()
+        need = self.DECODE_TENSORS_AT_FULL_RES * channels * height * width * element
         free, _ = torch.cuda.mem_get_info(self.device)
         return need < 0.8 * free
 

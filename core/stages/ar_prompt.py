@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer, processors
 
-from ..runtime.geometry import TargetGrid, target_grid
 from ..formats.reading import CheckpointError, read_json
+from ..runtime.geometry import TargetGrid, target_grid
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from functools import partial
 
 import torch
 
-from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
-from ..runtime import checks
 from ..host.memory import OutOfMemory, available_memory
 from ..host.progress import Progress
-from .handles import TokenGrid
+from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
+from ..runtime import checks
 from .ar_prompt import TextTokenizer, build_ar_inputs
+from .handles import TokenGrid
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -17,13 +17,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..host.progress import Progress
 from ..models.dit import compiled_blocks
 from ..models.step_cache import StepCache
 from ..runtime import checks
-from ..host.progress import Progress
 from ..runtime.geometry import check_latent_size, patch_count
-from .handles import GlyphConditioning, ReferenceImages
 from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule
+from .handles import GlyphConditioning, ReferenceImages
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Preview = Callable[[torch.Tensor], object]   # denoised estimate [B, C, h, w] -> a PIL image for the progress bar
@@ -138,7 +138,8 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     guidance > 1 adds the unconditional branch (glyph of "", prior dropped, references not read).
     references: editing; their K/V are computed once before the loop and read by every conditional pass.
     start_latents + start_sigma: refine a latent from that noise level instead of starting from pure noise.
-    shift_settings: the release's scheduler settings (``flow_schedule.release_shift_settings``; default: the release's values).
+    shift_settings: the release's scheduler settings (``flow_schedule.release_shift_settings``; default: the
+    release's values).
     preview: turns each step's denoised estimate into a live preview (``latent_preview.decoder_preview``).
     compile_blocks, step_cache: the speed options of the module docstring.
     """

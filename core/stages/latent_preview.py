@@ -13,8 +13,8 @@ ComfyUI's samplers use the factors of their model's latent format.
 """
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 import weakref
 from dataclasses import dataclass
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..runtime import devices
 from ..host import progress
+from ..runtime import devices
 from ..runtime.geometry import preview_cell
-from .handles import TokenGrid
 from .ar_prompt import ARVocabulary
+from .handles import TokenGrid
 
 CODEBOOK_SIZE = ARVocabulary.codebook_size  # the release's; a loaded AR model's comes from its config
 

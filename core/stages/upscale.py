@@ -17,12 +17,11 @@ from ..models.semantic_tokenizer import SemanticTokenizer, tokenize_image
 from ..models.vae import GlmVAE
 from ..runtime import checks
 from ..runtime.geometry import LARGE_ALTERNATIVE, MAX_SIDE, check_cogview4_size, scaled_size, upscale_2x_size
-from .handles import GlyphConditioning, upsample_ids
 from ..runtime.images import to_rgb01
 from .decoder_sampling import sample_cogview4_latents, sample_latents
 from .flow_schedule import ShiftSettings
+from .handles import GlyphConditioning, upsample_ids
 from .references import prepare_references
-
 
 MAX_REFINE_SCALE = 2.0
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from ...core.host import memory
 from ...core.models.semantic_tokenizer import tokenize_images
 from ...core.runtime import checks
-from ...core.host import memory
-from ...core.stages import handles
 from ...core.runtime.geometry import check_token_grid_size
+from ...core.stages import handles
 from ...core.stages.references import prepare_references, reference_sizes
 from ..common import answer, category, check_now, size_input
 
@@ -64,6 +64,7 @@ class GLMImageImageToTokens:
         return (handles.TokenGrid(ids=ids, height=height, width=width),)
 
 
-NODE_CLASS_MAPPINGS = {"GLMImageReferenceImages": GLMImageReferenceImages, "GLMImageImageToTokens": GLMImageImageToTokens}
+NODE_CLASS_MAPPINGS = {"GLMImageReferenceImages": GLMImageReferenceImages,
+                       "GLMImageImageToTokens": GLMImageImageToTokens}
 NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageReferenceImages": "GLM-Image Reference Images",
                               "GLMImageImageToTokens": "GLM-Image Image to Tokens"}

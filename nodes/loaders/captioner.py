@@ -1,8 +1,8 @@
 """Loader for a GLM-V vision-language model (captions and reranking), through transformers."""
 from __future__ import annotations
 
-from ...core.models.captioner import load_captioner
 from ...core.host import folders
+from ...core.models.captioner import load_captioner
 from ...core.stages import handles
 from ..common import ModelLoader, dtype_input
 

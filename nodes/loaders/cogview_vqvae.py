@@ -1,8 +1,8 @@
 """Loader for the CogView (v1) VQ-VAE."""
 from __future__ import annotations
 
-from ...core.models.cogview_vqvae import load_cogview_vqvae
 from ...core.host import folders
+from ...core.models.cogview_vqvae import load_cogview_vqvae
 from ...core.runtime import devices
 from ...core.stages import handles
 from ..common import category

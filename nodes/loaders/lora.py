@@ -4,10 +4,10 @@ only while a sampler runs it. A branch of the graph without the LoRA gets exactl
 from __future__ import annotations
 
 from ...core.formats import lora_targets
-from ...core.runtime import checks
 from ...core.host import folders
-from ...core.stages import handles
 from ...core.loading.lora_patches import with_lora
+from ...core.runtime import checks
+from ...core.stages import handles
 from ..common import category
 
 LORA_TOOLTIP = ("A LoRA in models/loras: a PEFT adapter (its adapter_model.safetensors, with adapter_config.json "

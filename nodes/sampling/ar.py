@@ -1,11 +1,11 @@
 """AR token sampling: prompt (and optional reference images) -> a semantic-VQ token grid."""
 from __future__ import annotations
 
-from ...core.runtime import checks
 from ...core.host import memory
-from ...core.stages import handles
+from ...core.runtime import checks
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_glm_image_size
+from ...core.stages import handles
 from ...core.stages.ar_sampling import DECODE_STEPS, check_sampling_settings, generate_token_grid
 from ...core.stages.token_preview import ar_preview
 from ..common import answer, attention_input, category, check_now, seed_input, size_input

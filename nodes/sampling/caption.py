@@ -2,11 +2,11 @@
 transformers)."""
 from __future__ import annotations
 
-from ...core.models.captioner import PRESETS, check_caption_settings, check_rerank_prompt
-from ...core.stages.captioning import caption_image, rerank
-from ...core.runtime import checks
 from ...core.host import memory
+from ...core.models.captioner import PRESETS, check_caption_settings, check_rerank_prompt
+from ...core.runtime import checks
 from ...core.stages import handles
+from ...core.stages.captioning import caption_image, rerank
 from ...core.stages.prompt_enhance import LANGUAGES, check_prompt_to_enhance, enhance_prompt
 from ..common import MAX_SEED, answer, category, check_now
 

@@ -1,11 +1,11 @@
 """CogView4-6B: prompt encoding (positive and negative) and decoder sampling to LATENT."""
 from __future__ import annotations
 
-from ...core.runtime import checks
 from ...core.host import memory
-from ...core.stages import handles
+from ...core.runtime import checks
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_cogview4_size
+from ...core.stages import handles
 from ...core.stages.cogview4_text import encode_cogview4_prompt
 from ...core.stages.decoder_sampling import check_sampler_settings, sample_cogview4_latents
 from ...core.stages.latent_preview import COGVIEW4, decoder_preview

@@ -1,8 +1,8 @@
 """The CogView (v1) VQ-VAE: 8192 codes, 8x downsampling; IMAGE <-> token grid."""
 from __future__ import annotations
 
-from ...core.runtime import checks
 from ...core.host import memory
+from ...core.runtime import checks
 from ...core.stages import handles
 from ..common import category
 

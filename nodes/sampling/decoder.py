@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ...core.host import memory
-from ...core.stages import handles
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_token_grid_shape
+from ...core.stages import handles
 from ...core.stages.decoder_sampling import check_sampler_settings, sample_latents
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
 from ..common import answer, category, check_now, dit_speed_inputs, seed_input
@@ -12,7 +12,8 @@ from ..common import answer, category, check_now, dit_speed_inputs, seed_input
 
 class GLMImageDecoderSampler:
     DESCRIPTION = ("Runs the DiT decoder: turns a token grid (plus the glyph embeddings of the quoted text, and "
-                   "reference images when editing) into a latent, 50 Euler flow-matching steps with CFG 1.5 by default.")
+                   "reference images when editing) into a latent, 50 Euler flow-matching steps with CFG 1.5 by "
+                   "default.")
     CATEGORY = category("sampling")
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -30,7 +31,8 @@ class GLMImageDecoderSampler:
                 "guidance": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 20.0, "step": 0.05,
                                        "tooltip": "Classifier-free guidance; 1.0 disables the unconditional pass."}),
             },
-            "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."}),
+            "optional": {"references": (handles.REFERENCES,
+                                        {"tooltip": "Reference images whose K/V the decoder reads."}),
                          **dit_speed_inputs()},
         }
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ...core.runtime import checks
 from ...core.host import memory
-from ...core.stages import handles
+from ...core.runtime import checks
 from ...core.runtime.geometry import upscale_2x_size
+from ...core.stages import handles
 from ...core.stages.decoder_sampling import check_sampler_settings
 from ...core.stages.latent_preview import COGVIEW4, GLM_IMAGE, decoder_preview
 from ...core.stages.upscale import check_refine_scale, check_strength, refine_cogview4, refine_size, upscale_2x

@@ -1,9 +1,9 @@
 """VAE decode (LATENT -> IMAGE) and encode (IMAGE -> LATENT)."""
 from __future__ import annotations
 
-from ...core.runtime import checks
 from ...core.host import memory
 from ...core.host.progress import Progress
+from ...core.runtime import checks
 from ...core.stages import handles
 from ..common import category
 
