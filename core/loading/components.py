@@ -31,6 +31,7 @@ from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.layers import Packed, adopt, dequantize_packed
 from ..formats.reading import CheckpointError
 from ..runtime.devices import get_device
+from .configs import known_fields
 
 log = logging.getLogger("glm_image_nodes")
 
@@ -74,14 +75,7 @@ def config_to_json(config: Any) -> str:
 
 def config_from_json(config_type: type, data: dict) -> Any:
     """The dataclass back from ``config_to_json`` (lists become tuples where the field is a tuple)."""
-    values = {}
-    for f in dataclasses.fields(config_type):
-        if f.name in data:
-            value = data[f.name]
-            if isinstance(value, list) and "tuple" in str(f.type):
-                value = tuple(value)
-            values[f.name] = value
-    return config_type(**values)
+    return config_type(**known_fields(config_type, data))
 
 
 def config_from_files(spec: ComponentSpec, source: str) -> Any | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..cuda import dispatch
 from ..formats.reading import CheckpointError
 from ..loading import components
+from ..loading.configs import known_fields
 from ..loading.residency import placed_device
 from ..runtime.attention import attention
 from .step_cache import BranchCache
@@ -54,9 +55,7 @@ class DiTConfig:
         if found is not None and cls.CLASS_NAME and found != cls.CLASS_NAME:
             raise CheckpointError(f"{source}: the config describes a {found}, not a {cls.CLASS_NAME}. Choose the "
                                   f"matching loader or the right component folder.")
-        known = {f.name: f for f in fields(cls)}
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known}
-        return cls(**values)
+        return cls(**known_fields(cls, config))
 
 
 # ---- embeddings ------------------------------------------------------------------------------------------------

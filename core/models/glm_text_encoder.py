@@ -11,7 +11,7 @@ in the *interleaved* layout: channel pairs (2i, 2i+1) rotate together with frequ
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..formats.reading import CheckpointError
 from ..loading import components
+from ..loading.configs import known_fields
 from ..runtime.attention import attention
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections
 
@@ -53,8 +54,7 @@ class GlmConfig:
                 rope[key] = cfg[key]
         if rope.get("rope_type", "default") != "default":
             raise CheckpointError(f"{source}: rope_type {rope['rope_type']!r} is not supported (GLM-4 uses 'default').")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in cfg.items() if k in known}
+        values = known_fields(cls, cfg)
         values.update({k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope})
         if values.get("head_dim") is None:
             values["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]

@@ -12,7 +12,7 @@ Only these tensors are read: the 9B language model in the same checkpoint is nev
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from ..formats import reading
 from ..formats.reading import CheckpointError
 from ..loading import components
+from ..loading.configs import known_fields
 from ..loading.residency import placed_device
 from ..runtime.attention import attention
 from ..runtime.geometry import MAX_PIXELS, MIN_PIXELS, PATCH_SIZE, check_token_grid_size, smart_resize
@@ -59,8 +60,7 @@ class SemanticTokenizerConfig:
             raise CheckpointError(f"{source}: vision_config has hidden_act={vision.get('hidden_act')!r}, "
                                   f"spatial_merge_size={vision.get('spatial_merge_size')}; only GLM-Image's "
                                   f"gelu / merge 1 encoder is supported.")
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in vision.items() if k in names}
+        values = known_fields(cls, vision)
         values.update(embed_dim=vq.get("embed_dim", cls.embed_dim),
                       num_embeddings=vq.get("num_embeddings", cls.num_embeddings))
         return cls(**values)

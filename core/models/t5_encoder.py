@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import nn
 from ..formats.layers import compute_dtype
 from ..formats.reading import CheckpointError
 from ..loading import components
+from ..loading.configs import known_fields
 from ..runtime.attention import attention
 
 FP16_REASON = "T5 activations exceed the fp16 range (the feed-forward overflows to inf/NaN)."
@@ -41,8 +42,7 @@ class T5Config:
         if config.get("model_type", "t5") != "t5":
             raise CheckpointError(f"{source}: its config is a {config['model_type']!r} config, not T5; choose the "
                                   f"text_encoder folder of the GLM-Image release.")
-        known = {f.name for f in fields(cls)}
-        values = cls(**{k: v for k, v in config.items() if k in known})
+        values = cls(**known_fields(cls, config))
         activation_name(values)  # an unsupported feed-forward fails here, before any weight is read
         return values
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..formats import reading
 from ..formats.reading import CheckpointError
 from ..loading import components
+from ..loading.configs import known_fields
 from ..loading.residency import placed_device
 from ..runtime.attention import attention
 from ..runtime.checks import check_finite_output
@@ -70,11 +71,7 @@ class VAEConfig:
                 raise CheckpointError(f"{source}: {key} {cfg[key]} is not supported (only {wanted}).")
         if cfg.get("act_fn", "silu") != "silu":
             raise CheckpointError(f"{source}: act_fn {cfg['act_fn']!r} is not supported (only silu).")
-        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
-        for k in ("block_out_channels", "latents_mean", "latents_std"):
-            if fields.get(k) is not None:
-                fields[k] = tuple(fields[k])
-        config = cls(**fields)
+        config = cls(**known_fields(cls, cfg))
         for k in ("latents_mean", "latents_std"):
             values = getattr(config, k)
             if values is not None and len(values) != config.latent_channels:
