@@ -117,5 +117,5 @@ SPEC = dit_spec("The GLM-Image decoder", "glm_image_dit", GlmImageDiTConfig, Glm
 def load_decoder(path: str, dtype: str = "auto", device: torch.device | str | None = None) -> GlmImageDiT:
     """Load the GLM-Image DiT from a release root, its ``transformer/`` folder, a single .safetensors file or a
     converted FP8 / GGUF file. ``dtype``: auto (bf16 where supported, else fp32), bf16, fp32 or fp8_e4m3fn;
-    fp16 is refused. The scheduler settings of its release: ``flow_schedule.release_shift_settings(path)`` (stages)."""
+    fp16 is refused. Its release's scheduler settings: ``stages.flow_schedule.release_shift_settings(path)``."""
     return components.load_component(SPEC, path, dtype, device)
