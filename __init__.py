@@ -1,5 +1,5 @@
 """glm-image-nodes: GLM-Image, CogView4 and CogView VQ as native ComfyUI nodes."""
-from .core.runtime.comfy_compat import register_model_folders
+from .core.host.folders import register_model_folders
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 register_model_folders()

@@ -42,8 +42,8 @@ def copy_tokenizer(release: str, architecture: str, out_folder: str) -> list[str
 
 def main(argv=None) -> int:
     register_pack()
-    from glm_image_nodes.core.formats import conversion
-    from glm_image_nodes.core.runtime.loading import CheckpointError
+    from glm_image_nodes.core.convert import conversion
+    from glm_image_nodes.core.formats.reading import CheckpointError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="a release folder, a component folder or a .safetensors file")

@@ -84,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from glm_image_nodes.core.runtime.comfy_compat import save_previews_to
-    from glm_image_nodes.core.runtime.loading import CheckpointError
+    from glm_image_nodes.core.formats.reading import CheckpointError
+    from glm_image_nodes.core.host.progress import save_previews_to
     from glm_image_nodes.headless.executor import Executor, NodeFailed, WorkflowError
     from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
 

@@ -45,19 +45,19 @@ register_pack()
 os.environ.setdefault("GLMIMAGE_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
+from glm_image_nodes.core.host import progress  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig  # noqa: E402
 from glm_image_nodes.core.models.t5_encoder import T5Config, T5Encoder  # noqa: E402
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig  # noqa: E402
-from glm_image_nodes.core.runtime import comfy_compat  # noqa: E402
 from glm_image_nodes.core.runtime.attention import BACKENDS  # noqa: E402
 from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
-from glm_image_nodes.core.runtime.handles import TokenGrid  # noqa: E402
 from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import ARInputs, build_ar_inputs, load_text_tokenizer  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
 from glm_image_nodes.core.stages.flow_schedule import read_shift_settings  # noqa: E402
 from glm_image_nodes.core.stages.glyph import glyph_conditioning, tokenize_glyph_texts  # noqa: E402
+from glm_image_nodes.core.stages.handles import TokenGrid  # noqa: E402
 from glm_image_nodes.core.stages.settings import DECODE_STEPS, ARSampling, DecoderRun  # noqa: E402
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer  # noqa: E402
 
@@ -188,8 +188,8 @@ class BudgetProgress:
 
 @contextlib.contextmanager
 def counting(clock: Clock):
-    """Every loaded pack module that reports through ``comfy_compat.Progress`` reports to ``clock`` instead."""
-    original = comfy_compat.Progress
+    """Every loaded pack module that reports through ``host.progress.Progress`` reports to ``clock`` instead."""
+    original = progress.Progress
     modules = [m for name, m in list(sys.modules.items())
                if name.startswith("glm_image_nodes.") and getattr(m, "Progress", None) is original]
     for m in modules:
@@ -433,7 +433,8 @@ class ReferenceSide:
                                prior_token_id=ids, prior_token_drop=torch.zeros_like(ids, dtype=torch.bool),
                                timestep=p["timestep"].to(d), target_size=p["size"].to(d), crop_coords=p["crop"].to(d),
                                return_dict=False)[0]
-        glyph = pipe.text_encoder(input_ids=p["glyph_ids"].to(d), attention_mask=p["glyph_mask"].to(d)).last_hidden_state
+        glyph = pipe.text_encoder(input_ids=p["glyph_ids"].to(d),
+                                  attention_mask=p["glyph_mask"].to(d)).last_hidden_state
         vae = pipe.vae.decode(p["vae_latents"].to(d, dt), return_dict=False)[0]
         return {"dit": dit.float().cpu(), "glyph": glyph.float().cpu(), "vae": vae.float().cpu()}
 
@@ -517,8 +518,8 @@ class Bench:
         reset_peak(self.device)
         clock = Clock(self.device, budget)
         side.generate(job, clock, variant)
-        return {**ar_figures(clock, now(self.device), job.tokens, job.batch), "prompt_tokens": job.inputs.input_ids.shape[1],
-                "peak_gib": peak_gib(self.device)}
+        return {**ar_figures(clock, now(self.device), job.tokens, job.batch),
+                "prompt_tokens": job.inputs.input_ids.shape[1], "peak_gib": peak_gib(self.device)}
 
     def measure_decoder(self, side, height: int, width: int) -> dict:
         job = self.image_job(height, width)

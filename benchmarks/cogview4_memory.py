@@ -5,7 +5,7 @@ Runs the node sequence a ComfyUI user runs: text encoder loader -> text encode (
 are built in memory instead of read from disk: the same modules in the same wrapper types, on the offload
 device (the CPU) in the chosen dtype, with seeded random weights drawn in place (meta -> ``to_empty`` ->
 init, the helpers of ``bench_glm_image.py``). The encode, sample and decode nodes are the real ones: each
-moves its model to the GPU only while it runs (``comfy_compat.on_compute_device``), and that is measured.
+moves its model to the GPU only while it runs (``host.memory.on_compute_device``), and that is measured.
 
 Per stage: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` (reset before the stage) and what
 is still allocated after it; the overall peak is the largest stage peak. A measurement: nothing is asserted.
@@ -39,11 +39,12 @@ from bench_glm_image import (
     reset_peak,
     weights_gib,
 )
+from glm_image_nodes.core.formats.reading import read_json
 from glm_image_nodes.core.models.cogview4_dit import CogView4DiT, CogView4DiTConfig
 from glm_image_nodes.core.models.glm_text_encoder import GlmConfig, GlmTextEncoder
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig
-from glm_image_nodes.core.runtime import comfy_compat, handles
-from glm_image_nodes.core.runtime.loading import read_json
+from glm_image_nodes.core.runtime import devices
+from glm_image_nodes.core.stages import handles
 from glm_image_nodes.core.stages.cogview4_text import CogView4Tokenizer, load_cogview4_tokenizer
 from glm_image_nodes.core.stages.flow_schedule import read_shift_settings
 from glm_image_nodes.nodes.sampling.cogview4 import (
@@ -99,10 +100,11 @@ def make_vae(configs: dict) -> AutoencoderKL:
     return AutoencoderKL(VAEConfig.from_dict(configs["vae"], "vae/config.json"))
 
 
-def text_encoder_loader(configs: dict, tokenizer_folder: str, dtype: torch.dtype, seed: int) -> handles.CogView4TextEncoder:
+def text_encoder_loader(configs: dict, tokenizer_folder: str, dtype: torch.dtype,
+                        seed: int) -> handles.CogView4TextEncoder:
     """What GLMImageCogView4TextEncoderLoader returns: GLM-4 without its last layer and final norm, and the
     tokenizer, on the offload device."""
-    model = build_pack_module(lambda: make_text_encoder(configs), comfy_compat.offload_device(), dtype, seed,
+    model = build_pack_module(lambda: make_text_encoder(configs), devices.offload_device(), dtype, seed,
                               key=lambda name: "text_encoder.model." + name)
     return handles.CogView4TextEncoder(model=model, tokenizer=load_cogview4_tokenizer(tokenizer_folder),
                                        blocks="layers")
@@ -110,29 +112,29 @@ def text_encoder_loader(configs: dict, tokenizer_folder: str, dtype: torch.dtype
 
 def decoder_loader(configs: dict, dtype: torch.dtype, seed: int) -> handles.Decoder:
     """What GLMImageCogView4DecoderLoader returns: the DiT with the release's scheduler settings."""
-    model = build_pack_module(lambda: make_decoder(configs), comfy_compat.offload_device(), dtype, seed,
+    model = build_pack_module(lambda: make_decoder(configs), devices.offload_device(), dtype, seed,
                               key=lambda name: "transformer." + name)
     return handles.Decoder(model, shift_settings=read_shift_settings(CONFIGS), blocks="transformer_blocks")
 
 
 def vae_loader(configs: dict, dtype: torch.dtype, seed: int) -> handles.ModelHandle:
     """What GLMImageVAELoader returns for CogView4's vae/ folder (its config: scaling 1.0, shift 0.0)."""
-    return handles.ModelHandle(GlmVAE(build_pack_module(lambda: make_vae(configs), comfy_compat.offload_device(),
+    return handles.ModelHandle(GlmVAE(build_pack_module(lambda: make_vae(configs), devices.offload_device(),
                                                         dtype, seed, key=lambda name: "vae." + name)))
 
 
 # ---- measuring ------------------------------------------------------------------------------------------------------
 def compute_device(choice: str) -> torch.device:
-    """The nodes run on ``comfy_compat.get_device()``; ``--device`` checks it (and for ``cuda:N`` selects it)."""
+    """The nodes run on ``devices.get_device()``; ``--device`` checks it (and for ``cuda:N`` selects it)."""
     if choice != "auto":
         wanted = torch.device(choice)
         if wanted.type == "cuda" and wanted.index is not None and torch.cuda.is_available():
             torch.cuda.set_device(wanted)
-    device = comfy_compat.get_device()
+    device = devices.get_device()
     if choice != "auto" and torch.device(choice).type != device.type:
         hint = " or hide the GPU (CUDA_VISIBLE_DEVICES=) to run on the CPU" if device.type == "cuda" else ""
         raise SystemExit(f"--device {choice}: the pack's nodes run on {device} on this machine "
-                         f"(comfy_compat.get_device()). Use --device {device.type}{hint}.")
+                         f"(devices.get_device()). Use --device {device.type}{hint}.")
     return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
 
 
@@ -186,8 +188,8 @@ def markdown_table(report: dict) -> str:
     for name, s in report["stages"].items():
         lines.append(f"| {name} | {s['node']} | {fmt(s['peak_gib'])} | {fmt(s['peak_reserved_gib'])} | "
                      f"{fmt(s['allocated_after_gib'])} | {s['time_s']:.1f} |")
-    lines.append(f"| **overall** | | **{fmt(report['overall_peak_gib'])}** | {fmt(report['overall_peak_reserved_gib'])} "
-                 f"| | |")
+    lines.append(f"| **overall** | | **{fmt(report['overall_peak_gib'])}** | "
+                 f"{fmt(report['overall_peak_reserved_gib'])} | | |")
     fits = report["fits_24_gib"]
     verdict = "no GPU figure" if fits is None else f"{'fits' if fits else 'does NOT fit'} in {BUDGET_GIB} GiB"
     return "\n".join(lines) + f"\n\nOverall peak allocated: {verdict} ({report['meta']['device_name']})."

@@ -41,9 +41,9 @@ os.environ.setdefault("GLMIMAGE_NO_PROGRESS", "1")
 import torch  # noqa: E402
 from bench_glm_image import CONFIGS, EOS_ID, PAD_ID, SAMPLING, build_pack_module, building, randomize_  # noqa: E402
 from glm_image_nodes.core.cuda.dispatch import LAUNCHES, NAMESPACE  # noqa: E402
-from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR, mrope_cos_sin  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig  # noqa: E402
+from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.stages import ar_sampling  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import DecodeState, SamplingNoise, decode_step  # noqa: E402
@@ -104,7 +104,8 @@ def compiled_figures(fn) -> dict:
             if name.startswith(("aten::", NAMESPACE + "::")):
                 ops += 1
                 base = name.split("::")[1]
-                launches += LAUNCHES.get(base, 1) if name.startswith(NAMESPACE) else base not in VIEW_NAMES | ALLOCATIONS
+                launches += (LAUNCHES.get(base, 1) if name.startswith(NAMESPACE)
+                             else base not in VIEW_NAMES | ALLOCATIONS)
             elif "cpp_fused" in name or "triton_" in name:
                 generated += 1
     return {"aten_ops": ops, "launches": launches + generated, "host_syncs": 0, "generated_kernels": generated}
@@ -125,8 +126,8 @@ def ar_configs(layers: int, width: int) -> dict:
     with open(os.path.join(CONFIGS, "full", "vision_language_encoder", "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     text = config["text_config"]
-    text.update(num_hidden_layers=layers, head_dim=text["hidden_size"] // text["num_attention_heads"], hidden_size=width,
-                intermediate_size=2 * width)
+    text.update(num_hidden_layers=layers, head_dim=text["hidden_size"] // text["num_attention_heads"],
+                hidden_size=width, intermediate_size=2 * width)
     # the vision tower is not used to write tokens; keep it tiny
     config["vision_config"].update(depth=1, hidden_size=32, num_heads=2, intermediate_size=64)
     config["vq_config"].update(embed_dim=16, latent_channels=32)
@@ -280,8 +281,8 @@ def measure_dit(args) -> dict:
     times = collections.defaultdict(list)
     for _ in range(args.repeats):
         for label, (mode, compiled) in variants.items():
-            times[label].append(cpu_seconds(lambda: run_pack(2, compiled, mode))
-                                - cpu_seconds(lambda: run_pack(1, compiled, mode)))
+            two = cpu_seconds(lambda: run_pack(2, compiled, mode))
+            times[label].append(two - cpu_seconds(lambda: run_pack(1, compiled, mode)))
         times["diffusers"].append(cpu_seconds(lambda: run_ref(2)) - cpu_seconds(lambda: run_ref(1)))
     for label, values in times.items():
         rows[label]["cpu_ms"] = 1000 * statistics.median(values)

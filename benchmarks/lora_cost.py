@@ -29,10 +29,10 @@ register_pack()
 os.environ.setdefault("GLMIMAGE_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
+from glm_image_nodes.core.formats import reading  # noqa: E402
 from glm_image_nodes.core.formats.lora_targets import AR, GLM_IMAGE_DIT, linear_shapes, load_lora  # noqa: E402
+from glm_image_nodes.core.loading.lora_patches import AppliedLora, installed  # noqa: E402
 from glm_image_nodes.core.models import cogview4_dit, glm_ar, glm_image_dit  # noqa: E402
-from glm_image_nodes.core.runtime import loading  # noqa: E402
-from glm_image_nodes.core.runtime.lora_patches import AppliedLora, installed  # noqa: E402
 from glm_image_nodes.testing.tiny_lora import write_tiny_loras  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 
@@ -55,7 +55,7 @@ def full_size_shapes() -> dict[str, dict[str, tuple[int, int]]]:
              "CogView4 DiT": (cogview4_dit.SPEC, "cogview4_6b/transformer/config.json")}
     shapes = {}
     for name, (spec, file) in specs.items():
-        raw = loading.read_json(os.path.join(CONFIGS, file))
+        raw = reading.read_json(os.path.join(CONFIGS, file))
         config = spec.config_from_dict(raw[spec.config_key] if spec.config_key else raw, file)
         with torch.device("meta"):
             shapes[name] = linear_shapes(spec.build(config))
@@ -91,8 +91,8 @@ def median_ratio(run_base, run_lora, repeats: int) -> tuple[float, float]:
 
 
 def tiny_times(repeats: int) -> list[str]:
-    from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
     from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
+    from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
     from glm_image_nodes.core.stages.settings import ARSampling
 
     torch.set_num_threads(1)

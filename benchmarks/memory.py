@@ -35,17 +35,18 @@ sys.path.insert(0, ROOT)
 from standalone import register_pack  # noqa: E402
 
 register_pack()
-from glm_image_nodes.core.formats import conversion  # noqa: E402
+from glm_image_nodes.core.convert import conversion  # noqa: E402
+from glm_image_nodes.core.formats import reading  # noqa: E402
+from glm_image_nodes.core.loading import components  # noqa: E402
 from glm_image_nodes.core.models import cogview4_dit, glm_ar, glm_image_dit, glm_text_encoder, t5_encoder  # noqa: E402
-from glm_image_nodes.core.models.dit import release_shift_settings  # noqa: E402
 from glm_image_nodes.core.models.vae import load_vae  # noqa: E402
-from glm_image_nodes.core.runtime import components, loading  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
+from glm_image_nodes.core.stages.flow_schedule import release_shift_settings  # noqa: E402
 from glm_image_nodes.core.stages.glyph import glyph_conditioning  # noqa: E402
-from glm_image_nodes.core.stages.upscale import psnr  # noqa: E402
 from glm_image_nodes.core.stages.settings import ARSampling, DecoderRun  # noqa: E402
+from glm_image_nodes.testing.images import psnr  # noqa: E402
 
 FORMATS = ("fp8_at_load", "fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0")
 COMPONENTS = {"ar": glm_ar.SPEC, "dit": glm_image_dit.SPEC, "glyph": t5_encoder.SPEC}
@@ -68,7 +69,7 @@ def full_size_bytes() -> dict[str, dict[str, int]]:
     """Bytes of every component in each format at real size, from the shapes of the meta-built model."""
     out = {}
     for name, (spec, path) in FULL_SIZE.items():
-        raw = loading.read_json(path)
+        raw = reading.read_json(path)
         config = spec.config_from_dict(raw[spec.config_key] if spec.config_key else raw, path)
         with torch.device("meta"):
             model = spec.build(config)

@@ -32,10 +32,10 @@ import torch  # noqa: E402
 from bench_glm_image import CONFIGS, build_pack_module  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig, load_decoder  # noqa: E402
 from glm_image_nodes.core.models.vae import AutoencoderKL, GlmVAE, VAEConfig, load_vae  # noqa: E402
-from glm_image_nodes.core.runtime.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
-from glm_image_nodes.core.stages.upscale import psnr  # noqa: E402
+from glm_image_nodes.core.stages.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
+from glm_image_nodes.testing.images import psnr  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 
 

@@ -104,7 +104,8 @@ def submit(server: str, graph: dict, client_id: str) -> str:
         error = body.get("error", {})
         message = error.get("message", f"HTTP {e.code}") if isinstance(error, dict) else str(error)
         details = describe_node_errors(body.get("node_errors", {}), graph)
-        raise WorkflowError(f"the server rejected the workflow: {message}" + (f"\n{details}" if details else "")) from None
+        extra = f"\n{details}" if details else ""
+        raise WorkflowError(f"the server rejected the workflow: {message}{extra}") from None
     if not isinstance(body, dict) or "prompt_id" not in body:
         raise WorkflowError(f"{server}/prompt answered without a prompt_id ({str(body)[:60]!r}): is {server} a "
                             f"ComfyUI server?")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.runtime import checks, comfy_compat
+from ..core.host import interrupts
+from ..core.runtime import checks
 from ..nodes.common import check_widget_value
 from .workflow_format import CORE_NODES, all_inputs, input_types, is_widget, output_types
 
@@ -202,7 +203,7 @@ class Executor:
     def run(self, graph: dict) -> list[str]:
         """Check the workflow, then run what its output nodes need; returns the paths of the images saved."""
         outputs = self.validate(graph)
-        comfy_compat.clear_interrupt()  # a Stop requested while nothing ran must not abort this run
+        interrupts.clear_interrupt()  # a Stop requested while nothing ran must not abort this run
         graph = {str(k): v for k, v in graph.items()}
         results: dict[str, tuple] = {}
         saved: list[str] = []

@@ -14,7 +14,8 @@ from standalone import register_pack  # noqa: E402
 
 def main() -> int:
     register_pack()
-    from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, locales
+    from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from glm_image_nodes.testing import locales
 
     locales.write_english(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS)
     print(f"wrote {os.path.join(locales.LOCALES, 'en')}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..core.runtime import checks, comfy_compat, handles
+from ..core.host import folders
+from ..core.loading.residency import resolve_blocks
+from ..core.runtime import checks, devices
 from ..core.runtime.attention import BACKENDS
 from ..core.runtime.geometry import MAX_SIDE, SIDE_MULTIPLE
-from ..core.runtime.residency import resolve_blocks
+from ..core.stages import handles
 from ..core.stages.settings import from_widgets
 
 CATEGORY = "GLM-Image"
@@ -26,10 +28,10 @@ def checkpoint_choices(single_file_folder: str, gguf: bool = False) -> list[str]
 
     Outside ComfyUI nothing is listed; the loaders also accept a path.
     """
-    files = comfy_compat.list_single_files(single_file_folder)
+    files = folders.list_single_files(single_file_folder)
     if gguf:
-        files += comfy_compat.list_gguf_files(single_file_folder)
-    return comfy_compat.list_release_folders() + files
+        files += folders.list_gguf_files(single_file_folder)
+    return folders.list_release_folders() + files
 
 
 def checkpoint_input(single_file_folder: str, tooltip: str, gguf: bool = False):
@@ -194,9 +196,9 @@ class ModelLoader:
         return inputs
 
     def load(self, checkpoint, dtype, block_swap=0, **options):
-        path = comfy_compat.resolve_checkpoint(checkpoint, self.FOLDER)
+        path = folders.resolve_checkpoint(checkpoint, self.FOLDER)
         # weights on the offload device, ``auto`` resolved for the compute device (the sampling nodes move them)
-        handle = self.load_model(path, dtype, comfy_compat.offload_device(), compute_device=comfy_compat.get_device(),
+        handle = self.load_model(path, dtype, devices.offload_device(), compute_device=devices.get_device(),
                                  **options)
         handle.path = path
         if self.SPEC is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.runtime import comfy_compat
+from ..core.host import memory
 from ..core.runtime.options import RunOptions
 from ..core.stages.settings import from_widgets
 from .common import answer, category, check_now
@@ -43,4 +43,4 @@ class SamplerNode:
 
     def on_device(self, *models):
         """The models on the compute device for the run (ComfyUI's memory manager inside ComfyUI)."""
-        return comfy_compat.on_compute_device(*models, stage=self.STAGE, advice=self.ADVICE)
+        return memory.on_compute_device(*models, stage=self.STAGE, advice=self.ADVICE)

@@ -3,7 +3,8 @@
 Same id layout as the real one: ids 0..16511 are the ``<|dit_token_k|>`` tokens, GLM-4 text ids are shifted
 by +16512, and the special tokens keep their real ids (``<|endoftext|>`` 167841, ``<sop>`` 167845,
 ``<eop>`` 167846, ``<|image|>`` 167855); ``vision_vocab`` and ``codebook_size`` make the layout of a release
-with other ids (everything shifted by the vision vocabulary, the image markers at the codebook size). The text vocabulary is byte-level BPE over the 256 byte symbols
+with other ids (everything shifted by the vision vocabulary, the image markers at the codebook size). The text
+vocabulary is byte-level BPE over the 256 byte symbols
 (GLM ids 0..255, so ids 16512..16767) plus a few merges, enough for any prompt. Ids between the last merge
 and 167841 are unused, so a tiny model still needs ``vocab_size`` > 167855 (the real 168064 is used).
 

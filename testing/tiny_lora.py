@@ -28,7 +28,7 @@ def lora_factors(shapes: dict[str, tuple[int, int]], rank: int, seed: int = 0, s
 
 def target_shapes(model: torch.nn.Module, target: LoraTarget, suffixes: tuple[str, ...]) -> dict:
     """The reference names and shapes of ``model``'s linear layers ending in one of ``suffixes``."""
-    return {target.reference_name(name): shape for name, shape in linear_shapes(model).items()
+    return {target.reference_names(name)[0]: shape for name, shape in linear_shapes(model).items()
             if name.endswith(suffixes)}
 
 

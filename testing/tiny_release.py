@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR
 from ..core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig
-from ..core.models.semantic_tokenizer import SemanticTokenizer, state_dict_for_release
+from ..core.models.semantic_tokenizer import UNUSED_PREFIX, VQ_PREFIX, SemanticTokenizer, SemanticTokenizerConfig
 from ..core.models.t5_encoder import T5Config, T5Encoder
 from ..core.models.vae import AutoencoderKL, VAEConfig
 from .tiny_glm_image_tokenizer import TINY_VOCAB_SIZE, write_tiny_glm_image_tokenizer
@@ -71,6 +71,22 @@ PREPROCESSOR_CONFIG = {"image_processor_type": "GlmImageImageProcessor", "patch_
                        "min_pixels": 262144, "max_pixels": 4194304}
 
 
+def semantic_tokenizer_from_configs(vision_config: dict, vq_config: dict) -> SemanticTokenizer:
+    """Build from the ``vision_config`` and ``vq_config`` dicts of ``vision_language_encoder/config.json``."""
+    config = {"vision_config": vision_config, "vq_config": vq_config}
+    return SemanticTokenizer(SemanticTokenizerConfig.from_release_config(config, "vision_config/vq_config"))
+
+
+def state_dict_for_release(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tokenizer state dict as the release's ``vision_language_encoder`` stores it: with the
+    ``post_quant_conv`` the tokenizer does not use (zeros), so transformers loads the file without gaps."""
+    embed_dim, latent_channels = state_dict[VQ_PREFIX + "quant_conv.weight"].shape[:2]
+    out = dict(state_dict)
+    out[UNUSED_PREFIX + "weight"] = torch.zeros(latent_channels, embed_dim, 1, 1)
+    out[UNUSED_PREFIX + "bias"] = torch.zeros(latent_channels)
+    return out
+
+
 def _write_json(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -93,7 +109,7 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> dict[str,
 
 def _vision_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The ``model.visual.*`` and ``model.vqmodel.*`` tensors of the AR checkpoint (semantic tokenizer)."""
-    tokenizer = SemanticTokenizer.from_configs(VISION_CONFIG, VQ_CONFIG)
+    tokenizer = semantic_tokenizer_from_configs(VISION_CONFIG, VQ_CONFIG)
     return state_dict_for_release(_randomize(tokenizer, generator))
 
 

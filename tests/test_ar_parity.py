@@ -8,9 +8,10 @@ import os
 
 import pytest
 import torch
+from glm_image_nodes.core.formats import reading
+from glm_image_nodes.core.formats.reading import CheckpointError
+from glm_image_nodes.core.host import interrupts
 from glm_image_nodes.core.models.glm_ar import load_ar_model
-from glm_image_nodes.core.runtime import comfy_compat, loading
-from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import filter_logits, generate_token_grid
 from glm_image_nodes.core.stages.settings import ARSampling
@@ -67,7 +68,7 @@ def test_loader_paths_and_weights(release, tmp_path, monkeypatch):
         assert torch.equal(ours[k.removeprefix("model.language_model.")], v), k
 
     read = []
-    real_safe_open = loading.safe_open
+    real_safe_open = reading.safe_open
 
     class Recording:
         def __init__(self, *a, **kw):
@@ -90,7 +91,7 @@ def test_loader_paths_and_weights(release, tmp_path, monkeypatch):
             read.append(key)
             return self.sf.get_tensor(key)
 
-    monkeypatch.setattr(loading, "safe_open", Recording)
+    monkeypatch.setattr(reading, "safe_open", Recording)
     folder = load_ar_model(str(root / "vision_language_encoder"), dtype="fp32", device="cpu")
     assert len(read) == len(ref) and not any(k.startswith(("model.visual", "model.vqmodel")) for k in read)
     monkeypatch.undo()
@@ -272,11 +273,11 @@ def test_interrupt_raises_and_model_stays_usable(release):
     def interrupt_at_step_6(module, args, output):
         steps.append(1)
         if len(steps) == 6:
-            comfy_compat.request_interrupt()
+            interrupts.request_interrupt()
 
     hook = model.register_forward_hook(interrupt_at_step_6)
     try:
-        with pytest.raises(comfy_compat.Interrupted):
+        with pytest.raises(interrupts.Interrupted):
             _edit(model, tok, 5)
     finally:
         hook.remove()

@@ -3,8 +3,8 @@ import os
 
 import pytest
 import torch
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.runtime.geometry import target_grid
-from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer
 from PIL import Image

@@ -2,8 +2,8 @@
 (custom ops running their torch references) and ``torch.compile(fullgraph=True)`` give the reference's tokens."""
 import pytest
 import torch
-from glm_image_nodes.core.runtime.options import RunOptions
 from glm_image_nodes.core.models.glm_ar import load_ar_model
+from glm_image_nodes.core.runtime.options import RunOptions
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.settings import ARSampling

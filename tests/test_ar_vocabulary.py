@@ -10,8 +10,8 @@ import json
 
 import pytest
 import torch
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.models.glm_ar import load_ar_model
-from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.core.stages.ar_prompt import ARVocabulary, build_ar_inputs, load_text_tokenizer, read_ar_vocabulary
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.settings import ARSampling
@@ -26,8 +26,12 @@ LOGITS_ATOL = 2e-5  # fp32, as in test_ar_parity
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    from transformers import (GlmImageConfig, GlmImageForConditionalGeneration, GlmImageProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        GlmImageConfig,
+        GlmImageForConditionalGeneration,
+        GlmImageProcessor,
+        PreTrainedTokenizerFast,
+    )
     from transformers.models.glm_image.image_processing_pil_glm_image import GlmImageImageProcessorPil
 
     root = tmp_path_factory.mktemp("other_ids")
@@ -47,7 +51,8 @@ def release(tmp_path_factory):
     write_tiny_glm_image_tokenizer(str(root / "tok"), VISION_VOCAB, CODEBOOK)
     image_processor = GlmImageImageProcessorPil(patch_size=16, temporal_patch_size=1, merge_size=1,
                                                 min_pixels=32 * 32, max_pixels=1024 * 1024)
-    GlmImageProcessor(image_processor=image_processor, tokenizer=PreTrainedTokenizerFast.from_pretrained(str(root / "tok")),
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(root / "tok"))
+    GlmImageProcessor(image_processor=image_processor, tokenizer=tokenizer,
                       chat_template=chat_template(CODEBOOK)).save_pretrained(str(root / "processor"))
     processor = GlmImageProcessor.from_pretrained(str(root / "processor"))
     model = load_ar_model(str(root), dtype="fp32", device="cpu")

@@ -101,8 +101,8 @@ def test_flash_and_sage_wrappers_keep_layout_gqa_and_causality(monkeypatch):
 def test_sampler_nodes_refuse_a_missing_attention_package_before_any_work(node, args, monkeypatch):
     """The nodes check the attention choice before touching a model (None here would fail later)."""
     from glm_image_nodes.core.runtime import attention as entry
+    from glm_image_nodes.core.stages.handles import TokenGrid
     from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
-    from glm_image_nodes.core.runtime.handles import TokenGrid
     monkeypatch.setattr(entry, "installed", lambda backend: backend in ("auto", "sdpa"))
     optional = NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["optional"]
     assert optional["attention"][0] == ["auto", "sdpa", "sage", "flash"]

@@ -10,14 +10,15 @@ import math
 
 import pytest
 import torch
-from glm_image_nodes.core.runtime import checks, comfy_compat, handles
+from glm_image_nodes.core.host import memory
+from glm_image_nodes.core.runtime import checks
 from glm_image_nodes.core.runtime.checks import MAX_SEED, NonFiniteOutput
-from glm_image_nodes.core.runtime.handles import TokenGrid
-from glm_image_nodes.core.stages import ar_sampling
+from glm_image_nodes.core.stages import ar_sampling, handles
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents
 from glm_image_nodes.core.stages.glyph import glyph_conditioning
+from glm_image_nodes.core.stages.handles import TokenGrid
 from glm_image_nodes.core.stages.settings import ARSampling, DecoderRun
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES
 from glm_image_nodes.testing.tiny_release import write_tiny_release
@@ -80,10 +81,12 @@ CAPTION = dict(max_new_tokens=64, temperature=0.0, seed=0, custom_instruction=""
 NUMBER_CASES = [  # node, method, widgets, change, (what the message must say: the input ... the fix)
     ("GLMImageARSampler", "sample", AR, dict(seed=-1), ("seed = -1", f"Use a seed in 0..{MAX_SEED}")),
     ("GLMImageARSampler", "sample", AR, dict(seed=2 ** 64), (f"seed = {2 ** 64}", "2^64 - 1")),
-    ("GLMImageARSampler", "sample", AR, dict(temperature=math.nan), ("temperature must be a finite number", "at least 0")),
+    ("GLMImageARSampler", "sample", AR, dict(temperature=math.nan),
+     ("temperature must be a finite number", "at least 0")),
     ("GLMImageARSampler", "sample", AR, dict(top_p=math.inf), ("top_p must be a finite number", "(0, 1]")),
     ("GLMImageARSampler", "sample", AR, dict(num_images=17), ("num_images = 17", "Use 1..16")),
-    ("GLMImageARSampler", "sample", AR, dict(width=1000), ("1000x512 (WxH) is not one", "nearest valid size is 992x512")),
+    ("GLMImageARSampler", "sample", AR, dict(width=1000),
+     ("1000x512 (WxH) is not one", "nearest valid size is 992x512")),
     ("GLMImageDecoderSampler", "sample", DECODER, dict(guidance=math.nan), ("guidance must be a finite number", "1.0")),
     ("GLMImageDecoderSampler", "sample", DECODER, dict(steps=201), ("steps = 201", "Use 1..200 steps")),
     ("GLMImageDecoderSampler", "sample", DECODER, dict(seed=-5), ("seed = -5", "Use a seed")),
@@ -112,12 +115,14 @@ TEXT_CASES = [
     ("GLMImageCaption", "caption", CAPTION, dict(custom_instruction=SURROGATE), ("custom_instruction holds invalid",)),
     ("GLMImageRerank", "rerank", dict(prompt="x"), dict(prompt="  "), ("prompt is empty", "give the prompt")),
 ]
-SOCKETS = {"GLMImageARSampler": dict(ar_model=None), "GLMImageDecoderSampler": dict(decoder=None, tokens=None, glyph=None),
+SOCKETS = {"GLMImageARSampler": dict(ar_model=None),
+           "GLMImageDecoderSampler": dict(decoder=None, tokens=None, glyph=None),
            "GLMImageCogView4Sampler": dict(decoder=None, conditioning=None),
            "GLMImageUpscale": dict(decoder=None, vae=None, tokenizer=None, glyph=None, image=None, use_reference=True),
            "GLMImageCogView4Refine": dict(decoder=None, vae=None, conditioning=None, image=None),
            "GLMImageCaption": dict(captioner=None, image=None, preset="short caption"),
-           "GLMImageImageToTokens": dict(tokenizer=None, image=None), "GLMImageGlyphConditioning": dict(glyph_encoder=None),
+           "GLMImageImageToTokens": dict(tokenizer=None, image=None),
+           "GLMImageGlyphConditioning": dict(glyph_encoder=None),
            "GLMImageCogView4TextEncode": dict(text_encoder=None), "GLMImageRerank": dict(captioner=None, images=None)}
 
 
@@ -169,7 +174,8 @@ def test_core_upper_bounds_hold_without_widgets(models, baseline):
 
 def test_text_that_no_tokenizer_can_encode(models, baseline):
     ar = models["ar"]
-    with pytest.raises(ValueError, match="prompt holds invalid Unicode: an unpaired surrogate U\\+D800 at character 17"):
+    with pytest.raises(ValueError,
+                       match="prompt holds invalid Unicode: an unpaired surrogate U\\+D800 at character 17"):
         generate_token_grid(ar.model, ar.tokenizer, SURROGATE, 64, 64, settings=ARSampling(seed=0))
     with pytest.raises(ValueError, match="prompt holds invalid Unicode"):
         NODES["GLMImageGlyphConditioning"]().encode(models["glyph_encoder"], SURROGATE)
@@ -248,9 +254,9 @@ def test_a_prefill_that_would_not_fit_is_refused_before_allocating(models, basel
     allocated = []
     monkeypatch.setattr(ar.model, "new_cache", lambda *a, **k: allocated.append(a))
     monkeypatch.setattr(ar_sampling, "available_memory", lambda device, need: 1 << 20)
-    with pytest.raises(comfy_compat.OutOfMemory) as error:
-        generate_token_grid(ar.model, ar.tokenizer, "a cat " * 200, 1024, 1024, settings=ARSampling(seed=0,
-                                                                                                    num_images=4))
+    with pytest.raises(memory.OutOfMemory) as error:
+        generate_token_grid(ar.model, ar.tokenizer, "a cat " * 200, 1024, 1024,
+                            settings=ARSampling(seed=0, num_images=4))
     message = str(error.value)
     inputs = build_ar_inputs(ar.tokenizer, ["a cat " * 200] * 4, 1024, 1024)
     length = inputs.input_ids.shape[1]

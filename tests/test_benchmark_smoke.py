@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from benchmark_scripts import load_benchmark
-from glm_image_nodes.core.runtime import comfy_compat
+from glm_image_nodes.core.host import progress
 from glm_image_nodes.core.stages import ar_sampling, decoder_sampling
 
 pytest.importorskip("diffusers")
@@ -41,7 +41,7 @@ def test_tiny_run_has_every_figure_and_the_sides_agree(bench, tmp_path):
     out = tmp_path / "results.json"
     report = bench.main(TINY + ["--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert ar_sampling.Progress is decoder_sampling.Progress is comfy_compat.Progress  # the stand-ins are gone
+    assert ar_sampling.Progress is decoder_sampling.Progress is progress.Progress  # the stand-ins are gone
 
     meta = report["meta"]
     for key in ("device_name", "torch", "transformers", "diffusers", "date", "dtype"):

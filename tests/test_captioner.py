@@ -8,17 +8,15 @@ import torch
 
 pytest.importorskip("transformers")
 
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.models.captioner import (
     CAPS_INSTRUCTION,
     PRESETS,
-    caption_image,
-    caption_scores,
     chat_inputs,
     load_captioner,
-    rerank,
     strip_reasoning,
 )
-from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.core.stages.captioning import caption_image, caption_scores, rerank
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_glmv import IMAGE_SIZE, reference_processor, write_tiny_glmv  # noqa: E402

@@ -169,7 +169,8 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, not_comfy):
         ((str(api), "--server", f"http://127.0.0.1:{_free_port()}"), "(Connection refused): is ComfyUI running at "
                                                                      "http://127.0.0.1:"),
         ((str(api), "--server", not_comfy), f"{not_comfy}/prompt answered with something that is not JSON "
-                                            f"('<html><body>It works!</body></html>'): is {not_comfy} a ComfyUI server?"),
+                                            f"('<html><body>It works!</body></html>'): is {not_comfy} a ComfyUI "
+                                            f"server?"),
         ((str(api), "--server", not_comfy + "/sub"), "/prompt answered HTTP 404 ('<html>"),
         ((str(api), "--set", "7.seed=1"), "--set 7.seed=1: no node '7' in the workflow (ids: 1)"),
     ]

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
 from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
+from glm_image_nodes.core.formats.reading import CheckpointError  # noqa: E402
 from glm_image_nodes.core.models.cogview4_dit import load_cogview4_decoder  # noqa: E402
-from glm_image_nodes.core.runtime.loading import CheckpointError  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_cogview4_latents  # noqa: E402
 from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
 

@@ -65,7 +65,8 @@ def test_prompt_of_tokens_fills_exactly_up_to_the_length(memory, tmp_path):
 def write_release(root, memory, text_encoder, decoder, vae) -> str:
     """The stand-ins' weights and the tiny configs in the release layout, as the real loaders read it."""
     configs = memory.release_configs("tiny")
-    parts = {"text_encoder": ("model.safetensors", {"model." + k: v for k, v in text_encoder.model.state_dict().items()}),
+    text_encoder_state = {"model." + k: v for k, v in text_encoder.model.state_dict().items()}
+    parts = {"text_encoder": ("model.safetensors", text_encoder_state),
              "transformer": ("diffusion_pytorch_model.safetensors", decoder.model.state_dict()),
              "vae": ("diffusion_pytorch_model.safetensors", vae.module.state_dict())}
     for name, (file, state) in parts.items():

@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
+from glm_image_nodes.core.formats.reading import CheckpointError  # noqa: E402
 from glm_image_nodes.core.models import glm_text_encoder as gte  # noqa: E402
 from glm_image_nodes.core.models.glm_text_encoder import load_glm_text_encoder  # noqa: E402
-from glm_image_nodes.core.runtime.loading import CheckpointError  # noqa: E402
 from glm_image_nodes.core.stages.cogview4_text import (  # noqa: E402
     cogview4_prompt_ids,
     encode_cogview4_prompt,

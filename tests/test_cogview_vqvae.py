@@ -1,8 +1,8 @@
 """The CogView v1 VQ-VAE: release layout, nearest codes, round trip, safe loading."""
 import pytest
 import torch
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.models.cogview_vqvae import load_cogview_vqvae
-from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.testing.tiny_cogview_vqvae import write_random_cogview_vqvae
 from safetensors.torch import load_file, save_file
 

@@ -16,11 +16,12 @@ from comfyui_server import AVAILABLE, PACK_FOLDER, ROOT, SKIP_REASON, comfyui
 if not AVAILABLE:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
-import convert  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 from PIL import Image  # noqa: E402
+
+import convert  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
@@ -143,7 +144,8 @@ def _loaded_models(comfy, graph: dict, seed: int) -> list[dict]:
     """Run ``graph`` with the decoder seed set and the probe after the image; ComfyUI's loaded models then."""
     graph = json.loads(json.dumps(graph))
     graph[_node_id(graph, "GLMImageDecoderSampler")]["inputs"]["seed"] = seed
-    graph["probe"] = {"class_type": "GLMTestLoadedModels", "inputs": {"images": [_node_id(graph, "GLMImageVAEDecode"), 0]}}
+    graph["probe"] = {"class_type": "GLMTestLoadedModels",
+                      "inputs": {"images": [_node_id(graph, "GLMImageVAEDecode"), 0]}}
     client_id = uuid.uuid4().hex
     history = client.follow(comfy.url, client.submit(comfy.url, graph, client_id), client_id, lambda event: None)
     return json.loads(history["outputs"]["probe"]["text"][0])
@@ -252,5 +254,6 @@ def test_validate_inputs_refuses_before_anything_loads(comfy, tmp_path, node, ch
         client.run(comfy.url, graph, str(tmp_path), lambda event: None)
     lines = str(error.value).splitlines()
     assert lines[0].startswith("the server rejected the workflow: "), lines
-    assert len(lines) == 2 and lines[1].startswith(f"node {_node_id(graph, node)} ({node}): custom_validation_failed: "), lines
+    expected = f"node {_node_id(graph, node)} ({node}): custom_validation_failed: "
+    assert len(lines) == 2 and lines[1].startswith(expected), lines
     assert message in lines[1], lines

@@ -14,7 +14,7 @@ from comfyui_server import AVAILABLE, ROOT, SKIP_REASON, comfyui
 if not AVAILABLE:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
-from glm_image_nodes.core.formats import conversion  # noqa: E402
+from glm_image_nodes.core.convert import conversion  # noqa: E402
 from glm_image_nodes.core.models import glm_image_dit  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.headless.executor import Executor  # noqa: E402
@@ -39,7 +39,8 @@ def comfy(tmp_path_factory):
     (models / "diffusion_models").mkdir()
     conversion.convert_component(glm_image_dit.SPEC, str(models / "glm_image" / "tiny"), "q8_0",
                                  str(models / "diffusion_models" / GGUF_DECODER))
-    with comfyui(str(root), {name: str(models / name) for name in ("glm_image", "loras", "diffusion_models")}) as server:
+    folders = {name: str(models / name) for name in ("glm_image", "loras", "diffusion_models")}
+    with comfyui(str(root), folders) as server:
         server.models = models
         yield server
 

@@ -19,13 +19,14 @@ if not AVAILABLE:
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-import convert  # noqa: E402
 from glm_image_nodes.headless import client  # noqa: E402
 from glm_image_nodes.testing.tiny_lora import write_tiny_loras  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 from PIL import Image  # noqa: E402
 from tiny_dit import write_tiny_cogview4_release  # noqa: E402
 from tiny_glmv import write_tiny_glmv  # noqa: E402
+
+import convert  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

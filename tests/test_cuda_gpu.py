@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from glm_image_nodes.core.cuda import activations, adaln, decode_attention, norms, rope  # noqa: E402
-from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import ARConfig, GlmImageAR  # noqa: E402
+from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
 from glm_image_nodes.core.stages.settings import ARSampling  # noqa: E402
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer  # noqa: E402
@@ -59,7 +59,8 @@ def test_kernels_on_the_gpu(dtype):
     h, out = on_gpu(randn(2, 300, 4096, dtype=dtype, seed=14, scale=5), randn(2, 300, 4096, dtype=dtype, seed=15))
     mods = randn(2, 12 * 4096, dtype=dtype, seed=16).to(CUDA).chunk(12, dim=1)
     gate, scale, shift = (m.unsqueeze(1) for m in mods[:3])
-    assert_matches(adaln.layernorm_modulate_triton(h, scale, shift), adaln.layernorm_modulate_reference(h, scale, shift))
+    assert_matches(adaln.layernorm_modulate_triton(h, scale, shift),
+                   adaln.layernorm_modulate_reference(h, scale, shift))
     for g, w in zip(adaln.gated_residual_layernorm_modulate_triton(h, out, gate, scale, shift),
                     adaln.gated_residual_layernorm_modulate_reference(h, out, gate, scale, shift)):
         assert_matches(g, w)

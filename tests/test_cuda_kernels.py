@@ -76,7 +76,8 @@ def test_adaln_epilogues(interpret, dtype):
     x, branch = randn(b, s, d, dtype=dtype, seed=13, scale=5), randn(b, s, d, dtype=dtype, seed=14)
     modulation = randn(b, 12 * d, dtype=dtype, seed=15).chunk(12, dim=1)  # views, as the adaLN Linear gives
     gate, scale, shift = (m.unsqueeze(1) for m in modulation[:3])
-    assert_matches(adaln.layernorm_modulate_triton(x, scale, shift), adaln.layernorm_modulate_reference(x, scale, shift))
+    assert_matches(adaln.layernorm_modulate_triton(x, scale, shift),
+                   adaln.layernorm_modulate_reference(x, scale, shift))
     assert torch.equal(adaln.gated_residual_triton(x, branch, gate), adaln.gated_residual_reference(x, branch, gate))
     got = adaln.gated_residual_layernorm_modulate_triton(x, branch, gate, scale, shift)
     want = adaln.gated_residual_layernorm_modulate_reference(x, branch, gate, scale, shift)
@@ -164,7 +165,8 @@ def _launches(monkeypatch):
 def test_every_kernel_compiles_for_sm90a_without_spills(monkeypatch):
     launches = _launches(monkeypatch)
     kernels = {launch.kernel.__name__ for launch in launches}
-    assert kernels == {"rms_norm_kernel", "add_rms_norm_kernel", "silu_mul_kernel", "decode_partial_kernel", "decode_merge_kernel", "qk_layernorm_rope_kernel", "adaln_kernel"}
+    assert kernels == {"rms_norm_kernel", "add_rms_norm_kernel", "silu_mul_kernel", "decode_partial_kernel",
+                       "decode_merge_kernel", "qk_layernorm_rope_kernel", "adaln_kernel"}
     for launch in launches:
         report = ptxas_report(compile_sm90(launch))
         assert report["spill_bytes"] == 0, (launch.kernel.__name__, launch.kwargs, report["log"])

@@ -17,10 +17,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
-from glm_image_nodes.core.runtime.handles import GlyphConditioning, ReferenceImages  # noqa: E402
 from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents  # noqa: E402
 from glm_image_nodes.core.stages.flow_schedule import FlowSchedule  # noqa: E402
+from glm_image_nodes.core.stages.handles import GlyphConditioning, ReferenceImages  # noqa: E402
 from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel  # noqa: E402

@@ -9,10 +9,12 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache  # noqa: E402
-from glm_image_nodes.core.models.dit import release_shift_settings  # noqa: E402
+from glm_image_nodes.core.formats.reading import CheckpointError  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
-from glm_image_nodes.core.runtime.loading import CheckpointError  # noqa: E402
-from glm_image_nodes.core.stages.flow_schedule import ShiftSettings  # noqa: E402
+from glm_image_nodes.core.stages.flow_schedule import (
+    ShiftSettings,  # noqa: E402
+    release_shift_settings,  # noqa: E402
+)
 from glm_image_nodes.nodes.loaders.glm_image import GLMImageDecoderLoader  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
-from glm_image_nodes.core.runtime.handles import GlyphConditioning  # noqa: E402
+from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import left_pad, sample_latents  # noqa: E402
+from glm_image_nodes.core.stages.handles import GlyphConditioning  # noqa: E402
 from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

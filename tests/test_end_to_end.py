@@ -19,9 +19,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, GlmImagePipeline  # noqa: E402
-from glm_image_nodes.core.runtime.handles import TokenGrid  # noqa: E402
 from glm_image_nodes.core.stages import decoder_sampling  # noqa: E402
 from glm_image_nodes.core.stages.flow_schedule import FlowSchedule  # noqa: E402
+from glm_image_nodes.core.stages.handles import TokenGrid  # noqa: E402
 from glm_image_nodes.nodes.conditioning.glyph import GLMImageGlyphConditioning  # noqa: E402
 from glm_image_nodes.nodes.conditioning.references import GLMImageReferenceImages  # noqa: E402
 from glm_image_nodes.nodes.loaders.glm_image import (  # noqa: E402

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from glm_image_nodes.core.runtime import comfy_compat
+from glm_image_nodes.core.host import interrupts
 from glm_image_nodes.headless.executor import Executor, NodeFailed, WorkflowError
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES
 from glm_image_nodes.testing.tiny_release import write_tiny_release
@@ -60,8 +60,10 @@ MALFORMED = [
     (edit(t2i(), "7", tokens=["5", 3]), "input 'tokens' links to output 3 of node 5 (GLMImageARSampler), which has 1 "
                                         "output(s)"),
     (edit(t2i(), "7", tokens=["6", 0]), "input 'tokens' takes GLMIMAGE_TOKENS but output 0 of node 6 "
-                                        "(GLMImageGlyphConditioning) gives GLMIMAGE_GLYPH: link a GLMIMAGE_TOKENS output"),
-    (edit(t2i(), "7", decoder="GLM-Image"), "input 'decoder' is a GLMIMAGE_DECODER socket: link it to a node's output"),
+                                        "(GLMImageGlyphConditioning) gives GLMIMAGE_GLYPH: link a GLMIMAGE_TOKENS "
+                                        "output"),
+    (edit(t2i(), "7", decoder="GLM-Image"),
+     "input 'decoder' is a GLMIMAGE_DECODER socket: link it to a node's output"),
     (edit(t2i(), "7", steps="fifty"), "node 7 (GLMImageDecoderSampler): steps must be a whole number, got 'fifty' "
                                       "(str). Use 1..200 steps"),
     (edit(t2i(), "7", guidance=True), "guidance must be a number, got True (bool)"),
@@ -132,13 +134,13 @@ def test_round_trip_saves_inside_the_output_folder(release, folders):
 
 def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, folders):
     executor = Executor(NODES, folders[0], input_dir=folders[1])
-    comfy_compat.request_interrupt()
+    interrupts.request_interrupt()
     assert len(executor.run(round_trip(release))) == 1
     # while running it does stop the run, with the node named
     decode = NODES["GLMImageVAEDecode"].decode
 
     def interrupted(self, vae, latent, tiling):
-        comfy_compat.request_interrupt()
+        interrupts.request_interrupt()
         return decode(self, vae, latent, tiling)
 
     NODES["GLMImageVAEDecode"].decode = interrupted
@@ -148,7 +150,7 @@ def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, 
             executor.run(round_trip(release))
     finally:
         NODES["GLMImageVAEDecode"].decode = decode
-    assert isinstance(error.value.error, comfy_compat.Interrupted)
+    assert isinstance(error.value.error, interrupts.Interrupted)
     assert len(executor.run(round_trip(release))) == 1
 
 

@@ -7,14 +7,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from glm_image_nodes.core.formats import conversion, fp8, ggml
+from glm_image_nodes.core.convert import conversion
+from glm_image_nodes.core.formats import fp8, ggml
 from glm_image_nodes.core.formats.checkpoint import open_checkpoint
-from glm_image_nodes.core.formats.layers import Packed, adopt, describe
+from glm_image_nodes.core.formats.layers import Packed, adopt
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.models import glm_ar, glm_image_dit, t5_encoder
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
 from glm_image_nodes.core.models.t5_encoder import load_glyph_encoder
-from glm_image_nodes.core.runtime.loading import CheckpointError
+from glm_image_nodes.testing.layer_kinds import describe
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_0")

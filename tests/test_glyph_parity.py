@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 from diffusers.pipelines.glm_image.pipeline_glm_image import GlmImagePipeline
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.models.t5_encoder import load_glyph_encoder
-from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.core.stages.glyph import (
     encode_glyph_texts,
     extract_glyph_texts,
@@ -116,8 +116,8 @@ def test_conditioning_matches_encode_prompt(release):
     encoder = load_glyph_encoder(str(root / "text_encoder"), dtype="fp32", device="cpu")
     prompt = PROMPTS[0]
     with torch.no_grad():
-        cond, uncond = GlmImagePipeline.encode_prompt(pipeline(tokenizer, reference), prompt, device=torch.device("cpu"),
-                                                      dtype=torch.float32)
+        cond, uncond = GlmImagePipeline.encode_prompt(pipeline(tokenizer, reference), prompt,
+                                                      device=torch.device("cpu"), dtype=torch.float32)
     glyph = glyph_conditioning(encoder, prompt)
     assert glyph.texts == ["50% off", "限时优惠", "GRAND OPENING", "春节快乐"]
     assert glyph.cond.shape == cond.shape and glyph.uncond.shape == uncond.shape == (1, 1, 32)

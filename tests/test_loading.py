@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 from glm_image_nodes.core.formats.checkpoint import open_checkpoint
-from glm_image_nodes.core.runtime import comfy_compat
-from glm_image_nodes.core.runtime.components import check_state
-from glm_image_nodes.core.runtime.loading import CheckpointError, component_path, meta_device, resolve_dtype
+from glm_image_nodes.core.formats.reading import CheckpointError, component_path, meta_device, resolve_dtype
+from glm_image_nodes.core.host import memory
+from glm_image_nodes.core.loading.components import check_state
+from glm_image_nodes.core.runtime import devices
 from safetensors.torch import save_file
 
 
@@ -56,22 +57,22 @@ def test_dtype_choices():
 
 def test_on_compute_device_returns_models_to_the_offload_device():
     module = torch.nn.Linear(2, 2)
-    with comfy_compat.on_compute_device(module) as device:
+    with memory.on_compute_device(module) as device:
         assert module.weight.device.type == torch.device(device).type
-    assert module.weight.device == comfy_compat.offload_device()
+    assert module.weight.device == devices.offload_device()
 
 
 def test_out_of_memory_names_the_stage_and_what_to_lower():
     module = torch.nn.Linear(2, 2)
-    with pytest.raises(comfy_compat.OutOfMemory, match="in decoder sampling: lower the output size"):
-        with comfy_compat.on_compute_device(module, stage="decoder sampling", advice="lower the output size"):
+    with pytest.raises(memory.OutOfMemory, match="in decoder sampling: lower the output size"):
+        with memory.on_compute_device(module, stage="decoder sampling", advice="lower the output size"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert module.weight.device == comfy_compat.offload_device()
+    assert module.weight.device == devices.offload_device()
     assert module(torch.ones(1, 2)).shape == (1, 2)  # still usable
 
 
 def test_out_of_memory_while_moving_weights_says_so(monkeypatch):
-    from glm_image_nodes.core.runtime import residency
+    from glm_image_nodes.core.loading import residency
 
     module = torch.nn.Linear(4, 4)
     before = module.weight.data_ptr()
@@ -80,16 +81,16 @@ def test_out_of_memory_while_moving_weights_says_so(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(residency, "_point_to", no_room)
-    with pytest.raises(comfy_compat.OutOfMemory, match=r"moving the weights of AR token sampling \(0\.0 GB\)"):
-        with comfy_compat.on_compute_device(module, stage="AR token sampling"):
+    with pytest.raises(memory.OutOfMemory, match=r"moving the weights of AR token sampling \(0\.0 GB\)"):
+        with memory.on_compute_device(module, stage="AR token sampling"):
             pass
     assert module.weight.data_ptr() == before and module(torch.ones(1, 4)).shape == (1, 4)
-    assert isinstance(comfy_compat.OutOfMemory("x"), torch.OutOfMemoryError)
+    assert isinstance(memory.OutOfMemory("x"), torch.OutOfMemoryError)
 
 
 def test_block_swap_streams_each_swapped_block_and_leaves_no_hooks(monkeypatch):
     """On a CPU-only machine nothing moves, so the test records what the swap asks to move and when."""
-    from glm_image_nodes.core.runtime import residency
+    from glm_image_nodes.core.loading import residency
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     calls, real = [], residency._point_to

@@ -3,7 +3,8 @@ name nothing that does not exist; English is exactly the node definitions' text 
 import re
 
 import pytest
-from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, locales
+from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from glm_image_nodes.testing import locales
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 

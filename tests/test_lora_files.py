@@ -8,9 +8,9 @@ import pytest
 import torch
 from glm_image_nodes.core.formats.lora_files import read_lora
 from glm_image_nodes.core.formats.lora_targets import AR, COGVIEW4_DIT, GLM_IMAGE_DIT, linear_shapes, load_lora
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
-from glm_image_nodes.core.runtime.loading import CheckpointError
 from glm_image_nodes.testing.tiny_lora import (
     AR_TARGETS,
     DIT_TARGETS,
@@ -60,7 +60,8 @@ def test_rslora_and_rank_alpha_patterns_follow_peft(models, ar_factors, tmp_path
     factors = dict(ar_factors)
     o_proj = "model.language_model.layers.0.self_attn.o_proj"
     factors[o_proj] = lora_factors({o_proj: (64, 256)}, rank=2)[o_proj]
-    folder = write_peft_adapter(str(tmp_path / "patterns"), factors, r=4, alpha=8, rank_pattern={"layers.0.self_attn.o_proj": 2},
+    folder = write_peft_adapter(str(tmp_path / "patterns"), factors, r=4, alpha=8,
+                                rank_pattern={"layers.0.self_attn.o_proj": 2},
                                 alpha_pattern={"layers.1.self_attn.q_proj": 3})
     lora = load_lora(folder, AR, models[0])
     assert lora.layers["layers.0.self_attn.o_proj"].scale == 8 / 2

@@ -7,16 +7,15 @@ import os
 
 import pytest
 import torch
-from glm_image_nodes.core.formats import conversion
-from glm_image_nodes.core.formats.layers import packed_layers
+from glm_image_nodes.core.convert import conversion
 from glm_image_nodes.core.formats.lora_targets import AR, GLM_IMAGE_DIT, load_lora
+from glm_image_nodes.core.loading.lora_patches import AppliedLora, installed
 from glm_image_nodes.core.models import glm_image_dit
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
-from glm_image_nodes.core.runtime.handles import GlyphConditioning, TokenGrid
 from glm_image_nodes.core.runtime.options import RunOptions
-from glm_image_nodes.core.runtime.lora_patches import AppliedLora, installed
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents as decode
+from glm_image_nodes.core.stages.handles import GlyphConditioning, TokenGrid
 from glm_image_nodes.core.stages.settings import ARSampling, DecoderRun
 from glm_image_nodes.headless.executor import Executor
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
@@ -24,6 +23,7 @@ from glm_image_nodes.nodes.loaders.glm_image import GLMImageARLoader, GLMImageDe
 from glm_image_nodes.nodes.loaders.lora import GLMImageARLoraLoader, GLMImageDecoderLoraLoader
 from glm_image_nodes.nodes.sampling.ar import GLMImageARSampler
 from glm_image_nodes.nodes.sampling.decoder import GLMImageDecoderSampler
+from glm_image_nodes.testing.layer_kinds import packed_layers
 from glm_image_nodes.testing.tiny_lora import write_tiny_loras
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 from PIL import Image

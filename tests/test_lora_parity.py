@@ -13,10 +13,10 @@ pytest.importorskip("diffusers")
 from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya  # noqa: E402
 from glm_image_nodes.core.formats.lora_targets import AR, COGVIEW4_DIT, GLM_IMAGE_DIT, load_lora  # noqa: E402
+from glm_image_nodes.core.loading.lora_patches import AppliedLora, installed  # noqa: E402
 from glm_image_nodes.core.models.cogview4_dit import load_cogview4_decoder  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import load_ar_model  # noqa: E402
 from glm_image_nodes.core.models.glm_image_dit import load_decoder  # noqa: E402
-from glm_image_nodes.core.runtime.lora_patches import AppliedLora, installed  # noqa: E402
 from glm_image_nodes.core.stages.decoder_sampling import sample_cogview4_latents  # noqa: E402
 from glm_image_nodes.core.stages.settings import DecoderRun  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -119,7 +119,8 @@ def test_cogview4_lora_matches_load_lora_weights(tmp_path):
     torch.manual_seed(4)
     trained.add_adapter(LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, target_modules=[
         "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear"]))
-    CogView4Pipeline.save_lora_weights(str(tmp_path / "lora"), transformer_lora_layers=get_peft_model_state_dict(trained),
+    CogView4Pipeline.save_lora_weights(str(tmp_path / "lora"),
+                                       transformer_lora_layers=get_peft_model_state_dict(trained),
                                        transformer_lora_adapter_metadata=trained.peft_config["default"].to_dict())
     lora = load_lora(str(tmp_path / "lora"), COGVIEW4_DIT, dit)
     assert lora.format == "diffusers LoRA" and len(lora.layers) == 14

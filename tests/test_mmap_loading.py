@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from glm_image_nodes.core.formats import conversion
+from glm_image_nodes.core.convert import conversion
 from glm_image_nodes.core.models import glm_image_dit
 from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig
 from safetensors.torch import save_file

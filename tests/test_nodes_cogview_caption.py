@@ -62,8 +62,8 @@ def images(n):
 
 
 def test_caption_node_appends_the_instruction(captioner):
-    (text,) = NODES["GLMImageCaption"]().caption(captioner, images(1), "short caption", max_new_tokens=8, temperature=0.0, seed=0,
-                                                 append="Make it winter.")
+    (text,) = NODES["GLMImageCaption"]().caption(captioner, images(1), "short caption", max_new_tokens=8,
+                                                 temperature=0.0, seed=0, append="Make it winter.")
     assert isinstance(text, str) and text.endswith("Make it winter.")
 
 

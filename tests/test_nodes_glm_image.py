@@ -1,6 +1,6 @@
 """GLM-Image node details that need no model: output size from references, widget limits."""
 import pytest
-from glm_image_nodes.core.runtime.handles import ReferenceImages
+from glm_image_nodes.core.stages.handles import ReferenceImages
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES
 from glm_image_nodes.nodes.sampling.ar import output_size
 

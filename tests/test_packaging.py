@@ -5,10 +5,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import pytest
+import tomllib
 
 pytest.importorskip("setuptools")
 

@@ -2,9 +2,9 @@
 ``auto`` suits the device the component computes on, not the one its weights wait on."""
 import pytest
 import torch
+from glm_image_nodes.core.formats.reading import CheckpointError
+from glm_image_nodes.core.loading.placement import Placement, place
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
-from glm_image_nodes.core.runtime.loading import CheckpointError
-from glm_image_nodes.core.runtime.placement import Placement, place
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 
 

@@ -6,16 +6,16 @@ import types
 import numpy as np
 import pytest
 import torch
+from glm_image_nodes.core.host import progress
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
 from glm_image_nodes.core.models.vae import load_vae
-from glm_image_nodes.core.runtime import comfy_compat
 from glm_image_nodes.core.runtime.geometry import target_grid
-from glm_image_nodes.core.runtime.handles import ARModel, GlyphConditioning, TokenGrid
 from glm_image_nodes.core.stages import latent_preview, token_preview
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents
+from glm_image_nodes.core.stages.handles import ARModel, GlyphConditioning, TokenGrid
 from glm_image_nodes.core.stages.settings import ARSampling, DecoderRun
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
 from glm_image_nodes.testing.tiny_release import write_tiny_release
@@ -35,8 +35,8 @@ def vae(release):
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
     """No preview folder, no fitted factors, outside ComfyUI."""
-    monkeypatch.setattr(comfy_compat, "_preview_folder", None)
-    monkeypatch.setattr(comfy_compat, "_comfy_args", None)
+    monkeypatch.setattr(progress, "_preview_folder", None)
+    monkeypatch.setattr(progress, "_comfy_args", None)
     monkeypatch.setattr(latent_preview, "_release_fits", {})
     monkeypatch.setattr(latent_preview, "_fitted", {})
 
@@ -76,11 +76,11 @@ def test_factors_are_fitted_once_per_vae_file(release, vae, monkeypatch):
 
 
 def test_preview_method_decides_and_the_workflow_or_the_release_supplies_the_colours(release, vae, monkeypatch):
-    assert comfy_compat.preview_method() == "none"                 # outside ComfyUI, unless a folder is named
+    assert progress.preview_method() == "none"                 # outside ComfyUI, unless a folder is named
     assert latent_preview.decoder_preview("glm_image", vae) is None
     comfy_args = types.SimpleNamespace(preview_method=types.SimpleNamespace(value="auto"), preview_size=256)
-    monkeypatch.setattr(comfy_compat, "_comfy_args", comfy_args)   # ComfyUI's --preview-method auto
-    assert comfy_compat.preview_method() == "auto" and comfy_compat.preview_size() == 256
+    monkeypatch.setattr(progress, "_comfy_args", comfy_args)   # ComfyUI's --preview-method auto
+    assert progress.preview_method() == "auto" and progress.preview_size() == 256
     assert latent_preview.decoder_preview("glm_image") is None      # no VAE given, no release to take one from
     # loading a VAE changes no other node's previews (there is no "last VAE loaded")
     (loaded,) = NODE_CLASS_MAPPINGS["GLMImageVAELoader"]().load(release, "fp32")
@@ -113,9 +113,9 @@ def test_progress_hands_comfyui_what_its_latent_previewers_send(monkeypatch):
             self.current = value
             calls.append((value, total, preview))
 
-    monkeypatch.setattr(comfy_compat, "_comfy_utils", types.SimpleNamespace(ProgressBar=ProgressBar))
+    monkeypatch.setattr(progress, "_comfy_utils", types.SimpleNamespace(ProgressBar=ProgressBar))
     frame = Image.new("RGB", (8, 8))
-    with comfy_compat.Progress(3) as bar:
+    with progress.Progress(3) as bar:
         bar.update()
         bar.update(preview=frame)
         bar.update(preview=None)

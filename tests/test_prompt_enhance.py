@@ -14,7 +14,7 @@ from glm_image_nodes.core.models.captioner import (  # noqa: E402
     load_captioner,
     strip_reasoning,
 )
-from glm_image_nodes.core.runtime import handles  # noqa: E402
+from glm_image_nodes.core.stages import handles  # noqa: E402
 from glm_image_nodes.core.stages.prompt_enhance import (  # noqa: E402
     SYSTEM_PROMPTS,
     USER_PREFIX,

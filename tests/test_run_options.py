@@ -6,9 +6,9 @@ import pytest
 import torch
 from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig
 from glm_image_nodes.core.runtime import attention as attention_module
-from glm_image_nodes.core.runtime.handles import GlyphConditioning
 from glm_image_nodes.core.runtime.options import RunOptions
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents
+from glm_image_nodes.core.stages.handles import GlyphConditioning
 from glm_image_nodes.core.stages.settings import DecoderRun
 
 H = W = 64

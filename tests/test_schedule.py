@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps  # noqa: E402
-from glm_image_nodes.core.runtime.loading import CheckpointError  # noqa: E402
+from glm_image_nodes.core.formats.reading import CheckpointError  # noqa: E402
 from glm_image_nodes.core.stages.flow_schedule import (  # noqa: E402
     ShiftSettings,
     cogview4_schedule,

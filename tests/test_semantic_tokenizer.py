@@ -12,19 +12,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from glm_image_nodes.core.formats import reading
+from glm_image_nodes.core.formats.reading import CheckpointError, meta_device
 from glm_image_nodes.core.models.semantic_tokenizer import (
     SemanticTokenizer,
     SemanticTokenizerConfig,
     load_semantic_tokenizer,
     preprocess_image,
-    state_dict_for_release,
     tokenize_image,
     tokenize_images,
 )
-from glm_image_nodes.core.runtime import loading
 from glm_image_nodes.core.runtime.geometry import normalize_reference_size, smart_resize
 from glm_image_nodes.core.runtime.images import resize_reference, to_rgb01, to_uint8
-from glm_image_nodes.core.runtime.loading import CheckpointError, meta_device
+from glm_image_nodes.testing.tiny_release import semantic_tokenizer_from_configs, state_dict_for_release
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -133,7 +133,7 @@ def test_loader_reads_only_vision_and_vq(release, monkeypatch):
     assert lm_only, "the fixture must put language-model weights in shards of their own"
 
     opened, read = [], []
-    real_safe_open = loading.safe_open
+    real_safe_open = reading.safe_open
 
     class Spy:
         def __init__(self, path, **kwargs):
@@ -157,7 +157,7 @@ def test_loader_reads_only_vision_and_vq(release, monkeypatch):
             read.append(key)
             return self._file.get_tensor(key)
 
-    monkeypatch.setattr(loading, "safe_open", Spy)
+    monkeypatch.setattr(reading, "safe_open", Spy)
     tokenizer = load_semantic_tokenizer(str(root), dtype="fp32", device="cpu")
 
     assert read and all(k.startswith(("model.visual.", "model.vqmodel.")) for k in read)
@@ -182,7 +182,8 @@ def test_single_file_infers_config(tmp_path, processor):
 
 
 def test_release_config_matches_documented_shapes():
-    cfg = SemanticTokenizerConfig.from_release_config(loading.read_config(f"{REFERENCE}/vision_language_encoder"), "ref")
+    release_config = reading.read_config(f"{REFERENCE}/vision_language_encoder")
+    cfg = SemanticTokenizerConfig.from_release_config(release_config, "ref")
     assert cfg == SemanticTokenizerConfig()
     with meta_device():
         tokenizer = SemanticTokenizer(cfg)
@@ -196,7 +197,7 @@ def test_release_config_matches_documented_shapes():
 
 def test_release_state_dict_has_the_reference_keys(release):
     _, model = release
-    tokenizer = SemanticTokenizer.from_configs(model.config.vision_config.to_dict(), model.config.vq_config.to_dict())
+    tokenizer = semantic_tokenizer_from_configs(model.config.vision_config.to_dict(), model.config.vq_config.to_dict())
     ours = {k: tuple(v.shape) for k, v in state_dict_for_release(tokenizer.state_dict()).items()}
     assert ours == {k: tuple(v.shape) for k, v in model.state_dict().items()
                     if k.startswith(("model.visual.", "model.vqmodel."))}
@@ -225,7 +226,8 @@ def test_missing_vision_weights_named(tmp_path, release):
         folder = tmp_path / name
         folder.mkdir()
         shutil.copy(release[0] / "vision_language_encoder" / "config.json", folder / "config.json")
-        save_file({k: v.contiguous() for k, v in sd.items() if k.startswith(prefixes)}, str(folder / "model.safetensors"))
+        kept = {k: v.contiguous() for k, v in sd.items() if k.startswith(prefixes)}
+        save_file(kept, str(folder / "model.safetensors"))
         with pytest.raises(CheckpointError) as err:
             load_semantic_tokenizer(str(folder), dtype="fp32", device="cpu")
         message = str(err.value)

@@ -22,8 +22,9 @@ from glm_image_nodes.core.stages import upscale
 from glm_image_nodes.core.stages.decoder_sampling import sample_cogview4_latents
 from glm_image_nodes.core.stages.flow_schedule import cogview4_schedule, glm_image_schedule
 from glm_image_nodes.core.stages.glyph import glyph_conditioning
-from glm_image_nodes.core.stages.upscale import downscale_to, psnr, refine_cogview4, upsample, upscale_2x
 from glm_image_nodes.core.stages.settings import DecoderRun
+from glm_image_nodes.core.stages.upscale import refine_cogview4, upsample, upscale_2x
+from glm_image_nodes.testing.images import downscale_to, psnr
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -239,7 +240,7 @@ def test_nodes(glm):
     assert node.CATEGORY == refine.CATEGORY == "GLM-Image/upscale"
     assert set(refine.INPUT_TYPES()["required"]) >= {"decoder", "vae", "conditioning", "image", "scale", "strength"}
     batch = torch.stack([landscape(64, seed=0), landscape(64, seed=1)])
-    from glm_image_nodes.core.runtime import handles
+    from glm_image_nodes.core.stages import handles
     (out,) = node().upscale(handles.Decoder(glm.decoder), handles.ModelHandle(glm.vae),
                             handles.ModelHandle(glm.tokenizer), glm.glyph, batch, seed=0, steps=2, guidance=1.5,
                             strength=1.0, use_reference=True)

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 from diffusers import AutoencoderKL as ReferenceVAE
+from glm_image_nodes.core.formats.reading import CheckpointError
 from glm_image_nodes.core.models.vae import blend_weights, load_vae, tile_layout
-from glm_image_nodes.core.runtime.loading import CheckpointError
 
 MEAN = [0.1 * i - 0.7 for i in range(16)]
 STD = [0.5 + 0.1 * i for i in range(16)]
@@ -152,7 +152,8 @@ def test_tiled_decode_close_to_untiled(tmp_path, monkeypatch):
     assert torch.equal(single_tile, crop_full)
 
     calls = []
-    monkeypatch.setattr(vae, "_decode_tiled", lambda z, tile, overlap: calls.append((tuple(z.shape), tile, overlap))
+    monkeypatch.setattr(vae, "_decode_tiled",
+                        lambda z, tile, overlap, progress=None: calls.append((tuple(z.shape), tile, overlap))
                         or torch.zeros(1, 3, z.shape[-2] * 8, z.shape[-1] * 8))
     assert vae.fits_untiled(8192, 8192)  # on the CPU the exact decode is always chosen
     # auto: tiles only when the exact decode would not fit (decided per output size)

@@ -4,8 +4,16 @@ import json
 import os
 
 import pytest
-from glm_image_nodes.headless.workflow_format import (TITLE_HEIGHT, all_inputs, api_to_ui, has_control_widget,
-                                                     input_types, is_widget, output_types, ui_to_api)
+from glm_image_nodes.headless.workflow_format import (
+    TITLE_HEIGHT,
+    all_inputs,
+    api_to_ui,
+    has_control_widget,
+    input_types,
+    is_widget,
+    output_types,
+    ui_to_api,
+)
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +132,8 @@ def test_control_widgets_follow_the_frontend_rule():
     api = load(os.path.join(ROOT, "example_workflows", "api", "glm_image_caption_then_edit.json"))
     ui = api_to_ui(api, NODE_CLASS_MAPPINGS)
     (caption,) = [n for n in ui["nodes"] if n["type"] == "GLMImageCaption"]
-    assert caption["widgets_values"] == ["GLM-Image prompt", 1024, 0.0, 0, "fixed", "", "Make it a snowy winter evening."]
+    assert caption["widgets_values"] == ["GLM-Image prompt", 1024, 0.0, 0, "fixed", "",
+                                         "Make it a snowy winter evening."]
     assert strip_meta(ui_to_api(ui, NODE_CLASS_MAPPINGS)) == strip_meta(api)
     caption["widgets_values"].remove("fixed")  # what the old converter wrote: one value short
     with pytest.raises(ValueError, match=r"node 21 \(GLMImageCaption\): no widget value for 'append'"):

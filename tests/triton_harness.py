@@ -2,7 +2,8 @@
 
 ``interpreted(monkeypatch)`` swaps every ``@triton.jit`` function of the kernel modules and of
 ``triton.language`` (``tl.sum``, ``tl.max``...) for its ``InterpretedFunction``, which is what
-``TRITON_INTERPRET=1`` does at import time, for the duration of one test. ``recorded_launches`` runs a launcher on meta tensors and records each kernel launch, from
+``TRITON_INTERPRET=1`` does at import time, for the duration of one test. ``recorded_launches`` runs a launcher on
+meta tensors and records each kernel launch, from
 which ``compile_sm90`` builds the kernel for Hopper with the bundled ptxas, and ``ptxas_report`` reads the
 register and spill counts ptxas prints.
 """

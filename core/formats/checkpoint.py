@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime import loading
-from ..runtime.loading import CheckpointError
-from . import fp8, ggml
+from . import fp8, ggml, reading
 from .layers import Packed
+from .reading import CheckpointError
 
 META_CONFIG = "glm_image_nodes.config"              # the component's config.json, as JSON
 META_ARCH = "glm_image_nodes.architecture"          # which component (ComponentSpec.architecture)
@@ -76,7 +75,7 @@ class Checkpoint:
             by_file.setdefault(self._files[key], []).append(key)
         out: dict[str, torch.Tensor | Packed] = {}
         for file, keys in by_file.items():
-            with loading.open_safetensors(file) as sf:
+            with reading.open_safetensors(file) as sf:
                 available = set(sf.keys())
                 for key in keys:
                     tensor = sf.get_tensor(key)
@@ -130,7 +129,7 @@ class _IndexedShapes(Mapping):
 
     def __getitem__(self, key: str) -> tuple[int, ...]:
         if key not in self._known:
-            with loading.open_safetensors(self._key_file[key]) as sf:
+            with reading.open_safetensors(self._key_file[key]) as sf:
                 for k in sf.keys():
                     self._known[k] = tuple(sf.get_slice(k).get_shape())
         return self._known[key]
@@ -159,7 +158,7 @@ def _open_safetensors(source: str) -> Checkpoint:
     shapes, metadata, key_file = {}, {}, {}
     scaled = False
     for file in files:
-        with loading.open_safetensors(file) as sf:
+        with reading.open_safetensors(file) as sf:
             metadata.update(sf.metadata() or {})
             for key in sf.keys():
                 piece = sf.get_slice(key)
@@ -175,9 +174,9 @@ def _key_files(source: str) -> tuple[dict[str, list[str] | None], dict[str, str]
     """Each safetensors file of ``source`` with its keys (None: read them from the file's header), and the keys
     of shards an index lists but that are not on disk (a loader that wants one of them says so)."""
     if os.path.isdir(source):
-        indexes = sorted(n for n in os.listdir(source) if n.endswith(loading.INDEX_SUFFIX))
+        indexes = sorted(n for n in os.listdir(source) if n.endswith(reading.INDEX_SUFFIX))
         if indexes:
-            weight_map = loading.read_json(os.path.join(source, indexes[0])).get("weight_map", {})
+            weight_map = reading.read_json(os.path.join(source, indexes[0])).get("weight_map", {})
             by_file: dict[str, list[str]] = {}
             for key, shard in weight_map.items():
                 by_file.setdefault(os.path.join(source, shard), []).append(key)
@@ -186,7 +185,7 @@ def _key_files(source: str) -> tuple[dict[str, list[str] | None], dict[str, str]
             if not present:
                 raise CheckpointError(f"{source}: none of the shards its index {indexes[0]} lists is on disk.")
             return present, absent
-    return {f: None for f in loading.safetensors_files(source)}, {}
+    return {f: None for f in reading.safetensors_files(source)}, {}
 
 
 def _open_gguf(path: str) -> Checkpoint:

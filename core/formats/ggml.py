@@ -36,7 +36,6 @@ QTYPES = {q.name: q for q in (
     QType("Q8_0", 8, 32, 34), QType("Q5_0", 6, 32, 22), QType("Q5_1", 7, 32, 24), QType("Q4_0", 2, 32, 18),
     QType("Q6_K", 14, QK_K, 210), QType("Q5_K", 13, QK_K, 176), QType("Q4_K", 12, QK_K, 144),
 )}
-BY_ID = {q.id: q for q in QTYPES.values()}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # What a K-quant falls back to for rows that are not a multiple of 256 (llama.cpp's choice).
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}

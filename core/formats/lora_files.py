@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.loading import CheckpointError, open_safetensors
+from .reading import CheckpointError, open_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -198,7 +198,8 @@ def _config_and_format(weights: str, metadata: dict[str, str]) -> tuple[AdapterC
                 raw = json.load(f)
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{beside} is not valid JSON ({e}); re-save the adapter.") from e
-        hints = [f"base_model_name_or_path {raw['base_model_name_or_path']!r}"] if raw.get("base_model_name_or_path") else []
+        base = raw.get("base_model_name_or_path")
+        hints = [f"base_model_name_or_path {base!r}"] if base else []
         auto = raw.get("auto_mapping") or {}
         if auto.get("base_model_class"):
             hints.append(f"trained on a {auto['base_model_class']}")
@@ -211,7 +212,8 @@ def _config_and_format(weights: str, metadata: dict[str, str]) -> tuple[AdapterC
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{weights}: its {METADATA_KEY} header is not valid JSON ({e}).") from e
         # a pipeline's save_lora_weights prefixes every field with the component ("transformer.r")
-        raw = {k.removeprefix("transformer."): v for k, v in raw.items() if "." not in k or k.startswith("transformer.")}
+        raw = {k.removeprefix("transformer."): v for k, v in raw.items()
+               if "." not in k or k.startswith("transformer.")}
         return AdapterConfig.from_dict(raw, weights), "diffusers LoRA", hints
     return AdapterConfig(), "LoRA", hints
 

@@ -9,15 +9,17 @@ says which model it seems to be for.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
 
-from ..runtime.comfy_compat import log
-from ..runtime.loading import CheckpointError
 from .lora_files import LoraFile, LoraLayer, read_lora
+from .reading import CheckpointError
+
+log = logging.getLogger("glm_image_nodes")
 
 SHOWN = 8  # module names quoted in a message
 
@@ -29,9 +31,6 @@ class LoraTarget:
     name: str
     node: str
     reference_names: Callable[[str], tuple[str, ...]]
-
-    def reference_name(self, module: str) -> str:
-        return self.reference_names(module)[0]
 
 
 def _ar_names(module: str) -> tuple[str, ...]:

@@ -20,14 +20,13 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from ..formats.reading import CheckpointError, read_config, safetensors_files
+from ..loading.placement import place
 from ..runtime import checks
-from ..runtime.comfy_compat import Progress
-from ..runtime.loading import CheckpointError, read_config, safetensors_files
-from ..runtime.placement import place
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # glm46v: Glm46VForConditionalGeneration, a renamed Glm4v
 SUPPORTED_MODELS = "GLM-4.1V-9B-Thinking, GLM-4.1V-9B-Base or GLM-4.6V-Flash (config model_type glm4v or glm46v)"
@@ -179,14 +178,15 @@ def strip_reasoning(text: str) -> str:
     return ANSWER_MARKERS.sub("", text).strip()
 
 
-class _ProgressCriterion:
-    """A generate() stopping criterion that never stops; it ticks the progress bar and honours interrupts."""
+class _StepCriterion:
+    """A generate() stopping criterion that never stops; it calls ``step`` once per new token (the driving stage's
+    progress bar, which also raises on the user's interrupt)."""
 
-    def __init__(self, progress: Progress):
-        self.progress = progress
+    def __init__(self, step: Callable[[], None]):
+        self.step = step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.progress.update()
+        self.step()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -220,20 +220,20 @@ def chat_text_inputs(captioner: Captioner, messages: list[dict]) -> dict[str, to
 
 @torch.inference_mode()
 def generate_reply_ids(captioner: Captioner, inputs: dict[str, torch.Tensor], max_new_tokens: int,
-                       temperature: float = 0.0, seed: int = 0, desc: str = "GLM-V") -> torch.Tensor:
+                       temperature: float = 0.0, seed: int = 0, step: Callable[[], None] | None = None) -> torch.Tensor:
     """The new token ids ``[n]`` of the model's reply to ``inputs``. ``temperature`` 0 decodes greedily
-    (deterministic); above 0 it samples with ``seed``. Reports progress per token (and honours interrupts)."""
+    (deterministic); above 0 it samples with ``seed``. ``step`` is called once per token (progress, interrupts)."""
     check_caption_settings(max_new_tokens, temperature, seed)
     transformers = _require_transformers()
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     device = captioner.device
-    with Progress(max_new_tokens, desc=desc) as progress, \
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    criteria = [_StepCriterion(step)] if step is not None else []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = captioner.model.generate(
             **inputs, max_new_tokens=max_new_tokens, **sampling,
-            stopping_criteria=transformers.StoppingCriteriaList([_ProgressCriterion(progress)]))
+            stopping_criteria=transformers.StoppingCriteriaList(criteria))
     return out[0, inputs["input_ids"].shape[1]:]
 
 
@@ -242,23 +242,8 @@ def decode_reply(captioner: Captioner, new_tokens: torch.Tensor) -> str:
     return strip_reasoning(captioner.tokenizer.decode(new_tokens, skip_special_tokens=False))
 
 
-def caption_image(captioner: Captioner, image: torch.Tensor, preset: str = "detailed caption",
-                  max_new_tokens: int = 1024, seed: int = 0, custom_instruction: str | None = None,
-                  temperature: float = 0.0) -> str:
-    """Caption one image [H, W, 3] (0..1). ``custom_instruction`` replaces the preset's instruction.
-    ``temperature`` 0 decodes greedily (deterministic); above 0 it samples with ``seed``."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown caption preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    check_caption_settings(max_new_tokens, temperature, seed)  # before the image is prepared
-    if custom_instruction is not None:
-        checks.check_text(custom_instruction, "custom_instruction")
-    instruction = custom_instruction.strip() if custom_instruction and custom_instruction.strip() else PRESETS[preset]
-    inputs = chat_inputs(captioner, image, instruction)
-    return decode_reply(captioner, generate_reply_ids(captioner, inputs, max_new_tokens, temperature, seed, "caption"))
-
-
 @torch.inference_mode()
-def _caption_score(captioner: Captioner, image: torch.Tensor, prompt_ids: list[int]) -> torch.Tensor:
+def caption_score(captioner: Captioner, image: torch.Tensor, prompt_ids: list[int]) -> torch.Tensor:
     """Mean log p(prompt token | image, "Describe this image.", earlier prompt tokens), one image."""
     inputs = chat_inputs(captioner, image, CAPS_INSTRUCTION)
     answer = torch.tensor([prompt_ids], device=captioner.device)
@@ -269,24 +254,3 @@ def _caption_score(captioner: Captioner, image: torch.Tensor, prompt_ids: list[i
     logits = captioner.model(**inputs, use_cache=False, logits_to_keep=answer.shape[1] + 1).logits[0, :-1]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return logprobs.gather(-1, answer[0, :, None])[:, 0].mean().cpu()
-
-
-def caption_scores(captioner: Captioner, images: torch.Tensor, prompt: str) -> torch.Tensor:
-    """CapS of each image [B, H, W, 3] for ``prompt``: the mean per-token log-probability, higher is better.
-    Each image is scored in its own forward pass, so scores do not depend on the batch."""
-    check_rerank_prompt(prompt)
-    prompt_ids = captioner.tokenizer(prompt.strip(), add_special_tokens=False)["input_ids"]
-    if images.ndim == 3:
-        images = images[None]
-    with Progress(images.shape[0], desc="caption score") as progress:
-        scores = []
-        for image in images:
-            scores.append(_caption_score(captioner, image, prompt_ids))
-            progress.update()
-    return torch.stack(scores)
-
-
-def rerank(captioner: Captioner, images: torch.Tensor, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order the images by caption score, best first: (indices [B], scores [B] in the input order)."""
-    scores = caption_scores(captioner, images, prompt)
-    return torch.argsort(scores, descending=True, stable=True), scores

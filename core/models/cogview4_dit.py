@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..runtime import components
+from ..loading import components
 from ..runtime.options import RunOptions
 from .dit import DiTConfig, DiTTrunk, TimeConditionEmbed, dit_spec, trunk_fields_from_shapes
 from .step_cache import BranchCache

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from ..formats.checkpoint import Checkpoint
-from ..runtime import components
+from ..formats.reading import CheckpointError
+from ..loading import components
+from ..loading.residency import placed_device
 from ..runtime.checks import check_finite_output
 from ..runtime.geometry import check_multiple_of
-from ..runtime.loading import CheckpointError
-from ..runtime.residency import placed_device
 
 MEAN = (0.79093, 0.76271, 0.75340)  # dataset statistics of the release's input normalization
 STD = (0.30379, 0.32279, 0.32800)

@@ -10,8 +10,7 @@ then attends over ``[cached references; glyph; target]`` in ``read`` mode.
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -19,12 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cuda import dispatch
-from ..runtime import components
+from ..formats.reading import CheckpointError
+from ..loading import components
+from ..loading.configs import known_fields
+from ..loading.residency import placed_device
 from ..runtime.attention import attention
-from ..runtime.loading import CheckpointError
 from ..runtime.options import RunOptions
-from ..runtime.residency import placed_device
-from ..stages.flow_schedule import ShiftSettings, read_shift_settings
 from .step_cache import BranchCache
 
 FP16_REASON = ("the DiT's residual stream exceeds the fp16 range (the reference runs it in bf16 or fp32) and the "
@@ -56,9 +55,7 @@ class DiTConfig:
         if found is not None and cls.CLASS_NAME and found != cls.CLASS_NAME:
             raise CheckpointError(f"{source}: the config describes a {found}, not a {cls.CLASS_NAME}. Choose the "
                                   f"matching loader or the right component folder.")
-        known = {f.name: f for f in fields(cls)}
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known}
-        return cls(**values)
+        return cls(**known_fields(cls, config))
 
 
 # ---- embeddings ------------------------------------------------------------------------------------------------
@@ -430,14 +427,3 @@ def dit_spec(name: str, architecture: str, config_type: type, build: type,
         name=name, architecture=architecture, subfolder="transformer", config_type=config_type, build=build,
         config_from_dict=config_type.from_dict, config_from_shapes=config_from_shapes, fp16_reason=FP16_REASON,
         quantize=tensor_role, blocks="transformer_blocks")
-
-
-def release_shift_settings(path: str) -> ShiftSettings:
-    """The scheduler settings of the release ``path`` (release root, component folder or file) belongs to:
-    ``scheduler/scheduler_config.json`` there or one folder up; the defaults when there is none."""
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    for root in (folder, os.path.dirname(os.path.abspath(folder))):
-        config = os.path.join(root, "scheduler", "scheduler_config.json")
-        if os.path.isfile(config):
-            return read_shift_settings(config)
-    return ShiftSettings()

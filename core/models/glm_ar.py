@@ -17,11 +17,11 @@ from torch import nn
 
 from ..cuda import dispatch
 from ..cuda.rope import apply_partial_rope
-from ..runtime import components
+from ..formats.reading import CheckpointError
+from ..loading import components
+from ..loading.residency import placed_device
 from ..runtime.attention import attention, cached_decode_attention
-from ..runtime.loading import CheckpointError
 from ..runtime.options import RunOptions
-from ..runtime.residency import placed_device
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections, RMSNorm
 
 PREFIX = "model.language_model."

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime import components
+from ..loading import components
 from ..runtime.options import RunOptions
 from .dit import (
     KV_MODES,
@@ -120,5 +120,5 @@ def load_decoder(path: str, dtype: str = "auto", device: torch.device | str | No
                  compute_device: torch.device | str | None = None) -> GlmImageDiT:
     """Load the GLM-Image DiT from a release root, its ``transformer/`` folder, a single .safetensors file or a
     converted FP8 / GGUF file. ``dtype``: auto (bf16 where supported, else fp32), bf16, fp32 or fp8_e4m3fn;
-    fp16 is refused. The scheduler settings of its release: ``dit.release_shift_settings(path)``."""
+    fp16 is refused. Its release's scheduler settings: ``stages.flow_schedule.release_shift_settings(path)``."""
     return components.load_component(SPEC, path, dtype, device, compute_device=compute_device)

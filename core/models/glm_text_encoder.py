@@ -11,15 +11,16 @@ in the *interleaved* layout: channel pairs (2i, 2i+1) rotate together with frequ
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from ..runtime import components
+from ..formats.reading import CheckpointError
+from ..loading import components
+from ..loading.configs import known_fields
 from ..runtime.attention import attention
-from ..runtime.comfy_compat import check_interrupt
-from ..runtime.loading import CheckpointError
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections
 
 
@@ -53,8 +54,7 @@ class GlmConfig:
                 rope[key] = cfg[key]
         if rope.get("rope_type", "default") != "default":
             raise CheckpointError(f"{source}: rope_type {rope['rope_type']!r} is not supported (GLM-4 uses 'default').")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in cfg.items() if k in known}
+        values = known_fields(cls, cfg)
         values.update({k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope})
         if values.get("head_dim") is None:
             values["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -63,7 +63,8 @@ class GlmConfig:
 
 def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin ``[S, rotary_dim]`` with each frequency repeated for its channel pair (f0, f0, f1, f1, ...)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))  # on CPU, as the reference
+    # on CPU, as the reference
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)
     # The reference rounds cos/sin to the activation dtype before interleaving; so do we.
     cos = freqs.cos().to(dtype).repeat_interleave(2, dim=-1)
@@ -95,7 +96,8 @@ class GlmTextEncoder(nn.Module):
     def __init__(self, cfg: GlmConfig):
         super().__init__()
         if cfg.num_hidden_layers < 2:
-            raise CheckpointError(f"A GLM text encoder needs at least 2 layers, the config has {cfg.num_hidden_layers}.")
+            raise CheckpointError(f"A GLM text encoder needs at least 2 layers, the config has "
+                                  f"{cfg.num_hidden_layers}.")
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
@@ -103,14 +105,16 @@ class GlmTextEncoder(nn.Module):
                             sandwich_norms=False)
             for _ in range(cfg.num_hidden_layers - 1))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``input_ids`` [B, S] -> penultimate hidden state [B, S, hidden] in the model's dtype (causal, no mask)."""
+    def forward(self, input_ids: torch.Tensor, check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+        """``input_ids`` [B, S] -> penultimate hidden state [B, S, hidden] in the model's dtype (causal, no mask).
+        ``check_interrupt`` (the driving stage's) is called before each layer and may raise to stop."""
         x = self.embed_tokens(input_ids)
         cfg = self.config
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = rotary_cos_sin(positions, int(cfg.head_dim * cfg.partial_rotary_factor), cfg.rope_theta, x.dtype)
         for layer in self.layers:
-            check_interrupt()
+            if check_interrupt is not None:
+                check_interrupt()
             x = layer(x, cos, sin)
         return x
 

@@ -12,7 +12,7 @@ Only these tensors are read: the 9B language model in the same checkpoint is nev
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..runtime import components, loading
+from ..formats import reading
+from ..formats.reading import CheckpointError
+from ..loading import components
+from ..loading.configs import known_fields
+from ..loading.residency import placed_device
 from ..runtime.attention import attention
 from ..runtime.geometry import MAX_PIXELS, MIN_PIXELS, PATCH_SIZE, check_token_grid_size, smart_resize
 from ..runtime.images import resize_reference, to_rgb01, to_uint8
-from ..runtime.loading import CheckpointError
-from ..runtime.residency import placed_device
 
 VISION_PREFIX = "model.visual."
 VQ_PREFIX = "model.vqmodel."
@@ -58,9 +60,9 @@ class SemanticTokenizerConfig:
             raise CheckpointError(f"{source}: vision_config has hidden_act={vision.get('hidden_act')!r}, "
                                   f"spatial_merge_size={vision.get('spatial_merge_size')}; only GLM-Image's "
                                   f"gelu / merge 1 encoder is supported.")
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in vision.items() if k in names}
-        values.update(embed_dim=vq.get("embed_dim", cls.embed_dim), num_embeddings=vq.get("num_embeddings", cls.num_embeddings))
+        values = known_fields(cls, vision)
+        values.update(embed_dim=vq.get("embed_dim", cls.embed_dim),
+                      num_embeddings=vq.get("num_embeddings", cls.num_embeddings))
         return cls(**values)
 
     @classmethod
@@ -72,8 +74,9 @@ class SemanticTokenizerConfig:
         side = int(round(table ** 0.5))
         depth = len({k.split(".")[3] for k in shapes if k.startswith(VISION_PREFIX + "blocks.")})
         num_embeddings, embed_dim = shapes[VQ_PREFIX + "quantize.embedding.weight"]
-        return cls(depth=depth, hidden_size=hidden, intermediate_size=shapes[VISION_PREFIX + "blocks.0.mlp.fc1.weight"][0],
-                   patch_size=patch, image_size=side * patch, in_channels=in_channels,
+        return cls(depth=depth, hidden_size=hidden,
+                   intermediate_size=shapes[VISION_PREFIX + "blocks.0.mlp.fc1.weight"][0], patch_size=patch,
+                   image_size=side * patch, in_channels=in_channels,
                    attention_bias=VISION_PREFIX + "blocks.0.attn.qkv.bias" in shapes,
                    embed_dim=embed_dim, num_embeddings=num_embeddings)
 
@@ -186,12 +189,6 @@ class SemanticTokenizer(nn.Module):
         self.config = cfg
         self.model = nn.ModuleDict({"visual": VisionModel(cfg), "vqmodel": VQModel(cfg)})
 
-    @classmethod
-    def from_configs(cls, vision_config: dict, vq_config: dict) -> "SemanticTokenizer":
-        """Build from the ``vision_config`` and ``vq_config`` dicts of ``vision_language_encoder/config.json``."""
-        config = {"vision_config": vision_config, "vq_config": vq_config}
-        return cls(SemanticTokenizerConfig.from_release_config(config, "vision_config/vq_config"))
-
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Vision features ``[B, C, h/16, w/16]`` (what transformers' ``get_image_features`` returns per image)."""
         x = self.model["visual"](pixels)
@@ -257,16 +254,6 @@ def tokenize_images(tokenizer: SemanticTokenizer, images, target_height: int | N
     return [tokenize_image(tokenizer, image, target_height, target_width) for image in images]
 
 
-def state_dict_for_release(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A tokenizer state dict as the release's ``vision_language_encoder`` stores it: with the
-    ``post_quant_conv`` the tokenizer does not use (zeros), so transformers loads the file without gaps."""
-    embed_dim, latent_channels = state_dict[VQ_PREFIX + "quant_conv.weight"].shape[:2]
-    out = dict(state_dict)
-    out[UNUSED_PREFIX + "weight"] = torch.zeros(latent_channels, embed_dim, 1, 1)
-    out[UNUSED_PREFIX + "bias"] = torch.zeros(latent_channels)
-    return out
-
-
 # ---- loading ---------------------------------------------------------------------------------------
 
 def _wanted(key: str) -> bool:
@@ -291,7 +278,7 @@ def _processor_limits(path: str) -> dict:
     config = os.path.join(path, "processor", "preprocessor_config.json")
     if not (os.path.isdir(path) and os.path.isfile(config)):
         return {}
-    values = loading.read_json(config)
+    values = reading.read_json(config)
     return {k: int(values[k]) for k in ("min_pixels", "max_pixels") if k in values}
 
 

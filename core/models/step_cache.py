@@ -45,8 +45,3 @@ class StepCache:
         if self.threshold <= 0:
             return None
         return self.branches.setdefault(name, BranchCache(self.threshold))
-
-    @property
-    def reused_fraction(self) -> float:
-        total = sum(b.computed + b.reused for b in self.branches.values())
-        return sum(b.reused for b in self.branches.values()) / total if total else 0.0

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..formats.layers import compute_dtype
-from ..runtime import components
+from ..formats.reading import CheckpointError
+from ..loading import components
+from ..loading.configs import known_fields
 from ..runtime.attention import attention
-from ..runtime.loading import CheckpointError
 
 FP16_REASON = "T5 activations exceed the fp16 range (the feed-forward overflows to inf/NaN)."
 
@@ -41,8 +42,7 @@ class T5Config:
         if config.get("model_type", "t5") != "t5":
             raise CheckpointError(f"{source}: its config is a {config['model_type']!r} config, not T5; choose the "
                                   f"text_encoder folder of the GLM-Image release.")
-        known = {f.name for f in fields(cls)}
-        values = cls(**{k: v for k, v in config.items() if k in known})
+        values = cls(**known_fields(cls, config))
         activation_name(values)  # an unsupported feed-forward fails here, before any weight is read
         return values
 
@@ -81,7 +81,8 @@ class T5LayerNorm(nn.Module):
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """Bidirectional T5 buckets: half per direction, exact below ``num_buckets // 4``, log-spaced up to ``max_distance``."""
+    """Bidirectional T5 buckets: half per direction, exact below ``num_buckets // 4``, log-spaced up to
+    ``max_distance``."""
     num_buckets //= 2
     buckets = (relative_position > 0).long() * num_buckets
     relative_position = relative_position.abs()
@@ -205,7 +206,8 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> T5Con
     """A T5 encoder config from the tensor shapes of a checkpoint."""
     shapes = {encoder_state_keys(list(shapes)).get(k, k): s for k, s in shapes.items()}
     bias_key = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-    q_key, wi_key = "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+    q_key = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    wi_key = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
     for key in ("shared.weight", bias_key, q_key, wi_key):
         if key not in shapes:
             raise CheckpointError(f"{source}: no tensor {key}; this is not a gated T5 encoder checkpoint "

@@ -7,20 +7,26 @@ Latents handed to and from the pack are *normalized*: GLM-Image uses per-channel
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import components, loading
+from ..formats import reading
+from ..formats.reading import CheckpointError
+from ..loading import components
+from ..loading.configs import known_fields
+from ..loading.residency import placed_device
 from ..runtime.attention import attention
 from ..runtime.checks import check_finite_output
-from ..runtime.comfy_compat import Progress, log
 from ..runtime.geometry import check_multiple_of
-from ..runtime.loading import CheckpointError
-from ..runtime.residency import placed_device
+
+log = logging.getLogger("glm_image_nodes")
 
 FP16_REASON = "the VAE's activations overflow fp16 (NaN, black images)."
 
@@ -65,11 +71,7 @@ class VAEConfig:
                 raise CheckpointError(f"{source}: {key} {cfg[key]} is not supported (only {wanted}).")
         if cfg.get("act_fn", "silu") != "silu":
             raise CheckpointError(f"{source}: act_fn {cfg['act_fn']!r} is not supported (only silu).")
-        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
-        for k in ("block_out_channels", "latents_mean", "latents_std"):
-            if fields.get(k) is not None:
-                fields[k] = tuple(fields[k])
-        config = cls(**fields)
+        config = cls(**known_fields(cls, cfg))
         for k in ("latents_mean", "latents_std"):
             values = getattr(config, k)
             if values is not None and len(values) != config.latent_channels:
@@ -284,7 +286,8 @@ class GlmVAE:
         if self.device.type != "cuda":
             return True
         channels = self.model.config.block_out_channels[0]
-        need = self.DECODE_TENSORS_AT_FULL_RES * channels * height * width * self.model.decoder.conv_out.weight.element_size()
+        element = self.model.decoder.conv_out.weight.element_size()
+        need = self.DECODE_TENSORS_AT_FULL_RES * channels * height * width * element
         free, _ = torch.cuda.mem_get_info(self.device)
         return need < 0.8 * free
 
@@ -335,12 +338,15 @@ class GlmVAE:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, tiled: bool | None = None, tile_size: int = 128,
-               overlap: int = 32) -> torch.Tensor:
+               overlap: int = 32, progress: Callable[..., Any] | None = None) -> torch.Tensor:
         """Normalized latents ``[B,C,h,w]`` -> images ``[B,8h,8w,3]`` float32 0..1 on the CPU.
 
         ``tiled``: None tiles only when the exact decode would not fit the free GPU memory (``fits_untiled``);
         ``tile_size`` and ``overlap`` (at most a third of it) are in latent pixels.
         The untiled path is exact; tiles are blended linearly across their overlaps.
+        ``progress``: a bar for the tiles, ``progress(total, desc=...)`` used as a context manager whose
+        ``update()`` is called per tile (the driving node passes ``host.progress.Progress``, which also honours
+        the user's interrupt); None: none.
         """
         c = self.model.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != c:
@@ -353,25 +359,28 @@ class GlmVAE:
         images = []
         for z in latents:
             z = self.denormalize(z.unsqueeze(0).to(device=self.device, dtype=self.dtype))
-            x = self._decode_tiled(z, tile_size, overlap) if tiled else self.model.decode(z).float()
+            x = self._decode_tiled(z, tile_size, overlap, progress) if tiled else self.model.decode(z).float()
             check_finite_output(x, "VAE decode", self.dtype)  # before the clamp would turn inf into 0 or 1
             images.append((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
         return torch.cat(images)
 
-    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int,
+                      progress: Callable[..., Any] | None) -> torch.Tensor:
         f = self.downscale
         h, w = z.shape[-2:]
         (rows, tile_h), (cols, tile_w) = tile_layout(h, tile, overlap), tile_layout(w, tile, overlap)
         row_w, col_w = blend_weights(rows, tile_h, f), blend_weights(cols, tile_w, f)
         out = torch.zeros(1, self.model.config.out_channels, h * f, w * f, device=z.device)
-        with Progress(len(rows) * len(cols), desc="VAE decode (tiled)") as progress:
+        bar = progress(len(rows) * len(cols), desc="VAE decode (tiled)") if progress is not None else nullcontext()
+        with bar as progress:
             for y, wy in zip(rows, row_w):
                 for x, wx in zip(cols, col_w):
                     pixels = self.model.decode(z[..., y:y + tile_h, x:x + tile_w]).float()
                     weight = (wy[:, None] * wx[None, :]).to(z.device)
                     region = (..., slice(y * f, (y + tile_h) * f), slice(x * f, (x + tile_w) * f))
                     out[region] += pixels * weight  # the weights of overlapping tiles sum to 1
-                    progress.update()
+                    if progress is not None:
+                        progress.update()
         return out
 
 
@@ -429,9 +438,9 @@ def load_vae(path: str, dtype: str = "auto", device: torch.device | str | None =
     if family is not None and family not in FAMILY_NORMALIZATION:
         raise ValueError(f"family must be one of {', '.join(FAMILY_NORMALIZATION)}; got {family!r}.")
     if isinstance(config, str):
-        config = loading.read_json(config)
-    component = loading.component_path(path, "vae")
-    if config is None and family is not None and loading.config_or_none(component) is not None:
+        config = reading.read_json(config)
+    component = reading.component_path(path, "vae")
+    if config is None and family is not None and reading.config_or_none(component) is not None:
         log.info("VAE: %s has a config.json; its latent normalization is used, not family=%s.", component, family)
     spec = dataclasses.replace(SPEC, config_from_shapes=_config_from_shapes(family))
     typed = VAEConfig.from_dict(config, source=component) if config is not None else None

@@ -1,2 +1,2 @@
-"""Plumbing every stage uses: checkpoint reading, the attention entry point, the ComfyUI boundary, the handles
-passed between nodes, size rules and pixel formats."""
+"""Basic runtime every floor above uses: the attention entry point, input checks, size rules, pixel formats and
+the compute device."""

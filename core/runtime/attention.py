@@ -17,7 +17,7 @@ On CPU the results are those of plain SDPA.
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..cuda import dispatch
 from ..cuda.rope import rope_kv_write_reference
 
-if TYPE_CHECKING:
-    from .options import RunOptions
+
+class RunOptions(Protocol):
+    """What the entry point reads of ``options.RunOptions`` (which imports this module, so it is not imported)."""
+    attention: str
+    kernels: str
+
 
 BACKENDS = ("auto", "sdpa", "sage", "flash")
 CUDA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
 INSTALL = {"sage": "pip install sageattention", "flash": "pip install flash-attn (or build FlashAttention-3)"}
+
 
 def installed(backend: str) -> bool:
     if backend == "sage":

@@ -80,8 +80,9 @@ def normalize_reference_size(height: int, width: int, *, min_pixels: int = MIN_P
         else:
             crop = (height, int(height * max_aspect))
             pad = (math.ceil(width / max_aspect), width)
-        raise ValueError(f"Reference image {height}x{width} (HxW) has aspect ratio {aspect:.2f}, above the {max_aspect:g} "
-                         f"GLM-Image accepts: crop to {crop[0]}x{crop[1]} or pad to {pad[0]}x{pad[1]} (HxW) first.")
+        raise ValueError(f"Reference image {height}x{width} (HxW) has aspect ratio {aspect:.2f}, above the "
+                         f"{max_aspect:g} GLM-Image accepts: crop to {crop[0]}x{crop[1]} or pad to {pad[0]}x{pad[1]} "
+                         f"(HxW) first.")
     lo = TOKEN_PIXELS * math.ceil(round(math.sqrt(min_pixels)) / TOKEN_PIXELS)
     hi = TOKEN_PIXELS * (round(math.sqrt(max_pixels)) // TOKEN_PIXELS)
     if lo > hi:

@@ -26,7 +26,8 @@ def to_rgb01(image) -> torch.Tensor:
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or not 1 <= image.shape[-1] <= 4:
-        raise ValueError(f"Expected one channels-last image [H, W, C] with 1 to 4 channels, got shape {tuple(image.shape)}.")
+        raise ValueError(f"Expected one channels-last image [H, W, C] with 1 to 4 channels, got shape "
+                         f"{tuple(image.shape)}.")
     if image.numel() == 0:
         raise ValueError(f"The image is empty (shape {tuple(image.shape)}): give an image with pixels.")
     if image.dtype == torch.uint8:

@@ -1,2 +1,3 @@
-"""The stages that drive the networks: prompt building and AR sampling, glyph conditioning, the flow schedule and
-decoder sampling, reference images, upscaling, CogView4 text encoding."""
+"""What drives the networks, and the handles passed between nodes: prompt building and AR sampling, glyph
+conditioning, the flow schedule and decoder sampling, reference images, upscaling, captioning, CogView4 text
+encoding, live previews."""

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer, processors
 
+from ..formats.reading import CheckpointError, read_json
 from ..runtime.geometry import TargetGrid, target_grid
-from ..runtime.loading import CheckpointError, read_json
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,13 @@ from functools import partial
 
 import torch
 
+from ..host.memory import OutOfMemory, available_memory
+from ..host.progress import Progress
 from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
 from ..runtime import checks
-from ..runtime.comfy_compat import OutOfMemory, Progress, available_memory
-from ..runtime.handles import TokenGrid
 from ..runtime.options import RunOptions, resolved
 from .ar_prompt import TextTokenizer, build_ar_inputs
+from .handles import TokenGrid
 from .settings import ARSampling
 
 

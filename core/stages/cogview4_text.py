@@ -15,10 +15,11 @@ import torch
 from tokenizers import AddedToken, Tokenizer, processors
 
 from ..formats.layers import compute_dtype
+from ..formats.reading import CheckpointError, component_path
+from ..host.interrupts import check_interrupt
+from ..loading.residency import placed_device
 from ..models.glm_text_encoder import GlmTextEncoder
 from ..runtime.checks import check_finite_output, check_text
-from ..runtime.loading import CheckpointError, component_path
-from ..runtime.residency import placed_device
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,10 @@ def load_cogview4_tokenizer(path: str) -> CogView4Tokenizer:
     """Load the GLM-4 tokenizer from a release root, its ``tokenizer/`` folder or a ``tokenizer.json`` file
     (then ``tokenizer_config.json`` is read from beside it, if there)."""
     path = component_path(path, "tokenizer")
-    folder, file = (path, os.path.join(path, "tokenizer.json")) if os.path.isdir(path) else (os.path.dirname(path), path)
+    if os.path.isdir(path):
+        folder, file = path, os.path.join(path, "tokenizer.json")
+    else:
+        folder, file = os.path.dirname(path), path
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: no tokenizer.json found. Download the tokenizer/ folder of THUDM/CogView4-6B "
                               f"(tokenizer.json and tokenizer_config.json).")
@@ -120,4 +124,5 @@ def encode_cogview4_prompt(encoder: GlmTextEncoder, tokenizer: CogView4Tokenizer
     check_text(prompt, name)
     embed = encoder.embed_tokens
     ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(placed_device(encoder, embed.weight))
-    return check_finite_output(encoder(ids), "The CogView4 text encoder (GLM-4)", compute_dtype(embed)).float()
+    hidden = encoder(ids, check_interrupt)
+    return check_finite_output(hidden, "The CogView4 text encoder (GLM-4)", compute_dtype(embed)).float()

@@ -19,13 +19,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..host.progress import Progress
 from ..models.step_cache import StepCache
 from ..runtime import checks
-from ..runtime.comfy_compat import Progress
 from ..runtime.geometry import check_latent_size, patch_count
-from ..runtime.handles import GlyphConditioning, ReferenceImages
 from ..runtime.options import RunOptions, resolved
 from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule
+from .handles import GlyphConditioning, ReferenceImages
 from .settings import DecoderRun
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -219,7 +219,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     latents_mean/std) from 2x-upsampled prior ids ``[B, (H/16)(W/16)]`` and glyph conditioning.
 
     settings: steps, guidance (> 1 adds the unconditional branch: glyph of "", prior dropped, references not
-    read), seed, step cache and the release's scheduler settings (``dit.release_shift_settings``).
+    read), seed, step cache and the release's scheduler settings (``flow_schedule.release_shift_settings``).
     references: editing; their K/V are computed once before the loop and read by every conditional pass.
     noise, start_latents + start_sigma, progress, preview, options: see ``denoise``.
     """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime.loading import CheckpointError, read_json
+from ..formats.reading import CheckpointError, read_json
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,17 @@ def read_shift_settings(path: str | None) -> ShiftSettings:
         max_shift=float(config.get("max_shift", defaults.max_shift)),
         base_image_seq_len=int(config.get("base_image_seq_len", defaults.base_image_seq_len)),
         time_shift_type=shift_type)
+
+
+def release_shift_settings(path: str) -> ShiftSettings:
+    """The scheduler settings of the release ``path`` (release root, component folder or file) belongs to:
+    ``scheduler/scheduler_config.json`` there or one folder up; the defaults when there is none."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for root in (folder, os.path.dirname(os.path.abspath(folder))):
+        config = os.path.join(root, "scheduler", "scheduler_config.json")
+        if os.path.isfile(config):
+            return read_shift_settings(config)
+    return ShiftSettings()
 
 
 @dataclass(frozen=True)

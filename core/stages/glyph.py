@@ -11,10 +11,10 @@ import re
 
 import torch
 
+from ..loading.residency import placed_device
 from ..models.t5_encoder import T5Encoder
 from ..runtime.checks import check_finite_output, check_text
-from ..runtime.handles import GlyphConditioning
-from ..runtime.residency import placed_device
+from .handles import GlyphConditioning
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ previews only with the input connected. Nothing depends on which VAE was loaded 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -23,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..host import memory, progress
 from ..models.vae import load_vae
-from ..runtime import comfy_compat
-from ..runtime.comfy_compat import log
+from ..runtime.devices import offload_device
 from ..runtime.geometry import PREVIEW_FIT_COARSE, PREVIEW_FIT_LATENT_SIDE
+
+log = logging.getLogger("glm_image_nodes")
 
 FIT_LATENTS = 4        # 4 latents of 32x32: 4096 cells for 17 unknowns per colour
 FINE_NOISE = 0.3       # weight of the per-pixel noise on top of the regions
@@ -98,7 +101,7 @@ def latent_rgb_for(vae) -> LatentRGB:
     """The fitted map of ``vae``, computed once per VAE file; the fit decodes on the compute device."""
     key = fingerprint(vae)
     if key not in _fitted:
-        with comfy_compat.on_compute_device(vae.model, stage="fitting the preview colours",
+        with memory.on_compute_device(vae.model, stage="fitting the preview colours",
                                             advice="set ComfyUI's --preview-method to none"):
             _fitted[key] = fit_latent_rgb(vae)
     return _fitted[key]
@@ -135,7 +138,7 @@ def release_latent_rgb(path: str | None, family: str) -> LatentRGB | None:
     if folder is None:
         return None
     if folder not in _release_fits:
-        vae = load_vae(folder, dtype="fp32", device=comfy_compat.offload_device())
+        vae = load_vae(folder, dtype="fp32", device=offload_device())
         _release_fits[folder] = (latent_family(vae), latent_rgb_for(vae))
     vae_family, factors = _release_fits[folder]
     return factors if vae_family == family else None
@@ -155,7 +158,7 @@ def decoder_preview(family: str, vae=None, release: str | None = None) -> Latent
     """The previewer for a decoder of latent ``family``, or None when previews are off (``--preview-method
     none``) or there is no VAE to fit. ``vae``: the VAE the workflow gives the node; else the VAE of the
     decoder's ``release`` (the decoder handle's path)."""
-    method = comfy_compat.preview_method()
+    method = progress.preview_method()
     if method == "none":
         return None
     if method == "taesd" and "taesd" not in _warned:

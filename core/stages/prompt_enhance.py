@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from ..host.progress import Progress
 from ..models.captioner import Captioner, chat_text_inputs, decode_reply, generate_reply_ids
 from ..runtime import checks
 
@@ -103,8 +104,9 @@ def enhance_prompt(captioner: Captioner, prompt: str, *, language: str = "auto",
     """The GLM-V captioner's rewrite of ``prompt`` for GLM-Image. ``temperature`` 0 decodes greedily (the same
     rewrite every time); the official utility samples at 1.0."""
     inputs = chat_text_inputs(captioner, enhance_messages(prompt, language))
-    reply = decode_reply(captioner, generate_reply_ids(captioner, inputs, max_new_tokens, temperature, seed,
-                                                       desc="prompt enhance"))
+    with Progress(max_new_tokens, desc="prompt enhance") as progress:
+        reply_ids = generate_reply_ids(captioner, inputs, max_new_tokens, temperature, seed, progress.update)
+    reply = decode_reply(captioner, reply_ids)
     if not reply:
         raise RuntimeError(f"The captioner ({captioner.source}) returned an empty rewrite; raise max_new_tokens "
                            f"(thinking models reason first) or use the prompt as it is.")

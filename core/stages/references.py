@@ -4,8 +4,8 @@ from __future__ import annotations
 from ..models.semantic_tokenizer import SemanticTokenizer, tokenize_image
 from ..models.vae import GlmVAE
 from ..runtime.geometry import normalize_reference_size
-from ..runtime.handles import ReferenceImages, upsample_ids
 from ..runtime.images import resize_reference, to_rgb01
+from .handles import ReferenceImages, upsample_ids
 
 
 def reference_sizes(images: list) -> tuple[list, list[tuple[int, int, str]]]:

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..runtime import comfy_compat
+from ..host import progress
+from ..runtime import devices
 from ..runtime.geometry import preview_cell
-from ..runtime.handles import TokenGrid
 from .ar_prompt import ARVocabulary
+from .handles import TokenGrid
 
 CODEBOOK_SIZE = ARVocabulary.codebook_size  # the release's; a loaded AR model's comes from its config
 
@@ -75,7 +76,7 @@ def palette(ar_model=None, tokenizer=None, codebook_size: int = CODEBOOK_SIZE) -
         return id_palette()
     owner, vectors = source
     if owner not in _palettes:  # on the compute device: the AR's table is 16384 x 4096
-        _palettes[owner] = pca_palette(vectors.detach().to(comfy_compat.get_device()))
+        _palettes[owner] = pca_palette(vectors.detach().to(devices.get_device()))
     return _palettes[owner]
 
 
@@ -136,9 +137,9 @@ class ARPreview:
             self.colours = palette(ar_model=self.ar_model, codebook_size=self.codebook_size)
         ids = torch.full((rows * cols,), -1, dtype=torch.long)
         ids[:done] = written[0, start:n].cpu()
-        return grid_image(ids.view(rows, cols), self.colours, preview_cell(rows, cols, comfy_compat.preview_size()))
+        return grid_image(ids.view(rows, cols), self.colours, preview_cell(rows, cols, progress.preview_size()))
 
 
 def ar_preview(ar_model, codebook_size: int = CODEBOOK_SIZE) -> ARPreview | None:
     """The AR sampler's live preview, or None when ComfyUI's ``--preview-method`` is ``none``."""
-    return ARPreview(ar_model, codebook_size) if comfy_compat.preview_method() != "none" else None
+    return ARPreview(ar_model, codebook_size) if progress.preview_method() != "none" else None

@@ -9,22 +9,20 @@ the noise level) and denoise only the rest of the schedule. strength 1 decodes f
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from ..host.progress import Progress
 from ..models.semantic_tokenizer import SemanticTokenizer, tokenize_image
 from ..models.vae import GlmVAE
 from ..runtime import checks
 from ..runtime.geometry import LARGE_ALTERNATIVE, MAX_SIDE, check_cogview4_size, scaled_size, upscale_2x_size
-from ..runtime.handles import GlyphConditioning, upsample_ids
 from ..runtime.images import to_rgb01
 from .decoder_sampling import sample_cogview4_latents, sample_latents
-from .settings import DecoderRun
 from .flow_schedule import ShiftSettings
+from .handles import GlyphConditioning, upsample_ids
 from .references import prepare_references
-
+from .settings import DecoderRun
 
 MAX_REFINE_SCALE = 2.0
 
@@ -44,20 +42,6 @@ def upsample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     x = image.permute(2, 0, 1)[None].float()
     x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
     return x[0].permute(1, 2, 0).clamp(0, 1)
-
-
-def downscale_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Area (box-filter) resize of ``[H, W, 3]`` to ``height`` x ``width``: the antialiased way down for PSNR."""
-    x = image.permute(2, 0, 1)[None].float()
-    return F.interpolate(x, size=(height, width), mode="area")[0].permute(1, 2, 0)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of two images in 0..1 (inf when equal)."""
-    if a.shape != b.shape:
-        raise ValueError(f"psnr needs images of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def refine_start(image: torch.Tensor, vae: GlmVAE, height: int, width: int, strength: float) -> dict:
@@ -90,7 +74,7 @@ def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, gly
     references = prepare_references([image], vae, tokenizer)[0] if use_reference else None
     latents = sample_latents(decoder, prior_ids, glyph, height, width, settings=settings, references=references,
                              preview=preview, **refine_start(image, vae, height, width, strength))
-    return vae.decode(latents)[0]
+    return vae.decode(latents, progress=Progress)[0]
 
 
 def refine_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -118,4 +102,4 @@ def refine_cogview4(image, *, decoder, vae: GlmVAE, cond_embeds: torch.Tensor, u
     settings = DecoderRun(seed=seed, steps=steps, guidance=guidance, shift_settings=shift_settings)
     latents = sample_cogview4_latents(decoder, cond_embeds, uncond_embeds, height, width, settings=settings,
                                       preview=preview, **refine_start(image, vae, height, width, strength))
-    return vae.decode(latents)[0]
+    return vae.decode(latents, progress=Progress)[0]

@@ -1,7 +1,8 @@
 """Glyph conditioning: the quoted text of the prompt (or an explicit list) -> Glyph-ByT5 embeddings."""
 from __future__ import annotations
 
-from ...core.runtime import comfy_compat, handles
+from ...core.host import memory
+from ...core.stages import handles
 from ...core.stages.glyph import glyph_conditioning, glyph_texts
 from ..common import Check, answer, category, check_now
 
@@ -43,7 +44,7 @@ class GLMImageGlyphConditioning:
 
     def encode(self, glyph_encoder, prompt, texts=""):
         check_now(locals(), *self.CHECKS)
-        with comfy_compat.on_compute_device(glyph_encoder, stage="glyph conditioning"):
+        with memory.on_compute_device(glyph_encoder, stage="glyph conditioning"):
             return (glyph_conditioning(glyph_encoder.model, prompt, texts=texts_to_render(texts)),)
 
 

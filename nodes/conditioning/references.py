@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from ...core.host import memory
 from ...core.models.semantic_tokenizer import tokenize_images
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.runtime import checks
 from ...core.runtime.geometry import check_token_grid_size
+from ...core.stages import handles
 from ...core.stages.references import prepare_references, reference_sizes
 from ..common import Check, answer, category, check_now, size_input
 
@@ -32,7 +34,7 @@ class GLMImageReferenceImages:
                 checks.check_image_batch(batch, name)
         images = [img for batch in (image, image_2, image_3) if batch is not None for img in batch]
         reference_sizes(images)  # a reference that cannot be used is refused before the models move
-        with comfy_compat.on_compute_device(vae, tokenizer, stage="reference images"):
+        with memory.on_compute_device(vae, tokenizer, stage="reference images"):
             references, note = prepare_references(images, vae.model, tokenizer.model)
         return (references, note)
 
@@ -59,11 +61,12 @@ class GLMImageImageToTokens:
     def tokenize(self, tokenizer, image, width, height):
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
-        with comfy_compat.on_compute_device(tokenizer, stage="image to tokens"):
+        with memory.on_compute_device(tokenizer, stage="image to tokens"):
             ids = torch.stack(tokenize_images(tokenizer.model, image, target_height=height, target_width=width))
         return (handles.TokenGrid(ids=ids, height=height, width=width),)
 
 
-NODE_CLASS_MAPPINGS = {"GLMImageReferenceImages": GLMImageReferenceImages, "GLMImageImageToTokens": GLMImageImageToTokens}
+NODE_CLASS_MAPPINGS = {"GLMImageReferenceImages": GLMImageReferenceImages,
+                       "GLMImageImageToTokens": GLMImageImageToTokens}
 NODE_DISPLAY_NAME_MAPPINGS = {"GLMImageReferenceImages": "GLM-Image Reference Images",
                               "GLMImageImageToTokens": "GLM-Image Image to Tokens"}

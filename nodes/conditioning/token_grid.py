@@ -1,7 +1,7 @@
 """Token Grid Preview: a token grid (GLMIMAGE_TOKENS) as an IMAGE, to see what the AR wrote."""
 from __future__ import annotations
 
-from ...core.runtime import handles
+from ...core.stages import handles
 from ...core.stages.token_preview import palette, token_grid_images
 from ..common import category
 

@@ -1,8 +1,9 @@
 """Loader for a GLM-V vision-language model (captions and reranking), through transformers."""
 from __future__ import annotations
 
+from ...core.host import folders
 from ...core.models.captioner import load_captioner
-from ...core.runtime import comfy_compat, handles
+from ...core.stages import handles
 from ..common import ModelLoader, dtype_input
 
 
@@ -15,7 +16,7 @@ class GLMImageCaptionerLoader(ModelLoader):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "checkpoint": (comfy_compat.list_model_dirs("text_encoders"),
+            "checkpoint": (folders.list_model_dirs("text_encoders"),
                            {"tooltip": "A GLM-V release folder inside models/text_encoders, or a path.",
                             "glm_model_file": "text_encoders"}),
             "dtype": dtype_input(),

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ...core.models import cogview4_dit, glm_text_encoder
-from ...core.models.dit import release_shift_settings
-from ...core.runtime import handles
+from ...core.stages import handles
 from ...core.stages.cogview4_text import load_cogview4_tokenizer
+from ...core.stages.flow_schedule import release_shift_settings
 from ..common import ModelLoader
 
 

@@ -1,8 +1,10 @@
 """Loader for the CogView (v1) VQ-VAE."""
 from __future__ import annotations
 
+from ...core.host import folders
 from ...core.models.cogview_vqvae import load_cogview_vqvae
-from ...core.runtime import comfy_compat, handles
+from ...core.runtime import devices
+from ...core.stages import handles
 from ..common import category
 
 
@@ -16,13 +18,13 @@ class GLMImageCogViewVQVAELoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        choices = comfy_compat.list_single_files("vae") + comfy_compat.list_pt_files("vae")
+        choices = folders.list_single_files("vae") + folders.list_pt_files("vae")
         return {"required": {"checkpoint": (choices, {"tooltip": "The CogView VQ-VAE checkpoint.",
                                                       "glm_model_file": "vae"})}}
 
     def load(self, checkpoint):
-        path = comfy_compat.resolve_checkpoint(checkpoint, "vae")
-        return (handles.ModelHandle(load_cogview_vqvae(path, device=comfy_compat.offload_device()), path=path),)
+        path = folders.resolve_checkpoint(checkpoint, "vae")
+        return (handles.ModelHandle(load_cogview_vqvae(path, device=devices.offload_device()), path=path),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCogViewVQVAELoader": GLMImageCogViewVQVAELoader}

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ...core.models import glm_ar, glm_image_dit, semantic_tokenizer, t5_encoder, vae
-from ...core.models.dit import release_shift_settings
-from ...core.runtime import handles
+from ...core.stages import handles
 from ...core.stages.ar_prompt import load_text_tokenizer
+from ...core.stages.flow_schedule import release_shift_settings
 from ..common import ModelLoader
 
 

@@ -4,8 +4,10 @@ only while a sampler runs it. A branch of the graph without the LoRA gets exactl
 from __future__ import annotations
 
 from ...core.formats import lora_targets
-from ...core.runtime import checks, comfy_compat, handles
-from ...core.runtime.lora_patches import with_lora
+from ...core.host import folders
+from ...core.loading.lora_patches import with_lora
+from ...core.runtime import checks
+from ...core.stages import handles
 from ..common import category
 
 LORA_TOOLTIP = ("A LoRA in models/loras: a PEFT adapter (its adapter_model.safetensors, with adapter_config.json "
@@ -32,7 +34,7 @@ class LoraLoader:
         return {"required": {
             cls.MODEL_INPUT: (cls.SOCKET,),
             # the glm_model_file marker: the workflow validation test accepts any file name here
-            "lora_name": (comfy_compat.list_lora_files(), {"tooltip": LORA_TOOLTIP, "glm_model_file": "loras"}),
+            "lora_name": (folders.list_lora_files(), {"tooltip": LORA_TOOLTIP, "glm_model_file": "loras"}),
             "strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                    "tooltip": STRENGTH_TOOLTIP}),
         }}
@@ -42,7 +44,7 @@ class LoraLoader:
         strength = checks.check_float(strength, "strength", fix="1 applies the LoRA as trained, 0 not at all.")
         if strength == 0:  # as core's LoraLoader: nothing to apply, the same model
             return (handle,)
-        lora = lora_targets.load_lora(comfy_compat.resolve_lora(lora_name), self.TARGET, handle.module)
+        lora = lora_targets.load_lora(folders.resolve_lora(lora_name), self.TARGET, handle.module)
         return (with_lora(handle, lora, strength),)
 
 

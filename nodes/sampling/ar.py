@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.host import memory
+from ...core.runtime import checks
 from ...core.runtime.geometry import check_glm_image_size
+from ...core.stages import handles
 from ...core.stages.ar_sampling import generate_token_grid
 from ...core.stages.settings import DECODE_STEPS, ARSampling
 from ...core.stages.token_preview import ar_preview
@@ -80,7 +82,7 @@ class GLMImageARSampler(SamplerNode):
         check_glm_image_size(height, width)
         source_grids = references.token_ids if references is not None else None
         with self.on_device(ar_model):
-            settings = replace(run[ARSampling], decode_steps=comfy_compat.capturable_steps(ar_model, decode_steps))
+            settings = replace(run[ARSampling], decode_steps=memory.capturable_steps(ar_model, decode_steps))
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, settings,
                                        source_grids=source_grids,
                                        preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size),

@@ -2,8 +2,11 @@
 transformers)."""
 from __future__ import annotations
 
-from ...core.models.captioner import PRESETS, caption_image, check_caption_settings, check_rerank_prompt, rerank
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.host import memory
+from ...core.models.captioner import PRESETS, check_caption_settings, check_rerank_prompt
+from ...core.runtime import checks
+from ...core.stages import handles
+from ...core.stages.captioning import caption_image, rerank
 from ...core.stages.prompt_enhance import LANGUAGES, check_prompt_to_enhance, enhance_prompt
 from ..common import MAX_SEED, Check, answer, category, check_now
 
@@ -60,7 +63,7 @@ class GLMImageCaption:
     def caption(self, captioner, image, preset, max_new_tokens, temperature, seed, custom_instruction="", append=""):
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
-        with comfy_compat.on_compute_device(captioner):
+        with memory.on_compute_device(captioner):
             captions = [caption_image(captioner.model, img, preset, max_new_tokens=max_new_tokens, seed=seed,
                                       custom_instruction=custom_instruction, temperature=temperature)
                         for img in image]
@@ -92,7 +95,7 @@ class GLMImageRerank:
     def rerank(self, captioner, images, prompt):
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(images, "images")
-        with comfy_compat.on_compute_device(captioner):
+        with memory.on_compute_device(captioner):
             order, scores = rerank(captioner.model, images, prompt)
         report = "\n".join(f"#{rank + 1}: image {int(i)} score {float(scores[i]):.4f}" for rank, i in enumerate(order))
         return (images[order[:1]], images[order], report)
@@ -128,7 +131,7 @@ class GLMImagePromptEnhance:
 
     def enhance(self, captioner, prompt, language, max_new_tokens, temperature, seed):
         check_now(locals(), *self.CHECKS)
-        with comfy_compat.on_compute_device(captioner):
+        with memory.on_compute_device(captioner):
             return (enhance_prompt(captioner.model, prompt, language=language, max_new_tokens=max_new_tokens,
                                    temperature=temperature, seed=seed),)
 

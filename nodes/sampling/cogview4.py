@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.host import memory
+from ...core.runtime import checks
 from ...core.runtime.geometry import check_cogview4_size
+from ...core.stages import handles
 from ...core.stages.cogview4_text import encode_cogview4_prompt
 from ...core.stages.decoder_sampling import sample_cogview4_latents
 from ...core.stages.latent_preview import COGVIEW4, decoder_preview
@@ -41,7 +43,7 @@ class GLMImageCogView4TextEncode:
 
     def encode(self, text_encoder, prompt, negative_prompt):
         check_now(locals(), *self.CHECKS)
-        with comfy_compat.on_compute_device(text_encoder, stage="CogView4 text encoding",
+        with memory.on_compute_device(text_encoder, stage="CogView4 text encoding",
                                              advice="shorten the prompt"):
             cond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, prompt).cpu()
             uncond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, negative_prompt,

@@ -1,7 +1,9 @@
 """The CogView (v1) VQ-VAE: 8192 codes, 8x downsampling; IMAGE <-> token grid."""
 from __future__ import annotations
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.host import memory
+from ...core.runtime import checks
+from ...core.stages import handles
 from ..common import category
 
 
@@ -19,7 +21,7 @@ class GLMImageCogViewVQEncode:
 
     def encode(self, vqvae, image):
         checks.check_image_batch(image, "image")
-        with comfy_compat.on_compute_device(vqvae):
+        with memory.on_compute_device(vqvae):
             return (vqvae.model.encode(image),)
 
 
@@ -36,7 +38,7 @@ class GLMImageCogViewVQDecode:
 
     def decode(self, vqvae, tokens):
         checks.check_token_ids(tokens, "tokens", vqvae.model.n_embed)
-        with comfy_compat.on_compute_device(vqvae):
+        with memory.on_compute_device(vqvae):
             return (vqvae.model.decode(tokens),)
 
 

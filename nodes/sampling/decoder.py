@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ...core.runtime import handles
 from ...core.runtime.geometry import check_token_grid_shape
+from ...core.stages import handles
 from ...core.stages.decoder_sampling import sample_latents
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
 from ...core.stages.settings import DecoderRun
@@ -14,7 +14,8 @@ from ..sampler_node import SamplerNode
 
 class GLMImageDecoderSampler(SamplerNode):
     DESCRIPTION = ("Runs the DiT decoder: turns a token grid (plus the glyph embeddings of the quoted text, and "
-                   "reference images when editing) into a latent, 50 Euler flow-matching steps with CFG 1.5 by default.")
+                   "reference images when editing) into a latent, 50 Euler flow-matching steps with CFG 1.5 by "
+                   "default.")
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     CHECKS = (DecoderRun,)
@@ -32,7 +33,8 @@ class GLMImageDecoderSampler(SamplerNode):
                 "guidance": ("FLOAT", {"default": 1.5, "min": 1.0, "max": 20.0, "step": 0.05,
                                        "tooltip": "Classifier-free guidance; 1.0 disables the unconditional pass."}),
             },
-            "optional": {"references": (handles.REFERENCES, {"tooltip": "Reference images whose K/V the decoder reads."}),
+            "optional": {"references": (handles.REFERENCES,
+                                        {"tooltip": "Reference images whose K/V the decoder reads."}),
                          **dit_speed_inputs(), "vae": preview_vae_input()},
         }
 

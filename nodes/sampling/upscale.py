@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.host import memory
+from ...core.runtime import checks
 from ...core.runtime.geometry import upscale_2x_size
+from ...core.stages import handles
 from ...core.stages.latent_preview import COGVIEW4, GLM_IMAGE, decoder_preview
-from ...core.stages.upscale import check_refine_scale, check_strength, refine_cogview4, refine_size, upscale_2x
 from ...core.stages.settings import DecoderRun
+from ...core.stages.upscale import check_refine_scale, check_strength, refine_cogview4, refine_size, upscale_2x
 from ..common import Check, answer, category, check_now, seed_input
 
 STRENGTH_TOOLTIP = ("Noise level (flow-matching sigma) the bicubic upsample is refined from; 1.0 decodes from pure "
@@ -51,7 +53,7 @@ class GLMImageUpscale:
         checks.check_image_batch(image, "image")
         upscale_2x_size(image.shape[1], image.shape[2])
         preview = decoder_preview(GLM_IMAGE, vae.model)
-        with comfy_compat.on_compute_device(decoder, vae, tokenizer, stage="upscaling",
+        with memory.on_compute_device(decoder, vae, tokenizer, stage="upscaling",
                                              advice="upscale a smaller image"):
             out = [upscale_2x(img, decoder=decoder.model, vae=vae.model, tokenizer=tokenizer.model, glyph=glyph,
                               steps=steps, guidance=guidance, seed=seed, strength=strength,
@@ -95,7 +97,7 @@ class GLMImageCogView4Refine:
         checks.check_image_batch(image, "image")
         refine_size(image.shape[1], image.shape[2], scale)
         preview = decoder_preview(COGVIEW4, vae.model)
-        with comfy_compat.on_compute_device(decoder, vae, stage="refining", advice="lower the scale"):
+        with memory.on_compute_device(decoder, vae, stage="refining", advice="lower the scale"):
             out = [refine_cogview4(img, decoder=decoder.model, vae=vae.model, cond_embeds=conditioning.cond,
                                    uncond_embeds=conditioning.uncond, scale=scale, steps=steps, guidance=guidance,
                                    seed=seed, strength=strength, shift_settings=decoder.shift_settings,

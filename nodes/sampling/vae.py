@@ -1,7 +1,10 @@
 """VAE decode (LATENT -> IMAGE) and encode (IMAGE -> LATENT)."""
 from __future__ import annotations
 
-from ...core.runtime import checks, comfy_compat, handles
+from ...core.host import memory
+from ...core.host.progress import Progress
+from ...core.runtime import checks
+from ...core.stages import handles
 from ..common import category
 
 
@@ -22,8 +25,8 @@ class GLMImageVAEDecode:
     def decode(self, vae, latent, tiling):
         samples = checks.check_latent(latent, "latent")
         tiled = {"auto": None, "on": True, "off": False}[tiling]
-        with comfy_compat.on_compute_device(vae, stage="VAE decode", advice="set tiling to on"):
-            return (vae.model.decode(samples, tiled=tiled),)
+        with memory.on_compute_device(vae, stage="VAE decode", advice="set tiling to on"):
+            return (vae.model.decode(samples, tiled=tiled, progress=Progress),)
 
 
 class GLMImageVAEEncode:
@@ -39,7 +42,7 @@ class GLMImageVAEEncode:
 
     def encode(self, vae, image):
         checks.check_image_batch(image, "image")
-        with comfy_compat.on_compute_device(vae, stage="VAE encode", advice="encode fewer or smaller images"):
+        with memory.on_compute_device(vae, stage="VAE encode", advice="encode fewer or smaller images"):
             return ({"samples": vae.model.encode(image).float().cpu()},)
 
 

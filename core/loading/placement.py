@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import loading
-from .comfy_compat import get_device
+from ..formats.reading import resolve_dtype
+from ..runtime.devices import get_device
 
 FP8_CHOICE = "fp8_e4m3fn"
 
@@ -35,5 +35,5 @@ def place(choice: str, device: torch.device | str | None = None, compute_device:
     weights = torch.device(device) if device is not None else get_device()
     compute = torch.device(compute_device) if compute_device is not None else weights
     fp8 = choice == FP8_CHOICE
-    dtype = loading.resolve_dtype("auto" if fp8 else choice, compute, component=component, fp16_reason=fp16_reason)
+    dtype = resolve_dtype("auto" if fp8 else choice, compute, component=component, fp16_reason=fp16_reason)
     return Placement(weights=weights, compute=compute, dtype=dtype, fp8=fp8)

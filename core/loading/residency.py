@@ -6,7 +6,7 @@ copied back and nothing new is allocated in RAM. With ``blocks`` (block swap) th
 offload device and each is copied in just before it runs and dropped after, so a model larger than the GPU runs
 at the price of one block's transfer per block per forward.
 
-Inside ComfyUI its own memory manager places the weights (see ``comfy_compat``); ``streamable`` makes every
+Inside ComfyUI its own memory manager places the weights (see ``host.memory``); ``streamable`` makes every
 module of a model cope with being left on the offload device by a partial load.
 """
 from __future__ import annotations

@@ -10,10 +10,14 @@ quantized model is never re-quantized; ``unpatch_model`` removes it.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import comfy.model_patcher
 import comfy.utils
 
 from ..formats.layers import PackedLayer
+from ..formats.lora_targets import Lora
+from ..loading.lora_patches import AppliedLora
 
 
 class PackedWeightPatch(comfy.model_patcher.LowVramPatch):
@@ -41,3 +45,22 @@ class PackModelPatcher(comfy.model_patcher.ModelPatcher):
                     module.weight_patches[:] = [p for p in module.weight_patches
                                                 if not isinstance(p, PackedWeightPatch)]
         return super().unpatch_model(device_to=device_to, unpatch_weights=unpatch_weights)
+
+
+def comfy_patches(lora: Lora, prefix: str) -> dict:
+    """``lora`` as ComfyUI's patches: ``{"<prefix><module>.weight": LoRAAdapter}`` with alpha = scale * rank (ComfyUI
+    scales by alpha / rank)."""
+    from comfy.weight_adapter import LoRAAdapter
+
+    return {f"{prefix}{module}.weight": LoRAAdapter(set(), (layer.up, layer.down, layer.scale * layer.rank,
+                                                            None, None, None))
+            for module, layer in lora.layers.items()}
+
+
+def comfy_lora_patcher(base_patcher, loras: Sequence[AppliedLora], prefix: str):
+    """A clone of ``base_patcher`` with each LoRA added at its strength (core LoraLoader's ``add_patches``)."""
+    patcher = base_patcher.clone()
+    for applied in loras:
+        if applied.strength != 0:
+            patcher.add_patches(comfy_patches(applied.lora, prefix), applied.strength)
+    return patcher

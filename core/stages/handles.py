@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..stages.flow_schedule import ShiftSettings
+from .flow_schedule import ShiftSettings
 
 # socket type names
 AR_MODEL = "GLMIMAGE_AR"
@@ -82,7 +82,7 @@ class ModelHandle:
     """A loaded model as the pack's sockets carry it: ``model`` is what the core functions take (an
     ``nn.Module``, or the VAE / captioner wrapper around one), with where it came from and how it lives in
     memory. ``block_swap`` (outside ComfyUI): that many of the blocks at ``blocks`` stay on the offload device.
-    ``patcher``: ComfyUI's ``ModelPatcher`` for it, made on first use inside ComfyUI (see comfy_compat).
+    ``patcher``: ComfyUI's ``ModelPatcher`` for it, made on first use inside ComfyUI (see host.memory).
     ``loras``: the LoRAs this handle applies (``lora_patches.AppliedLora``, in order) to the shared model of
     ``base``, the handle without them (see ``lora_patches``)."""
     model: Any

@@ -5,7 +5,7 @@ What each role becomes (``ComponentSpec.quantize`` gives the role of every tenso
 
 | role | fp8_e4m3fn | q8_0 .. q4_0 | f16 / bf16 |
 |---|---|---|---|
-| linear (attention, MLP) | FP8, one scale per output channel | the chosen type (a K-quant falls back, below) | that type |
+| linear (attention, MLP) | FP8, one scale per output channel | the chosen type (K-quants fall back below) | that type |
 | modulation (adaLN) | FP8 | Q8_0 | that type |
 | embedding | source precision | Q8_0 | that type |
 | keep (input/output projections, the AR's vision head) | source precision | source precision | source precision |
@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime import loading
-from ..runtime.components import (
+from ..formats import fp8, ggml, reading
+from ..formats.checkpoint import META_ARCH, META_CONFIG, META_FORMAT, open_checkpoint
+from ..formats.reading import CheckpointError
+from ..formats.writers import ST_DTYPES, Entry, write_gguf, write_safetensors
+from ..loading.components import (
     EMBEDDING,
     KEEP,
     LINEAR,
@@ -31,10 +34,6 @@ from ..runtime.components import (
     config_to_json,
     resolve_config,
 )
-from ..runtime.loading import CheckpointError
-from . import fp8, ggml
-from .checkpoint import META_ARCH, META_CONFIG, META_FORMAT, open_checkpoint
-from .writers import ST_DTYPES, Entry, write_gguf, write_safetensors
 
 FORMATS = ("fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "f16", "bf16")
 GGUF_SOURCE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -72,8 +71,9 @@ def _nbytes(kind: str, shape: tuple[int, ...]) -> int:
 
 
 def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torch.dtype = torch.bfloat16) -> int:
-    """The bytes one tensor takes in a ``fmt`` file (the FP8 weight's scale included); ``fmt`` ``"source"``: as
-    given. Used by convert_component and for the full-size figures (shapes only, nothing built)."""
+    """The bytes one tensor takes in a ``fmt`` file (an FP8 weight with its per-channel fp32 scale, the default
+    ``fp8_scale``); ``fmt`` ``"source"``: as given, in ``source_dtype``. From the shape only, nothing is built:
+    ``benchmarks/memory.py`` sizes the full releases with it (``convert_component`` counts what it writes)."""
     count = 1
     for d in shape:
         count *= d
@@ -94,7 +94,7 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     if spec.quantize is None:
         raise ValueError(f"{spec.name} has no FP8/GGUF form; keep its safetensors.")
-    source = loading.component_path(path, spec.subfolder)
+    source = reading.component_path(path, spec.subfolder)
     checkpoint = open_checkpoint(source)
     if checkpoint.kind != "safetensors":
         raise CheckpointError(f"{source} is already {checkpoint.format_name}; convert from the release's "
@@ -104,7 +104,7 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
         spec.check(keys, source)
     config = resolve_config(spec, source, checkpoint)
     names = spec.key_map(keys, config)
-    with loading.meta_device():
+    with reading.meta_device():
         model = spec.build(config)
     check_state(model, {m: checkpoint.shapes[k] for k, m in names.items()}, source)
 
@@ -186,7 +186,7 @@ SIGNATURES = (("model.language_model.layers.0.self_attn.q_proj.weight", "glm_ima
 
 def release_components(root: str) -> list[ComponentSpec]:
     """The convertible components of a release folder, from its ``model_index.json``."""
-    index = loading.read_json(os.path.join(root, "model_index.json"))
+    index = reading.read_json(os.path.join(root, "model_index.json"))
     names = RELEASE_COMPONENTS.get(index.get("_class_name"))
     if names is None:
         raise CheckpointError(f"{root}: model_index.json names {index.get('_class_name')!r}; convert.py knows "

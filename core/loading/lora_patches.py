@@ -8,7 +8,8 @@ The patches reach the weights only while a stage runs the model:
   ``formats.layers``: applied, every call, to the weight dequantized to the compute dtype) and removes it after,
   so a plain, FP8 or GGUF base stays exactly as loaded;
 - inside ComfyUI the handle's ModelPatcher is a clone of the base's with ComfyUI's LoRA patches added
-  (``comfy_lora_patcher``, what core's LoraLoader does); ``comfy_patcher.PackModelPatcher`` applies them.
+  (``host.comfy_patcher.comfy_lora_patcher``, what core's LoraLoader does); ``PackModelPatcher`` there applies
+  them.
 """
 from __future__ import annotations
 
@@ -88,22 +89,3 @@ def installed(model: nn.Module, loras: Sequence[AppliedLora]):
     finally:
         for layer, patch in added:
             layer.weight_patches.remove(patch)
-
-
-def comfy_patches(lora: Lora, prefix: str) -> dict:
-    """``lora`` as ComfyUI's patches: ``{"<prefix><module>.weight": LoRAAdapter}`` with alpha = scale * rank (ComfyUI
-    scales by alpha / rank)."""
-    from comfy.weight_adapter import LoRAAdapter
-
-    return {f"{prefix}{module}.weight": LoRAAdapter(set(), (layer.up, layer.down, layer.scale * layer.rank,
-                                                            None, None, None))
-            for module, layer in lora.layers.items()}
-
-
-def comfy_lora_patcher(base_patcher, loras: Sequence[AppliedLora], prefix: str):
-    """A clone of ``base_patcher`` with each LoRA added at its strength (core LoraLoader's ``add_patches``)."""
-    patcher = base_patcher.clone()
-    for applied in loras:
-        if applied.strength != 0:
-            patcher.add_patches(comfy_patches(applied.lora, prefix), applied.strength)
-    return patcher

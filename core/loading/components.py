@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,13 +26,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..formats import fp8
+from ..formats import fp8, reading
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.layers import Packed, adopt, dequantize_packed
-from . import loading
-from .comfy_compat import log
-from .loading import CheckpointError
+from ..formats.reading import CheckpointError
+from .configs import known_fields
 from .placement import FP8_CHOICE, Placement, place
+
+log = logging.getLogger("glm_image_nodes")
 
 # Roles of a tensor in a component that has weight formats (``ComponentSpec.quantize``):
 LINEAR = "linear"          # quantized to the chosen format
@@ -72,24 +74,17 @@ def config_to_json(config: Any) -> str:
 
 def config_from_json(config_type: type, data: dict) -> Any:
     """The dataclass back from ``config_to_json`` (lists become tuples where the field is a tuple)."""
-    values = {}
-    for f in dataclasses.fields(config_type):
-        if f.name in data:
-            value = data[f.name]
-            if isinstance(value, list) and "tuple" in str(f.type):
-                value = tuple(value)
-            values[f.name] = value
-    return config_type(**values)
+    return config_type(**known_fields(config_type, data))
 
 
 def config_from_files(spec: ComponentSpec, source: str) -> Any | None:
     """The component's config from a ``config.json``: the folder's, or (``config_beside_file``) the one beside a
     single file; None when there is none."""
-    folder_config = loading.config_or_none(source)
+    folder_config = reading.config_or_none(source)
     if folder_config is None and spec.config_beside_file and os.path.isfile(source):
         beside = os.path.join(os.path.dirname(os.path.abspath(source)), "config.json")
         if os.path.isfile(beside):
-            raw = loading.read_json(beside)
+            raw = reading.read_json(beside)
             folder_config = raw if spec.config_key is None or spec.config_key in raw else None
     if folder_config is None:
         return None
@@ -195,7 +190,7 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
     and GGUF files it is the compute dtype the weights are dequantized to. ``config``: a typed config that
     replaces the component's own; ``checkpoint``: tensors already read (a legacy ``.pt``)."""
     placement = place(dtype, device, compute_device, component=spec.name, fp16_reason=spec.fp16_reason)
-    source = loading.component_path(path, spec.subfolder) if checkpoint is None else path
+    source = reading.component_path(path, spec.subfolder) if checkpoint is None else path
     config = config if config is not None else config_from_files(spec, source)
     checkpoint = checkpoint or open_checkpoint(source)
     check_architecture(spec, checkpoint)
@@ -212,7 +207,7 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
     if absent:
         raise CheckpointError(f"{source}: the index lists shards that are missing and hold weights of "
                               f"{spec.name}: {', '.join(absent)}. Download them too.")
-    with loading.meta_device():
+    with reading.meta_device():
         model = spec.build(config)
     check_state(model, {module_key: checkpoint.shapes[key] for key, module_key in names.items()}, source)
     model = fill(model, checkpoint.load(names), spec=spec, dtype=placement.dtype, device=placement.weights,

@@ -88,7 +88,8 @@ def meta_device():
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def resolve_dtype(choice: str, device: torch.device | str, *, component: str, fp16_reason: str | None = None) -> torch.dtype:
+def resolve_dtype(choice: str, device: torch.device | str, *, component: str,
+                  fp16_reason: str | None = None) -> torch.dtype:
     """Map a loader's dtype widget to a torch dtype. ``auto`` is bf16 on GPUs that support it, else fp32."""
     device = torch.device(device)
     if choice == "auto":
