@@ -33,7 +33,9 @@ from ..runtime.components import (
 )
 from ..runtime.loading import CheckpointError
 from . import fp8, ggml
+from . import prefixes
 from .checkpoint import META_ARCH, META_CONFIG, META_FORMAT, open_checkpoint
+from .layers import Packed, dequantize_packed
 from .writers import ST_DTYPES, Entry, write_gguf, write_safetensors
 
 FORMATS = ("fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "f16", "bf16")
@@ -95,10 +97,9 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
     if spec.quantize is None:
         raise ValueError(f"{spec.name} has no FP8/GGUF form; keep its safetensors.")
     source = loading.component_path(path, spec.subfolder)
-    checkpoint = open_checkpoint(source)
-    if checkpoint.kind != "safetensors":
-        raise CheckpointError(f"{source} is already {checkpoint.format_name}; convert from the release's "
-                              f"bf16/fp32 safetensors.")
+    # any file the loaders read: plain, scaled or unscaled FP8, GGUF (packed weights are dequantized first),
+    # with or without ComfyUI's key prefix
+    checkpoint = prefixes.without_comfy_prefix(open_checkpoint(source), prefixes.role_of(spec.subfolder))
     keys = list(checkpoint.shapes)
     if spec.check is not None:
         spec.check(keys, source)
@@ -109,15 +110,18 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
     check_state(model, {m: checkpoint.shapes[k] for k, m in names.items()}, source)
 
     def tensor(key: str) -> torch.Tensor:
-        return checkpoint.load({key: key})[key]
+        value = checkpoint.load({key: key})[key]
+        if isinstance(value, Packed):
+            return dequantize_packed(value.data, value.kind, value.shape, value.scale, torch.float32)
+        return value
 
     report = Report(spec.architecture, out)
     entries: list[Entry] = []
     for key, module_key in names.items():
         shape = checkpoint.shapes[key]
         role = spec.quantize(module_key, shape)
-        original = tensor(key)  # memory-mapped: only its header is read here
-        source_dtype = original.dtype
+        original = checkpoint.load({key: key})[key]  # memory-mapped: only its header is read here
+        source_dtype = _source_dtype(original)
         report.source_bytes += original.nbytes
         if fmt == "fp8_e4m3fn":
             entries += _fp8_entries(key, shape, role, source_dtype, tensor, fp8_scale)
@@ -139,6 +143,13 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
     return report
 
 
+def _source_dtype(value: torch.Tensor | Packed) -> torch.dtype:
+    """The dtype a kept tensor is written in: its own, bf16 for FP8 (exact), float32 for GGML-packed ones."""
+    if isinstance(value, Packed):
+        return torch.bfloat16 if value.kind == "fp8" else torch.float32
+    return torch.bfloat16 if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else value.dtype
+
+
 def _fp8_entries(key, shape, role, source_dtype, tensor, granularity) -> list[Entry]:
     if role not in (LINEAR, MODULATION) or len(shape) != 2:
         name = ST_DTYPES[source_dtype]
@@ -146,7 +157,7 @@ def _fp8_entries(key, shape, role, source_dtype, tensor, granularity) -> list[En
         count = 1
         for d in shape:
             count *= d
-        return [Entry(key, shape, name, count * size, lambda: tensor(key))]
+        return [Entry(key, shape, name, count * size, lambda: tensor(key).to(source_dtype))]
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pair():
@@ -197,7 +208,12 @@ def release_components(root: str) -> list[ComponentSpec]:
 
 def detect_component(path: str) -> ComponentSpec:
     """The spec of the component in a folder or file, from its tensor names."""
-    keys = set(open_checkpoint(path).shapes)
+    checkpoint = open_checkpoint(path)
+    specs = specs_by_architecture()
+    if checkpoint.metadata.get(META_ARCH) in specs:
+        return specs[checkpoint.metadata[META_ARCH]]
+    keys = set(checkpoint.shapes)
+    keys |= {k[len(found[0]):] for k in keys if (found := prefixes.prefix_of(k))}  # ComfyUI-prefixed files
     for key, architecture in SIGNATURES:
         if key in keys:
             return specs_by_architecture()[architecture]

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cuda import dispatch
+from ..formats.layers import compute_dtype
 from ..runtime import components
 from ..runtime.attention import attention
 from ..runtime.loading import CheckpointError
@@ -339,7 +340,8 @@ class DiTTrunk(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.proj_out.weight.dtype
+        # the compute dtype, not the stored weight's: a GGUF from llama-quantize packs every 2-D weight (uint8)
+        return compute_dtype(self.proj_out)
 
     @property
     def device(self) -> torch.device:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..cuda import dispatch
+from ..formats.layers import compute_dtype
 from ..cuda.rope import apply_partial_rope
 from ..runtime import components
 from ..runtime.attention import attention, cached_decode_attention
@@ -143,7 +144,8 @@ class GlmImageAR(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        # the compute dtype, not the stored weight's: a GGUF from llama-quantize packs every 2-D weight (uint8)
+        return compute_dtype(self.lm_head)
 
     def new_cache(self, batch: int, max_len: int, attention_mask: torch.Tensor | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device, attention_mask)

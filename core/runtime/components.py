@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..formats import fp8
-from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats import fp8, prefixes
+from ..formats.checkpoint import META_ARCH, Checkpoint, open_checkpoint
 from ..formats.layers import Packed, adopt, dequantize_packed
 from . import loading
 from .comfy_compat import get_device, log
@@ -83,10 +83,10 @@ def config_from_json(config_type: type, data: dict) -> Any:
 
 
 def config_from_files(spec: ComponentSpec, source: str) -> Any | None:
-    """The component's config from a ``config.json``: the folder's, or (``config_beside_file``) the one beside a
-    single file; None when there is none."""
+    """The component's config from a ``config.json``: the folder's, or the one beside a single file (for a
+    component with a ``config_key``, only a config.json that has it); None when there is none."""
     folder_config = loading.config_or_none(source)
-    if folder_config is None and spec.config_beside_file and os.path.isfile(source):
+    if folder_config is None and os.path.isfile(source):  # what the shape-inference errors tell users to do
         beside = os.path.join(os.path.dirname(os.path.abspath(source)), "config.json")
         if os.path.isfile(beside):
             raw = loading.read_json(beside)
@@ -116,7 +116,9 @@ def resolve_config(spec: ComponentSpec, source: str, checkpoint: Checkpoint) -> 
 
 
 def check_architecture(spec: ComponentSpec, checkpoint: Checkpoint) -> None:
-    found = checkpoint.architecture
+    """Refuse a file the pack tagged as another component. Other tools' tags (city96's ``general.architecture``
+    comes from its own model list) say nothing about the pack's components: the keys and shapes decide."""
+    found = checkpoint.metadata.get(META_ARCH)
     if found is not None and found != spec.architecture:
         raise CheckpointError(f"{checkpoint.source} holds a {found!r} model ({checkpoint.format_name}), not "
                               f"{spec.architecture!r} ({spec.name}). Choose the loader of that component, or the "
@@ -198,7 +200,8 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
     if dtype != FP8_CHOICE:  # an impossible dtype fails before anything is read
         loading.resolve_dtype(dtype, device, component=spec.name, fp16_reason=spec.fp16_reason)
     config = config if config is not None else config_from_files(spec, source)
-    checkpoint = checkpoint or open_checkpoint(source)
+    checkpoint = prefixes.without_comfy_prefix(checkpoint or open_checkpoint(source), prefixes.role_of(spec.subfolder),
+                                               log)
     check_architecture(spec, checkpoint)
     if spec.quantize is None and checkpoint.kind not in ("safetensors", "tensors"):
         raise CheckpointError(f"{source} is a {checkpoint.format_name} file, but {spec.name} is only read from "
