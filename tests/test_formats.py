@@ -174,7 +174,8 @@ def converted(release, tmp_path_factory):
     for spec, name in ((glm_ar.SPEC, "ar"), (glm_image_dit.SPEC, "dit"), (t5_encoder.SPEC, "glyph")):
         for fmt in ("q8_0", "q4_k", "fp8_e4m3fn", "bf16"):
             path = str(out / f"{name}_{fmt}{conversion.extension(fmt)}")
-            conversion.convert_component(spec, release, fmt, path)
+            # per-channel FP8: what the loaders' fp8_e4m3fn choice makes at load (compared below)
+            conversion.convert_component(spec, release, fmt, path, fp8_scale="channel")
             files[name, fmt] = path
     return files
 

@@ -5,7 +5,7 @@ What each role becomes (``ComponentSpec.quantize`` gives the role of every tenso
 
 | role | fp8_e4m3fn | q8_0 .. q4_0 | f16 / bf16 |
 |---|---|---|---|
-| linear (attention, MLP) | FP8, one scale per output channel | the chosen type (a K-quant falls back, below) | that type |
+| linear (attention, MLP) | FP8, one scale per layer (``--fp8-scale channel``: per output channel) | the chosen type (a K-quant falls back, below) | that type |
 | modulation (adaLN) | FP8 | Q8_0 | that type |
 | embedding | source precision | Q8_0 | that type |
 | keep (input/output projections, the AR's vision head) | source precision | source precision | source precision |
@@ -38,6 +38,13 @@ from .checkpoint import META_ARCH, META_CONFIG, META_FORMAT, open_checkpoint
 from .layers import Packed, dequantize_packed
 from .writers import ST_DTYPES, Entry, write_gguf, write_safetensors
 
+# general.file_type of each GGUF format (gguf.LlamaFileType; the K-quants use llama.cpp's "_M" names, whose
+# mixes also keep some tensors in higher types, as these files do)
+FILE_TYPES = {"q8_0": "MOSTLY_Q8_0", "q6_k": "MOSTLY_Q6_K", "q5_k": "MOSTLY_Q5_K_M", "q4_k": "MOSTLY_Q4_K_M",
+              "q4_0": "MOSTLY_Q4_0", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}
+META_FP8_LAYOUT = "glm_image_nodes.fp8_layout"
+CHANNEL_LAYOUT_NOTE = ("per-output-channel scale_weight [out, 1]: NOT ComfyUI's scaled-FP8 layout (ComfyUI's "
+                       "scaled_fp8 ops need one scalar scale per layer and refuse this file); read by glm-image-nodes")
 FORMATS = ("fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "f16", "bf16")
 GGUF_SOURCE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -73,7 +80,8 @@ def _nbytes(kind: str, shape: tuple[int, ...]) -> int:
     return rows * ggml.QTYPES[kind].row_bytes(shape[-1] if shape else 1)
 
 
-def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torch.dtype = torch.bfloat16) -> int:
+def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torch.dtype = torch.bfloat16,
+                 fp8_scale: str = "tensor") -> int:
     """The bytes one tensor takes in a ``fmt`` file (the FP8 weight's scale included); ``fmt`` ``"source"``: as
     given. Used by convert_component and for the full-size figures (shapes only, nothing built)."""
     count = 1
@@ -83,15 +91,18 @@ def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torc
         return count * torch.tensor([], dtype=source_dtype).element_size()
     if fmt == "fp8_e4m3fn":
         if role in (LINEAR, MODULATION) and len(shape) == 2:
-            return count + 4 * shape[0]
+            return count + 4 * (shape[0] if fp8_scale == "channel" else 1)
         return count * torch.tensor([], dtype=source_dtype).element_size()
     return _nbytes(_gguf_kind(fmt, role, shape, source_dtype), shape)
 
 
-def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8_scale: str = "channel",
+def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8_scale: str = "tensor",
                       progress=None) -> Report:
     """Write ``spec``'s component found at ``path`` (release root, component folder or file) as ``fmt`` to
-    ``out``. Tensors keep their checkpoint names; the file embeds the typed config and the component's tag."""
+    ``out``. Tensors keep their checkpoint names; the file embeds the typed config and the component's tag.
+    ``fp8_scale``: ``"tensor"`` (default) writes ComfyUI's scaled-FP8 layout (a scalar ``scale_weight`` per
+    layer), ``"channel"`` one scale per output channel (more accurate; only this pack reads it, and the file's
+    metadata says so)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     if spec.quantize is None:
@@ -133,13 +144,15 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
         report.kinds[e.kind] = report.kinds.get(e.kind, 0) + 1
         report.bytes += e.nbytes
     strings = {META_CONFIG: config_to_json(config), META_ARCH: spec.architecture, META_FORMAT: fmt}
+    if fmt == "fp8_e4m3fn":
+        strings[META_FP8_LAYOUT] = CHANNEL_LAYOUT_NOTE if fp8_scale == "channel" else "comfyui scaled_fp8 (per tensor)"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tick = progress or (lambda e: None)
     if fmt == "fp8_e4m3fn":
         marker = Entry(fp8.MARKER, (0,), "F8_E4M3", 0, lambda: torch.empty(0, dtype=fp8.FP8))
         write_safetensors(out, [marker, *entries], strings, tick)
     else:
-        write_gguf(out, spec.architecture, strings, entries, tick)
+        write_gguf(out, spec.architecture, strings, entries, tick, file_type=FILE_TYPES[fmt])
     return report
 
 
