@@ -217,12 +217,17 @@ def _open_gguf(path: str) -> Checkpoint:
         elif name.startswith(ORIG_SHAPE):  # city96: a tensor stored reshaped (GGUF keeps at most 4 dims)
             orig_shapes[name[len(ORIG_SHAPE):]] = tuple(int(v) for v in value.contents())
     tensors, shapes, stored = {}, {}, {}
+    seen = sorted({t.tensor_type.name for t in reader.tensors})
     for t in reader.tensors:
         kind = t.tensor_type.name
         if kind not in ggml.QTYPES:
-            raise CheckpointError(f"{path}: tensor {t.name} is stored as {kind}, which the pack does not read. "
-                                  f"Supported GGUF types: {', '.join(ggml.QTYPES)}. Convert the model with "
-                                  f"convert.py to one of them.")
+            raise CheckpointError(f"{path}: tensor {t.name} is stored as {kind}, which the pack does not read "
+                                  f"(the file holds {', '.join(seen)}; architecture tag "
+                                  f"{metadata.get(GGUF_ARCH)!r}). Supported GGUF types: {', '.join(ggml.QTYPES)}. "
+                                  f"Make the file again from the original safetensors in one of them, e.g. "
+                                  f"python convert.py ORIGINAL.safetensors --format q4_k --out "
+                                  f"{os.path.basename(path)[:-5]}_q4_k.gguf (or llama-quantize with Q4_K_M, "
+                                  f"Q3_K_S or IQ4_XS).")
         shape = tuple(int(v) for v in reversed(t.shape.tolist()))
         expected = _nbytes(ggml.QTYPES[kind], shape)
         if t.data.nbytes != expected:

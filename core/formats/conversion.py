@@ -118,7 +118,7 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
     names = spec.key_map(keys, config)
     with loading.meta_device():
         model = spec.build(config)
-    check_state(model, {m: checkpoint.shapes[k] for k, m in names.items()}, source)
+    check_state(model, {m: checkpoint.shapes[k] for k, m in names.items()}, source, checkpoint)
 
     def tensor(key: str) -> torch.Tensor:
         value = checkpoint.load({key: key})[key]
@@ -132,6 +132,10 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
         shape = checkpoint.shapes[key]
         role = spec.quantize(module_key, shape)
         original = checkpoint.load({key: key})[key]  # memory-mapped: only its header is read here
+        if isinstance(original, torch.Tensor) and not original.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {key} is stored as {str(original.dtype).removeprefix('torch.')}; "
+                                  f"convert.py reads floating-point (or FP8 / GGUF) weights only. Convert the "
+                                  f"release's own safetensors.")
         source_dtype = _source_dtype(original)
         report.source_bytes += original.nbytes
         if fmt == "fp8_e4m3fn":

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..formats import fp8, prefixes
+from ..formats.describe import convert_command, describe
 from ..formats.checkpoint import META_ARCH, Checkpoint, open_checkpoint
 from ..formats.layers import Packed, adopt, dequantize_packed
 from . import loading
@@ -122,7 +123,7 @@ def check_architecture(spec: ComponentSpec, checkpoint: Checkpoint) -> None:
     if found is not None and found != spec.architecture:
         raise CheckpointError(f"{checkpoint.source} holds a {found!r} model ({checkpoint.format_name}), not "
                               f"{spec.architecture!r} ({spec.name}). Choose the loader of that component, or the "
-                              f"file converted from this one.")
+                              f"file converted from this one. The file: {describe(checkpoint)}.")
 
 
 def resolve_dtypes(spec: ComponentSpec, choice: str, device: torch.device,
@@ -135,12 +136,15 @@ def resolve_dtypes(spec: ComponentSpec, choice: str, device: torch.device,
     if checkpoint.kind == "gguf":
         raise CheckpointError(f"{checkpoint.source} is already quantized ({checkpoint.format_name}); fp8_e4m3fn "
                               f"quantizes bf16/fp32 weights while loading. Choose auto, bf16 or fp32: the compute "
-                              f"dtype the GGUF weights are dequantized to.")
+                              f"dtype the GGUF weights are dequantized to; or make an FP8 file of it: "
+                              f"{convert_command(checkpoint.source, FP8_CHOICE)}. The file: {describe(checkpoint)}.")
     compute = loading.resolve_dtype("auto", get_device(), component=spec.name)
     return compute, checkpoint.kind == "safetensors"
 
 
-def check_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+def check_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str,
+                checkpoint: Checkpoint | None = None) -> None:
+    about = f" The file: {describe(checkpoint)}." if checkpoint is not None else ""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
     if missing or unexpected:
@@ -149,15 +153,17 @@ def check_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: st
             if keys:
                 parts.append(f"{what} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
         raise CheckpointError(f"{source} does not match {type(model).__name__}: " + "; ".join(parts) +
-                              ". Check that this file is the right component of the release.")
+                              ". Check that this file is the right component of the release, and choose the "
+                              "loader of the component it holds." + about)
     for key, shape in shapes.items():
         if shape != own[key]:
             raise CheckpointError(f"{source}: tensor {key} has shape {shape} but the config expects {own[key]}. The "
-                                  f"config and the weights disagree (or the file belongs to another model).")
+                                  f"config and the weights disagree (or the file belongs to another model); a "
+                                  f"single file reads the config.json beside it: put the release's one there.{about}")
 
 
 def fill(model: nn.Module, tensors: dict[str, torch.Tensor | Packed], *, spec: ComponentSpec,
-         dtype: torch.dtype, device: torch.device, quantize_fp8: bool) -> nn.Module:
+         dtype: torch.dtype, device: torch.device, quantize_fp8: bool, source: str = "") -> nn.Module:
     """Assign every tensor into the meta-built ``model``; Linear/Embedding of components with formats become
     the pack's layers (so they accept packed weights and patches)."""
     formats = spec.quantize is not None
@@ -168,6 +174,7 @@ def fill(model: nn.Module, tensors: dict[str, torch.Tensor | Packed], *, spec: C
             if key not in tensors:
                 continue  # a non-persistent buffer
             value = tensors[key]
+            check_float(value, getattr(module, name), key, spec, source)
             if layer is not None and name == "weight":
                 if (quantize_fp8 and isinstance(value, torch.Tensor) and isinstance(module, nn.Linear)
                         and spec.quantize(key, tuple(value.shape)) in (LINEAR, MODULATION)):
@@ -189,6 +196,17 @@ def fill(model: nn.Module, tensors: dict[str, torch.Tensor | Packed], *, spec: C
     return model.eval().requires_grad_(False)
 
 
+def check_float(value: torch.Tensor | Packed, target: torch.Tensor, key: str, spec: ComponentSpec,
+                source: str) -> None:
+    """Refuse an integer (or bool) tensor where the model has a float one: a cast would make it garbage."""
+    if isinstance(value, Packed) or not target.is_floating_point() or value.is_floating_point():
+        return
+    raise CheckpointError(f"{source}: tensor {key} is stored as {str(value.dtype).removeprefix('torch.')}, but "
+                          f"{spec.name} needs floating-point weights there; the file is not a float checkpoint of "
+                          f"this component (or was quantized by a tool the pack does not read). Load the release's "
+                          f"own safetensors, or a file convert.py made from them.")
+
+
 def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: torch.device | str | None = None,
                    *, config: Any = None, checkpoint: Checkpoint | None = None) -> nn.Module:
     """Load ``spec``'s component from ``path`` (release root, component folder, ``.safetensors`` or ``.gguf``
@@ -205,7 +223,7 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
     check_architecture(spec, checkpoint)
     if spec.quantize is None and checkpoint.kind not in ("safetensors", "tensors"):
         raise CheckpointError(f"{source} is a {checkpoint.format_name} file, but {spec.name} is only read from "
-                              f"plain safetensors. Use the release's own weights.")
+                              f"plain safetensors. Use the release's own weights. The file: {describe(checkpoint)}.")
     compute, quantize_fp8 = resolve_dtypes(spec, dtype, device, checkpoint)
     keys = list(checkpoint.shapes) + list(checkpoint.unavailable)
     if spec.check is not None:
@@ -218,8 +236,9 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
                               f"{spec.name}: {', '.join(absent)}. Download them too.")
     with loading.meta_device():
         model = spec.build(config)
-    check_state(model, {module_key: checkpoint.shapes[key] for key, module_key in names.items()}, source)
-    model = fill(model, checkpoint.load(names), spec=spec, dtype=compute, device=device, quantize_fp8=quantize_fp8)
+    check_state(model, {module_key: checkpoint.shapes[key] for key, module_key in names.items()}, source, checkpoint)
+    model = fill(model, checkpoint.load(names), spec=spec, dtype=compute, device=device, quantize_fp8=quantize_fp8,
+                 source=source)
     if (checkpoint.kind == "fp8" or quantize_fp8) and not fp8.has_fp8_matmul(get_device()):
         fp8.note_fallback(get_device(), compute)
     log.info("%s: %s from %s, computing in %s", spec.name, "FP8 (quantized at load)" if quantize_fp8
