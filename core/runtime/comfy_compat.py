@@ -48,6 +48,24 @@ def clear_interrupt() -> None:
     _interrupt_requested = False
 
 
+_runs_in_progress = 0
+
+
+@contextmanager
+def run_scope():
+    """One run (a workflow, or a node called on its own): entering the outermost scope forgets an interrupt
+    requested while nothing ran, as ComfyUI clears its flag when a prompt starts (``execution.py``); inside it,
+    a request stops the run."""
+    global _runs_in_progress
+    if _runs_in_progress == 0:
+        clear_interrupt()
+    _runs_in_progress += 1
+    try:
+        yield
+    finally:
+        _runs_in_progress -= 1
+
+
 def check_interrupt() -> None:
     global _interrupt_requested
     if _mm is not None:
@@ -226,8 +244,15 @@ def capturable_steps(item, decode_steps: str) -> str:
 
 
 @contextmanager
-def on_compute_device(*items, stage: str = "this node", advice: str = "lower the image size or the number of images",
-                      memory_required: int = 0):
+def on_compute_device(*items, **options):
+    """``_on_compute_device`` within a ``run_scope``: a node called on its own starts a run there."""
+    with run_scope(), _on_compute_device(*items, **options) as placed:
+        yield placed
+
+
+@contextmanager
+def _on_compute_device(*items, stage: str = "this node", advice: str = "lower the image size or the number of images",
+                       memory_required: int = 0):
     """Run the models of ``items`` (the pack's handles, or bare modules) on the compute device.
 
     Inside ComfyUI each handle's ``ModelPatcher`` goes through ComfyUI's ``load_models_gpu``: the model stays
