@@ -56,11 +56,17 @@ def test_a_file_of_another_component_names_its_prefix_and_types(release, tmp_pat
     glyph = load_file(os.path.join(release, "text_encoder", "model.safetensors"))
     path = str(tmp_path / "glyph_from_comfyui.safetensors")
     save_file({"cond_stage_model.transformer." + k: v for k, v in glyph.items()}, path)
-    shutil.copy(os.path.join(release, "transformer", "config.json"), tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match=r"does not match GlmImageDiT.*choose the loader of the component it "
-                                              r"holds\. The file: safetensors with \d+ tensors; stored as F32 x\d+; "
-                                              r"ComfyUI key prefix 'cond_stage_model.transformer.' taken off"):
+    with pytest.raises(CheckpointError, match=r"is not a GLM-Image DiT checkpoint.*The file: safetensors with 21 "
+                                              r"tensors; stored as F32 x21; ComfyUI key prefix "
+                                              r"'cond_stage_model.transformer.' taken off"):
         load_decoder(path, "fp32", "cpu")
+    shutil.copy(os.path.join(release, "transformer", "config.json"), tmp_path / "config.json")
+    (tmp_path / "config").mkdir()  # the same file in a folder with the DiT's config: the keys decide
+    shutil.copy(path, tmp_path / "config" / "model.safetensors")
+    shutil.copy(tmp_path / "config.json", tmp_path / "config" / "config.json")
+    with pytest.raises(CheckpointError, match=r"does not match GlmImageDiT.*choose the loader of the component it "
+                                              r"holds\. The file: safetensors with 21 tensors"):
+        load_decoder(str(tmp_path / "config"), "fp32", "cpu")
 
 
 def test_unsupported_gguf_type_names_what_the_file_holds(tmp_path):

@@ -23,7 +23,7 @@ from ..cuda import dispatch
 from ..formats.layers import compute_dtype
 from ..runtime import components
 from ..runtime.attention import attention
-from ..runtime.loading import CheckpointError
+from ..runtime.loading import CheckpointError, ConfigNotInferable
 from ..runtime.residency import placed_device
 from ..stages.flow_schedule import ShiftSettings, read_shift_settings
 from .step_cache import BranchCache
@@ -407,8 +407,8 @@ def trunk_fields_from_shapes(shapes: dict[str, tuple[int, ...]], source: str, *,
     patch_size = int(round(math.sqrt(patch_in / defaults.in_channels)))
     head_dim = defaults.attention_head_dim
     if dim % head_dim:
-        raise CheckpointError(f"{source}: inner dim {dim} is not a multiple of head_dim {head_dim}; put the "
-                              f"transformer's config.json beside the weights.")
+        raise ConfigNotInferable(f"{source}: inner dim {dim} is not a multiple of head_dim {head_dim}; put the "
+                                 f"transformer's config.json beside the weights.")
     return dict(
         patch_size=patch_size, out_channels=shapes["proj_out.weight"][0] // patch_size ** 2,
         text_embed_dim=shapes[text_key][1],

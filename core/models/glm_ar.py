@@ -20,7 +20,7 @@ from ..formats.layers import compute_dtype
 from ..cuda.rope import apply_partial_rope
 from ..runtime import components
 from ..runtime.attention import attention, cached_decode_attention
-from ..runtime.loading import CheckpointError
+from ..runtime.loading import CheckpointError, ConfigNotInferable
 from ..runtime.residency import placed_device
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections, RMSNorm
 
@@ -210,8 +210,8 @@ def text_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> 
               layer + "self_attn.k_proj.weight", layer + "mlp.down_proj.weight"]
     missing = [k for k in wanted if k not in shapes]
     if missing:
-        raise CheckpointError(f"{source}: cannot infer the AR config, missing {', '.join(missing)}. "
-                              f"Put the release's vision_language_encoder/config.json beside the weights.")
+        raise ConfigNotInferable(f"{source}: cannot infer the AR config, missing {', '.join(missing)}. "
+                                 f"Put the release's vision_language_encoder/config.json beside the weights.")
     head_dim = DEFAULT_TEXT_CONFIG["head_dim"]
     q_rows, k_rows = shapes[layer + "self_attn.q_proj.weight"][0], shapes[layer + "self_attn.k_proj.weight"][0]
     if q_rows % head_dim or k_rows % head_dim:

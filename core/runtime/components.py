@@ -84,14 +84,11 @@ def config_from_json(config_type: type, data: dict) -> Any:
 
 
 def config_from_files(spec: ComponentSpec, source: str) -> Any | None:
-    """The component's config from a ``config.json``: the folder's, or the one beside a single file (for a
-    component with a ``config_key``, only a config.json that has it); None when there is none."""
+    """The component's config from a ``config.json``: the folder's, or (``config_beside_file``) the one beside a
+    single file; None when there is none."""
     folder_config = loading.config_or_none(source)
-    if folder_config is None and os.path.isfile(source):  # what the shape-inference errors tell users to do
-        beside = os.path.join(os.path.dirname(os.path.abspath(source)), "config.json")
-        if os.path.isfile(beside):
-            raw = loading.read_json(beside)
-            folder_config = raw if spec.config_key is None or spec.config_key in raw else None
+    if folder_config is None and spec.config_beside_file:
+        folder_config = _config_beside(spec, source)
     if folder_config is None:
         return None
     if spec.config_key is not None:
@@ -102,12 +99,32 @@ def config_from_files(spec: ComponentSpec, source: str) -> Any | None:
     return spec.config_from_dict(folder_config, source)
 
 
+def _config_beside(spec: ComponentSpec, source: str) -> dict | None:
+    """The raw ``config.json`` beside a single file (for a ``config_key``, only one that has it), or None."""
+    if not os.path.isfile(source):
+        return None
+    beside = os.path.join(os.path.dirname(os.path.abspath(source)), "config.json")
+    if not os.path.isfile(beside):
+        return None
+    raw = loading.read_json(beside)
+    return raw if spec.config_key is None or spec.config_key in raw else None
+
+
 def config_from_checkpoint(spec: ComponentSpec, source: str, checkpoint: Checkpoint) -> Any:
-    """The config a converted file embeds, else one from the tensor shapes."""
+    """The config a converted file embeds, else one from the tensor shapes, else (when the shapes cannot give
+    it, e.g. a head size they do not show) the ``config.json`` beside the file, as that error asks."""
     embedded = checkpoint.config
     if embedded is not None:
         return config_from_json(spec.config_type, embedded)
-    return spec.config_from_shapes(checkpoint.shapes, source)
+    try:
+        return spec.config_from_shapes(checkpoint.shapes, source)
+    except loading.ConfigNotInferable as e:
+        raw = _config_beside(spec, source)
+        if raw is None:
+            raise type(e)(f"{e} The file: {describe(checkpoint)}.") from e
+        return spec.config_from_dict(raw[spec.config_key] if spec.config_key else raw, source)
+    except CheckpointError as e:  # not this component's tensors: say what the file holds
+        raise CheckpointError(f"{e} The file: {describe(checkpoint)}.") from e
 
 
 def resolve_config(spec: ComponentSpec, source: str, checkpoint: Checkpoint) -> Any:
