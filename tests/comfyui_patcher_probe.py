@@ -19,6 +19,7 @@ sys.argv = [sys.argv[0], "--cpu"]
 
 import comfy.model_management as mm  # noqa: E402
 import torch  # noqa: E402
+
 from standalone import register_pack  # noqa: E402
 
 register_pack()
@@ -46,8 +47,9 @@ patcher.add_patches({k: ("diff", (v,)) for k, v in deltas.items()})
 stored = [plain.weight.clone(), packed.weight.clone()]
 dense = [plain.compute_weight(torch.device("cpu")), packed.compute_weight(torch.device("cpu"))]
 patcher.patch_model()
-found["plain_patched_err"] = (plain.compute_weight(torch.device("cpu")) - dense[0] - deltas["net.0.weight"]).abs().max().item()
-found["packed_patched_err"] = (packed.compute_weight(torch.device("cpu")) - dense[1] - deltas["net.1.weight"]).abs().max().item()
+for name, layer, i in (("plain", plain, 0), ("packed", packed, 1)):
+    patched = layer.compute_weight(torch.device("cpu"))
+    found[f"{name}_patched_err"] = (patched - dense[i] - deltas[f"net.{i}.weight"]).abs().max().item()
 found["packed_storage_unchanged"] = torch.equal(packed.weight, stored[1])
 patcher.unpatch_model()
 found["plain_restored"] = torch.equal(plain.weight, stored[0])

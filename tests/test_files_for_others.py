@@ -10,7 +10,6 @@ import pytest
 import torch
 from comfyui_server import AVAILABLE, COMFYUI, PYTHON, SKIP_REASON
 from glm_image_nodes.core.formats import conversion, fp8
-from glm_image_nodes.core.formats.checkpoint import open_checkpoint
 from glm_image_nodes.core.models import glm_image_dit
 from glm_image_nodes.core.models.glm_image_dit import load_decoder
 from glm_image_nodes.testing.tiny_release import write_tiny_release
@@ -40,9 +39,9 @@ def test_default_fp8_file_has_comfyuis_scalar_scales(files):
         assert fp8.MARKER in keys and f.get_tensor(fp8.MARKER).dtype == torch.float8_e4m3fn
         scales = [k for k in keys if k.endswith(".scale_weight")]
         assert scales and all(f.get_tensor(k).shape == () and f.get_tensor(k).dtype == torch.float32 for k in scales)
-        assert {k.rsplit(".", 1)[0] for k in scales} == {k.rsplit(".", 1)[0] for k in keys
-                                                          if f.get_slice(k).get_dtype() == "F8_E4M3" and k != fp8.MARKER}
-    assert meta[conversion.META_FP8_LAYOUT].startswith("comfyui scaled_fp8")
+        fp8_weights = [k for k in keys if f.get_slice(k).get_dtype() == "F8_E4M3" and k != fp8.MARKER]
+        assert {k.rsplit(".", 1)[0] for k in scales} == {k.rsplit(".", 1)[0] for k in fp8_weights}
+    assert meta[conversion.META_FP8_LAYOUT].startswith("comfyui scaled_fp8")  # the layout it says it has
 
 
 def test_per_channel_file_says_it_is_not_comfyuis_layout(files):

@@ -5,7 +5,7 @@ What each role becomes (``ComponentSpec.quantize`` gives the role of every tenso
 
 | role | fp8_e4m3fn | q8_0 .. q4_0 | f16 / bf16 |
 |---|---|---|---|
-| linear (attention, MLP) | FP8, one scale per layer (``--fp8-scale channel``: per output channel) | the chosen type (a K-quant falls back, below) | that type |
+| linear (attention, MLP) | FP8, a scale per layer (or channel) | the chosen type (K-quants: below) | that type |
 | modulation (adaLN) | FP8 | Q8_0 | that type |
 | embedding | source precision | Q8_0 | that type |
 | keep (input/output projections, the AR's vision head) | source precision | source precision | source precision |
@@ -32,8 +32,7 @@ from ..runtime.components import (
     resolve_config,
 )
 from ..runtime.loading import CheckpointError
-from . import fp8, ggml
-from . import prefixes
+from . import fp8, ggml, prefixes
 from .checkpoint import META_ARCH, META_CONFIG, META_FORMAT, open_checkpoint
 from .layers import Packed, dequantize_packed
 from .writers import ST_DTYPES, Entry, write_gguf, write_safetensors

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..cuda import dispatch
-from ..formats.layers import compute_dtype
 from ..cuda.rope import apply_partial_rope
+from ..formats.layers import compute_dtype
 from ..runtime import components
 from ..runtime.attention import attention, cached_decode_attention
 from ..runtime.loading import CheckpointError, ConfigNotInferable

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..formats import fp8, prefixes
-from ..formats.describe import convert_command, describe
 from ..formats.checkpoint import META_ARCH, Checkpoint, open_checkpoint
+from ..formats.describe import convert_command, describe
 from ..formats.layers import Packed, adopt, dequantize_packed
 from . import loading
 from .comfy_compat import get_device, log
