@@ -270,6 +270,10 @@ def test_unsupported_gguf_type_names_it_and_the_supported_ones(tmp_path):
     with pytest.raises(CheckpointError, match=r"proj_out.weight is stored as IQ2_XXS.*Supported GGUF types: F32, F16, "
                                               r"BF16, Q8_0.*Q4_K"):
         load_decoder(path, "auto", "cpu")
+    # what the file holds, and how to make one the pack reads (from the original: this file cannot be converted)
+    with pytest.raises(CheckpointError, match=r"holds IQ2_XXS; architecture tag 'glm_image_dit'.*convert.py "
+                                              r"ORIGINAL.safetensors --format q4_k --out iq2_q4_k.gguf"):
+        load_decoder(path, "auto", "cpu")
 
 
 def test_truncated_files_are_named(converted, tmp_path):

@@ -7,8 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import gguf
-import numpy as np
 import pytest
 import torch
 from glm_image_nodes.core.formats import conversion
@@ -67,21 +65,6 @@ def test_a_file_of_another_component_names_its_prefix_and_types(release, tmp_pat
     with pytest.raises(CheckpointError, match=r"does not match GlmImageDiT.*choose the loader of the component it "
                                               r"holds\. The file: safetensors with 21 tensors"):
         load_decoder(str(tmp_path / "config"), "fp32", "cpu")
-
-
-def test_unsupported_gguf_type_names_what_the_file_holds(tmp_path):
-    path = str(tmp_path / "iq2.gguf")
-    writer = gguf.GGUFWriter(path, "flux")
-    iq2 = gguf.GGMLQuantizationType.IQ2_XXS
-    writer.add_tensor("proj_out.weight", np.zeros((4, gguf.GGML_QUANT_SIZES[iq2][1]), dtype=np.uint8), raw_dtype=iq2)
-    writer.add_tensor("proj_out.bias", np.zeros(4, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(CheckpointError, match=r"holds F32, IQ2_XXS; architecture tag 'flux'.*convert.py "
-                                              r"ORIGINAL.safetensors --format q4_k --out iq2_q4_k.gguf"):
-        load_decoder(path, "auto", "cpu")
 
 
 def test_integer_tensor_is_refused_with_its_name(release, tmp_path):
