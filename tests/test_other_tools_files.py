@@ -159,6 +159,27 @@ def test_city96_gguf_with_every_2d_weight_quantized_runs(release, reference, tmp
     assert cosine(run(dit), reference) > 0.999
 
 
+def test_city96_gguf_of_the_ar_model_runs(release, tmp_path):
+    """The AR's lm_head (kept in bf16 by convert.py) packed as Q8_0 too: the model's dtype stays float32."""
+    from glm_image_nodes.core.models.glm_ar import load_ar_model
+
+    folder = os.path.join(release, "vision_language_encoder")
+    state = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(folder, name)))
+    path = str(tmp_path / "glm_image_ar-Q8_0.gguf")
+    make_city96_gguf(path, state)
+    model = load_ar_model(path, "fp32", "cpu")
+    assert model.lm_head.weight_kind == "Q8_0" and model.dtype == torch.float32
+    ref = load_ar_model(release, "fp32", "cpu")
+    ids = torch.randint(0, 16512, (1, 8), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(8).view(1, 1, 8).expand(3, 1, 8)
+    with torch.no_grad():
+        want, got = ref(ids, pos, ref.new_cache(1, 8), 0), model(ids, pos, model.new_cache(1, 8), 0)
+    assert cosine(got, want) > 0.999
+
+
 def test_orig_shape_that_does_not_fit_is_named(release, tmp_path):
     path = str(tmp_path / "bad.gguf")
     writer = gguf.GGUFWriter(path, "cogview4")
