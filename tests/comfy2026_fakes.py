@@ -76,8 +76,8 @@ def install(monkeypatch, *, compute_dtype=torch.float16) -> Calls:
     # ``FLOAT`` stochastic_rounding: plain casts for float32/float16/bfloat16 (stochastic only for FP8 targets)
     float_.stochastic_rounding = lambda value, dtype, seed=0: value.to(dtype)
     patcher = types.ModuleType("comfy.model_patcher")
-    patcher.LowVramPatch, patcher.ModelPatcher, patcher.ModelPatcherDynamic = (
-        _low_vram_patch(lora), _model_patcher(utils, lora, mm, float_), None)
+    patcher.LowVramPatch = _low_vram_patch(lora)
+    patcher.ModelPatcher = _model_patcher(utils, lora, mm, float_)
     patcher.ModelPatcherDynamic = _dynamic(patcher.ModelPatcher)
     for name, module in (("comfy", comfy), ("comfy.utils", utils), ("comfy.lora", lora),
                          ("comfy.model_management", mm), ("comfy.float", float_), ("comfy.model_patcher", patcher)):
