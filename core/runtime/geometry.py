@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .checks import check_int
+
 PATCH_SIZE = 16                  # processor patch_size * merge_size
 MIN_PIXELS = 512 * 512           # processor/preprocessor_config.json
 MAX_PIXELS = 2048 * 2048
@@ -132,6 +134,7 @@ def check_glm_image_size(height: int, width: int) -> None:
     def nearest(side: int) -> int:
         return min(MAX_SIDE, max(MIN_SIDE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
 
+    height, width = check_int(height, "height"), check_int(width, "width")  # any value in: a clear message out
     if (height % SIDE_MULTIPLE or width % SIDE_MULTIPLE
             or not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE)):
         raise ValueError(f"GLM-Image makes images with sides of {MIN_SIDE}..{MAX_SIDE} px in multiples of "
@@ -205,6 +208,7 @@ def check_multiple_of(height: int, width: int, multiple: int, what: str, note: s
 
 def check_cogview4_size(height: int, width: int) -> None:
     """CogView4-6B's limits (its README): sides 512..2048, multiples of 32, at most 2^21 pixels."""
+    height, width = check_int(height, "height"), check_int(width, "width")
     problems = []
     if not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
         problems.append(f"each side must be {MIN_SIDE}..{MAX_SIDE} px")

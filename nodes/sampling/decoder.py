@@ -6,6 +6,7 @@ from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_token_grid_shape
 from ...core.stages import handles
 from ...core.stages.decoder_sampling import check_sampler_settings, sample_latents
+from ...core.stages.glyph import check_glyph_width
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
 from ..common import answer, category, check_now, dit_speed_inputs, seed_input
 
@@ -44,6 +45,7 @@ class GLMImageDecoderSampler:
                step_cache=0.0):
         check_now(locals(), check_sampler_settings)
         check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
+        check_glyph_width(glyph, decoder.model.config.text_embed_dim)
         check_backend(attention)
         preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
         with memory.on_compute_device(
