@@ -5,8 +5,9 @@
 
 SRC is a release folder (model_index.json; every convertible component is written into the --out folder) or
 one component (its folder or a single .safetensors file; --out is the file). Put the files where the README's
-"Where the weights go" says. Formats: fp8_e4m3fn (.safetensors, ComfyUI's scaled-FP8 layout), q8_0, q6_k, q5_k,
-q4_k, q4_0, f16, bf16 (.gguf).
+"Where the weights go" says. Formats: fp8_e4m3fn (.safetensors, ComfyUI's scaled-FP8 layout; --fp8-scale channel:
+per-channel scales only this pack reads), q8_0, q6_k, q5_k, q4_k, q4_0, f16, bf16 (.gguf). SRC may also be a file
+other tools made: unscaled FP8, ComfyUI-prefixed, a city96 GGUF.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output file (one component) or folder (a release)")
     parser.add_argument("--component", choices=sorted(COMPONENT_NAMES),
                         help="which component SRC holds (default: recognised from its tensor names)")
-    parser.add_argument("--fp8-scale", choices=("channel", "tensor"), default="channel",
-                        help="FP8 scale per output channel (default) or one per tensor (ComfyUI's own files)")
+    parser.add_argument("--fp8-scale", choices=("tensor", "channel"), default="tensor",
+                        help="one FP8 scale per layer (default: ComfyUI's scaled-FP8 layout, loads in ComfyUI's own "
+                             "loaders too) or one per output channel (more accurate, read by this pack only)")
     args = parser.parse_args(argv)
 
     try:

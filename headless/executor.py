@@ -203,7 +203,6 @@ class Executor:
     def run(self, graph: dict) -> list[str]:
         """Check the workflow, then run what its output nodes need; returns the paths of the images saved."""
         outputs = self.validate(graph)
-        interrupts.clear_interrupt()  # a Stop requested while nothing ran must not abort this run
         graph = {str(k): v for k, v in graph.items()}
         results: dict[str, tuple] = {}
         saved: list[str] = []
@@ -225,6 +224,7 @@ class Executor:
             results[node_id] = out
             return out
 
-        for node_id in outputs:
-            evaluate(str(node_id))
+        with interrupts.run_scope():  # a Stop requested while nothing ran must not abort this run
+            for node_id in outputs:
+                evaluate(str(node_id))
         return saved

@@ -39,8 +39,11 @@ def gaussian_rows(rows=24, width=512):
     return w
 
 
+READ_ONLY = ("Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")  # llama-quantize's; tested in test_other_tools_files.py
+
+
 def test_type_table_matches_gguf():
-    assert set(ggml.QTYPES) == set(SUPPORTED)
+    assert set(ggml.QTYPES) == set(SUPPORTED) | set(READ_ONLY)
     for name, q in ggml.QTYPES.items():
         kind = gguf.GGMLQuantizationType(q.id)
         assert kind.name == name and gguf.GGML_QUANT_SIZES[kind] == (q.block_size, q.type_size)
@@ -173,7 +176,8 @@ def converted(release, tmp_path_factory):
     for spec, name in ((glm_ar.SPEC, "ar"), (glm_image_dit.SPEC, "dit"), (t5_encoder.SPEC, "glyph")):
         for fmt in ("q8_0", "q4_k", "fp8_e4m3fn", "bf16"):
             path = str(out / f"{name}_{fmt}{conversion.extension(fmt)}")
-            conversion.convert_component(spec, release, fmt, path)
+            # per-channel FP8: what the loaders' fp8_e4m3fn choice makes at load (compared below)
+            conversion.convert_component(spec, release, fmt, path, fp8_scale="channel")
             files[name, fmt] = path
     return files
 
@@ -257,16 +261,20 @@ def test_a_shape_that_differs_is_named(converted, release, tmp_path):
 
 
 def test_unsupported_gguf_type_names_it_and_the_supported_ones(tmp_path):
-    path = str(tmp_path / "q3k.gguf")
+    path = str(tmp_path / "iq2.gguf")
     writer = gguf.GGUFWriter(path, "glm_image_dit")
-    q3 = gguf.GGMLQuantizationType.Q3_K
+    q3 = gguf.GGMLQuantizationType.IQ2_XXS
     writer.add_tensor("proj_out.weight", np.zeros((4, gguf.GGML_QUANT_SIZES[q3][1]), dtype=np.uint8), raw_dtype=q3)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(CheckpointError, match=r"proj_out.weight is stored as Q3_K.*Supported GGUF types: F32, F16, "
+    with pytest.raises(CheckpointError, match=r"proj_out.weight is stored as IQ2_XXS.*Supported GGUF types: F32, F16, "
                                               r"BF16, Q8_0.*Q4_K"):
+        load_decoder(path, "auto", "cpu")
+    # what the file holds, and how to make one the pack reads (from the original: this file cannot be converted)
+    with pytest.raises(CheckpointError, match=r"holds IQ2_XXS; architecture tag 'glm_image_dit'.*convert.py "
+                                              r"ORIGINAL.safetensors --format q4_k --out iq2_q4_k.gguf"):
         load_decoder(path, "auto", "cpu")
 
 

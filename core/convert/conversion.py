@@ -5,7 +5,7 @@ What each role becomes (``ComponentSpec.quantize`` gives the role of every tenso
 
 | role | fp8_e4m3fn | q8_0 .. q4_0 | f16 / bf16 |
 |---|---|---|---|
-| linear (attention, MLP) | FP8, one scale per output channel | the chosen type (K-quants fall back below) | that type |
+| linear (attention, MLP) | FP8, a scale per layer (or channel) | the chosen type (K-quants: below) | that type |
 | modulation (adaLN) | FP8 | Q8_0 | that type |
 | embedding | source precision | Q8_0 | that type |
 | keep (input/output projections, the AR's vision head) | source precision | source precision | source precision |
@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats import fp8, ggml, reading
+from ..formats import fp8, ggml, prefixes, reading
 from ..formats.checkpoint import META_ARCH, META_CONFIG, META_FORMAT, open_checkpoint
+from ..formats.layers import Packed, dequantize_packed
 from ..formats.reading import CheckpointError
 from ..formats.writers import ST_DTYPES, Entry, write_gguf, write_safetensors
 from ..loading.components import (
@@ -35,6 +36,13 @@ from ..loading.components import (
     resolve_config,
 )
 
+# general.file_type of each GGUF format (gguf.LlamaFileType; the K-quants use llama.cpp's "_M" names, whose
+# mixes also keep some tensors in higher types, as these files do)
+FILE_TYPES = {"q8_0": "MOSTLY_Q8_0", "q6_k": "MOSTLY_Q6_K", "q5_k": "MOSTLY_Q5_K_M", "q4_k": "MOSTLY_Q4_K_M",
+              "q4_0": "MOSTLY_Q4_0", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}
+META_FP8_LAYOUT = "glm_image_nodes.fp8_layout"
+CHANNEL_LAYOUT_NOTE = ("per-output-channel scale_weight [out, 1]: NOT ComfyUI's scaled-FP8 layout (ComfyUI's "
+                       "scaled_fp8 ops need one scalar scale per layer and refuse this file); read by glm-image-nodes")
 FORMATS = ("fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "f16", "bf16")
 GGUF_SOURCE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -70,10 +78,10 @@ def _nbytes(kind: str, shape: tuple[int, ...]) -> int:
     return rows * ggml.QTYPES[kind].row_bytes(shape[-1] if shape else 1)
 
 
-def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torch.dtype = torch.bfloat16) -> int:
-    """The bytes one tensor takes in a ``fmt`` file (an FP8 weight with its per-channel fp32 scale, the default
-    ``fp8_scale``); ``fmt`` ``"source"``: as given, in ``source_dtype``. From the shape only, nothing is built:
-    ``benchmarks/memory.py`` sizes the full releases with it (``convert_component`` counts what it writes)."""
+def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torch.dtype = torch.bfloat16,
+                 fp8_scale: str = "tensor") -> int:
+    """The bytes one tensor takes in a ``fmt`` file (the FP8 weight's scale included); ``fmt`` ``"source"``: as
+    given. Used by convert_component and for the full-size figures (shapes only, nothing built)."""
     count = 1
     for d in shape:
         count *= d
@@ -81,24 +89,26 @@ def stored_bytes(fmt: str, role: str, shape: tuple[int, ...], source_dtype: torc
         return count * torch.tensor([], dtype=source_dtype).element_size()
     if fmt == "fp8_e4m3fn":
         if role in (LINEAR, MODULATION) and len(shape) == 2:
-            return count + 4 * shape[0]
+            return count + 4 * (shape[0] if fp8_scale == "channel" else 1)
         return count * torch.tensor([], dtype=source_dtype).element_size()
     return _nbytes(_gguf_kind(fmt, role, shape, source_dtype), shape)
 
 
-def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8_scale: str = "channel",
+def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8_scale: str = "tensor",
                       progress=None) -> Report:
     """Write ``spec``'s component found at ``path`` (release root, component folder or file) as ``fmt`` to
-    ``out``. Tensors keep their checkpoint names; the file embeds the typed config and the component's tag."""
+    ``out``. Tensors keep their checkpoint names; the file embeds the typed config and the component's tag.
+    ``fp8_scale``: ``"tensor"`` (default) writes ComfyUI's scaled-FP8 layout (a scalar ``scale_weight`` per
+    layer), ``"channel"`` one scale per output channel (more accurate; only this pack reads it, and the file's
+    metadata says so)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     if spec.quantize is None:
         raise ValueError(f"{spec.name} has no FP8/GGUF form; keep its safetensors.")
     source = reading.component_path(path, spec.subfolder)
-    checkpoint = open_checkpoint(source)
-    if checkpoint.kind != "safetensors":
-        raise CheckpointError(f"{source} is already {checkpoint.format_name}; convert from the release's "
-                              f"bf16/fp32 safetensors.")
+    # any file the loaders read: plain, scaled or unscaled FP8, GGUF (packed weights are dequantized first),
+    # with or without ComfyUI's key prefix
+    checkpoint = prefixes.without_comfy_prefix(open_checkpoint(source), prefixes.role_of(spec.subfolder))
     keys = list(checkpoint.shapes)
     if spec.check is not None:
         spec.check(keys, source)
@@ -106,18 +116,25 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
     names = spec.key_map(keys, config)
     with reading.meta_device():
         model = spec.build(config)
-    check_state(model, {m: checkpoint.shapes[k] for k, m in names.items()}, source)
+    check_state(model, {m: checkpoint.shapes[k] for k, m in names.items()}, source, checkpoint)
 
     def tensor(key: str) -> torch.Tensor:
-        return checkpoint.load({key: key})[key]
+        value = checkpoint.load({key: key})[key]
+        if isinstance(value, Packed):
+            return dequantize_packed(value.data, value.kind, value.shape, value.scale, torch.float32)
+        return value
 
     report = Report(spec.architecture, out)
     entries: list[Entry] = []
     for key, module_key in names.items():
         shape = checkpoint.shapes[key]
         role = spec.quantize(module_key, shape)
-        original = tensor(key)  # memory-mapped: only its header is read here
-        source_dtype = original.dtype
+        original = checkpoint.load({key: key})[key]  # memory-mapped: only its header is read here
+        if isinstance(original, torch.Tensor) and not original.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {key} is stored as {str(original.dtype).removeprefix('torch.')}; "
+                                  f"convert.py reads floating-point (or FP8 / GGUF) weights only. Convert the "
+                                  f"release's own safetensors.")
+        source_dtype = _source_dtype(original)
         report.source_bytes += original.nbytes
         if fmt == "fp8_e4m3fn":
             entries += _fp8_entries(key, shape, role, source_dtype, tensor, fp8_scale)
@@ -129,14 +146,23 @@ def convert_component(spec: ComponentSpec, path: str, fmt: str, out: str, *, fp8
         report.kinds[e.kind] = report.kinds.get(e.kind, 0) + 1
         report.bytes += e.nbytes
     strings = {META_CONFIG: config_to_json(config), META_ARCH: spec.architecture, META_FORMAT: fmt}
+    if fmt == "fp8_e4m3fn":
+        strings[META_FP8_LAYOUT] = CHANNEL_LAYOUT_NOTE if fp8_scale == "channel" else "comfyui scaled_fp8 (per tensor)"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tick = progress or (lambda e: None)
     if fmt == "fp8_e4m3fn":
         marker = Entry(fp8.MARKER, (0,), "F8_E4M3", 0, lambda: torch.empty(0, dtype=fp8.FP8))
         write_safetensors(out, [marker, *entries], strings, tick)
     else:
-        write_gguf(out, spec.architecture, strings, entries, tick)
+        write_gguf(out, spec.architecture, strings, entries, tick, file_type=FILE_TYPES[fmt])
     return report
+
+
+def _source_dtype(value: torch.Tensor | Packed) -> torch.dtype:
+    """The dtype a kept tensor is written in: its own, bf16 for FP8 (exact), float32 for GGML-packed ones."""
+    if isinstance(value, Packed):
+        return torch.bfloat16 if value.kind == "fp8" else torch.float32
+    return torch.bfloat16 if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else value.dtype
 
 
 def _fp8_entries(key, shape, role, source_dtype, tensor, granularity) -> list[Entry]:
@@ -146,7 +172,7 @@ def _fp8_entries(key, shape, role, source_dtype, tensor, granularity) -> list[En
         count = 1
         for d in shape:
             count *= d
-        return [Entry(key, shape, name, count * size, lambda: tensor(key))]
+        return [Entry(key, shape, name, count * size, lambda: tensor(key).to(source_dtype))]
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pair():
@@ -197,7 +223,12 @@ def release_components(root: str) -> list[ComponentSpec]:
 
 def detect_component(path: str) -> ComponentSpec:
     """The spec of the component in a folder or file, from its tensor names."""
-    keys = set(open_checkpoint(path).shapes)
+    checkpoint = open_checkpoint(path)
+    specs = specs_by_architecture()
+    if checkpoint.metadata.get(META_ARCH) in specs:
+        return specs[checkpoint.metadata[META_ARCH]]
+    keys = set(checkpoint.shapes)
+    keys |= {k[len(found[0]):] for k in keys if (found := prefixes.prefix_of(k))}  # ComfyUI-prefixed files
     for key, architecture in SIGNATURES:
         if key in keys:
             return specs_by_architecture()[architecture]

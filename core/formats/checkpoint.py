@@ -23,6 +23,7 @@ META_CONFIG = "glm_image_nodes.config"              # the component's config.jso
 META_ARCH = "glm_image_nodes.architecture"          # which component (ComponentSpec.architecture)
 META_FORMAT = "glm_image_nodes.format"              # what convert.py wrote: fp8_e4m3fn, q4_k, ...
 GGUF_ARCH = "general.architecture"
+ORIG_SHAPE = "comfy.gguf.orig_shape."                # city96: the shape a reshaped tensor had
 
 
 @dataclass
@@ -36,6 +37,9 @@ class Checkpoint:
     _files: dict[str, str] = field(default_factory=dict)      # key -> safetensors file
     _gguf: dict = field(default_factory=dict)                  # key -> (kind, data, shape)
     _tensors: dict = field(default_factory=dict)               # key -> tensor, for tensors already in memory
+    stored: dict[str, int] = field(default_factory=dict)       # stored dtype / GGML type -> tensor count
+    fp8_scaled: bool = True                                    # FP8 weights come with scales (else scale 1)
+    comfy_prefix: str = ""                                     # the ComfyUI key prefix taken off (prefixes.py)
 
     @classmethod
     def of_tensors(cls, source: str, tensors: dict[str, torch.Tensor]) -> "Checkpoint":
@@ -62,7 +66,9 @@ class Checkpoint:
         if self.kind == "gguf":
             kinds = sorted({kind for kind, _, _ in self._gguf.values()} - set(ggml.FLOAT_TYPES))
             return "GGUF " + ("/".join(kinds) if kinds else "float")
-        return {"fp8": "FP8 (e4m3fn, scaled)", "safetensors": "safetensors", "tensors": "PyTorch"}[self.kind]
+        if self.kind == "fp8":
+            return "FP8 (e4m3fn, scaled)" if self.fp8_scaled else "FP8 (e4m3fn, unscaled)"
+        return {"safetensors": "safetensors", "tensors": "PyTorch"}[self.kind]
 
     def load(self, names: dict[str, str]) -> dict[str, torch.Tensor | Packed]:
         """``{checkpoint key: module key}`` -> ``{module key: tensor or Packed}``, all memory-mapped."""
@@ -78,21 +84,22 @@ class Checkpoint:
             with reading.open_safetensors(file) as sf:
                 available = set(sf.keys())
                 for key in keys:
-                    tensor = sf.get_tensor(key)
+                    stored = self.comfy_prefix + key  # the name in the file
+                    tensor = sf.get_tensor(stored)
                     if tensor.dtype == fp8.FP8:
-                        scale = self._fp8_scale(key, sf, available)
+                        scale = self._fp8_scale(stored, sf, available)
                         out[names[key]] = Packed(tensor, "fp8", tuple(tensor.shape), scale)
                     else:
                         out[names[key]] = tensor
         return out
 
     def _fp8_scale(self, key: str, sf, available: set[str]) -> torch.Tensor:
+        """The weight's scale; 1 for a plain cast (kijai-style ``*_fp8_e4m3fn`` files carry no scales)."""
         stem = key.rsplit(".", 1)[0]
         for name in fp8.SCALE_KEYS:
             if f"{stem}.{name}" in available:
                 return sf.get_tensor(f"{stem}.{name}").float()
-        raise CheckpointError(f"{self.source}: tensor {key} is float8_e4m3fn but has no {stem}.{fp8.SCALE}; the "
-                              f"file is not a scaled-FP8 checkpoint. Convert it again with convert.py.")
+        return torch.ones((), dtype=torch.float32)
 
     def _gguf_tensor(self, key: str) -> torch.Tensor | Packed:
         kind, data, shape = self._gguf[key]
@@ -155,19 +162,22 @@ def _open_safetensors(source: str) -> Checkpoint:
         scaled = any(_is_format_key(k) for keys in files.values() for k in keys)
         return Checkpoint(source, "fp8" if scaled else "safetensors", _IndexedShapes(key_file), {}, unavailable,
                           key_file)
-    shapes, metadata, key_file = {}, {}, {}
-    scaled = False
+    shapes, metadata, key_file, stored = {}, {}, {}, {}
+    has_fp8, has_scales = False, False
     for file in files:
         with reading.open_safetensors(file) as sf:
             metadata.update(sf.metadata() or {})
             for key in sf.keys():
                 piece = sf.get_slice(key)
-                scaled = scaled or piece.get_dtype() == "F8_E4M3"
+                has_fp8 = has_fp8 or piece.get_dtype() == "F8_E4M3"
                 if _is_format_key(key):
+                    has_scales = has_scales or key != fp8.MARKER
                     continue  # read with their weights
+                stored[piece.get_dtype()] = stored.get(piece.get_dtype(), 0) + 1
                 shapes[key] = tuple(piece.get_shape())
                 key_file[key] = file
-    return Checkpoint(source, "fp8" if scaled else "safetensors", shapes, metadata, unavailable, key_file)
+    return Checkpoint(source, "fp8" if has_fp8 else "safetensors", shapes, metadata, unavailable, key_file,
+                      stored=stored, fp8_scaled=has_scales)
 
 
 def _key_files(source: str) -> tuple[dict[str, list[str] | None], dict[str, str]]:
@@ -199,17 +209,24 @@ def _open_gguf(path: str) -> Checkpoint:
     except Exception as e:  # ValueError for a bad magic, reshape errors for a file cut short
         raise CheckpointError(f"{path} cannot be read as GGUF ({type(e).__name__}: {e}). The file is incomplete "
                               f"or corrupt: download or convert it again.") from e
-    metadata = {}
+    metadata, orig_shapes = {}, {}
     for name, value in reader.fields.items():
         if value.types and value.types[0] == gguf.GGUFValueType.STRING:
             metadata[name] = value.contents()
-    tensors, shapes = {}, {}
+        elif name.startswith(ORIG_SHAPE):  # city96: a tensor stored reshaped (GGUF keeps at most 4 dims)
+            orig_shapes[name[len(ORIG_SHAPE):]] = tuple(int(v) for v in value.contents())
+    tensors, shapes, stored = {}, {}, {}
+    seen = sorted({t.tensor_type.name for t in reader.tensors})
     for t in reader.tensors:
         kind = t.tensor_type.name
         if kind not in ggml.QTYPES:
-            raise CheckpointError(f"{path}: tensor {t.name} is stored as {kind}, which the pack does not read. "
-                                  f"Supported GGUF types: {', '.join(ggml.QTYPES)}. Convert the model with "
-                                  f"convert.py to one of them.")
+            raise CheckpointError(f"{path}: tensor {t.name} is stored as {kind}, which the pack does not read "
+                                  f"(the file holds {', '.join(seen)}; architecture tag "
+                                  f"{metadata.get(GGUF_ARCH)!r}). Supported GGUF types: {', '.join(ggml.QTYPES)}. "
+                                  f"Make the file again from the original safetensors in one of them, e.g. "
+                                  f"python convert.py ORIGINAL.safetensors --format q4_k --out "
+                                  f"{os.path.basename(path)[:-5]}_q4_k.gguf (or llama-quantize with Q4_K_M, "
+                                  f"Q3_K_S or IQ4_XS).")
         shape = tuple(int(v) for v in reversed(t.shape.tolist()))
         expected = _nbytes(ggml.QTYPES[kind], shape)
         if t.data.nbytes != expected:
@@ -218,9 +235,26 @@ def _open_gguf(path: str) -> Checkpoint:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             data = torch.from_numpy(t.data)
+        shape = _orig_shape(path, t.name, shape, orig_shapes.get(t.name))
         tensors[t.name] = (kind, data.view(torch.uint8) if kind not in ggml.FLOAT_TYPES else data, shape)
         shapes[t.name] = shape
-    return Checkpoint(path, "gguf", shapes, metadata, _gguf=tensors)
+        stored[kind] = stored.get(kind, 0) + 1
+    return Checkpoint(path, "gguf", shapes, metadata, _gguf=tensors, stored=stored)
+
+
+def _orig_shape(path: str, name: str, stored: tuple[int, ...], orig: tuple[int, ...] | None) -> tuple[int, ...]:
+    if orig is None:
+        return stored
+    count = 1
+    for d in stored:
+        count *= d
+    wanted = 1
+    for d in orig:
+        wanted *= d
+    if count != wanted:
+        raise CheckpointError(f"{path}: {ORIG_SHAPE}{name} says {orig} but the tensor holds {count} values "
+                              f"({stored}); the file is inconsistent: convert it again.")
+    return orig
 
 
 def _nbytes(qtype: ggml.QType, shape: tuple[int, ...]) -> int:

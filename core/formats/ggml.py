@@ -35,6 +35,9 @@ QTYPES = {q.name: q for q in (
     QType("F32", 0, 1, 4), QType("F16", 1, 1, 2), QType("BF16", 30, 1, 2),
     QType("Q8_0", 8, 32, 34), QType("Q5_0", 6, 32, 22), QType("Q5_1", 7, 32, 24), QType("Q4_0", 2, 32, 18),
     QType("Q6_K", 14, QK_K, 210), QType("Q5_K", 13, QK_K, 176), QType("Q4_K", 12, QK_K, 144),
+    # read only (city96 / llama-quantize files): no quantizer here
+    QType("Q3_K", 11, QK_K, 110), QType("Q2_K", 10, QK_K, 84), QType("IQ4_NL", 20, 32, 18),
+    QType("IQ4_XS", 23, QK_K, 136),
 )}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # What a K-quant falls back to for rows that are not a multiple of 256 (llama.cpp's choice).
@@ -138,8 +141,61 @@ def _dq_q6_k(b):
     return (d * q).reshape(n, QK_K)
 
 
+def _dq_q2_k(b):
+    n = b.shape[0]
+    scales = b[:, :16]
+    d = (_f16(b[:, 80:82]) * (scales & 0x0F).float()).reshape(n, QK_K // 16, 1)
+    m = (_f16(b[:, 82:84]) * (scales >> 4).float()).reshape(n, QK_K // 16, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
+    q = ((b[:, 16:80].reshape(n, -1, 1, 32) >> shifts) & 0x03).reshape(n, QK_K // 16, 16).float()
+    return (d * q - m).reshape(n, QK_K)
+
+
+def _dq_q3_k(b):
+    n = b.shape[0]
+    hmask, qs, packed, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+    low = (packed[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8,
+                                                          device=b.device).view(1, 2, 1)).reshape(n, 16)
+    high = (packed[:, 8:].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8,
+                                                           device=b.device).view(1, 4, 1)).reshape(n, 16)
+    scales = ((low & 0x0F) | ((high & 0x03) << 4)).to(torch.int8) - 32
+    dl = (d * scales.float()).reshape(n, 16, 1)
+    shifts2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
+    shifts1 = torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 1, 8, 1)
+    ql = ((qs.reshape(n, -1, 1, 32) >> shifts2).reshape(n, 16, 16)) & 0x03
+    qh = (((hmask.reshape(n, -1, 1, 32) >> shifts1).reshape(n, 16, 16)) & 0x01) ^ 0x01  # set bit: no offset
+    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
+    return (dl * q).reshape(n, QK_K)
+
+
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _dq_iq4_nl(b):
+    n = b.shape[0]
+    table = torch.tensor(IQ4_VALUES, dtype=torch.int8, device=b.device)
+    q = _nibbles(b[:, 2:], 16).reshape(n, -1).long()
+    return _f16(b[:, :2]) * table[q].float()
+
+
+def _dq_iq4_xs(b):
+    n = b.shape[0]
+    d = _f16(b[:, :2])
+    high = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    shifts = torch.arange(0, 16, 2, dtype=torch.int32, device=b.device).view(1, 8)
+    high = ((high >> shifts) & 0x03).to(torch.uint8)
+    low = (b[:, 4:8].reshape(n, -1, 1) >> torch.tensor([0, 4], dtype=torch.uint8,
+                                                       device=b.device).view(1, 1, 2)).reshape(n, 8) & 0x0F
+    scales = (low | (high << 4)).to(torch.int8) - 32
+    dl = (d * scales.float()).reshape(n, 8, 1)
+    table = torch.tensor(IQ4_VALUES, dtype=torch.int8, device=b.device)
+    q = _nibbles(b[:, 8:], 16).reshape(n, 8, 32).long()
+    return (dl * table[q].float()).reshape(n, QK_K)
+
+
 BLOCK_DEQUANTIZERS = {"Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q5_0": _dq_q5_0, "Q5_1": _dq_q5_1,
-                      "Q4_K": _dq_q4_k, "Q5_K": _dq_q5_k, "Q6_K": _dq_q6_k}
+                      "Q4_K": _dq_q4_k, "Q5_K": _dq_q5_k, "Q6_K": _dq_q6_k, "Q3_K": _dq_q3_k, "Q2_K": _dq_q2_k,
+                      "IQ4_NL": _dq_iq4_nl, "IQ4_XS": _dq_iq4_xs}
 
 
 def dequantize(data: torch.Tensor, qtype: QType, shape: tuple[int, ...]) -> torch.Tensor:

@@ -24,6 +24,10 @@ class CheckpointError(ValueError):
     """A checkpoint or config that cannot be used, with what to do about it."""
 
 
+class ConfigNotInferable(CheckpointError):
+    """A single file's shapes do not give its config; a ``config.json`` beside the file is read instead."""
+
+
 def read_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"Missing file {path}. Point the loader at the component folder of the release "

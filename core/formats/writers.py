@@ -28,11 +28,14 @@ class Entry:
 
 
 def write_gguf(path: str, architecture: str, strings: dict[str, str], entries: list[Entry],
-               progress: Callable[[Entry], None] = lambda e: None) -> None:
+               progress: Callable[[Entry], None] = lambda e: None, *, file_type: str | None = None) -> None:
+    """``file_type``: a ``gguf.LlamaFileType`` name (``general.file_type``, as city96's convert.py writes it)."""
     import gguf
 
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if file_type is not None:
+        writer.add_file_type(gguf.LlamaFileType[file_type])
     for key, value in strings.items():
         writer.add_string(key, value)
     for e in entries:

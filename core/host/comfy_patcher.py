@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import comfy.lora
 import comfy.model_patcher
 import comfy.utils
 
@@ -29,14 +30,44 @@ class PackedWeightPatch(comfy.model_patcher.LowVramPatch):
 
 
 class PackModelPatcher(comfy.model_patcher.ModelPatcher):
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
-        if key in self.patches and key.endswith(".weight"):
-            layer = comfy.utils.get_attr(self.model, key[:-len(".weight")])
-            if isinstance(layer, PackedLayer) and layer.is_packed:
-                if not any(isinstance(p, PackedWeightPatch) for p in layer.weight_patches):
-                    layer.weight_patches.append(PackedWeightPatch(key, self.patches))
-                return
-        super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+    """The pack's models in ComfyUI's memory management (see docs/comfyui_2026.md for the 2026 contracts).
+
+    - ``patch_weight_to_device`` takes the keywords ComfyUI added after 0.3.64 (``return_weight``,
+      ``force_cast``; comfy/model_patcher.py at 08d0e510) and passes them on, only when set, so 0.3.64's
+      three-argument method is still called as it expects.
+    - Dynamic VRAM (comfy-aimdo, ``ModelPatcherDynamic``): the pack opts out per model (``is_dynamic`` False).
+      Its load path stages weights through comfy.ops' cast functions (``comfy_cast_weights`` with ``_v`` vbar
+      allocations, ops-time pinning); the pack's Linear/Embedding dequantize and patch their weight themselves
+      each call, so they cannot take part. ComfyUI's ``load_models_gpu`` then frees memory the old way for the
+      pack's own calls only (``free_for_dynamic`` is per call), and ``free_memory`` unloads only the shortfall.
+    - Pinned offload: never pins. The pack's CPU weights are memory-mapped file pages (or GGUF byte views);
+      ``cudaHostRegister`` on them would lock the whole mapped file into RAM, and ``unpin_weight`` of a weight
+      whose ``.data`` the pack swapped per call would fail. No key enters ``self.pinned``, so ComfyUI's
+      ``unpin_weight`` / ``unpin_all_weights`` have nothing to undo.
+    """
+
+    def is_dynamic(self):
+        return False
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False,
+                               force_cast=False, **newer):
+        layer = _packed_layer(self.model, key)
+        if layer is not None:
+            if return_weight:  # a patched copy for the caller (model saving); the stored weight stays packed
+                weight = layer.compute_weight(device_to or layer.weight.device)
+                if key in self.patches:
+                    weight = comfy.lora.calculate_weight(self.patches[key], weight, key)
+                return weight
+            if key in self.patches and not any(isinstance(p, PackedWeightPatch) for p in layer.weight_patches):
+                layer.weight_patches.append(PackedWeightPatch(key, self.patches))
+            return None
+        given = {**newer, **({"return_weight": True} if return_weight else {}),
+                 **({"force_cast": True} if force_cast else {})}
+        return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update, **given)
+
+    def pin_weight_to_device(self, key):
+        """Never pin (see the class docstring); ComfyUI 2026 calls this for offloaded weights of partial loads."""
+        return None
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:
@@ -64,3 +95,9 @@ def comfy_lora_patcher(base_patcher, loras: Sequence[AppliedLora], prefix: str):
         if applied.strength != 0:
             patcher.add_patches(comfy_patches(applied.lora, prefix), applied.strength)
     return patcher
+def _packed_layer(model, key: str) -> PackedLayer | None:
+    """The pack's layer whose packed (FP8 / GGUF) weight ``key`` names, else None."""
+    if not key.endswith(".weight"):
+        return None
+    layer = comfy.utils.get_attr(model, key[:-len(".weight")])
+    return layer if isinstance(layer, PackedLayer) and layer.is_packed else None

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from ..runtime.devices import get_device, offload_device
+from .interrupts import run_scope
 
 log = logging.getLogger("glm_image_nodes")
 
@@ -170,8 +171,15 @@ def capturable_steps(item, decode_steps: str) -> str:
 
 
 @contextmanager
-def on_compute_device(*items, stage: str = "this node", advice: str = "lower the image size or the number of images",
-                      memory_required: int = 0):
+def on_compute_device(*items, **options):
+    """``_on_compute_device`` within a ``run_scope``: a node called on its own starts a run there."""
+    with run_scope(), _on_compute_device(*items, **options) as placed:
+        yield placed
+
+
+@contextmanager
+def _on_compute_device(*items, stage: str = "this node", advice: str = "lower the image size or the number of images",
+                       memory_required: int = 0):
     """Run the models of ``items`` (the pack's handles, or bare modules) on the compute device.
 
     Inside ComfyUI each handle's ``ModelPatcher`` goes through ComfyUI's ``load_models_gpu``: the model stays

@@ -26,8 +26,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..formats import fp8, reading
-from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats import fp8, prefixes, reading
+from ..formats.checkpoint import META_ARCH, Checkpoint, open_checkpoint
+from ..formats.describe import convert_command, describe
 from ..formats.layers import Packed, adopt, dequantize_packed
 from ..formats.reading import CheckpointError
 from .configs import known_fields
@@ -81,11 +82,8 @@ def config_from_files(spec: ComponentSpec, source: str) -> Any | None:
     """The component's config from a ``config.json``: the folder's, or (``config_beside_file``) the one beside a
     single file; None when there is none."""
     folder_config = reading.config_or_none(source)
-    if folder_config is None and spec.config_beside_file and os.path.isfile(source):
-        beside = os.path.join(os.path.dirname(os.path.abspath(source)), "config.json")
-        if os.path.isfile(beside):
-            raw = reading.read_json(beside)
-            folder_config = raw if spec.config_key is None or spec.config_key in raw else None
+    if folder_config is None and spec.config_beside_file:
+        folder_config = _config_beside(spec, source)
     if folder_config is None:
         return None
     if spec.config_key is not None:
@@ -96,12 +94,32 @@ def config_from_files(spec: ComponentSpec, source: str) -> Any | None:
     return spec.config_from_dict(folder_config, source)
 
 
+def _config_beside(spec: ComponentSpec, source: str) -> dict | None:
+    """The raw ``config.json`` beside a single file (for a ``config_key``, only one that has it), or None."""
+    if not os.path.isfile(source):
+        return None
+    beside = os.path.join(os.path.dirname(os.path.abspath(source)), "config.json")
+    if not os.path.isfile(beside):
+        return None
+    raw = reading.read_json(beside)
+    return raw if spec.config_key is None or spec.config_key in raw else None
+
+
 def config_from_checkpoint(spec: ComponentSpec, source: str, checkpoint: Checkpoint) -> Any:
-    """The config a converted file embeds, else one from the tensor shapes."""
+    """The config a converted file embeds, else one from the tensor shapes, else (when the shapes cannot give
+    it, e.g. a head size they do not show) the ``config.json`` beside the file, as that error asks."""
     embedded = checkpoint.config
     if embedded is not None:
         return config_from_json(spec.config_type, embedded)
-    return spec.config_from_shapes(checkpoint.shapes, source)
+    try:
+        return spec.config_from_shapes(checkpoint.shapes, source)
+    except reading.ConfigNotInferable as e:
+        raw = _config_beside(spec, source)
+        if raw is None:
+            raise type(e)(f"{e} The file: {describe(checkpoint)}.") from e
+        return spec.config_from_dict(raw[spec.config_key] if spec.config_key else raw, source)
+    except CheckpointError as e:  # not this component's tensors: say what the file holds
+        raise CheckpointError(f"{e} The file: {describe(checkpoint)}.") from e
 
 
 def resolve_config(spec: ComponentSpec, source: str, checkpoint: Checkpoint) -> Any:
@@ -111,11 +129,13 @@ def resolve_config(spec: ComponentSpec, source: str, checkpoint: Checkpoint) -> 
 
 
 def check_architecture(spec: ComponentSpec, checkpoint: Checkpoint) -> None:
-    found = checkpoint.architecture
+    """Refuse a file the pack tagged as another component. Other tools' tags (city96's ``general.architecture``
+    comes from its own model list) say nothing about the pack's components: the keys and shapes decide."""
+    found = checkpoint.metadata.get(META_ARCH)
     if found is not None and found != spec.architecture:
         raise CheckpointError(f"{checkpoint.source} holds a {found!r} model ({checkpoint.format_name}), not "
                               f"{spec.architecture!r} ({spec.name}). Choose the loader of that component, or the "
-                              f"file converted from this one.")
+                              f"file converted from this one. The file: {describe(checkpoint)}.")
 
 
 def quantize_at_load(spec: ComponentSpec, placement: Placement, checkpoint: Checkpoint) -> bool:
@@ -128,11 +148,14 @@ def quantize_at_load(spec: ComponentSpec, placement: Placement, checkpoint: Chec
     if checkpoint.kind == "gguf":
         raise CheckpointError(f"{checkpoint.source} is already quantized ({checkpoint.format_name}); fp8_e4m3fn "
                               f"quantizes bf16/fp32 weights while loading. Choose auto, bf16 or fp32: the compute "
-                              f"dtype the GGUF weights are dequantized to.")
+                              f"dtype the GGUF weights are dequantized to; or make an FP8 file of it: "
+                              f"{convert_command(checkpoint.source, FP8_CHOICE)}. The file: {describe(checkpoint)}.")
     return checkpoint.kind == "safetensors"
 
 
-def check_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+def check_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str,
+                checkpoint: Checkpoint | None = None) -> None:
+    about = f" The file: {describe(checkpoint)}." if checkpoint is not None else ""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
     if missing or unexpected:
@@ -141,15 +164,17 @@ def check_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: st
             if keys:
                 parts.append(f"{what} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
         raise CheckpointError(f"{source} does not match {type(model).__name__}: " + "; ".join(parts) +
-                              ". Check that this file is the right component of the release.")
+                              ". Check that this file is the right component of the release, and choose the "
+                              "loader of the component it holds." + about)
     for key, shape in shapes.items():
         if shape != own[key]:
             raise CheckpointError(f"{source}: tensor {key} has shape {shape} but the config expects {own[key]}. The "
-                                  f"config and the weights disagree (or the file belongs to another model).")
+                                  f"config and the weights disagree (or the file belongs to another model); a "
+                                  f"single file reads the config.json beside it: put the release's one there.{about}")
 
 
 def fill(model: nn.Module, tensors: dict[str, torch.Tensor | Packed], *, spec: ComponentSpec,
-         dtype: torch.dtype, device: torch.device, quantize_fp8: bool) -> nn.Module:
+         dtype: torch.dtype, device: torch.device, quantize_fp8: bool, source: str = "") -> nn.Module:
     """Assign every tensor into the meta-built ``model``; Linear/Embedding of components with formats become
     the pack's layers (so they accept packed weights and patches)."""
     formats = spec.quantize is not None
@@ -160,6 +185,7 @@ def fill(model: nn.Module, tensors: dict[str, torch.Tensor | Packed], *, spec: C
             if key not in tensors:
                 continue  # a non-persistent buffer
             value = tensors[key]
+            check_float(value, getattr(module, name), key, spec, source)
             if layer is not None and name == "weight":
                 if (quantize_fp8 and isinstance(value, torch.Tensor) and isinstance(module, nn.Linear)
                         and spec.quantize(key, tuple(value.shape)) in (LINEAR, MODULATION)):
@@ -181,6 +207,17 @@ def fill(model: nn.Module, tensors: dict[str, torch.Tensor | Packed], *, spec: C
     return model.eval().requires_grad_(False)
 
 
+def check_float(value: torch.Tensor | Packed, target: torch.Tensor, key: str, spec: ComponentSpec,
+                source: str) -> None:
+    """Refuse an integer (or bool) tensor where the model has a float one: a cast would make it garbage."""
+    if isinstance(value, Packed) or not target.is_floating_point() or value.is_floating_point():
+        return
+    raise CheckpointError(f"{source}: tensor {key} is stored as {str(value.dtype).removeprefix('torch.')}, but "
+                          f"{spec.name} needs floating-point weights there; the file is not a float checkpoint of "
+                          f"this component (or was quantized by a tool the pack does not read). Load the release's "
+                          f"own safetensors, or a file convert.py made from them.")
+
+
 def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: torch.device | str | None = None,
                    *, compute_device: torch.device | str | None = None, config: Any = None,
                    checkpoint: Checkpoint | None = None) -> nn.Module:
@@ -192,11 +229,12 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
     placement = place(dtype, device, compute_device, component=spec.name, fp16_reason=spec.fp16_reason)
     source = reading.component_path(path, spec.subfolder) if checkpoint is None else path
     config = config if config is not None else config_from_files(spec, source)
-    checkpoint = checkpoint or open_checkpoint(source)
+    checkpoint = prefixes.without_comfy_prefix(checkpoint or open_checkpoint(source), prefixes.role_of(spec.subfolder),
+                                               log)
     check_architecture(spec, checkpoint)
     if spec.quantize is None and checkpoint.kind not in ("safetensors", "tensors"):
         raise CheckpointError(f"{source} is a {checkpoint.format_name} file, but {spec.name} is only read from "
-                              f"plain safetensors. Use the release's own weights.")
+                              f"plain safetensors. Use the release's own weights. The file: {describe(checkpoint)}.")
     quantize_fp8 = quantize_at_load(spec, placement, checkpoint)
     keys = list(checkpoint.shapes) + list(checkpoint.unavailable)
     if spec.check is not None:
@@ -209,9 +247,9 @@ def load_component(spec: ComponentSpec, path: str, dtype: str = "auto", device: 
                               f"{spec.name}: {', '.join(absent)}. Download them too.")
     with reading.meta_device():
         model = spec.build(config)
-    check_state(model, {module_key: checkpoint.shapes[key] for key, module_key in names.items()}, source)
+    check_state(model, {module_key: checkpoint.shapes[key] for key, module_key in names.items()}, source, checkpoint)
     model = fill(model, checkpoint.load(names), spec=spec, dtype=placement.dtype, device=placement.weights,
-                 quantize_fp8=quantize_fp8)
+                 quantize_fp8=quantize_fp8, source=source)
     if (checkpoint.kind == "fp8" or quantize_fp8) and not fp8.has_fp8_matmul(placement.compute):
         fp8.note_fallback(placement.compute, placement.dtype)
     log.info("%s: %s from %s, computing in %s", spec.name, "FP8 (quantized at load)" if quantize_fp8

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cuda import dispatch
-from ..formats.reading import CheckpointError
+from ..formats.layers import compute_dtype
+from ..formats.reading import CheckpointError, ConfigNotInferable
 from ..loading import components
 from ..loading.configs import known_fields
 from ..loading.residency import placed_device
@@ -329,7 +330,8 @@ class DiTTrunk(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.proj_out.weight.dtype
+        # the compute dtype, not the stored weight's: a GGUF from llama-quantize packs every 2-D weight (uint8)
+        return compute_dtype(self.proj_out)
 
     @property
     def device(self) -> torch.device:
@@ -396,8 +398,8 @@ def trunk_fields_from_shapes(shapes: dict[str, tuple[int, ...]], source: str, *,
     patch_size = int(round(math.sqrt(patch_in / defaults.in_channels)))
     head_dim = defaults.attention_head_dim
     if dim % head_dim:
-        raise CheckpointError(f"{source}: inner dim {dim} is not a multiple of head_dim {head_dim}; put the "
-                              f"transformer's config.json beside the weights.")
+        raise ConfigNotInferable(f"{source}: inner dim {dim} is not a multiple of head_dim {head_dim}; put the "
+                                 f"transformer's config.json beside the weights.")
     return dict(
         patch_size=patch_size, out_channels=shapes["proj_out.weight"][0] // patch_size ** 2,
         text_embed_dim=shapes[text_key][1],

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..cuda import dispatch
 from ..cuda.rope import apply_partial_rope
-from ..formats.reading import CheckpointError
+from ..formats.layers import compute_dtype
+from ..formats.reading import CheckpointError, ConfigNotInferable
 from ..loading import components
 from ..loading.residency import placed_device
 from ..runtime.attention import attention, cached_decode_attention
@@ -145,7 +146,8 @@ class GlmImageAR(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        # the compute dtype, not the stored weight's: a GGUF from llama-quantize packs every 2-D weight (uint8)
+        return compute_dtype(self.lm_head)
 
     def new_cache(self, batch: int, max_len: int, attention_mask: torch.Tensor | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device, attention_mask)
@@ -213,8 +215,8 @@ def text_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> 
               layer + "self_attn.k_proj.weight", layer + "mlp.down_proj.weight"]
     missing = [k for k in wanted if k not in shapes]
     if missing:
-        raise CheckpointError(f"{source}: cannot infer the AR config, missing {', '.join(missing)}. "
-                              f"Put the release's vision_language_encoder/config.json beside the weights.")
+        raise ConfigNotInferable(f"{source}: cannot infer the AR config, missing {', '.join(missing)}. "
+                                 f"Put the release's vision_language_encoder/config.json beside the weights.")
     head_dim = DEFAULT_TEXT_CONFIG["head_dim"]
     q_rows, k_rows = shapes[layer + "self_attn.q_proj.weight"][0], shapes[layer + "self_attn.k_proj.weight"][0]
     if q_rows % head_dim or k_rows % head_dim:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..formats.reading import CheckpointError
+from ..formats.reading import CheckpointError, ConfigNotInferable
 from ..loading import components
 from ..loading.configs import known_fields
 from ..runtime.attention import attention
@@ -137,8 +137,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> GlmConfig:
     head_dim = default.head_dim
     q_rows, kv_rows = shapes["layers.0.self_attn.q_proj.weight"][0], shapes["layers.0.self_attn.k_proj.weight"][0]
     if q_rows % head_dim or kv_rows % head_dim:
-        raise CheckpointError(f"{source}: q/k projections of {q_rows}/{kv_rows} rows are not multiples of head_dim "
-                              f"{head_dim}; put the model's config.json beside the file and load the folder.")
+        raise ConfigNotInferable(f"{source}: q/k projections of {q_rows}/{kv_rows} rows are not multiples of head_dim "
+                                 f"{head_dim}; put the model's config.json beside the file.")
     return GlmConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                      intermediate_size=shapes["layers.0.mlp.down_proj.weight"][1],
                      num_attention_heads=q_rows // head_dim, num_key_value_heads=kv_rows // head_dim, head_dim=head_dim,

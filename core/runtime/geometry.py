@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .checks import check_int
+
 PATCH_SIZE = 16                  # processor patch_size * merge_size
 MIN_PIXELS = 512 * 512           # processor/preprocessor_config.json
 MAX_PIXELS = 2048 * 2048
@@ -132,6 +134,7 @@ def check_glm_image_size(height: int, width: int) -> None:
     def nearest(side: int) -> int:
         return min(MAX_SIDE, max(MIN_SIDE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
 
+    height, width = check_int(height, "height"), check_int(width, "width")  # any value in: a clear message out
     if (height % SIDE_MULTIPLE or width % SIDE_MULTIPLE
             or not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE)):
         raise ValueError(f"GLM-Image makes images with sides of {MIN_SIDE}..{MAX_SIDE} px in multiples of "
@@ -154,7 +157,8 @@ def target_grid(height: int, width: int) -> TargetGrid:
 def check_token_grid_size(height: int, width: int, max_pixels: int = MAX_PIXELS) -> None:
     """Token grids exist for output sizes with sides that are multiples of 32, at most sqrt(max_pixels)
     (2048 px) and an aspect ratio of at most 4."""
-    longest = int(round(max_pixels ** 0.5))
+    height, width = check_int(height, "height"), check_int(width, "width")  # any value in: a clear message out
+    longest = int(round(check_int(max_pixels, "max_pixels", 1) ** 0.5))
     problems = []
     if height % TOKEN_PIXELS or width % TOKEN_PIXELS or min(height, width) < TOKEN_PIXELS:
         problems.append(f"sides must be multiples of {TOKEN_PIXELS}")
@@ -205,6 +209,7 @@ def check_multiple_of(height: int, width: int, multiple: int, what: str, note: s
 
 def check_cogview4_size(height: int, width: int) -> None:
     """CogView4-6B's limits (its README): sides 512..2048, multiples of 32, at most 2^21 pixels."""
+    height, width = check_int(height, "height"), check_int(width, "width")
     problems = []
     if not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
         problems.append(f"each side must be {MIN_SIDE}..{MAX_SIDE} px")

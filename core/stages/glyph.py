@@ -89,6 +89,17 @@ def glyph_texts(prompt: str, texts: list[str] | None = None) -> list[str]:
     return texts
 
 
+def check_glyph_width(glyph: GlyphConditioning, width: int) -> None:
+    """Glyph embeddings must be as wide as the decoder's glyph projector takes (another encoder's would fail deep
+    in a matmul)."""
+    got = {tuple(t.shape)[-1:] for t in (glyph.cond, glyph.uncond)}
+    if got != {(width,)}:
+        shapes = f"{tuple(glyph.cond.shape)} / {tuple(glyph.uncond.shape)}"
+        raise ValueError(f"The glyph embeddings (cond / uncond {shapes}) are not {width} wide, the width this "
+                         f"decoder's glyph projector takes: they come from another text encoder. Connect the Glyph "
+                         f"Conditioning of the Glyph-ByT5 loaded from this decoder's release.")
+
+
 def glyph_conditioning(encoder: T5Encoder, prompt: str, texts: list[str] | None = None) -> GlyphConditioning:
     """Glyph embeddings of the prompt's quoted text (or of ``texts`` when given) and of ``""``, float32 on CPU."""
     texts = glyph_texts(prompt, texts)

@@ -13,6 +13,9 @@ def texts_to_render(texts: str) -> list[str] | None:
 
 
 def check_glyph_inputs(prompt: str, texts: str = "") -> None:
+    for name, value in (("prompt", prompt), ("texts", texts)):
+        if not isinstance(value, str):  # the rest (length, Unicode) per glyph text, with its number
+            raise ValueError(f"{name} must be text, got {type(value).__name__}. Connect a STRING or type the text.")
     glyph_texts(prompt, texts_to_render(texts))
 
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 from ...core.runtime.geometry import check_token_grid_shape
 from ...core.stages import handles
 from ...core.stages.decoder_sampling import sample_latents
+from ...core.stages.glyph import check_glyph_width
 from ...core.stages.latent_preview import GLM_IMAGE, decoder_preview
 from ...core.stages.settings import DecoderRun
 from ..common import dit_speed_inputs, preview_vae_input, seed_input
@@ -46,6 +47,7 @@ class GLMImageDecoderSampler(SamplerNode):
                step_cache=0.0, vae=None):
         run = self.checked(locals())
         check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
+        check_glyph_width(glyph, decoder.model.config.text_embed_dim)
         settings = replace(run[DecoderRun], shift_settings=decoder.shift_settings)
         # before the decoder takes the GPU: a first use fits on the VAE
         preview = decoder_preview(GLM_IMAGE, vae.model if vae is not None else None, release=decoder.path)
