@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cuda import dispatch
 from . import fp8, ggml
 
 WeightPatch = Callable[[torch.Tensor], torch.Tensor]
@@ -127,7 +128,8 @@ class Linear(PackedLayer, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         device, dtype = x.device, x.dtype if x.is_floating_point() else self.compute_dtype
         if self.weight_kind == "fp8" and not self.patched and dtype in (torch.bfloat16, torch.float16):
-            if fp8.has_fp8_matmul(device) and fp8.fits_scaled_mm(self.weight):
+            if (fp8.has_fp8_matmul(device) and fp8.fits_scaled_mm(self.weight)
+                    and dispatch.use_checked("scaled_mm", x)):
                 return fp8.scaled_mm_linear(x, _on(self.weight, device), _on(self.scale_weight, device),
                                             self.compute_bias(device, dtype))
         return F.linear(x, self.compute_weight(device, dtype), self.compute_bias(device, dtype))
