@@ -13,8 +13,8 @@ plain Python bool computed eagerly (``torch.compiler`` sees a constant: ``assume
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
