@@ -1,0 +1,80 @@
+"""AR decode modes on CPU: ``compiled`` serves prompts of different lengths with one compiled step, falls back to
+eager (same tokens, one log line) when torch's recompile limit is hit, and is refused (eager, one log line)
+for a model whose layers patch their weights per call (ComfyUI's LowVramPatch)."""
+import logging
+
+import pytest
+import torch
+from glm_image_nodes.core.models.glm_ar import load_ar_model
+from glm_image_nodes.core.stages import decode_modes
+from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
+from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
+from tiny_glm_release import make_release
+
+PROMPTS = ["a cat", "a red cat on a mat, the 32", "a cat with a hat and a long tail under a tree"]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glm_release")
+    torch.manual_seed(0)
+    make_release(str(root))
+    return load_ar_model(str(root), dtype="fp32", device="cpu"), load_text_tokenizer(str(root))
+
+
+@pytest.fixture
+def fresh_log(monkeypatch):
+    monkeypatch.setattr(decode_modes, "_said", set())
+
+
+def _grid(model, tok, prompt, **kw):
+    return generate_token_grid(model, tok, prompt, 128, 128, seed=3, progress=False, **kw).ids
+
+
+def _ours(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "glm_image_nodes"]
+
+
+def _graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_decode_needs_no_recompile_per_prompt_length_and_falls_back_past_the_limit(
+        release, monkeypatch, fresh_log, caplog):
+    model, tok = release
+    lengths = {len(tok.encode(p)) for p in PROMPTS}
+    assert len(lengths) == len(PROMPTS) > 2  # more distinct lengths than the limit below
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    before = _graphs()
+    with caplog.at_level(logging.WARNING, logger="glm_image_nodes"):
+        for prompt in PROMPTS:
+            assert torch.equal(_grid(model, tok, prompt, decode_steps="compiled"), _grid(model, tok, prompt))
+        assert _graphs() - before == 1  # one compiled step for every prompt length
+        assert not _ours(caplog)
+        # a second batch size is a second shape: with the limit at 1 the compile limit is hit -> eager
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+        for _ in range(2):
+            got = _grid(model, tok, PROMPTS[0], decode_steps="compiled", num_images=2)
+            assert torch.equal(got, _grid(model, tok, PROMPTS[0], num_images=2))
+    messages = _ours(caplog)
+    assert len(messages) == 1 and "recompile limit" in messages[0], messages
+
+
+def test_capture_is_refused_for_per_call_weight_patches(release, fresh_log, caplog):
+    model, tok = release
+    want = _grid(model, tok, PROMPTS[1])
+    layer = model.layers[0].mlp.down_proj
+    layer.weight_function.append(lambda w: w.clone())  # what ComfyUI's LowVramPatch looks like to a layer
+    try:
+        torch._dynamo.reset()
+        before = _graphs()
+        with caplog.at_level(logging.WARNING, logger="glm_image_nodes"):
+            for mode in ("compiled", "cuda graph"):
+                assert torch.equal(_grid(model, tok, PROMPTS[1], decode_steps=mode), want)
+        assert _graphs() == before  # nothing compiled
+    finally:
+        layer.weight_function.clear()
+    message, = _ours(caplog)
+    assert "refused" in message and "layers.0.mlp.down_proj" in message
+    assert decode_modes.steps_for(model, "compiled", torch.device("cpu")) == "compiled"
