@@ -128,7 +128,7 @@ def test_a_broken_fp8_gemm_falls_back_to_the_dequantized_weight(fused_looks_avai
 
 def test_a_working_fp8_gemm_passes_its_check(fused_looks_available, monkeypatch):
     """The real ``scaled_mm_linear`` (torch's CPU ``_scaled_mm``) is within the stated FP8 tolerance."""
-    assert self_check.passed("scaled_mm", "cpu", "torch.bfloat16")
+    assert self_check.passed("scaled_mm", torch.device("cpu"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("op, kernel", [

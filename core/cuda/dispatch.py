@@ -57,13 +57,13 @@ def use_fused(*tensors: torch.Tensor, op: str) -> bool:
         return True
     if _mode == "reference" or not HAVE_TRITON or not all(kernel_tensor(t) for t in tensors):
         return False
-    return self_check.passed(op, str(tensors[0].device), str(tensors[0].dtype))
+    return self_check.passed(op, tensors[0].device, tensors[0].dtype)
 
 
 def use_checked(op: str, x: torch.Tensor) -> bool:
     """For a fused path outside the kernels (FP8 ``_scaled_mm``, which the caller found supported): forced
     under ``fused``, else whether it passed its self-check on ``x``'s device and dtype."""
-    return _mode == "fused" or self_check.passed(op, str(x.device), str(x.dtype))
+    return _mode == "fused" or self_check.passed(op, x.device, x.dtype)
 
 
 def _op(name: str, reference, triton_impl, fake, mutates_args=()):

@@ -56,7 +56,7 @@ def kernel_tolerance(dtype: torch.dtype) -> float:
 
 
 CHECKS: dict[str, Check] = {}
-_verdicts: dict[tuple[str, str, str], Verdict] = {}
+_verdicts: dict[tuple[str, torch.device, torch.dtype], Verdict] = {}
 
 
 def register(op: str, check: Check) -> None:
@@ -100,26 +100,26 @@ def _run(check: Check, device: torch.device, dtype: torch.dtype) -> str:
 
 
 @torch._dynamo.assume_constant_result
-def passed(op: str, device: str, dtype: str) -> bool:
-    """Whether fused ``op`` may run on ``device``/``dtype`` (strings: hashable, constant under compile). Runs
-    the check on first use; warns once when it fails."""
+def passed(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether fused ``op`` may run on ``device``/``dtype`` (a constant under ``torch.compile``). Runs the check
+    on first use; warns once when it fails."""
     key = (op, device, dtype)
-    if key not in _verdicts:
-        torch_dtype = getattr(torch, dtype.removeprefix("torch."))
+    verdict = _verdicts.get(key)
+    if verdict is None:
         with torch.no_grad():
-            cause = _run(CHECKS[op], torch.device(device), torch_dtype)
-        _verdicts[key] = Verdict(op, device, dtype.removeprefix("torch."), not cause, cause)
+            cause = _run(CHECKS[op], device, dtype)
+        verdict = _verdicts[key] = Verdict(op, str(device), str(dtype).removeprefix("torch."), not cause, cause)
         if cause:
             fix = MISMATCH_FIX if cause.startswith("output") else BUILD_FIX
             log.warning("glm-image: fused %s on %s/%s failed its self-check (%s); using the torch reference "
-                        "from now on. Fix: %s (%s).", op, device, _verdicts[key].dtype, cause, fix, SILENCE)
-    return _verdicts[key].ok
+                        "from now on. Fix: %s (%s).", op, device, verdict.dtype, cause, fix, SILENCE)
+    return verdict.ok
 
 
 def check_all(device: torch.device, dtype: torch.dtype, ops=None) -> list[Verdict]:
     """Run (or recall) the checks of ``ops`` (default: every registered op) on ``device``/``dtype``."""
     for op in ops or sorted(CHECKS):
-        passed(op, str(torch.device(device)), str(dtype))
+        passed(op, torch.device(device), dtype)
     return verdicts()
 
 
