@@ -150,3 +150,20 @@ def test_every_kernel_passes_its_own_check_in_the_interpreter(monkeypatch, op, k
 
 def _as_tuple(result):
     return result if isinstance(result, tuple) else (result,)
+
+
+def test_eager_cuda_calls_launch_triton_directly_and_compiled_ones_keep_the_custom_op(monkeypatch):
+    """Eagerly on CUDA the model calls each Triton launcher without the custom-op dispatcher (host time per AR
+    token); under torch.compile it keeps the opaque custom op. CPU tensors stand in for CUDA ones."""
+    launched, dispatched = [], []
+    monkeypatch.setattr(dispatch, "launches_directly",
+                        lambda t: not torch.compiler.is_compiling())
+    monkeypatch.setitem(dispatch.TRITON, "rms_norm", lambda *a: launched.append(1) or norms.rms_norm_reference(*a))
+    real = dispatch.OPS["rms_norm"]
+    monkeypatch.setitem(dispatch.OPS, "rms_norm", lambda *a: dispatched.append(1) or real(*a))
+    x, w = torch.randn(3, 64), torch.randn(64)
+    with dispatch.kernel_mode("fused"):
+        want = norms.rms_norm_reference(x, w, 1e-5)
+        assert torch.equal(dispatch.rms_norm(x, w, 1e-5), want) and (launched, dispatched) == ([1], [])
+        compiled = torch.compile(lambda a: dispatch.rms_norm(a, w, 1e-5), fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), want) and launched == [1] and dispatched
