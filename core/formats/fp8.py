@@ -47,8 +47,9 @@ def quantize(weight: torch.Tensor, granularity: str = "channel") -> tuple[torch.
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q.float() * scale`` in float32, then ``dtype``."""
-    return (q.float() * scale.to(device=q.device, dtype=torch.float32)).to(dtype)
+    """``q.float() * scale`` in float32, then ``dtype``: the same values, without a float32 copy of the weight
+    (``q.to(dtype)`` is exact; ``mul_`` computes each product in float32 and rounds it once; direct_dequant)."""
+    return q.to(dtype).mul_(scale.to(device=q.device, dtype=torch.float32))
 
 
 _capable: dict[torch.device, bool] = {}

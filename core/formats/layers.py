@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cuda import dispatch
-from . import fp8, ggml
+from . import direct_dequant, fp8, ggml
 
 WeightPatch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,7 +37,8 @@ def dequantize_packed(data: torch.Tensor, kind: str, shape: tuple[int, ...], sca
                       dtype: torch.dtype) -> torch.Tensor:
     if kind == "fp8":
         return fp8.dequantize(data, scale, dtype)
-    return ggml.dequantize(data, ggml.QTYPES[kind], shape).to(dtype)
+    direct = direct_dequant.gguf_to(data, kind, shape, dtype)
+    return direct if direct is not None else ggml.dequantize(data, ggml.QTYPES[kind], shape).to(dtype)
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
