@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cuda import self_check
+from . import fp8_activation
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -97,12 +98,9 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     weight scale applied to the float32 output. Result in ``x``'s dtype."""
     rowwise = rowwise_scaling(x.device) if rowwise is None else rowwise
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()
+    x2 = x.reshape(-1, shape[-1])
     rows, out_features = x2.shape[0], weight.shape[0]
-    tiny = torch.finfo(torch.float32).tiny
-    amax = x2.abs().amax(dim=-1, keepdim=True) if rowwise else x2.abs().amax().reshape(1, 1)
-    x_scale = (amax / FP8_MAX).clamp(min=tiny)
-    xq = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    xq, x_scale = fp8_activation.fused_quantize(x2, rowwise)
     pad = (-rows) % 16  # the FP8 GEMM wants M a multiple of 16
     if pad:
         xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
