@@ -148,6 +148,12 @@ def main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="glm-image-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="device to check (default: cuda when available, else cpu)")
+    parser.add_argument("--json", default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-    print(format_report(report(args.device)))
+    info = report(args.device)
+    print(format_report(info))
+    if args.json:
+        import json
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2, default=str)
     return 0
