@@ -27,7 +27,8 @@ def _launches(monkeypatch):
     return (recorded_launches(monkeypatch, adaln, adaln.gated_residual_layernorm_modulate_triton, h, h, mod, mod, mod)
             + recorded_launches(monkeypatch, norms, norms.rms_norm_triton, h, w, 1e-5)
             + recorded_launches(monkeypatch, norms, norms.add_rms_norm_triton, h, h, w, w, 1e-5)
-            + recorded_launches(monkeypatch, activations, activations.silu_mul_triton, torch.empty(ROWS, 2 * 4096, **META))
+            + recorded_launches(monkeypatch, activations, activations.silu_mul_triton,
+                                torch.empty(ROWS, 2 * 4096, **META))
             + recorded_launches(monkeypatch, rope, rope.qk_layernorm_rope_triton, qk, cos, cos, 512))
 
 

@@ -2,9 +2,9 @@
 the same text from the node and the console script; a failed self-check shows its cause on a (faked) GPU."""
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 from glm_image_nodes.core.cuda import self_check
 from glm_image_nodes.core.stages import system_check

@@ -6,8 +6,9 @@ the last key (queries are the newest ``Sq`` of ``Sk`` positions).
 
 Kernels are chosen here and only here:
 - unmasked (causal prefill, the DiT): ``scaled_dot_product_attention`` with ``is_causal`` and ``enable_gqa``,
-  no mask tensor, so CUDA can pick a fused kernel (torch's own choice, see ``sdpa_backends``); with ``attention_backend("sage")`` or ``("flash")`` SageAttention or FlashAttention when
-  installed and applicable (CUDA, fp16/bf16; otherwise SDPA);
+  no mask tensor, so CUDA can pick a fused kernel (torch's own choice, see ``sdpa_backends``); with
+  ``attention_backend("sage")`` or ``("flash")`` SageAttention or FlashAttention when installed and applicable
+  (CUDA, fp16/bf16; otherwise SDPA);
 - masked (padded prompts, the AR decode step on CPU): SDPA under the mask, grouped-query heads folded into the
   query length so K/V are never copied per head;
 - one-token AR decode on CUDA: the pack's Triton flash-decoding kernel (``cached_decode_attention``).
