@@ -78,3 +78,19 @@ def test_capture_is_refused_for_per_call_weight_patches(release, fresh_log, capl
     message, = _ours(caplog)
     assert "refused" in message and "layers.0.mlp.down_proj" in message
     assert decode_modes.steps_for(model, "compiled", torch.device("cpu")) == "compiled"
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_the_memory_reserved_before_placement_is_what_the_generation_allocates(release, monkeypatch, mode):
+    """What the AR node passes to ComfyUI's load_models_gpu (memory_required) before the capture decision."""
+    from glm_image_nodes.core.stages import ar_sampling
+    model, tok = release
+    seen = []
+    monkeypatch.setattr(ar_sampling, "check_prefill_fits",
+                        lambda m, *args: seen.append(m.generation_bytes(*args)))
+    monkeypatch.setattr(ar_sampling, "compiled_decode_step", lambda: ar_sampling.decode_step)  # no compile here
+    prompts = [PROMPTS[0], PROMPTS[2]]  # left padding
+    ar_sampling.generate_token_grid(model, tok, prompts, 128, 128, seed=0, num_images=2, progress=False,
+                                    decode_steps=mode)
+    reserved = ar_sampling.generation_memory(model, tok, prompts, 128, 128, 2, decode_steps=mode)
+    assert seen == [reserved] and reserved > 0

@@ -174,6 +174,21 @@ def check_prefill_fits(model: GlmImageAR, batch: int, length: int, cache_len: in
                           f"free on {model.device}: shorten the prompt, or lower num_images or the output size.")
 
 
+def generation_memory(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int, width: int,
+                      num_images: int = 1, source_grids: list[torch.Tensor] | None = None,
+                      decode_steps: str = "eager") -> int:
+    """Bytes a generation allocates beside the weights (KV cache, prefill, mask): what a caller reserves before
+    the model is placed, so the capture decision (``decode_modes.steps_for``) sees the placement that leaves
+    room for the cache."""
+    prompts = [p for p in ([prompt] if isinstance(prompt, str) else list(prompt)) for _ in range(num_images)]
+    inputs = build_ar_inputs(tokenizer, prompts, height, width, source_grids)
+    batch, length = inputs.input_ids.shape
+    cache_len = length + inputs.num_new_tokens - 1
+    if decode_steps == "compiled":
+        cache_len = decode_modes.bucketed(cache_len)
+    return model.generation_bytes(batch, length, cache_len, not bool(inputs.attention_mask.all()))
+
+
 @torch.inference_mode()
 def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int,
                         width: int, *, seed: int, temperature: float = 0.9, top_p: float = 0.75,
