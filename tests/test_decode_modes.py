@@ -80,6 +80,30 @@ def test_capture_is_refused_for_per_call_weight_patches(release, fresh_log, capl
     assert decode_modes.steps_for(model, "compiled", torch.device("cpu")) == "compiled"
 
 
+class LowVramPatch:  # the name ComfyUI's class has (comfy.model_patcher.LowVramPatch)
+    def __call__(self, weight):
+        return weight.clone()
+
+
+class PackedWeightPatch(LowVramPatch):  # what PackModelPatcher puts in a fully loaded FP8/GGUF layer
+    pass
+
+
+def test_comfy_patches_in_the_packs_own_list_are_refused_and_its_own_lora_is_not(release):
+    model, _ = release
+    layer = model.layers[1].self_attn.o_proj
+    layer.weight_patches.append(PackedWeightPatch())
+    try:
+        assert decode_modes.per_call_weight_patches(model) == ["layers.1.self_attn.o_proj"]
+    finally:
+        layer.weight_patches.clear()
+    layer.weight_patches.append(lambda w: w + 1)  # the pack's own LoRA patch: factors kept on the device
+    try:
+        assert decode_modes.per_call_weight_patches(model) == []
+    finally:
+        layer.weight_patches.clear()
+
+
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_the_memory_reserved_before_placement_is_what_the_generation_allocates(release, monkeypatch, mode):
     """What the AR node passes to ComfyUI's load_models_gpu (memory_required) before the capture decision."""

@@ -36,11 +36,19 @@ def bucketed(n: int) -> int:
     return -(-n // BUCKET) * BUCKET
 
 
+def _comfy_low_vram_patch(patch) -> bool:
+    """ComfyUI's ``LowVramPatch`` or a subclass (the pack's ``PackedWeightPatch``): by name, no comfy import."""
+    return any(cls.__name__ == "LowVramPatch" for cls in type(patch).__mro__)
+
+
 def per_call_weight_patches(model: torch.nn.Module) -> list[str]:
-    """Names of the layers whose weight or bias a per-call function patches (ComfyUI's ``weight_function`` /
-    ``bias_function`` lists, where its ``LowVramPatch`` goes)."""
+    """Names of the layers whose weight or bias a ComfyUI patch recomputes on every call from factors it copies
+    in: anything in ComfyUI's ``weight_function`` / ``bias_function`` lists (partial loads), and the
+    ``PackedWeightPatch`` (a ``LowVramPatch``) that ``PackModelPatcher`` puts in a fully loaded FP8/GGUF layer's
+    ``weight_patches``. The pack's own LoRA patches keep their factors on the device and are captured."""
     return [name for name, module in model.named_modules()
-            if getattr(module, "weight_function", None) or getattr(module, "bias_function", None)]
+            if getattr(module, "weight_function", None) or getattr(module, "bias_function", None)
+            or any(_comfy_low_vram_patch(p) for p in getattr(module, "weight_patches", ()))]
 
 
 def off_device(model: torch.nn.Module, device: torch.device) -> bool:
