@@ -137,15 +137,16 @@ def test_a_working_fp8_gemm_passes_its_check(fused_looks_available, monkeypatch)
     ("qk_layernorm_rope", rope.qk_layernorm_rope_triton), ("layernorm_modulate", adaln.layernorm_modulate_triton),
     ("gated_residual", adaln.gated_residual_triton),
     ("gated_residual_layernorm_modulate", adaln.gated_residual_layernorm_modulate_triton)])
-def test_every_kernel_passes_its_own_check_in_the_interpreter(monkeypatch, op, kernel):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_passes_its_own_check_in_the_interpreter(monkeypatch, op, kernel, dtype):
     pytest.importorskip("triton")
     from triton_harness import interpreted
     interpreted(monkeypatch)
     module = sys.modules[kernel.__module__]
     check = kernel_check(op, lambda *args: getattr(module, kernel.__name__)(*args))
-    assert self_check._run(check, torch.device("cpu"), torch.float32) == ""
-    broken = kernel_check(op, lambda *args: tuple(t * 1.01 for t in _as_tuple(getattr(module, kernel.__name__)(*args))))
-    assert "differs from the reference" in self_check._run(broken, torch.device("cpu"), torch.float32)
+    assert self_check._run(check, torch.device("cpu"), dtype) == ""
+    broken = kernel_check(op, lambda *args: tuple(t * 1.1 for t in _as_tuple(getattr(module, kernel.__name__)(*args))))
+    assert "differs from the reference" in self_check._run(broken, torch.device("cpu"), dtype)
 
 
 def _as_tuple(result):

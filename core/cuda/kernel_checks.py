@@ -1,8 +1,9 @@
 """Small sample inputs and the torch reference of each fused kernel op, for its first-use self-check.
 
-The samples take the paths the model's calls take (partial last blocks, grouped-query heads, left padding,
-partial rotary, text tokens before image tokens) at a few hundred values each, so a check costs a few
-launches and no noticeable memory.
+The samples take the paths the model's calls take (grouped-query heads, left padding, partial rotary, text
+tokens before image tokens) at the release's widths (4096; 32 query / 2 KV heads of 128, half of them rotary),
+so the kernels the check compiles are the ones the model then runs (Triton specializes on the block sizes),
+on a few rows: a check costs a few launches and well under a megabyte.
 """
 from __future__ import annotations
 
@@ -17,21 +18,24 @@ def _randn(device, dtype, *shape, seed=0, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
 
+WIDTH, HEADS, KV_HEADS, HEAD_DIM = 4096, 32, 2, 128
+
+
 def _rms_norm(device, dtype):
-    return _randn(device, dtype, 3, 2, 96), _randn(device, dtype, 96, seed=1), 1e-5
+    return _randn(device, dtype, 3, 1, WIDTH), _randn(device, dtype, WIDTH, seed=1), 1e-5
 
 
 def _add_rms_norm(device, dtype):
-    return (_randn(device, dtype, 3, 2, 96), _randn(device, dtype, 3, 2, 96, seed=1, scale=30),
-            _randn(device, dtype, 96, seed=2), _randn(device, dtype, 96, seed=3), 1e-5)
+    return (_randn(device, dtype, 3, 1, WIDTH), _randn(device, dtype, 3, 1, WIDTH, seed=1, scale=30),
+            _randn(device, dtype, WIDTH, seed=2), _randn(device, dtype, WIDTH, seed=3), 1e-5)
 
 
 def _silu_mul(device, dtype):
-    return (_randn(device, dtype, 3, 1, 2 * 1100, scale=3),)
+    return (_randn(device, dtype, 2, 1, 2 * 1100, scale=3),)  # the second column block is partial
 
 
 def _decode_attention(device, dtype):
-    b, heads, kv_heads, d, rotary, length = 2, 4, 2, 32, 16, 40
+    b, heads, kv_heads, d, rotary, length = 2, HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM // 2, 40
     key_valid = torch.ones(b, length, dtype=torch.bool, device=device)
     key_valid[1, :5] = False  # left padding of the second prompt
     return (_randn(device, dtype, b, 1, heads * d), _randn(device, dtype, b, 1, kv_heads * d, seed=1),
@@ -42,21 +46,22 @@ def _decode_attention(device, dtype):
 
 
 def _qk_layernorm_rope(device, dtype):
-    b, s, h, d, n_text = 2, 7, 3, 32, 3
+    b, s, h, d, n_text = 2, 7, HEADS, HEAD_DIM, 3
     return (_randn(device, dtype, b, s, h, d), _randn(device, torch.float32, s - n_text, d, seed=1),
             _randn(device, torch.float32, s - n_text, d, seed=2), n_text)
 
 
 def _modulation(device, dtype, seed):
-    return _randn(device, dtype, 2, 1, 96, seed=seed)
+    return _randn(device, dtype, 2, 1, WIDTH, seed=seed)
 
 
 def _layernorm_modulate(device, dtype):
-    return _randn(device, dtype, 2, 5, 96), _modulation(device, dtype, 1), _modulation(device, dtype, 2)
+    return _randn(device, dtype, 2, 3, WIDTH), _modulation(device, dtype, 1), _modulation(device, dtype, 2)
 
 
 def _gated_residual(device, dtype):
-    return _randn(device, dtype, 2, 5, 96), _randn(device, dtype, 2, 5, 96, seed=1), _modulation(device, dtype, 2)
+    return (_randn(device, dtype, 2, 3, WIDTH), _randn(device, dtype, 2, 3, WIDTH, seed=1),
+            _modulation(device, dtype, 2))
 
 
 def _gated_residual_layernorm_modulate(device, dtype):
