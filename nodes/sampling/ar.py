@@ -6,7 +6,7 @@ from ...core.runtime import checks
 from ...core.runtime.attention import attention_backend, check_backend
 from ...core.runtime.geometry import check_glm_image_size
 from ...core.stages import handles
-from ...core.stages.ar_sampling import DECODE_STEPS, check_sampling_settings, generate_token_grid
+from ...core.stages.ar_sampling import DECODE_STEPS, check_sampling_settings, generate_token_grid, generation_memory
 from ...core.stages.token_preview import ar_preview
 from ..common import answer, attention_input, category, check_now, seed_input, size_input
 
@@ -79,8 +79,11 @@ class GLMImageARSampler:
         check_glm_image_size(height, width)
         check_backend(attention)
         source_grids = references.token_ids if references is not None else None
+        reserve = generation_memory(ar_model.model, ar_model.tokenizer, prompt, height, width, num_images,
+                                    source_grids, decode_steps)  # the KV cache: placed before the capture decision
         with memory.on_compute_device(
-                ar_model, stage="AR token sampling", advice="lower num_images or the output size"), \
+                ar_model, stage="AR token sampling", advice="lower num_images or the output size",
+                memory_required=reserve), \
                 attention_backend(attention):
             decode_steps = memory.capturable_steps(ar_model, decode_steps)
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, seed=seed,

@@ -45,8 +45,8 @@ class GLMImageDecoderSampler:
                step_cache=0.0):
         check_now(locals(), check_sampler_settings)
         check_token_grid_shape(tuple(tokens.ids.shape), tokens.height, tokens.width)
-        check_glyph_width(glyph, decoder.model.config.text_embed_dim)
         check_backend(attention)
+        check_glyph_width(glyph, decoder.model.config.text_embed_dim)
         preview = decoder_preview(GLM_IMAGE)  # before the decoder takes the GPU: a first use fits on the VAE
         with memory.on_compute_device(
                 decoder, stage="decoder sampling", advice="lower the output size or the number of images"), \
