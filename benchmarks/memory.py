@@ -3,6 +3,7 @@
     python benchmarks/memory.py --tiny                                  # CPU, the tiny random release (CI-sized)
     python benchmarks/memory.py --tiny --formats q8_0,fp8_e4m3fn        # a subset
     python benchmarks/memory.py --release /models/GLM-Image --device cuda --formats fp8_e4m3fn,q4_k   # real weights
+    python benchmarks/memory.py --bytes-per-token                       # bytes moved per AR token per format
 
 For each component (AR model, DiT decoder, Glyph-ByT5) and format the release is converted with convert.py's code,
 loaded with the pack's loaders (peak and settled RAM sampled from /proc while loading), and compared with the
@@ -31,7 +32,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 from standalone import register_pack  # noqa: E402
 
 register_pack()
@@ -293,6 +294,8 @@ def main(argv=None) -> dict:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--tiny", action="store_true", help="the tiny random release, on the CPU")
     where.add_argument("--release", help="a GLM-Image release folder")
+    where.add_argument("--bytes-per-token", action="store_true",
+                       help="only the bytes read + written per AR token per format (dequant_bytes.py; counted, quick)")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-images", action="store_true", help="skip the end-to-end images")
@@ -302,6 +305,14 @@ def main(argv=None) -> dict:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         parser.error(f"unknown formats {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    if args.bytes_per_token:
+        import dequant_bytes
+        rows, text = dequant_bytes.table(FULL_SIZE["GLM-Image AR"][1])
+        print(text)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump({"bytes_per_token": rows, "torch": torch.__version__}, f, indent=2)
+        return {"bytes_per_token": rows, "table": text}
     torch.set_num_threads(1 if args.tiny else torch.get_num_threads())
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,5 @@
 """Thin node classes; each validates its inputs, calls one core function and wraps the result."""
+from . import system_check
 from .conditioning import glyph, references, token_grid
 from .loaders import captioner as captioner_loader
 from .loaders import cogview4 as cogview4_loaders
@@ -9,7 +10,7 @@ from .sampling import ar, caption, cogview4, cogview_vqvae, decoder, upscale, va
 
 _MODULES = (glm_image_loaders, ar, glyph, decoder, vae, references, caption,
             cogview4_loaders, cogview4, cogview_vqvae, captioner_loader, cogview_vqvae_loader, upscale, token_grid,
-            lora_loaders)
+            lora_loaders, system_check)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

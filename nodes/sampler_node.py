@@ -41,6 +41,7 @@ class SamplerNode:
         settings = check_now(values, *self.CHECKS)
         return Checked(settings, from_widgets(RunOptions, values))
 
-    def on_device(self, *models):
-        """The models on the compute device for the run (ComfyUI's memory manager inside ComfyUI)."""
-        return memory.on_compute_device(*models, stage=self.STAGE, advice=self.ADVICE)
+    def on_device(self, *models, **placement):
+        """The models on the compute device for the run (ComfyUI's memory manager inside ComfyUI); ``placement``:
+        more of ``on_compute_device``'s options (``memory_required``)."""
+        return memory.on_compute_device(*models, stage=self.STAGE, advice=self.ADVICE, **placement)

@@ -257,3 +257,12 @@ def test_validate_inputs_refuses_before_anything_loads(comfy, tmp_path, node, ch
     expected = f"node {_node_id(graph, node)} ({node}): custom_validation_failed: "
     assert len(lines) == 2 and lines[1].startswith(expected), lines
     assert message in lines[1], lines
+
+
+def test_system_check_node_reports_inside_comfyui(comfy):
+    graph = {"check": {"class_type": "GLMImageSystemCheck", "inputs": {}}}
+    client_id = uuid.uuid4().hex
+    history = client.follow(comfy.url, client.submit(comfy.url, graph, client_id), client_id, lambda event: None)
+    text = history["outputs"]["check"]["text"][0]
+    assert text.startswith("GLM-Image system check") and "torch: " in text and "RAM free (GiB)" in text
+    assert "No CUDA device" in text  # ComfyUI runs on the CPU here

@@ -82,3 +82,17 @@ def test_captured_and_compiled_steps_give_the_eager_tokens(tmp_path):
     assert torch.equal(runs["cuda graph"], runs["eager"])
     # inductor's own fusions may round differently from the fused kernels: allow rare differences
     assert (runs["compiled"] == runs["eager"]).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_fused_op_passes_its_self_check_on_the_gpu(dtype):
+    """What a user's first run does: each op checked once against its reference (core/cuda/self_check.py)."""
+    from glm_image_nodes.core.cuda import self_check
+    from glm_image_nodes.core.formats import fp8
+    device = torch.device("cuda", torch.cuda.current_device())
+    ops = [op for op in self_check.CHECKS if op != "scaled_mm"]
+    if dtype == torch.bfloat16 and fp8.has_fp8_matmul(device):
+        ops.append("scaled_mm")
+    verdicts = [v for v in self_check.check_all(device, dtype, ops) if v.dtype == str(dtype)[6:]]
+    failed = {v.op: v.cause for v in verdicts if not v.ok}
+    assert not failed, failed

@@ -28,6 +28,8 @@ def test_launch_count(capsys):
     # the fused AR seam: per layer 6 GEMMs, 2 add+norm, 1 rope+cache write, 2 attention kernels, 1 silu*up
     per_layer = ar["pack eager"]["launches"] - ar["pack fused"]["launches"]
     assert per_layer > 0
+    # Python-level fused calls per token: the first RMSNorm, then per layer 2 add+norm, silu*up, decode attention
+    assert ar["pack fused"]["custom_op_calls"] == 1 + 4 * 2 and ar["pack eager"]["custom_op_calls"] == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"AR decode: {ar['pack fused']['aten_ops']:.0f} aten ops per token (fused eager path)"
 

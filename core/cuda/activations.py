@@ -20,7 +20,7 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 if HAVE_TRITON:
     @triton.jit
     def silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * stride may pass 2^31
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         dtype: tl.constexpr = out_ptr.dtype.element_ty

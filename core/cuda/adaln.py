@@ -36,7 +36,7 @@ if HAVE_TRITON:
                      stride_branch, stride_out, smod_gate, smod_scale, smod_shift, eps,
                      GATED: tl.constexpr, MODULATE: tl.constexpr, BLOCK: tl.constexpr):
         """GATED: ``x = x + branch * gate`` (stored to x_out); MODULATE: ``out = LN(x) * (1 + scale) + shift``."""
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # rows * width passes 2^31 at 2048x2048 x 16 images with CFG
         b = row // seq
         offs = tl.arange(0, BLOCK)
         mask = offs < n

@@ -94,51 +94,59 @@ if HAVE_TRITON:
             tl.store(ck_ptr + cache_row + index * sc_l + offs_d, k_new.to(dtype))
             tl.store(cv_ptr + cache_row + index * sc_l + offs_d, v_new.to(dtype))
         stop = tl.minimum(end, index + 1)  # nothing after the current slot is visible
-        for j in range(start, stop, BLOCK_N):
-            offs_n = j + tl.arange(0, BLOCK_N)
-            live = offs_n < stop
-            current = (offs_n == index)[:, None]
-            keys = tl.load(ck_ptr + cache_row + offs_n[:, None] * sc_l + offs_d[None, :], mask=live[:, None],
-                           other=0.0).to(tl.float32)
-            keys = tl.where(current, k_new[None, :], keys)
-            valid = tl.load(valid_ptr + b * s_valid + offs_n, mask=live, other=0) != 0
-            seen = live & (valid | (offs_n == index))
-            scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
-            scores = tl.where(seen[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            values = tl.load(cv_ptr + cache_row + offs_n[:, None] * sc_l + offs_d[None, :], mask=live[:, None],
-                             other=0.0).to(tl.float32)
-            values = tl.where(current, v_new[None, :], values)
-            acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
+        # a constant trip count with a guard, not range(start, stop): Triton 3.6's interpreter cannot take a
+        # loaded loop bound, and a split is a few blocks long
+        for i in range(SPLIT_BLOCKS):
+            j = start + i * BLOCK_N
+            if j < stop:
+                offs_n = j + tl.arange(0, BLOCK_N)
+                live = offs_n < stop
+                current = (offs_n == index)[:, None]
+                keys = tl.load(ck_ptr + cache_row + offs_n[:, None] * sc_l + offs_d[None, :], mask=live[:, None],
+                               other=0.0).to(tl.float32)
+                keys = tl.where(current, k_new[None, :], keys)
+                valid = tl.load(valid_ptr + b * s_valid + offs_n, mask=live, other=0) != 0
+                seen = live & (valid | (offs_n == index))
+                scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
+                scores = tl.where(seen[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                p = tl.exp(scores - m_new[:, None])
+                alpha = tl.exp(m_i - m_new)
+                values = tl.load(cv_ptr + cache_row + offs_n[:, None] * sc_l + offs_d[None, :], mask=live[:, None],
+                                 other=0.0).to(tl.float32)
+                values = tl.where(current, v_new[None, :], values)
+                acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
         row = (b * kv_heads * GROUP + kvh * GROUP + offs_g) * splits + split
         tl.store(acc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=in_group[:, None])
         tl.store(ml_ptr + row * 2, m_i, mask=in_group)
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=in_group)
 
     @triton.jit
-    def decode_merge_kernel(acc_ptr, ml_ptr, out_ptr, splits, so_bh, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def decode_merge_kernel(acc_ptr, ml_ptr, out_ptr, splits, so_bh, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                            MAX_SPLITS: tl.constexpr):
         bh = tl.program_id(0)
         dtype: tl.constexpr = out_ptr.dtype.element_ty
         offs_d = tl.arange(0, D)
         m_max = tl.full((BLOCK_S,), NEG, tl.float32)
-        for s in range(0, splits, BLOCK_S):
-            offs_s = s + tl.arange(0, BLOCK_S)
-            m_max = tl.maximum(m_max, tl.load(ml_ptr + (bh * splits + offs_s) * 2, mask=offs_s < splits, other=NEG))
+        for s in range(0, MAX_SPLITS, BLOCK_S):  # constant bounds, guarded: see decode_partial_kernel
+            if s < splits:
+                offs_s = s + tl.arange(0, BLOCK_S)
+                m_max = tl.maximum(m_max, tl.load(ml_ptr + (bh * splits + offs_s) * 2, mask=offs_s < splits,
+                                                  other=NEG))
         m_max = tl.max(m_max, axis=0)
         total = tl.zeros((D,), tl.float32)
         weight = tl.zeros((BLOCK_S,), tl.float32)
-        for s in range(0, splits, BLOCK_S):
-            offs_s = s + tl.arange(0, BLOCK_S)
-            live = offs_s < splits
-            row = bh * splits + offs_s
-            w = tl.where(live, tl.exp(tl.load(ml_ptr + row * 2, mask=live, other=NEG) - m_max), 0.0)
-            weight += w * tl.load(ml_ptr + row * 2 + 1, mask=live, other=0.0)
-            acc = tl.load(acc_ptr + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
-            total += tl.sum(acc * w[:, None], axis=0)
+        for s in range(0, MAX_SPLITS, BLOCK_S):
+            if s < splits:
+                offs_s = s + tl.arange(0, BLOCK_S)
+                live = offs_s < splits
+                row = bh * splits + offs_s
+                w = tl.where(live, tl.exp(tl.load(ml_ptr + row * 2, mask=live, other=NEG) - m_max), 0.0)
+                weight += w * tl.load(ml_ptr + row * 2 + 1, mask=live, other=0.0)
+                acc = tl.load(acc_ptr + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
+                total += tl.sum(acc * w[:, None], axis=0)
         out = total / tl.sum(weight, axis=0)
         tl.store(out_ptr + bh * so_bh + offs_d, round_to(out, dtype).to(dtype))
 
@@ -163,5 +171,6 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         GROUP=group, BLOCK_G=block_size(group), D=d, R=cos.shape[-1], BLOCK_N=BLOCK_N, SPLIT_BLOCKS=blocks_per_split,
         num_warps=8)
     out = torch.empty(b, 1, heads * d, dtype=q.dtype, device=q.device)
-    decode_merge_kernel[(b * heads,)](acc, ml, out, splits, d, D=d, BLOCK_S=16, num_warps=2)
+    assert splits <= TARGET_PROGRAMS, splits
+    decode_merge_kernel[(b * heads,)](acc, ml, out, splits, d, D=d, BLOCK_S=16, MAX_SPLITS=TARGET_PROGRAMS, num_warps=2)
     return out

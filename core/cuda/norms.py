@@ -33,7 +33,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * stride may pass 2^31
         offs = tl.arange(0, BLOCK)
         mask = offs < n
         dtype: tl.constexpr = out_ptr.dtype.element_ty
@@ -44,7 +44,7 @@ if HAVE_TRITON:
     @triton.jit
     def add_rms_norm_kernel(res_ptr, branch_ptr, wb_ptr, wn_ptr, x_out_ptr, h_out_ptr, stride_res, stride_branch,
                             stride_out, n, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
         dtype: tl.constexpr = x_out_ptr.dtype.element_ty

@@ -62,7 +62,7 @@ if HAVE_TRITON:
     @triton.jit
     def qk_layernorm_rope_kernel(t_ptr, cos_ptr, sin_ptr, out_ptr, seq, heads, n_text, st_b, st_s, st_h,
                                  so_b, so_h, so_s, eps, D: tl.constexpr, BLOCK_H: tl.constexpr):
-        pid = tl.program_id(0)
+        pid = tl.program_id(0).to(tl.int64)  # b * st_b + s * st_s passes 2^31 at large batches
         b = pid // seq
         s = pid % seq
         dtype: tl.constexpr = out_ptr.dtype.element_ty

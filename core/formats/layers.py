@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fp8, ggml
+from ..cuda import dispatch
+from . import direct_dequant, fp8, ggml
 
 WeightPatch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,7 +37,8 @@ def dequantize_packed(data: torch.Tensor, kind: str, shape: tuple[int, ...], sca
                       dtype: torch.dtype) -> torch.Tensor:
     if kind == "fp8":
         return fp8.dequantize(data, scale, dtype)
-    return ggml.dequantize(data, ggml.QTYPES[kind], shape).to(dtype)
+    direct = direct_dequant.gguf_to(data, kind, shape, dtype)
+    return direct if direct is not None else ggml.dequantize(data, ggml.QTYPES[kind], shape).to(dtype)
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -127,7 +129,8 @@ class Linear(PackedLayer, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         device, dtype = x.device, x.dtype if x.is_floating_point() else self.compute_dtype
         if self.weight_kind == "fp8" and not self.patched and dtype in (torch.bfloat16, torch.float16):
-            if fp8.has_fp8_matmul(device) and fp8.fits_scaled_mm(self.weight):
+            if (fp8.has_fp8_matmul(device) and fp8.fits_scaled_mm(self.weight)
+                    and dispatch.use_checked("scaled_mm", x)):
                 return fp8.scaled_mm_linear(x, _on(self.weight, device), _on(self.scale_weight, device),
                                             self.compute_bias(device, dtype))
         return F.linear(x, self.compute_weight(device, dtype), self.compute_bias(device, dtype))

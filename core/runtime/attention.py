@@ -6,9 +6,9 @@ the last key (queries are the newest ``Sq`` of ``Sk`` positions).
 
 Kernels are chosen here and only here:
 - unmasked (causal prefill, the DiT): ``scaled_dot_product_attention`` with ``is_causal`` and ``enable_gqa``,
-  no mask tensor, so CUDA can pick a fused kernel (cuDNN first, then flash, then memory-efficient, in that
-  order); with ``RunOptions(attention="sage")`` or ``"flash"`` (passed as ``options=``) SageAttention or
-  FlashAttention when installed and applicable (CUDA, fp16/bf16; otherwise SDPA);
+  no mask tensor, so CUDA can pick a fused kernel (torch's own choice, see ``sdpa_backends``); with
+  ``RunOptions(attention="sage")`` or ``"flash"`` (passed as ``options=``) SageAttention or FlashAttention when
+  installed and applicable (CUDA, fp16/bf16; otherwise SDPA);
 - masked (padded prompts, the AR decode step on CPU): SDPA under the mask, grouped-query heads folded into the
   query length so K/V are never copied per head;
 - one-token AR decode on CUDA: the pack's Triton flash-decoding kernel (``cached_decode_attention``).
@@ -21,7 +21,6 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..cuda import dispatch
 from ..cuda.rope import rope_kv_write_reference
@@ -34,8 +33,6 @@ class RunOptions(Protocol):
 
 
 BACKENDS = ("auto", "sdpa", "sage", "flash")
-CUDA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
 INSTALL = {"sage": "pip install sageattention", "flash": "pip install flash-attn (or build FlashAttention-3)"}
 
 
@@ -57,9 +54,7 @@ def check_backend(backend: str) -> None:
 
 
 def _sdpa(q, k, v, **kwargs) -> torch.Tensor:
-    if q.is_cuda:
-        with sdpa_kernel(CUDA_PRIORITY, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    """SDPA with the kernel choice left to torch (and to the user's ``torch.backends.cuda`` switches)."""
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from ..host.memory import OutOfMemory, available_memory
 from ..host.progress import Progress
 from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
 from ..runtime import checks
 from ..runtime.options import RunOptions, resolved
+from . import decode_modes
 from .ar_prompt import TextTokenizer, build_ar_inputs
 from .handles import TokenGrid
 from .settings import ARSampling
@@ -166,6 +168,20 @@ def check_prefill_fits(model: GlmImageAR, batch: int, length: int, cache_len: in
                           f"free on {model.device}: shorten the prompt, or lower num_images or the output size.")
 
 
+def generation_memory(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int, width: int,
+                      settings: ARSampling = ARSampling(), source_grids: list[torch.Tensor] | None = None) -> int:
+    """Bytes a generation allocates beside the weights (KV cache, prefill, mask): what a caller reserves before
+    the model is placed, so the capture decision (``decode_modes.steps_for``) sees the placement that leaves
+    room for the cache."""
+    prompts = [p for p in ([prompt] if isinstance(prompt, str) else list(prompt)) for _ in range(settings.num_images)]
+    inputs = build_ar_inputs(tokenizer, prompts, height, width, source_grids)
+    batch, length = inputs.input_ids.shape
+    cache_len = length + inputs.num_new_tokens - 1
+    if settings.decode_steps == "compiled":
+        cache_len = decode_modes.bucketed(cache_len)
+    return model.generation_bytes(batch, length, cache_len, not bool(inputs.attention_mask.all()))
+
+
 @torch.inference_mode()
 def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int,
                         width: int, settings: ARSampling = ARSampling(), *,
@@ -182,6 +198,7 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     seed whichever is chosen (up to kernel rounding on GPUs). ``options``: attention kernel and kernel mode.
     """
     options = resolved(options)
+    decode_steps = settings.decode_steps
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("No prompt given.")
@@ -202,18 +219,23 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     if length + total > context:
         raise ValueError(f"The prompt is {length} tokens and the grid needs {total} more, over the model's context of "
                          f"{context} tokens: shorten the prompt (or use fewer or smaller reference images).")
-    check_prefill_fits(model, batch, length, length + total - 1, not bool(inputs.attention_mask.all()))
+    # compiled: bucketed lengths, so prompts of other lengths reuse the compiled step (decode_modes)
+    cache_len, rows = length + total - 1, total
+    if decode_steps == "compiled":
+        cache_len, rows = decode_modes.bucketed(cache_len), decode_modes.bucketed(total)
+    check_prefill_fits(model, batch, length, cache_len, not bool(inputs.attention_mask.all()))
     input_ids, positions = inputs.input_ids.to(device), inputs.position_ids.to(device)
     decode_positions = inputs.decode_position_ids.to(device)
-    cache = model.new_cache(batch, length + total - 1, inputs.attention_mask)
+    cache = model.new_cache(batch, cache_len, inputs.attention_mask)
+    decode_steps = decode_modes.steps_for(model, decode_steps, device)
     noise = SamplingNoise(torch.Generator(device=device).manual_seed(int(settings.seed)), batch, device,
                           settings.greedy, codebook)
-    cos, sin = mrope_cos_sin(model.config, decode_positions, model.dtype)
+    cos, sin = (F.pad(t, (0, 0, 0, rows - total)) for t in mrope_cos_sin(model.config, decode_positions, model.dtype))
     state = DecodeState(tokens=torch.empty(batch, 1, dtype=torch.long, device=device),
                         index=torch.tensor(length, device=device), step=torch.tensor(1, device=device), cos=cos,
-                        sin=sin, out=torch.empty(batch, total, dtype=torch.long, device=device), noise=noise)
-    step = compiled_decode_step() if settings.decode_steps == "compiled" else decode_step
-    run = StepRunner(settings.decode_steps, device, partial(step, model, cache, state, settings, codebook, options))
+                        sin=sin, out=torch.empty(batch, rows, dtype=torch.long, device=device), noise=noise)
+    step = decode_modes.CompiledStep(compiled_decode_step(), decode_step) if decode_steps == "compiled" else decode_step
+    run = StepRunner(decode_steps, device, partial(step, model, cache, state, settings, codebook, options))
 
     with Progress(total, "GLM-Image AR tokens", enabled=progress) as bar:
         logits = model(input_ids, positions, cache, 0, last_only=True, options=options)[:, -1]
@@ -227,8 +249,7 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
             run()
             bar.update(preview=preview(state.out[:, :k + 1], inputs.grids) if preview is not None else None)
 
-    out = state.out
-    out = out.cpu()
+    out = state.out[:, :total].cpu()
     t = inputs.target
     preview = None
     if len(inputs.grids) == 2:  # text-to-image: the preview comes first

@@ -7,7 +7,7 @@ from ...core.host import memory
 from ...core.runtime import checks
 from ...core.runtime.geometry import check_glm_image_size
 from ...core.stages import handles
-from ...core.stages.ar_sampling import generate_token_grid
+from ...core.stages.ar_sampling import generate_token_grid, generation_memory
 from ...core.stages.settings import DECODE_STEPS, ARSampling
 from ...core.stages.token_preview import ar_preview
 from ..common import Check, attention_input, seed_input, size_input
@@ -81,8 +81,11 @@ class GLMImageARSampler(SamplerNode):
         width, height = output_size(width, height, references)
         check_glm_image_size(height, width)
         source_grids = references.token_ids if references is not None else None
-        with self.on_device(ar_model):
-            settings = replace(run[ARSampling], decode_steps=memory.capturable_steps(ar_model, decode_steps))
+        settings = run[ARSampling]
+        reserve = generation_memory(ar_model.model, ar_model.tokenizer, prompt, height, width, settings,
+                                    source_grids)  # the KV cache: placed before the capture decision
+        with self.on_device(ar_model, memory_required=reserve):
+            settings = replace(settings, decode_steps=memory.capturable_steps(ar_model, decode_steps))
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, settings,
                                        source_grids=source_grids,
                                        preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size),

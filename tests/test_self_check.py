@@ -1,0 +1,171 @@
+"""First-use self-checks of the fused paths, on CPU.
+
+The fused paths are made to look available on CPU (Triton "installed", CPU fp32 tensors accepted by the
+kernels, FP8 GEMMs "supported"), then broken: a kernel that raises (what a missing C compiler or Python.h
+does at the first launch) and one that returns wrong values. The model must run on the references, give the
+reference output, and warn once per broken op; ``GLMIMAGE_KERNELS=fused`` still forces the broken op (and
+raises). With the interpreter, every real kernel passes its own check on its sample.
+"""
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dispatch, norms, rope, self_check  # noqa: E402
+from glm_image_nodes.core.cuda.kernel_checks import kernel_check  # noqa: E402
+from glm_image_nodes.core.formats import fp8  # noqa: E402
+from glm_image_nodes.core.formats.layers import Linear, Packed  # noqa: E402
+from glm_image_nodes.core.models.glm_ar import ARConfig, GlmImageAR  # noqa: E402
+from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
+
+BUILD_ERROR = "Python.h: No such file or directory"
+
+
+@pytest.fixture
+def fused_looks_available(monkeypatch):
+    """CPU fp32 tensors count as kernel tensors; verdicts start empty and are dropped afterwards."""
+    monkeypatch.setattr(dispatch, "HAVE_TRITON", True)
+    monkeypatch.setattr(dispatch, "kernel_tensor", lambda t: t.dtype == torch.float32)
+    self_check.forget()
+    yield
+    self_check.forget()
+
+
+def _raises(*_args):
+    raise RuntimeError(f"/tmp/main.c:5:10: fatal error: {BUILD_ERROR}\ncompilation terminated.")
+
+
+def _wrong_silu_mul(gate_up):
+    return activations.silu_mul_reference(gate_up) * 1.5
+
+
+def _tiny_ar():
+    torch.manual_seed(0)
+    cfg = ARConfig.from_text_config(dict(vocab_size=300, vision_vocab_size=200, hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=32, rope_parameters={"partial_rotary_factor": 0.5,
+                                                                       "mrope_section": [2, 3, 3]}))
+    model = GlmImageAR(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def _generate(model, kernels: str, steps=4):
+    """Prefill of 6 tokens, then greedy decode steps (the fused decode-attention path) under kernel mode
+    ``kernels``: all logits."""
+    options = RunOptions(kernels=kernels)
+    ids = torch.randint(0, 200, (2, 6), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(2, 6 + steps)
+    out = []
+    with torch.no_grad():
+        logits = model(ids, torch.arange(6).expand(3, 2, 6), cache, 0, options=options)
+        out.append(logits)
+        for i in range(steps):
+            nxt = logits[:, -1:].argmax(-1)
+            logits = model(nxt, torch.full((3, 2, 1), 6 + i), cache, torch.tensor(6 + i), options=options)
+            out.append(logits)
+    return torch.cat(out, dim=1)
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+
+
+def test_broken_kernels_fall_back_to_the_references_and_warn_once(fused_looks_available, monkeypatch, caplog):
+    model = _tiny_ar()
+    want = _generate(model, "fused")  # every op's custom op, each running its torch reference on CPU
+    # the SDPA decode path instead of the decode-attention op
+    torch.testing.assert_close(_generate(model, "reference"), want, rtol=0, atol=1e-5)
+    monkeypatch.setitem(dispatch.OPS, "rms_norm", _raises)
+    monkeypatch.setitem(dispatch.OPS, "silu_mul", _wrong_silu_mul)
+    calls = []
+    real_decode = dispatch.OPS["decode_attention"]
+    monkeypatch.setitem(dispatch.OPS, "decode_attention", lambda *a: calls.append(1) or real_decode(*a))
+    with caplog.at_level(logging.WARNING, logger="glm_image_nodes"):
+        got = _generate(model, "auto")
+        again = _generate(model, "auto")
+    assert torch.equal(got, want) and torch.equal(again, want)
+    messages = _warnings(caplog)
+    assert len(messages) == 2, messages  # once per broken op, not per call
+    build, = [m for m in messages if "fused rms_norm" in m]
+    assert BUILD_ERROR in build and "python3-dev" in build and "cpu/float32" in build
+    wrong, = [m for m in messages if "fused silu_mul" in m]
+    assert "differs from the reference by 0.5" in wrong and "glm-image-check" in wrong
+    verdicts = {v.op: v for v in self_check.verdicts()}
+    assert not verdicts["rms_norm"].ok and not verdicts["silu_mul"].ok
+    assert verdicts["add_rms_norm"].ok and verdicts["decode_attention"].ok
+    assert len(calls) > 8  # a passing op does run fused: the check is not a blanket switch-off (1 check + decodes)
+
+
+def test_forced_fused_mode_skips_the_check_and_raises(fused_looks_available, monkeypatch):
+    model = _tiny_ar()
+    monkeypatch.setitem(dispatch.OPS, "rms_norm", _raises)
+    with pytest.raises(RuntimeError, match="Python.h"):
+        _generate(model, "fused")
+    assert self_check.verdicts() == []
+
+
+def test_a_broken_fp8_gemm_falls_back_to_the_dequantized_weight(fused_looks_available, monkeypatch, caplog):
+    layer = Linear(64, 48)
+    layer._init_packing(torch.bfloat16)
+    weight, scale = fp8.quantize(torch.randn(48, 64))
+    layer.assign_weight(Packed(weight, "fp8", (48, 64), scale), torch.device("cpu"))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x, fp8.dequantize(weight, scale, torch.bfloat16), layer.bias.bfloat16())
+    gemm_calls = []
+    monkeypatch.setattr(fp8, "has_fp8_matmul", lambda device: True)
+    monkeypatch.setattr(fp8, "scaled_mm_linear", lambda *a, **k: gemm_calls.append(1) or _raises())
+    with caplog.at_level(logging.WARNING, logger="glm_image_nodes"):
+        for _ in range(3):
+            assert torch.equal(layer(x), want)
+    assert len(gemm_calls) == 1  # the check only
+    message, = _warnings(caplog)
+    assert "fused scaled_mm on cpu/bfloat16" in message
+
+
+def test_a_working_fp8_gemm_passes_its_check(fused_looks_available, monkeypatch):
+    """The real ``scaled_mm_linear`` (torch's CPU ``_scaled_mm``) is within the stated FP8 tolerance."""
+    assert self_check.passed("scaled_mm", torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("op, kernel", [
+    ("rms_norm", norms.rms_norm_triton), ("add_rms_norm", norms.add_rms_norm_triton),
+    ("silu_mul", activations.silu_mul_triton), ("decode_attention", decode_attention.decode_attention_triton),
+    ("qk_layernorm_rope", rope.qk_layernorm_rope_triton), ("layernorm_modulate", adaln.layernorm_modulate_triton),
+    ("gated_residual", adaln.gated_residual_triton),
+    ("gated_residual_layernorm_modulate", adaln.gated_residual_layernorm_modulate_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_passes_its_own_check_in_the_interpreter(monkeypatch, op, kernel, dtype):
+    pytest.importorskip("triton")
+    from triton_harness import interpreted
+    interpreted(monkeypatch)
+    module = sys.modules[kernel.__module__]
+    check = kernel_check(op, lambda *args: getattr(module, kernel.__name__)(*args))
+    assert self_check._run(check, torch.device("cpu"), dtype) == ""
+    broken = kernel_check(op, lambda *args: tuple(t * 1.1 for t in _as_tuple(getattr(module, kernel.__name__)(*args))))
+    assert "differs from the reference" in self_check._run(broken, torch.device("cpu"), dtype)
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def test_eager_cuda_calls_launch_triton_directly_and_compiled_ones_keep_the_custom_op(monkeypatch):
+    """Eagerly on CUDA the model calls each Triton launcher without the custom-op dispatcher (host time per AR
+    token); under torch.compile it keeps the opaque custom op. CPU tensors stand in for CUDA ones."""
+    launched, dispatched = [], []
+    monkeypatch.setattr(dispatch, "launches_directly",
+                        lambda t: not torch.compiler.is_compiling())
+    monkeypatch.setitem(dispatch.TRITON, "rms_norm", lambda *a: launched.append(1) or norms.rms_norm_reference(*a))
+    real = dispatch.OPS["rms_norm"]
+    monkeypatch.setitem(dispatch.OPS, "rms_norm", lambda *a: dispatched.append(1) or real(*a))
+    x, w = torch.randn(3, 64), torch.randn(64)
+    want = norms.rms_norm_reference(x, w, 1e-5)  # kernel mode fused, passed with each call
+    assert torch.equal(dispatch.rms_norm(x, w, 1e-5, "fused"), want) and (launched, dispatched) == ([1], [])
+    compiled = torch.compile(lambda a: dispatch.rms_norm(a, w, 1e-5, "fused"), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), want) and launched == [1] and dispatched

@@ -1,0 +1,80 @@
+"""The system check on a machine without CUDA: versions, memory and the launcher's build needs, no GPU parts;
+the same text from the node and the console script; a failed self-check shows its cause on a (faked) GPU."""
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+import torch
+from glm_image_nodes.core.cuda import self_check
+from glm_image_nodes.core.stages import system_check
+from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_report_has_the_machine_and_no_gpu_parts():
+    info = system_check.report("cpu")
+    assert info["torch"] == torch.__version__ and info["device"] == "cpu"
+    assert 0 < info["ram_free_gib"] <= info["ram_total_gib"]
+    assert isinstance(info["python_h"], bool) and "sage_installed" in info and "flash_installed" in info
+    for gpu_key in ("gpu", "capability", "vram_free_gib", "fused_ops", "fp8_gemm", "sdpa_dit", "driver"):
+        assert gpu_key not in info
+    text = system_check.format_report(info)
+    assert f"torch: {torch.__version__}" in text and "RAM free (GiB)" in text
+    assert "No CUDA device" in text
+
+
+def test_node_and_console_script_print_the_report(capsys):
+    node = NODE_CLASS_MAPPINGS["GLMImageSystemCheck"]
+    assert NODE_DISPLAY_NAME_MAPPINGS["GLMImageSystemCheck"] == "GLM-Image System Check"
+    assert node.INPUT_TYPES() == {"required": {}} and node.OUTPUT_NODE
+    out = node().check()
+    text, = out["result"]
+    assert out["ui"]["text"] == [text] and text.startswith("GLM-Image system check")
+    assert system_check.main(["--device", "cpu"]) == 0
+    assert f"torch: {torch.__version__}" in capsys.readouterr().out
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["glm-image-check"].split(":")
+    assert module == "glm_image_nodes.core.stages.system_check" and function == "main"
+    assert "GLM-Image System Check" in (ROOT / "README.md").read_text()
+
+
+def test_gpu_report_names_failed_ops_and_causes(monkeypatch):
+    """CUDA faked: the report runs the checks on the device and prints each op's verdict and cause."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(system_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(system_check.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(system_check.torch.cuda, "mem_get_info", lambda d: (3 * 2 ** 30, 24 * 2 ** 30))
+    monkeypatch.setattr(system_check.torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(system_check.torch.cuda, "get_device_name", lambda d: "Fake RTX 3090")
+    monkeypatch.setattr(system_check.torch.cuda, "get_device_capability", lambda d: (8, 6))
+    monkeypatch.setattr(system_check.fp8, "has_fp8_matmul", lambda d: False)
+    monkeypatch.setattr(system_check, "HAVE_TRITON", True)
+    monkeypatch.setattr(system_check, "_sdpa_choice", lambda device, dtype, shape: ["flash", "efficient", "math"])
+    seen = []
+
+    def check_all(device, dtype, ops):
+        seen.append((device, dtype))
+        return [self_check.Verdict(op, str(device), "float32", op != "rms_norm",
+                                   "RuntimeError: Python.h: No such file or directory" if op == "rms_norm" else "")
+                for op in ops]
+
+    monkeypatch.setattr(system_check.self_check, "check_all", check_all)
+    info = system_check.report(None)
+    assert seen == [(torch.device("cuda", 0), torch.float32)] and cpu.type == "cpu"
+    assert info["fused_ops"]["rms_norm"].endswith("No such file or directory")
+    assert info["fused_ops"]["silu_mul"] == "passed" and "scaled_mm" not in info["fused_ops"]
+    assert info["cudnn_first_by_torch"] is False and info["vram_free_gib"] == 3.0
+    text = system_check.format_report(info)
+    assert "  rms_norm: RuntimeError: Python.h" in text and "GPU: Fake RTX 3090" in text
+    assert "SDPA kernels for the DiT (torch's pick first): flash, efficient, math" in text
+    assert "No CUDA device" not in text
+
+
+def test_console_script_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); import conftest; "
+                          "from glm_image_nodes.core.stages.system_check import main; main(['--device', 'cpu'])"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "GLM-Image system check" in out.stdout
