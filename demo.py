@@ -33,8 +33,6 @@ def build_graph(weights: str, args) -> dict:
             inputs.update(checkpoint=weights, dtype=args.dtype)
         elif node["class_type"] == "GLMImageARSampler":
             inputs.update(prompt=args.prompt, width=args.width, height=args.height, seed=args.seed)
-        elif node["class_type"] == "GLMImageGlyphConditioning":
-            inputs.update(prompt=args.prompt)
         elif node["class_type"] == "GLMImageDecoderSampler":
             inputs.update(seed=args.seed, steps=args.steps)
     return graph

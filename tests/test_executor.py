@@ -57,7 +57,7 @@ MALFORMED = [
                                                                "node nor one of the core nodes"),
     (edit(t2i(), "7", tokens=["99", 0]), "node 7 (GLMImageDecoderSampler): input 'tokens' links to node 99, which is "
                                          "not in the workflow: link it to an existing node"),
-    (edit(t2i(), "7", tokens=["5", 3]), "input 'tokens' links to output 3 of node 5 (GLMImageARSampler), which has 1 "
+    (edit(t2i(), "7", tokens=["5", 3]), "input 'tokens' links to output 3 of node 5 (GLMImageARSampler), which has 2 "
                                         "output(s)"),
     (edit(t2i(), "7", tokens=["6", 0]), "input 'tokens' takes GLMIMAGE_TOKENS but output 0 of node 6 "
                                         "(GLMImageGlyphConditioning) gives GLMIMAGE_GLYPH: link a GLMIMAGE_TOKENS output"),
@@ -150,6 +150,36 @@ def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, 
         NODES["GLMImageVAEDecode"].decode = decode
     assert isinstance(error.value.error, comfy_compat.Interrupted)
     assert len(executor.run(round_trip(release))) == 1
+
+
+def tiny_t2i(release: str, prefix: str) -> dict:
+    graph = t2i()
+    for node in graph.values():
+        if "checkpoint" in node["inputs"]:
+            node["inputs"].update(checkpoint=release, dtype="fp32")
+    graph["5"]["inputs"].update(width=512, height=512)
+    graph["7"]["inputs"].update(steps=2)
+    graph["9"]["inputs"].update(filename_prefix=prefix)
+    return graph
+
+
+def test_the_glyph_gets_the_prompt_typed_on_the_ar_sampler_and_older_workflows_still_run(release, folders):
+    """Glyph Conditioning reads the AR sampler's prompt output; a workflow from before, with the prompt typed on
+    both nodes, runs and makes the same image."""
+    executor = Executor(NODES, folders[0], input_dir=folders[1])
+    linked = tiny_t2i(release, "linked")
+    assert linked["6"]["inputs"]["prompt"] == ["5", 1]
+    typed_twice = tiny_t2i(release, "typed_twice")
+    typed_twice["6"]["inputs"]["prompt"] = typed_twice["5"]["inputs"]["prompt"]
+    other_text = tiny_t2i(release, "other_text")
+    other_text["6"]["inputs"]["prompt"] = 'a sign that reads "Closed"'
+    images = {}
+    for graph in (linked, typed_twice, other_text):
+        (path,) = executor.run(graph)
+        with Image.open(path) as image:
+            images[graph["9"]["inputs"]["filename_prefix"]] = image.tobytes()
+    assert images["linked"] == images["typed_twice"]
+    assert images["linked"] != images["other_text"]  # the glyph text does reach the image
 
 
 def test_node_errors_name_the_node(release, folders):
