@@ -128,6 +128,10 @@ def test_round_trip_saves_inside_the_output_folder(release, folders):
     assert saved == [os.path.join(os.path.realpath(out), "sub", "trip_00000.png")]
     with Image.open(saved[0]) as image:
         assert image.size == (64, 48)
+    # numbered after the highest image there, like ComfyUI's SaveImage: the next run never overwrites it
+    again = Executor(NODES, out, input_dir=folders[1]).run(round_trip(release, prefix="sub/trip"))
+    assert again == [os.path.join(os.path.realpath(out), "sub", "trip_00001.png")]
+    assert sorted(os.listdir(os.path.join(out, "sub"))) == ["trip_00000.png", "trip_00001.png"]
 
 
 def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, folders):
