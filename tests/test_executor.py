@@ -156,31 +156,26 @@ def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, 
     assert len(executor.run(round_trip(release))) == 1
 
 
-def tiny_t2i(release: str, prefix: str) -> dict:
+def test_the_glyph_gets_the_prompt_typed_on_the_ar_sampler_and_older_workflows_still_run(release, folders):
+    """Glyph Conditioning reads the AR sampler's prompt output; the same graph with the prompt typed on Glyph
+    Conditioning as well (a workflow from before) makes the same image. One run: both branches share the AR."""
     graph = t2i()
     for node in graph.values():
         if "checkpoint" in node["inputs"]:
             node["inputs"].update(checkpoint=release, dtype="fp32")
     graph["5"]["inputs"].update(width=512, height=512)
     graph["7"]["inputs"].update(steps=2)
-    graph["9"]["inputs"].update(filename_prefix=prefix)
-    return graph
-
-
-def test_the_glyph_gets_the_prompt_typed_on_the_ar_sampler_and_older_workflows_still_run(release, folders):
-    """Glyph Conditioning reads the AR sampler's prompt output; a workflow from before, with the prompt typed on
-    both nodes, runs and makes the same image (test_end_to_end: the glyph enters the image as in the reference)."""
-    executor = Executor(NODES, folders[0], input_dir=folders[1])
-    linked = tiny_t2i(release, "linked")
-    assert linked["6"]["inputs"]["prompt"] == ["5", 1]
-    typed_twice = tiny_t2i(release, "typed_twice")
-    typed_twice["6"]["inputs"]["prompt"] = typed_twice["5"]["inputs"]["prompt"]
-    images = {}
-    for graph in (linked, typed_twice):
-        (path,) = executor.run(graph)
-        with Image.open(path) as image:
-            images[graph["9"]["inputs"]["filename_prefix"]] = image.tobytes()
-    assert images["linked"] == images["typed_twice"]
+    assert graph["6"]["inputs"]["prompt"] == ["5", 1]
+    typed = copy.deepcopy({"16": graph["6"], "17": graph["7"], "18": graph["8"], "19": graph["9"]})
+    typed["16"]["inputs"]["prompt"] = graph["5"]["inputs"]["prompt"]
+    typed["17"]["inputs"]["glyph"] = ["16", 0]
+    typed["18"]["inputs"]["latent"] = ["17", 0]
+    typed["19"]["inputs"].update(images=["18", 0], filename_prefix="typed_twice")
+    graph["9"]["inputs"]["filename_prefix"] = "linked"
+    linked_path, typed_path = Executor(NODES, folders[0], input_dir=folders[1]).run({**graph, **typed})
+    with Image.open(linked_path) as linked, Image.open(typed_path) as typed_twice:
+        assert "linked" in linked_path and "typed_twice" in typed_path
+        assert linked.tobytes() == typed_twice.tobytes()
 
 
 def test_node_errors_name_the_node(release, folders):
