@@ -47,7 +47,7 @@ def test_tiny_run_records_every_stage_and_makes_the_image(memory, tmp_path):
     assert sizes["latent_shape"] == [1, 16, 64, 72]
     assert (sizes["prompt_tokens"], sizes["negative_tokens"]) == (48, 16)  # different lengths: CFG as 2 forwards
     for name, model in report["models"].items():
-        assert model["params"] > 0 and model["dtype"] == "float32", name  # fp32: bf16 is slow on CPUs without AVX512-BF16
+        assert model["params"] > 0 and model["dtype"] == "float32", name  # fp32: bf16 is slow without AVX512-BF16
         assert model["device_after_run"] == "cpu", name
 
 
