@@ -34,8 +34,10 @@ class GLMImageARSampler:
                    "prompt. With references it edits: their tokens enter the context and only the target grid is "
                    "generated.")
     CATEGORY = category("sampling")
-    RETURN_TYPES = (handles.TOKENS,)
-    RETURN_NAMES = ("tokens",)
+    RETURN_TYPES = (handles.TOKENS, "STRING")
+    RETURN_NAMES = ("tokens", "prompt")
+    OUTPUT_TOOLTIPS = ("The token grid for the decoder sampler.",
+                       "The prompt, unchanged: connect it to Glyph Conditioning's prompt so it is typed once.")
     FUNCTION = "sample"
 
     @classmethod
@@ -91,7 +93,7 @@ class GLMImageARSampler:
                                        source_grids=source_grids,
                                        preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size),
                                        decode_steps=decode_steps)
-        return (grid,)
+        return grid, prompt
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageARSampler": GLMImageARSampler}
