@@ -163,7 +163,9 @@ def post_json(url: str, body: dict, timeout: float, interrupt_check: Callable[[]
         if error.code == 404:
             raise RemoteARError(f"{url} answered 404: no /generate there; the endpoint is the server's base URL "
                                 f"(e.g. http://host:30000).")
-        raise RemoteARError(f"{url} answered HTTP {error.code}: {_server_message(error)}")
+        hint = (" (the server failed while running it, e.g. its AR replica died: check the server's log, then queue "
+                "the prompt again)" if error.code >= 500 and error.code != 503 else "")
+        raise RemoteARError(f"{url} answered HTTP {error.code}: {_server_message(error)}{hint}")
     if isinstance(error, urllib.error.URLError):
         reason = error.reason
         if isinstance(reason, (TimeoutError, socket.timeout)):
