@@ -32,6 +32,7 @@ import torch
 from ..runtime import checks
 from ..runtime.handles import TokenGrid
 from .ar_prompt import ARInputs, TextTokenizer, build_ar_inputs
+from .ar_sampling import check_sampling_settings
 
 MASK_BIAS = -1.0e9       # added to the logits of ids the pack never samples (>= the codebook size)
 POLL_SECONDS = 0.1       # how often a waiting request looks at the interrupt check
@@ -51,7 +52,6 @@ class RemoteSampling:
     top_k: int = 16512
 
     def __post_init__(self):
-        from .ar_sampling import check_sampling_settings
         check_sampling_settings(self.temperature, self.top_k, self.top_p, 1)
         checks.check_seed(self.seed)
 
