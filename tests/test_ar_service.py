@@ -150,3 +150,36 @@ def _up(url: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def test_overload_is_a_503_with_the_reason_and_the_service_goes_on(ar_service, local):
+    url, _ = ar_service
+    body, _ = build_generate_request(local[1], "a cat", 128, 96, RemoteSampling(seed=1))
+    outcomes: list = []
+
+    def send():
+        try:
+            post_json(url + "/generate", body, 120)
+            outcomes.append("ok")
+        except RemoteARError as e:
+            outcomes.append(str(e))
+
+    threads = [threading.Thread(target=send) for _ in range(20)]  # the fixture's queue holds 8 per replica
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    refused = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) == 20 and refused and "ok" in outcomes, outcomes
+    assert all("HTTP 503" in o for o in refused), refused
+    assert any("overloaded" in o or "backpressure" in o.lower() for o in refused), refused
+    _same(*_both(url, local, "after the rush", 2))
+
+
+def test_command_refuses_a_bad_release_before_starting_ray(tmp_path, capsys):
+    from glm_image_nodes.serving import cli
+    with pytest.raises(SystemExit):
+        cli.main(["--release", str(tmp_path / "missing")])
+    assert "is not a folder: give the GLM-Image release folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="bad release: No GLM-Image tokenizer found"):
+        cli.main(["--release", str(tmp_path)])
