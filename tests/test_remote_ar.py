@@ -155,7 +155,8 @@ def test_batched_rows_equal_the_local_sampler(release):
     _, model, tok = release
     ids = prompt_ids(tok)
     cases = [("a cat", 3, {}), ("a much longer prompt about 32 dogs on a mat", 4, {"temperature": 1.2, "top_k": 40}),
-             ("x", 3, {"temperature": 0.0}), ("a cat", 5, {"top_p": 0.3})]
+             ("x", 3, {"temperature": 0.0}), ("a cat", 5, {"top_p": 0.3}), ("a dog on a sofa", 6, {}),
+             ("y", 4, {"temperature": 0.0})]
     requests = [_request(tok, p, s, **kw) for p, s, kw in cases]
     assert len({written_grids(r, ids) for r in requests}) == 1
     batched = generate_batch(model, requests, ids)

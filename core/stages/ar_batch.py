@@ -127,14 +127,25 @@ def generate_batch(model: GlmImageAR, requests: list[TokenRequest], ids: PromptI
     cos, sin = mrope_cos_sin(model.config, decode, model.dtype)
     out = torch.empty(batch, total, dtype=torch.long, device=device)
     out[:, 0] = torch.cat(first)
+    groups = _settings_groups(requests, device)
     for k in range(1, total):
         if on_step is not None:
             on_step(k, total)
         position = torch.tensor([k - 1], device=device)
         rope = cos.index_select(2, position), sin.index_select(2, position)
         logits = model(out[:, k - 1:k], None, cache, torch.tensor(length + k - 1, device=device), rope=rope)[:, -1]
-        for i, (request, noise) in enumerate(zip(requests, noises)):
+        for noise in noises:
             noise.refill_for(k)
-            out[i, k] = sample_codebook_ids(logits[i:i + 1], request.temperature, request.top_k, request.top_p,
-                                            noise.at(k), codebook)[0]
+        for (temperature, top_k, top_p), rows in groups:
+            # row-wise filters: one call for the rows that share settings gives each row what it gets alone
+            noise = None if temperature == 0 else torch.cat([noises[i].at(k) for i in rows.tolist()])
+            out[rows, k] = sample_codebook_ids(logits.index_select(0, rows), temperature, top_k, top_p, noise,
+                                               codebook)
     return out.cpu().tolist()
+
+
+def _settings_groups(requests: list[TokenRequest], device) -> list[tuple[tuple, torch.Tensor]]:
+    groups: dict = {}
+    for i, r in enumerate(requests):
+        groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+    return [(key, torch.tensor(rows, device=device)) for key, rows in groups.items()]
