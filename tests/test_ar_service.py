@@ -17,7 +17,7 @@ import torch
 from glm_image_nodes.core.models.glm_ar import load_ar_model
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
-from glm_image_nodes.core.stages.remote_ar import (RemoteARError, RemoteSampling, build_generate_request,
+from glm_image_nodes.core.stages.remote_ar import (RemoteARError, SeededSampling, build_generate_request,
                                                    generate_token_grid_remote, post_json)
 from ray_service import health, wait_healthy
 
@@ -38,7 +38,7 @@ def _size(sources):
 
 def _both(url, local, prompt, seed, sources=None, **kw):
     model, tok = local
-    remote = generate_token_grid_remote(url, tok, prompt, *_size(sources), RemoteSampling(seed=seed, **kw), sources,
+    remote = generate_token_grid_remote(url, tok, prompt, *_size(sources), SeededSampling(seed=seed, **kw), sources,
                                         timeout=120)
     alone = generate_token_grid(model, tok, prompt, *_size(sources), seed=seed, source_grids=sources, **kw)
     return remote, alone
@@ -70,7 +70,7 @@ def test_batched_with_other_seeds_and_prompt_lengths(ar_service, local):
         prompt, seed, sources, kw = case
         try:
             results[i] = generate_token_grid_remote(url, local[1], prompt, *_size(sources),
-                                                    RemoteSampling(seed=seed, **kw), sources, timeout=120)
+                                                    SeededSampling(seed=seed, **kw), sources, timeout=120)
         except Exception as e:  # handed to the test thread
             results[i] = e
 
@@ -99,7 +99,7 @@ def _raw_post(url: str, body: dict) -> socket.socket:
 
 def test_survives_a_client_that_disconnects(ar_service, local):
     url, _ = ar_service
-    body, _ = build_generate_request(local[1], "a cat", 128, 96, RemoteSampling(seed=5))
+    body, _ = build_generate_request(local[1], "a cat", 128, 96, SeededSampling(seed=5))
     for _ in range(2):
         _raw_post(url, body).close()  # gone before the reply
     _same(*_both(url, local, "a dog", 6))
@@ -108,7 +108,7 @@ def test_survives_a_client_that_disconnects(ar_service, local):
 
 def test_bad_request_is_a_400_with_the_reason(ar_service, local):
     url, _ = ar_service
-    body, _ = build_generate_request(local[1], "a cat", 128, 96, RemoteSampling(seed=5))
+    body, _ = build_generate_request(local[1], "a cat", 128, 96, SeededSampling(seed=5))
     body["sampling_params"]["max_new_tokens"] = 10
     with pytest.raises(RemoteARError, match=r"HTTP 400: sampling_params.max_new_tokens must be 247"):
         post_json(url + "/generate", body, 30)
@@ -118,7 +118,7 @@ def test_killed_replica_gives_a_clear_error_then_recovers(ar_service, local):
     import ray
     url, _ = ar_service
     pid = health(url)["pid"]
-    body, _ = build_generate_request(local[1], "a cat " * 40, 128, 96, RemoteSampling(seed=8))
+    body, _ = build_generate_request(local[1], "a cat " * 40, 128, 96, SeededSampling(seed=8))
     failure: dict = {}
 
     def wait():
@@ -154,7 +154,7 @@ def _up(url: str) -> bool:
 
 def test_overload_is_a_503_with_the_reason_and_the_service_goes_on(ar_service, local):
     url, _ = ar_service
-    body, _ = build_generate_request(local[1], "a cat", 128, 96, RemoteSampling(seed=1))
+    body, _ = build_generate_request(local[1], "a cat", 128, 96, SeededSampling(seed=1))
     outcomes: list = []
 
     def send():

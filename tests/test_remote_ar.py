@@ -10,17 +10,20 @@ restates those rules from that file, independently of the client's code.
 """
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
+import os
 import threading
 
 import pytest
 import torch
 from glm_image_nodes.core.models.glm_ar import load_ar_model
-from glm_image_nodes.core.stages.ar_batch import PromptIds, TokenRequest, generate_batch, written_grids
+from glm_image_nodes.core.stages.ar_batch import (PromptIds, SeededSampling, TokenRequest, generate_batch,
+                                                  written_grids)
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
-from glm_image_nodes.core.stages.remote_ar import (MASK_BIAS, RemoteARError, RemoteSampling, build_generate_request,
+from glm_image_nodes.core.stages.remote_ar import (MASK_BIAS, RemoteARError, build_generate_request,
                                                    generate_token_grid_remote, parse_generate_reply)
 from glm_image_nodes.testing.tiny_release import write_tiny_release
 
@@ -49,7 +52,7 @@ def _expected_body(input_ids, target, preview, sources, sampling):
 
 def test_request_body_is_sglangs_field_by_field(release):
     _, _, tok = release
-    sampling = RemoteSampling(seed=42, temperature=0.8, top_p=0.7, top_k=100)
+    sampling = SeededSampling(seed=42, temperature=0.8, top_p=0.7, top_k=100)
     body, inputs = build_generate_request(tok, "a red fox", 1024, 768, sampling)
     ids = tok.encode("a red fox<sop>32 24<eop><sop>18 13<eop>" + tok.image_start)
     assert body == _expected_body(ids, (32, 24), (18, 13), [], sampling)
@@ -64,7 +67,7 @@ def test_request_body_is_sglangs_field_by_field(release):
 
 def test_sglang_shaped_reply_is_parsed(release):
     _, _, tok = release
-    _, inputs = build_generate_request(tok, "a cat", 128, 96, RemoteSampling(seed=1))
+    _, inputs = build_generate_request(tok, "a cat", 128, 96, SeededSampling(seed=1))
     t = inputs.target
     preview, target = list(range(t.ph * t.pw)), list(range(5000, 5000 + t.th * t.tw))
     reply = {"text": "", "output_ids": preview + target + [16385], "meta_info": {"finish_reason": {"type": "length"}}}
@@ -109,7 +112,7 @@ def canned():
 def test_every_failure_is_one_clear_line(release, canned):
     _, _, tok = release
     url, replies = canned
-    sampling = RemoteSampling(seed=1)
+    sampling = SeededSampling(seed=1)
 
     def call(endpoint, **kw):
         return generate_token_grid_remote(endpoint, tok, "a cat", 128, 96, sampling, **kw)
@@ -146,9 +149,9 @@ def _local(model, tok, prompt, seed, sources=None, **kw):
 
 def _request(tok, prompt, seed, sources=None, **kw):
     size = (128, 128) if sources else (128, 96)
-    body, _ = build_generate_request(tok, prompt, *size, RemoteSampling(seed=seed, **kw), sources)
+    body, _ = build_generate_request(tok, prompt, *size, SeededSampling(seed=seed, **kw), sources)
     return TokenRequest(tuple(body["input_ids"]), tuple((h, w) for _, h, w in body["image_data"][0]["image_grid_thw"]),
-                        seed, **kw)
+                        SeededSampling(seed, **kw))
 
 
 def test_batched_rows_equal_the_local_sampler(release):
@@ -170,3 +173,26 @@ def test_batched_rows_equal_the_local_sampler(release):
         assert row == _local(model, tok, prompt, seed, sources)
     with pytest.raises(ValueError, match="same grids"):
         generate_batch(model, [requests[0], edits[0]], ids)
+
+
+def test_nodes_check_inputs_and_load_no_ar_weights(release, tmp_path):
+    import shutil
+
+    from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
+    root, _, tok = release
+    # the release's tokenizer and AR config alone: no weights to read
+    shutil.copytree(os.path.join(root, "processor"), tmp_path / "processor")
+    (tmp_path / "vision_language_encoder").mkdir()
+    shutil.copy(os.path.join(root, "vision_language_encoder", "config.json"), tmp_path / "vision_language_encoder")
+    (loaded,) = NODE_CLASS_MAPPINGS["GLMImageARTokenizerLoader"]().load(str(tmp_path))
+    assert loaded.vocabulary == dataclasses.replace(tok.vocabulary, source=loaded.vocabulary.source)
+    assert loaded.encode("a cat") == tok.encode("a cat")
+    node = NODE_CLASS_MAPPINGS["GLMImageARServerSampler"]
+    good = dict(endpoint="http://127.0.0.1:30000", prompt="a cat", width=1024, height=1024, seed=1, temperature=0.9,
+                top_p=0.75, top_k=16512)
+    assert node.VALIDATE_INPUTS(**good) is True
+    assert "not an http(s) URL" in node.VALIDATE_INPUTS(**{**good, "endpoint": "localhost:30000"})
+    assert "top_p" in node.VALIDATE_INPUTS(**{**good, "top_p": 0.0})
+    assert "multiples of 32" in node.VALIDATE_INPUTS(**{**good, "width": 1000})
+    with pytest.raises(RemoteARError, match="cannot reach"):
+        node().sample(loaded, "http://127.0.0.1:9", "a cat", 512, 512, 1, 0.9, 0.75, 16512, timeout=5)

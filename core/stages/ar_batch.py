@@ -22,11 +22,8 @@ from .ar_sampling import SamplingNoise, check_sampling_settings, sample_codebook
 
 
 @dataclass(frozen=True)
-class TokenRequest:
-    """One image's AR request. ``grids``: (h, w) per source image, then the target, then (text-to-image)
-    the preview: the processor's ``image_grid_thw`` order."""
-    input_ids: tuple[int, ...]
-    grids: tuple[tuple[int, int], ...]
+class SeededSampling:
+    """One image's sampling settings with its seed (validated once, here)."""
     seed: int
     temperature: float = 0.9
     top_p: float = 0.75
@@ -35,6 +32,22 @@ class TokenRequest:
     def __post_init__(self):
         check_sampling_settings(self.temperature, self.top_k, self.top_p, 1)
         checks.check_seed(self.seed)
+
+    @property
+    def filters(self) -> tuple[float, int, float]:
+        """What ``sample_codebook_ids`` takes besides the logits and the noise."""
+        return self.temperature, self.top_k, self.top_p
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """One image's AR request. ``grids``: (h, w) per source image, then the target, then (text-to-image)
+    the preview: the processor's ``image_grid_thw`` order."""
+    input_ids: tuple[int, ...]
+    grids: tuple[tuple[int, int], ...]
+    sampling: SeededSampling
+
+    def __post_init__(self):
         if not self.input_ids:
             raise ValueError("input_ids is empty: send the prompt's token ids.")
         if not self.grids or any(len(g) != 2 or min(g) < 1 for g in self.grids):
@@ -117,11 +130,11 @@ def generate_batch(model: GlmImageAR, requests: list[TokenRequest], ids: PromptI
         checks.check_finite_output(logits, "The AR model's prefill", model.dtype)
         for batched, alone in zip(cache.k + cache.v, row_cache.k + row_cache.v):
             batched[i, :, length - n:length] = alone[0]
-        generator = torch.Generator(device=device).manual_seed(int(request.seed))
-        noise = SamplingNoise(generator, 1, device, request.temperature == 0, codebook)
+        sampling = request.sampling
+        generator = torch.Generator(device=device).manual_seed(int(sampling.seed))
+        noise = SamplingNoise(generator, 1, device, sampling.temperature == 0, codebook)
         noise.refill_for(0)
-        first.append(sample_codebook_ids(logits, request.temperature, request.top_k, request.top_p, noise.at(0),
-                                         codebook))
+        first.append(sample_codebook_ids(logits, *sampling.filters, noise.at(0), codebook))
         noises.append(noise)
     decode = torch.cat([r[2] for r in rows], dim=1).to(device)  # [3, B, total + 1]
     cos, sin = mrope_cos_sin(model.config, decode, model.dtype)
@@ -147,5 +160,5 @@ def generate_batch(model: GlmImageAR, requests: list[TokenRequest], ids: PromptI
 def _settings_groups(requests: list[TokenRequest], device) -> list[tuple[tuple, torch.Tensor]]:
     groups: dict = {}
     for i, r in enumerate(requests):
-        groups.setdefault((r.temperature, r.top_k, r.top_p), []).append(i)
+        groups.setdefault(r.sampling.filters, []).append(i)
     return [(key, torch.tensor(rows, device=device)) for key, rows in groups.items()]

@@ -24,7 +24,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,7 +31,7 @@ import torch
 from ..runtime import checks
 from ..runtime.handles import TokenGrid
 from .ar_prompt import ARInputs, TextTokenizer, build_ar_inputs
-from .ar_sampling import check_sampling_settings
+from .ar_batch import SeededSampling
 
 MASK_BIAS = -1.0e9       # added to the logits of ids the pack never samples (>= the codebook size)
 POLL_SECONDS = 0.1       # how often a waiting request looks at the interrupt check
@@ -43,21 +42,8 @@ class RemoteARError(RuntimeError):
     """A remote AR request failed; the message is one line saying what to do."""
 
 
-@dataclass(frozen=True)
-class RemoteSampling:
-    """The sampling settings a request carries (validated once, here)."""
-    seed: int
-    temperature: float = 0.9
-    top_p: float = 0.75
-    top_k: int = 16512
-
-    def __post_init__(self):
-        check_sampling_settings(self.temperature, self.top_k, self.top_p, 1)
-        checks.check_seed(self.seed)
-
-
 def build_generate_request(tokenizer: TextTokenizer, prompt: str, height: int, width: int,
-                           sampling: RemoteSampling, source_grids: list[torch.Tensor] | None = None
+                           sampling: SeededSampling, source_grids: list[torch.Tensor] | None = None
                            ) -> tuple[dict, ARInputs]:
     """The ``/generate`` body for one image, and the inputs it was built from."""
     checks.check_text(prompt, "prompt")
@@ -184,7 +170,7 @@ def post_json(url: str, body: dict, timeout: float, interrupt_check: Callable[[]
 
 
 def generate_token_grid_remote(endpoint: str, tokenizer: TextTokenizer, prompt: str, height: int, width: int,
-                               sampling: RemoteSampling, source_grids: list[torch.Tensor] | None = None,
+                               sampling: SeededSampling, source_grids: list[torch.Tensor] | None = None,
                                timeout: float = DEFAULT_TIMEOUT,
                                interrupt_check: Callable[[], None] | None = None) -> TokenGrid:
     """One image's token grid from the AR server at ``endpoint`` (see the module docstring)."""

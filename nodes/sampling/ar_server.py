@@ -4,9 +4,11 @@ from __future__ import annotations
 from ...core.runtime import checks, comfy_compat, handles
 from ...core.runtime.geometry import check_glm_image_size
 from ...core.stages.ar_sampling import check_sampling_settings
-from ...core.stages.remote_ar import RemoteARError, RemoteSampling, generate_token_grid_remote, generate_url
-from ..common import answer, category, check_now, seed_input, size_input
-from .ar import SAME_AS_REFERENCE, check_output_size, output_size
+from ...core.stages.remote_ar import RemoteARError, SeededSampling, generate_token_grid_remote, generate_url
+from ..common import answer, category, check_now
+from .ar import GLMImageARSampler, check_output_size, output_size
+
+SHARED_INPUTS = ("prompt", "width", "height", "seed", "temperature", "top_p", "top_k")
 
 
 def check_endpoint(endpoint: str) -> None:
@@ -31,21 +33,13 @@ class GLMImageARServerSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
+        local = GLMImageARSampler.INPUT_TYPES()["required"]  # the same widgets as the local sampler's
         return {
             "required": {
                 "ar_tokenizer": (handles.AR_TOKENIZER,),
                 "endpoint": ("STRING", {"default": "http://127.0.0.1:30000", "tooltip": (
                     "Base URL of glm-image-serve or an SGLang server (its POST /generate is used).")}),
-                "prompt": ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "Put text to render in the image in quotes."}),
-                "width": size_input(1024, "width", 0, SAME_AS_REFERENCE),
-                "height": size_input(1024, "height", 0, SAME_AS_REFERENCE),
-                "seed": seed_input(),
-                "temperature": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 2.0, "step": 0.01,
-                                          "tooltip": "0: greedy (the most likely codebook id at every step)."}),
-                "top_p": ("FLOAT", {"default": 0.75, "min": 0.01, "max": 1.0, "step": 0.01}),
-                "top_k": ("INT", {"default": 16512, "min": 1, "max": 16512,
-                                  "tooltip": "16512 (the vision vocabulary) disables top-k."}),
+                **{name: local[name] for name in SHARED_INPUTS},
             },
             "optional": {
                 "references": (handles.REFERENCES, {"tooltip": "Reference images for editing (glm-image-serve only)."}),
@@ -67,7 +61,7 @@ class GLMImageARServerSampler:
         check_glm_image_size(height, width)
         source_grids = references.token_ids if references is not None else None
         grid = generate_token_grid_remote(endpoint, ar_tokenizer, prompt, height, width,
-                                          RemoteSampling(seed, temperature, top_p, top_k), source_grids,
+                                          SeededSampling(seed, temperature, top_p, top_k), source_grids,
                                           timeout=float(timeout), interrupt_check=comfy_compat.check_interrupt)
         return (grid,)
 
