@@ -1,13 +1,14 @@
 """AR service throughput: N concurrent clients of ``glm-image-serve`` (real Ray Serve, local cluster) against N
 sequential local runs of the pack's AR sampler, measured in the same run, N = 1, 2, 4, 8.
 
-The model: the release's AR structure (40 layers, 32 query / 2 KV heads of 128, partial M-RoPE, sandwich norms,
-the 16512-id head, the 168064-id vocabulary) at a narrow width (``--width``), random weights, fp32, written as
-a release folder (with the tiny tokenizer) that the service loads like a real one. Every request is a
-text-to-image grid (``--size``: target + preview tokens), temperature 0.9 / top-p 0.75, its own seed; the local
-runs use the same seeds, one torch thread like the service's replica. Tokens/s counts every generated token.
-The batch sizes the service formed come from its ``/health``. Ray's start-up time (``ray.init`` + Serve + the
-replica loading the model) and the RSS of every Ray process after start-up are printed too.
+The model: the release's AR layer structure (``--layers`` of its 40; 32 query / 2 KV heads of 128, partial
+M-RoPE, sandwich norms, the 16512-id head, the 168064-id vocabulary) at a narrow width (``--width``), random
+weights, fp32, written as a release folder (with the tiny tokenizer) that the service loads like a real one.
+Every request is a text-to-image grid (``--size``: target + preview tokens), temperature 0.9 / top-p 0.75, its
+own seed; the local runs use the same seeds, one torch thread like the service's replica. Tokens/s counts
+every generated token. The batch sizes the service formed come from its ``/health``. Ray's start-up time
+(``ray.init`` + Serve + the replica loading the model) and the RSS of Ray's processes and of the replica after
+start-up are printed too.
 
     python benchmarks/ar_service.py                                      # the table of docs/performance.md
     python benchmarks/ar_service.py --layers 2 --width 64 --clients 1 2 --size 128   # smoke run
@@ -71,14 +72,19 @@ def write_narrow_release(folder: str, width: int, layers: int) -> str:
     return folder
 
 
-def ray_rss_mb() -> float:
+def ray_rss_mb() -> tuple[float, float]:
+    """RSS (MB) of Ray's own processes (GCS, raylet, agents, Serve controller and proxy) and of the replicas."""
     import psutil
-    total = 0
+    system = replicas = 0
     for process in psutil.process_iter(["cmdline", "memory_info"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if ("ray" in cmdline.lower() or "raylet" in cmdline) and process.pid != os.getpid():
-            total += process.info["memory_info"].rss
-    return total / 2 ** 20
+        if process.pid == os.getpid() or "ray" not in cmdline.lower():
+            continue
+        if "ServeReplica" in cmdline:
+            replicas += process.info["memory_info"].rss
+        else:
+            system += process.info["memory_info"].rss
+    return system / 2 ** 20, replicas / 2 ** 20
 
 
 def concurrent_clients(url, tokenizer, size, seeds) -> float:
@@ -111,8 +117,8 @@ def sequential_local(model, tokenizer, size, seeds) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=256)
-    p.add_argument("--layers", type=int, default=40)
-    p.add_argument("--size", type=int, default=512, help="output side in pixels (grid + preview tokens)")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--size", type=int, default=256, help="output side in pixels (grid + preview tokens)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--batch-wait-ms", type=float, default=50.0)
     args = p.parse_args(argv)
@@ -135,7 +141,7 @@ def main(argv=None) -> int:
     url = f"http://127.0.0.1:{port}"
     health(url)
     startup = time.perf_counter() - started
-    rss = ray_rss_mb()
+    system_mb, replica_mb = ray_rss_mb()
     generate_token_grid_remote(url, tokenizer, PROMPT, args.size, args.size, SeededSampling(seed=0))  # warm-up
 
     rows = []
@@ -154,8 +160,8 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, ray {ray.__version__}, 1 torch thread per side")
     print(f"# model: release AR structure, {args.layers} layers at width {args.width}, fp32; {args.size}x{args.size} "
           f"text-to-image = {per_request} tokens per request")
-    print(f"# Ray local cluster (num_cpus=2, no dashboard) + Serve + replica ready in {startup:.1f} s; Ray processes "
-          f"RSS {rss:.0f} MB")
+    print(f"# Ray local cluster (num_cpus=2, no dashboard) + Serve + replica ready in {startup:.1f} s; RSS: Ray's "
+          f"processes {system_mb:.0f} MB, the replica (with the model) {replica_mb:.0f} MB")
     print("| clients | sequential local req/s | service req/s | sequential tok/s | service tok/s | speed-up | "
           "batches formed |")
     print("|---|---|---|---|---|---|---|")

@@ -77,6 +77,8 @@ def start(settings: ServeSettings, host: str, port: int, address: str | None = N
     from .service import build_app
 
     if not ray.is_initialized():
+        if address is None:  # a local cluster: its workers run the AR, at normal priority (Ray nices them to 15)
+            os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
                  log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
