@@ -1,18 +1,23 @@
 """The remote AR client (SGLang's /generate contract) and the batched sampler the AR service runs.
 
-The contract: SGLang 0.5.23, python/sglang/multimodal_gen/runtime/pipelines_core/stages/model_specific_stages/
-glm_image.py (GlmImageAR._compute_generation_params and _extract_large_image_tokens, read at commit
-035bf19ca852345ee23967ba4937db2d1befd304): the AR gets the processor's ``image_grid_thw`` (target grid first,
-then the preview grid in text-to-image; sources before them in editing), ``max_new_tokens`` = the sum of the
-generated grids + 1 (the end marker; editing: the target grid + 1), and the target grid is read after the
-preview grid in the output (``large_image_start_offset = sum(grid_sizes[1:])``). ``_expected_body`` below
-restates those rules from that file, independently of the client's code.
+The contract, SGLang 0.5.23: python/sglang/multimodal_gen/runtime/pipelines_core/stages/model_specific_stages/
+glm_image.py, read at commit e653a64d4800f6e40b49dd8fb27f4cfa6282a2ea (GlmImageBeforeDenoisingStage):
+``_parse_and_expand_shape_info`` (the preview grid: ``int(sqrt(th / tw) * 16)`` x ``int(sqrt(tw / th) * 16)``),
+``_build_image_grid_thw`` (text-to-image ``[[1, th, tw], [1, ph, pw]]``; image-to-image the sources' grids then
+``[1, th, tw]``), ``_calculate_ar_generation_params`` / ``_compute_generation_params`` (``max_new_tokens`` = the
+preview's + the target's tokens + 1, editing the target's + 1; the target grid starts after the preview's
+tokens in the output). The HTTP field names are SGLang's ``GenerateReqInput`` (``input_ids``, ``image_data``,
+``sampling_params``) and ``SamplingParams`` (``temperature``, ``top_p``, ``top_k``, ``max_new_tokens``,
+``ignore_eos``, ``sampling_seed``, ``logit_bias``) from docs/sampling_params.md of the same repository; that
+stage calls its AR in-process, so the stored sources hold no HTTP client of SGLang's own to diff against.
+``_expected_body`` below restates those rules from the SGLang file, independently of the client's code.
 """
 from __future__ import annotations
 
 import dataclasses
 import http.server
 import json
+import math
 import os
 import threading
 
@@ -41,6 +46,9 @@ def prompt_ids(tokenizer) -> PromptIds:
 
 def _expected_body(input_ids, target, preview, sources, sampling):
     """The body by SGLang's rules (module docstring)."""
+    if preview is not None:  # SGLang's _parse_and_expand_shape_info
+        ratio = target[0] / target[1]
+        assert preview == (int(math.sqrt(ratio) * 16), int(math.sqrt(1 / ratio) * 16))
     grids = [[1, h, w] for h, w in sources] + [[1, *target]] + ([[1, *preview]] if not sources else [])
     sizes = [t * h * w for t, h, w in grids]
     generated = sizes[-1] if sources else sum(sizes)  # SGLang: grid_sizes[-1] for i2i, the sum for t2i
@@ -57,6 +65,11 @@ def test_request_body_is_sglangs_field_by_field(release):
     ids = tok.encode("a red fox<sop>32 24<eop><sop>18 13<eop>" + tok.image_start)
     assert body == _expected_body(ids, (32, 24), (18, 13), [], sampling)
     assert json.loads(json.dumps(body)) == body  # plain JSON
+    for height, width in ((1344, 768), (512, 2048), (2048, 1024)):
+        body, inputs = build_generate_request(tok, "a red fox", height, width, sampling)
+        t = inputs.target
+        assert body == _expected_body(body["input_ids"], (t.th, t.tw), (t.ph, t.pw), [], sampling)
+        assert (t.th, t.tw) == (height // 32, width // 32)
     source = torch.arange(12).view(3, 4)
     body, _ = build_generate_request(tok, "make it blue", 512, 512, sampling, [source])
     expected = _expected_body(body["input_ids"], (16, 16), None, [(3, 4)], sampling)
