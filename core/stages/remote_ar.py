@@ -18,12 +18,13 @@ retries; while it waits, ``interrupt_check`` (ComfyUI's Stop button) is polled a
 """
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Callable
 
 import torch
@@ -96,18 +97,15 @@ def parse_generate_reply(reply, inputs: ARInputs, codebook_size: int, url: str) 
     return TokenGrid(ids=out.view(1, t.th, t.tw), height=t.height, width=t.width, preview=preview)
 
 
-def _server_message(error: urllib.error.HTTPError) -> str:
-    try:
-        text = error.read().decode("utf-8", "replace").strip()
-    except Exception:
-        text = ""
+def _server_message(raw: bytes, reason: str) -> str:
+    text = raw.decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
         if isinstance(data, dict):
             text = str(data.get("detail") or data.get("error") or data.get("message") or text)
     except ValueError:
         pass
-    return " ".join(text.split())[:300] or error.reason
+    return " ".join(text.split())[:300] or reason
 
 
 def generate_url(endpoint: str) -> str:
@@ -119,49 +117,61 @@ def generate_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith("/generate") else endpoint + "/generate"
 
 
+def _not_answered(url: str, timeout: float) -> RemoteARError:
+    return RemoteARError(f"{url} did not answer within {timeout:.0f} s: the server is busy or stuck; raise the "
+                         f"timeout or check the server's log.")
+
+
 def post_json(url: str, body: dict, timeout: float, interrupt_check: Callable[[], None] | None = None):
-    """POST ``body``; the decoded JSON reply. One try; waits at most ``timeout`` seconds, polling the interrupt."""
-    data = json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    """POST ``body``; the decoded JSON reply. One try; waits at most ``timeout`` seconds, polling
+    ``interrupt_check``: when it raises, the connection is closed (the server sees the client go) and the
+    exception propagates."""
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout)
     result: dict = {}
 
     def send():
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                result["body"] = response.read()
+            connection.request("POST", parts.path or "/", json.dumps(body).encode(),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            result["status"], result["reason"], result["body"] = response.status, response.reason, response.read()
         except BaseException as e:  # handed to the waiting thread
             result["error"] = e
 
     worker = threading.Thread(target=send, name="glm-image-remote-ar", daemon=True)
     worker.start()
     deadline = time.monotonic() + timeout
-    while worker.is_alive():
-        worker.join(POLL_SECONDS)
-        if interrupt_check is not None and worker.is_alive():
-            interrupt_check()  # raises on the user's Stop; the abandoned request ends with its socket timeout
-        if time.monotonic() > deadline + 1.0:
-            break
-    if worker.is_alive() or isinstance(result.get("error"), (TimeoutError, socket.timeout)):
-        raise RemoteARError(f"{url} did not answer within {timeout:.0f} s: the server is busy or stuck; raise the "
-                            f"timeout or check the server's log.")
+    try:
+        while worker.is_alive():
+            worker.join(POLL_SECONDS)
+            if interrupt_check is not None and worker.is_alive():
+                interrupt_check()  # raises on the user's Stop
+            if time.monotonic() > deadline + 1.0:
+                raise _not_answered(url, timeout)
+    finally:
+        if worker.is_alive():
+            with contextlib.suppress(OSError):
+                if connection.sock is not None:
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+        connection.close()
     error = result.get("error")
-    if isinstance(error, urllib.error.HTTPError):
-        if error.code == 404:
-            raise RemoteARError(f"{url} answered 404: no /generate there; the endpoint is the server's base URL "
-                                f"(e.g. http://host:30000).")
-        hint = (" (the server failed while running it, e.g. its AR replica died: check the server's log, then queue "
-                "the prompt again)" if error.code >= 500 and error.code != 503 else "")
-        raise RemoteARError(f"{url} answered HTTP {error.code}: {_server_message(error)}{hint}")
-    if isinstance(error, urllib.error.URLError):
-        reason = error.reason
-        if isinstance(reason, (TimeoutError, socket.timeout)):
-            raise RemoteARError(f"{url} did not answer within {timeout:.0f} s: the server is busy or stuck; raise "
-                                f"the timeout or check the server's log.")
-        raise RemoteARError(f"cannot reach {url} ({reason}): is the AR server running and the endpoint right?")
-    if isinstance(error, (ConnectionError, OSError)):
-        raise RemoteARError(f"cannot reach {url} ({error}): is the AR server running and the endpoint right?")
+    if isinstance(error, (TimeoutError, socket.timeout)):
+        raise _not_answered(url, timeout)
+    if isinstance(error, (http.client.HTTPException, OSError)):
+        raise RemoteARError(f"cannot reach {url} ({error or type(error).__name__}): is the AR server running and "
+                            f"the endpoint right?")
     if error is not None:
         raise error
+    status = result["status"]
+    if status == 404:
+        raise RemoteARError(f"{url} answered 404: no /generate there; the endpoint is the server's base URL "
+                            f"(e.g. http://host:30000).")
+    if status >= 400:
+        hint = (" (the server failed while running it, e.g. its AR replica died: check the server's log, then queue "
+                "the prompt again)" if status >= 500 and status != 503 else "")
+        raise RemoteARError(f"{url} answered HTTP {status}: {_server_message(result['body'], result['reason'])}{hint}")
     try:
         return json.loads(result["body"])
     except ValueError:
