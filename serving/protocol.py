@@ -25,6 +25,10 @@ def _number(params: dict, key: str, default, kind):
     return kind(value)
 
 
+def _bad_frames(t) -> bool:
+    raise ValueError(f"image_grid_thw frame count {t!r} is not 1")
+
+
 def _top_k(params: dict) -> int:
     top_k = _number(params, "top_k", -1, int)
     return DISABLED_TOP_K if top_k == -1 else top_k  # SGLang: -1 disables top-k
@@ -41,7 +45,7 @@ def parse_generate(body, ids: PromptIds, max_positions: int) -> TokenRequest:
     image_data = body.get("image_data")
     try:
         grids = image_data[0]["image_grid_thw"] if isinstance(image_data, list) else image_data["image_grid_thw"]
-        grids = tuple((int(h), int(w)) for t, h, w in grids if int(t) == 1)
+        grids = tuple((int(h), int(w)) for t, h, w in grids if int(t) == 1 or _bad_frames(t))
     except (KeyError, IndexError, TypeError, ValueError):
         raise BadRequest('image_data must be [{"image_grid_thw": [[1, h, w], ...]}] (the target grid, then the '
                          'preview grid; source grids first when editing).') from None

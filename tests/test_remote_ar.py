@@ -40,9 +40,9 @@ def release(tmp_path_factory):
     return root, load_ar_model(root, dtype="fp32", device="cpu"), load_text_tokenizer(root)
 
 
-def prompt_ids(tokenizer) -> PromptIds:
+def prompt_ids(tokenizer, model) -> PromptIds:
     v = tokenizer.vocabulary
-    return PromptIds(v.image_start_id, v.image_end_id, v.codebook_size, tokenizer.backend.get_vocab_size())
+    return PromptIds(v.image_start_id, v.image_end_id, v.codebook_size, model.config.vocab_size)
 
 
 def _expected_body(input_ids, target, preview, sources, sampling):
@@ -172,7 +172,7 @@ def _request(tok, prompt, seed, sources=None, **kw):
 
 def test_batched_rows_equal_the_local_sampler(release):
     _, model, tok = release
-    ids = prompt_ids(tok)
+    ids = prompt_ids(tok, model)
     cases = [("a cat", 3, {}), ("a much longer prompt about 32 dogs on a mat", 4, {"temperature": 1.2, "top_k": 40}),
              ("x", 3, {"temperature": 0.0}), ("a cat", 5, {"top_p": 0.3}), ("a dog on a sofa", 6, {}),
              ("y", 4, {"temperature": 0.0})]
@@ -212,3 +212,24 @@ def test_nodes_check_inputs_and_load_no_ar_weights(release, tmp_path):
     assert "multiples of 32" in node.VALIDATE_INPUTS(**{**good, "width": 1000})
     with pytest.raises(RemoteARError, match="cannot reach"):
         node().sample(loaded, "http://127.0.0.1:9", "a cat", 512, 512, 1, 0.9, 0.75, 16512, timeout=5)
+
+
+def test_service_protocol_refuses_what_it_cannot_run(release):
+    from glm_image_nodes.serving.protocol import BadRequest, parse_generate
+    _, model, tok = release
+    ids = prompt_ids(tok, model)
+    body, _ = build_generate_request(tok, "a cat", 128, 96, SeededSampling(seed=3, top_k=40))
+    request = parse_generate(body, ids, 131072)
+    assert request.sampling == SeededSampling(3, 0.9, 0.75, 40) and request.grids == ((4, 3), (18, 13))
+    sglang_default = {**body, "sampling_params": {**body["sampling_params"], "top_k": -1}}
+    assert parse_generate(sglang_default, ids, 131072).sampling.top_k == 16512  # SGLang's -1: no top-k
+    for change, says in ((lambda b: b.update(image_data=[{"image_grid_thw": [[2, 4, 3], [1, 16, 16]]}]), "image_data"),
+                         (lambda b: b["sampling_params"].update(ignore_eos=False), "ignore_eos must be true"),
+                         (lambda b: b["sampling_params"].update(logit_bias={"5": -1e9}), "logit_bias may only mask"),
+                         (lambda b: b["sampling_params"].update(temperature="hot"), "temperature must be a number"),
+                         (lambda b: b.update(input_ids=b["input_ids"][:-1]), "image start marker"),
+                         (lambda b: b.update(text="a cat", input_ids=None), "input_ids")):
+        broken = json.loads(json.dumps(body))
+        change(broken)
+        with pytest.raises(BadRequest, match=says):
+            parse_generate(broken, ids, 131072)
