@@ -45,7 +45,7 @@ def test_wheel_holds_the_package_and_its_data(wheel):
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
         metadata = whl.read("glm_image_nodes-0.1.0.dist-info/METADATA").decode()
-    sources = [os.path.relpath(p, ROOT) for sub in ("core", "nodes", "headless", "testing")
+    sources = [os.path.relpath(p, ROOT) for sub in ("core", "nodes", "headless", "serving", "testing")
                for p in glob.glob(os.path.join(ROOT, sub, "**", "*.py"), recursive=True)]
     workflows = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "example_workflows", "**", "*.json"),
                                                              recursive=True)]
@@ -74,3 +74,6 @@ def test_installed_package_imports_away_from_the_checkout(wheel, tmp_path):
     quick = subprocess.run([sys.executable, "-c", "import sys, glm_image_nodes.headless.client\n"
                             "print('torch' in sys.modules)"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert quick.returncode == 0 and quick.stdout.split() == ["False"], quick.stderr
+    serve = subprocess.run([sys.executable, "-m", "glm_image_nodes.serving.cli", "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert serve.returncode == 0 and "--max-batch" in serve.stdout, serve.stderr
