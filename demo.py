@@ -2,7 +2,12 @@
 
     python demo.py                                   # tiny random weights: the image is noise
     python demo.py --weights /models/GLM-Image --prompt 'a poster that says "hello"' --width 1024 --height 1024
+    python demo.py --weights /models/GLM-Image --dtype fp8_e4m3fn          # AR, glyph and DiT quantized at load
+    python demo.py --weights /models/GLM-Image --ar GLM-Image_glm_image_ar_q4_k.gguf \
+        --glyph GLM-Image_glyph_byt5_q8_0.gguf --dit GLM-Image_glm_image_dit_q4_k.gguf   # convert.py's files
     python demo.py --previews previews/              # also write the live previews (AR token grid, decoder steps)
+
+Images are numbered like ComfyUI's (GLMImage_00000.png, GLMImage_00001.png, ...): a run never overwrites one.
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ except ImportError:  # installed with pip (glm-image-demo): the package is impor
         pass
 
 WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json")
-LOADERS = ("GLMImageARLoader", "GLMImageGlyphEncoderLoader", "GLMImageDecoderLoader", "GLMImageVAELoader")
+# each loader of the workflow, and the option that gives it its own file (else --weights' release folder)
+LOADERS = {"GLMImageARLoader": "ar", "GLMImageGlyphEncoderLoader": "glyph", "GLMImageDecoderLoader": "dit",
+           "GLMImageVAELoader": "vae"}
+NO_FP8 = ("GLMImageVAELoader",)  # loaders without an fp8_e4m3fn choice: they take auto
 
 
 def build_graph(weights: str, args) -> dict:
@@ -30,11 +38,10 @@ def build_graph(weights: str, args) -> dict:
     for node in graph.values():
         inputs = node["inputs"]
         if node["class_type"] in LOADERS:
-            inputs.update(checkpoint=weights, dtype=args.dtype)
+            dtype = "auto" if args.dtype == "fp8_e4m3fn" and node["class_type"] in NO_FP8 else args.dtype
+            inputs.update(checkpoint=getattr(args, LOADERS[node["class_type"]]) or weights, dtype=dtype)
         elif node["class_type"] == "GLMImageARSampler":
             inputs.update(prompt=args.prompt, width=args.width, height=args.height, seed=args.seed)
-        elif node["class_type"] == "GLMImageGlyphConditioning":
-            inputs.update(prompt=args.prompt)
         elif node["class_type"] == "GLMImageDecoderSampler":
             inputs.update(seed=args.seed, steps=args.steps)
     return graph
@@ -47,25 +54,43 @@ def cache_folder() -> str:
     return os.path.join(base, "glm_image_nodes", "tiny_release")
 
 
+def cached_tiny_release() -> str:
+    """The tiny release in the cache folder: reused when it is there and intact, else written (again)."""
+    from glm_image_nodes.testing.tiny_release_cache import ensure_tiny_release
+
+    folder = cache_folder()
+    start = time.perf_counter()
+    if ensure_tiny_release(folder):
+        print(f"tiny random GLM-Image release written to {folder} in {time.perf_counter() - start:.2f} s")
+    else:
+        print(f"tiny random GLM-Image release reused from {folder}")
+    return folder
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="GLM-Image release folder (diffusers layout); default: tiny random weights")
+    for option, what in (("ar", "AR model"), ("glyph", "Glyph-ByT5"), ("dit", "DiT decoder"), ("vae", "VAE")):
+        parser.add_argument(f"--{option}", metavar="PATH",
+                            help=f"the {what} from this file (e.g. convert.py's FP8 / GGUF) instead of --weights")
     parser.add_argument("--prompt", default='A bookshop sign that reads "Open Late"')
     parser.add_argument("--width", type=int, default=None, help="512..2048, a multiple of 32 (default 512 tiny, 1024)")
     parser.add_argument("--height", type=int, default=None, help="512..2048, a multiple of 32 (default 512 tiny, 1024)")
     parser.add_argument("--steps", type=int, default=None, help="decoder steps, 1..200 (default 4 tiny, 50)")
     parser.add_argument("--seed", type=int, default=42, help="0..2^64-1")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    parser.add_argument("--out", default="outputs")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp8_e4m3fn"],
+                        help="fp8_e4m3fn: AR, glyph and DiT weights quantized to FP8 while loading (the VAE: auto)")
+    parser.add_argument("--out", default="outputs", help="folder for the images (default: outputs/ here)")
     parser.add_argument("--previews", metavar="DIR",
                         help="write the live previews there as PNGs (what ComfyUI shows with --preview-method auto)")
     args = parser.parse_args(argv)
+    print("GLM-Image demo: loading PyTorch and the nodes ...", flush=True)  # the imports take seconds
 
     register_pack()
     from glm_image_nodes.core.runtime import checks
     from glm_image_nodes.core.runtime.geometry import check_glm_image_size
 
-    tiny = args.weights is None
+    tiny = args.weights is None and not any(getattr(args, option) for option in LOADERS.values())
     args.width = (512 if tiny else 1024) if args.width is None else args.width
     args.height = (512 if tiny else 1024) if args.height is None else args.height
     args.steps = (4 if tiny else 50) if args.steps is None else args.steps
@@ -74,12 +99,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         checks.check_steps(args.steps, "--steps")
         checks.check_seed(args.seed, "--seed")
         checks.check_text(args.prompt, "--prompt")
-        if not tiny and not os.path.isfile(os.path.join(args.weights, "model_index.json")):
+        if args.weights is not None and not os.path.isfile(os.path.join(args.weights, "model_index.json")):
             raise ValueError(f"--weights {args.weights} is not a GLM-Image release folder (no model_index.json): give "
                              f"the folder of zai-org/GLM-Image, or leave --weights out for tiny random weights.")
+        check_component_paths(args)
     except ValueError as e:
         parser.error(str(e))
     return args
+
+
+def check_component_paths(args) -> None:
+    """Each --ar/--glyph/--dit/--vae names an existing path; given any, the others need --weights."""
+    given = {option: getattr(args, option) for option in LOADERS.values() if getattr(args, option)}
+    for option, path in given.items():
+        if not os.path.exists(path):
+            raise ValueError(f"--{option} {path} does not exist: give the file convert.py wrote (or a release folder).")
+    missing = [f"--{option}" for option in LOADERS.values() if option not in given]
+    if given and missing and args.weights is None:
+        raise ValueError(f"{', '.join(missing)} not given: add --weights with the release folder they come from "
+                         f"(the VAE is not converted), or give each of them.")
 
 
 def main(argv=None) -> int:
@@ -91,22 +129,19 @@ def main(argv=None) -> int:
 
     save_previews_to(args.previews)
 
-    tiny = args.weights is None
+    tiny = args.weights is None and not any(getattr(args, option) for option in LOADERS.values())
     weights = args.weights
     if tiny:
         import torch
-        from glm_image_nodes.testing.tiny_release import write_tiny_release
         torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than they save
-        weights = cache_folder()
-        start = time.perf_counter()
-        write_tiny_release(weights)
-        print(f"tiny random GLM-Image release written to {weights} in {time.perf_counter() - start:.2f} s")
+        weights = cached_tiny_release()
         print("NOTE: these are random weights, so the image is noise; pass --weights for the real model.")
 
     def report(node_id, class_type, seconds):
         print(f"  {class_type:<28} {seconds:8.2f} s")
 
-    print(f"running {os.path.basename(WORKFLOW)} at {args.width}x{args.height}, {args.steps} steps")
+    print(f"running {os.path.basename(WORKFLOW)} at {args.width}x{args.height}, {args.steps} steps; images go to "
+          f"{os.path.abspath(args.out)}")
     start = time.perf_counter()
     try:
         saved = Executor(NODE_CLASS_MAPPINGS, args.out, on_node=report).run(build_graph(weights, args))

@@ -3,7 +3,7 @@ custom node pack under its folder's name); every package under core/, nodes/, he
 Metadata and dependencies are in pyproject.toml."""
 from setuptools import find_packages, setup
 
-SUBPACKAGES = ("core", "nodes", "headless", "testing")
+SUBPACKAGES = ("core", "nodes", "headless", "serving", "testing")
 
 if __name__ == "__main__":  # how setuptools runs it; the installed copy of this file does nothing on import
     setup(package_dir={"glm_image_nodes": "."},

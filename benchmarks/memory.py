@@ -12,6 +12,8 @@ release loaded in bf16 (the reference):
 - DiT: velocity of one forward at 512x512 (relative error); Glyph-ByT5: embeddings (relative error);
 - end to end: the 512x512 image of AR -> glyph -> decoder (4 steps) -> VAE with every component in the format,
   PSNR against the bf16 image (sampling makes small logit differences pick other tokens: this is drift, not noise).
+``--size`` changes the 512 (the tests use 128) and ``--vae-dtype fp32`` decodes in fp32: the VAE is the same for
+every format, and bf16 convolutions are ~100x slower than fp32 on CPUs without AVX512-BF16.
 Full-size weight bytes per format come from the real configs (shapes on the meta device, nothing built).
 The last line: ``formats: N checked, worst AR logits cosine C, worst DiT relative error E``.
 """
@@ -157,32 +159,32 @@ def walk_logits(model, walk: torch.Tensor) -> torch.Tensor:
     return model(walk, positions(n).to(walk.device), model.new_cache(1, n), 0)[0, 7:-1, :16384].float()
 
 
-def dit_inputs(config, device, dtype):
+def dit_inputs(config, device, dtype, size: int):
     g = torch.Generator().manual_seed(5)
-    h = w = 64  # 512x512
+    h = w = size // 8
     return dict(latents=torch.randn(1, 16, h, w, generator=g).to(device, dtype),
                 glyph=torch.randn(1, 7, config.text_embed_dim, generator=g).to(device, dtype),
                 prior_ids=torch.randint(0, config.prior_vq_quantizer_codebook_size, (1, h * w // 4), generator=g)
                 .to(device), prior_drop=False, timestep=torch.tensor([500.0], device=device),
-                target_size=torch.tensor([[512.0, 512.0]], device=device), crop=torch.zeros(1, 2, device=device))
+                target_size=torch.tensor([[float(size)] * 2], device=device), crop=torch.zeros(1, 2, device=device))
 
 
 @torch.inference_mode()
-def component_output(name: str, model, reference_walk, device):
+def component_output(name: str, model, reference_walk, device, size: int):
     if name == "ar":
         return walk_logits(model, reference_walk)
     if name == "dit":
-        return model(**dit_inputs(model.config, device, model.dtype)).float()
+        return model(**dit_inputs(model.config, device, model.dtype, size)).float()
     ids = torch.tensor([[3 + b for b in PROMPT.encode()] + [1]], device=device)
     return model(ids).float()
 
 
 @torch.inference_mode()
-def image(models: dict, tokenizer, vae, release: str) -> torch.Tensor:
-    grid = generate_token_grid(models["ar"], tokenizer, PROMPT, 512, 512, settings=ARSampling(seed=0), progress=False)
+def image(models: dict, tokenizer, vae, release: str, size: int) -> torch.Tensor:
+    grid = generate_token_grid(models["ar"], tokenizer, PROMPT, size, size, ARSampling(seed=0), progress=False)
     glyph = glyph_conditioning(models["glyph"], PROMPT)
     settings = DecoderRun(steps=4, seed=0, shift_settings=release_shift_settings(release))
-    latents = sample_latents(models["dit"], grid.upsampled(), glyph, 512, 512, settings, progress=False)
+    latents = sample_latents(models["dit"], grid.upsampled(), glyph, size, size, settings, progress=False)
     return vae.decode(latents).float()
 
 
@@ -196,7 +198,8 @@ def load(spec, path: str, dtype: str, device):
     return model, {**ram.figures(), "load_s": seconds, "weights_mib": weight_bytes(model) / MIB}
 
 
-def run(release: str, formats: list[str], device: torch.device, workdir: str, with_images: bool) -> dict:
+def run(release: str, formats: list[str], device: torch.device, workdir: str, with_images: bool, size: int = 512,
+        vae_dtype: str = "bf16") -> dict:
     compute = "bf16"
     reference, rows, measured = {}, [], {}
     load(glm_ar.SPEC, release, compute, device)  # warm-up: imports and one-time caches are not the weights
@@ -205,7 +208,7 @@ def run(release: str, formats: list[str], device: torch.device, workdir: str, wi
         reference[name] = model
         rows.append({"component": name, "format": "bf16", "file_mib": None, **figures})
     walk = greedy_walk(reference["ar"], WALK, device)
-    outputs = {name: component_output(name, m, walk, device) for name, m in reference.items()}
+    outputs = {name: component_output(name, m, walk, device, size) for name, m in reference.items()}
     # the floor: how far bf16 itself is from fp32 (on a random tiny model the top logits nearly tie)
     exact = walk_logits(components.load_component(glm_ar.SPEC, release, "fp32", device), walk)
     rows.append({"component": "ar", "format": "bf16 vs fp32", "file_mib": None, "weights_mib": None,
@@ -214,8 +217,8 @@ def run(release: str, formats: list[str], device: torch.device, workdir: str, wi
                  "logits_max_abs": (outputs["ar"] - exact).abs().max().item(),
                  "top1": (outputs["ar"].argmax(-1) == exact.argmax(-1)).float().mean().item()})
     tokenizer = load_text_tokenizer(release)
-    vae = load_vae(release, compute, device)
-    reference_image = image(reference, tokenizer, vae, release) if with_images else None
+    vae = load_vae(release, vae_dtype, device)
+    reference_image = image(reference, tokenizer, vae, release, size) if with_images else None
 
     for fmt in formats:
         models = {}
@@ -229,7 +232,7 @@ def run(release: str, formats: list[str], device: torch.device, workdir: str, wi
                 dtype, file_mib = compute, os.path.getsize(path) / MIB
             model, figures = load(spec, path, dtype, device)
             models[name] = model
-            got, want = component_output(name, model, walk, device), outputs[name]
+            got, want = component_output(name, model, walk, device, size), outputs[name]
             row = {"component": name, "format": fmt, "file_mib": file_mib, **figures,
                    "relative_error": relative_error(got, want)}
             if name == "ar":
@@ -239,7 +242,7 @@ def run(release: str, formats: list[str], device: torch.device, workdir: str, wi
             measured[name, fmt] = row
         if with_images:
             rows.append({"component": "e2e", "format": fmt,
-                         "psnr_db": psnr(image(models, tokenizer, vae, release), reference_image)})
+                         "psnr_db": psnr(image(models, tokenizer, vae, release, size), reference_image)})
         del models
     return {"rows": rows, "measured": measured}
 
@@ -300,7 +303,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-images", action="store_true", help="skip the end-to-end images")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels, a multiple of 32 (default 512)")
+    parser.add_argument("--vae-dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="the VAE's dtype for the end-to-end images (fp32: fast on CPUs without AVX512-BF16)")
     args = parser.parse_args(argv)
+    if args.size < 64 or args.size % 32:
+        parser.error(f"--size {args.size}: use a multiple of 32 of at least 64")
     formats = [f for f in args.formats.split(",") if f]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -320,11 +328,13 @@ def main(argv=None) -> dict:
         if args.tiny:
             from glm_image_nodes.testing.tiny_release import write_tiny_release
             release = write_tiny_release(os.path.join(tmp, "tiny"))
-        results = run(release, formats, device, tmp, with_images=not args.no_images)
+        results = run(release, formats, device, tmp, with_images=not args.no_images, size=args.size,
+                      vae_dtype=args.vae_dtype)
     sizes = full_size_bytes()
     report = {"meta": {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                        "machine": platform.machine(), "date": datetime.date.today().isoformat(),
-                       "release": "tiny" if args.tiny else args.release, "formats": formats},
+                       "release": "tiny" if args.tiny else args.release, "formats": formats,
+                       "size": args.size, "vae_dtype": args.vae_dtype},
               "rows": results["rows"], "full_size_bytes": sizes,
               "table": table(results["rows"]), "full_size_table": full_size_table(sizes),
               "summary": summary(results["measured"])}

@@ -3,7 +3,7 @@
 Standard library only, so it runs from any Python:
 
     python headless/client.py example_workflows/api/glm_image_text_to_image.json --server http://127.0.0.1:8188 \
-        --set 5.prompt='a sign that says "OPEN"' --set 6.prompt='a sign that says "OPEN"' --set 5.seed=7 --out outputs/
+        --set 5.prompt='a sign that says "OPEN"' --set 5.seed=7 --out outputs/
 
 ``--previews DIR`` also saves the live preview frames the samplers send (ComfyUI started with
 ``--preview-method auto``).

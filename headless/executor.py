@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import time
 
 import numpy as np
@@ -44,12 +45,21 @@ def inside(folder: str, name: str) -> str | None:
     return path if os.path.commonpath([root, path]) == root and path != root else None
 
 
+def _next_number(base: str) -> int:
+    """After the highest ``<base>_NNNNN.png`` already there (ComfyUI's counter): a run never overwrites an image."""
+    folder, stem = os.path.split(base)
+    pattern = re.compile(re.escape(stem) + r"_(\d{5,})\.png")
+    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := pattern.fullmatch(name))]
+    return max(numbers, default=-1) + 1
+
+
 def _save_images(images: torch.Tensor, out_dir: str, prefix: str) -> list[str]:
     base = inside(out_dir, prefix)
     os.makedirs(os.path.dirname(base), exist_ok=True)
+    first = _next_number(base)
     paths = []
     for i, image in enumerate(images):
-        path = f"{base}_{i:05d}.png"
+        path = f"{base}_{first + i:05d}.png"
         Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(path)
         paths.append(path)
     return paths

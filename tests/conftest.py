@@ -16,3 +16,15 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ar_service(tmp_path_factory):
+    """The AR service (``serving``) on a local Ray cluster, started once per test run: (url, release folder)."""
+    ray = pytest.importorskip("ray")
+    from ray_service import start_service
+    url, release = start_service(str(tmp_path_factory.mktemp("ar_service_release")))
+    yield url, release
+    from ray import serve
+    serve.shutdown()
+    ray.shutdown()

@@ -57,7 +57,7 @@ MALFORMED = [
                                                                "node nor one of the core nodes"),
     (edit(t2i(), "7", tokens=["99", 0]), "node 7 (GLMImageDecoderSampler): input 'tokens' links to node 99, which is "
                                          "not in the workflow: link it to an existing node"),
-    (edit(t2i(), "7", tokens=["5", 3]), "input 'tokens' links to output 3 of node 5 (GLMImageARSampler), which has 1 "
+    (edit(t2i(), "7", tokens=["5", 3]), "input 'tokens' links to output 3 of node 5 (GLMImageARSampler), which has 2 "
                                         "output(s)"),
     (edit(t2i(), "7", tokens=["6", 0]), "input 'tokens' takes GLMIMAGE_TOKENS but output 0 of node 6 "
                                         "(GLMImageGlyphConditioning) gives GLMIMAGE_GLYPH: link a GLMIMAGE_TOKENS "
@@ -130,6 +130,10 @@ def test_round_trip_saves_inside_the_output_folder(release, folders):
     assert saved == [os.path.join(os.path.realpath(out), "sub", "trip_00000.png")]
     with Image.open(saved[0]) as image:
         assert image.size == (64, 48)
+    # numbered after the highest image there, like ComfyUI's SaveImage: the next run never overwrites it
+    again = Executor(NODES, out, input_dir=folders[1]).run(round_trip(release, prefix="sub/trip"))
+    assert again == [os.path.join(os.path.realpath(out), "sub", "trip_00001.png")]
+    assert sorted(os.listdir(os.path.join(out, "sub"))) == ["trip_00000.png", "trip_00001.png"]
 
 
 def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, folders):
@@ -152,6 +156,28 @@ def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, 
         NODES["GLMImageVAEDecode"].decode = decode
     assert isinstance(error.value.error, interrupts.Interrupted)
     assert len(executor.run(round_trip(release))) == 1
+
+
+def test_the_glyph_gets_the_prompt_typed_on_the_ar_sampler_and_older_workflows_still_run(release, folders):
+    """Glyph Conditioning reads the AR sampler's prompt output; the same graph with the prompt typed on Glyph
+    Conditioning as well (a workflow from before) makes the same image. One run: both branches share the AR."""
+    graph = t2i()
+    for node in graph.values():
+        if "checkpoint" in node["inputs"]:
+            node["inputs"].update(checkpoint=release, dtype="fp32")
+    graph["5"]["inputs"].update(width=512, height=512)
+    graph["7"]["inputs"].update(steps=2)
+    assert graph["6"]["inputs"]["prompt"] == ["5", 1]
+    typed = copy.deepcopy({"16": graph["6"], "17": graph["7"], "18": graph["8"], "19": graph["9"]})
+    typed["16"]["inputs"]["prompt"] = graph["5"]["inputs"]["prompt"]
+    typed["17"]["inputs"]["glyph"] = ["16", 0]
+    typed["18"]["inputs"]["latent"] = ["17", 0]
+    typed["19"]["inputs"].update(images=["18", 0], filename_prefix="typed_twice")
+    graph["9"]["inputs"]["filename_prefix"] = "linked"
+    linked_path, typed_path = Executor(NODES, folders[0], input_dir=folders[1]).run({**graph, **typed})
+    with Image.open(linked_path) as linked, Image.open(typed_path) as typed_twice:
+        assert "linked" in linked_path and "typed_twice" in typed_path
+        assert linked.tobytes() == typed_twice.tobytes()
 
 
 def test_node_errors_name_the_node(release, folders):

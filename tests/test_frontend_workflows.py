@@ -83,3 +83,20 @@ def test_the_frontend_reads_the_api_twin_and_nothing_overlaps(frontend, path):
     stored = {n["id"]: n["size"] for n in json.loads(workflow)["nodes"]}
     for node in state["nodes"]:
         assert node["box"][2:] == [stored[node["id"]][0], stored[node["id"]][1] + 30], node
+
+
+def test_a_workflow_from_before_the_prompt_output_still_loads(frontend):
+    """Saved before the AR sampler had its prompt output: Glyph Conditioning types the prompt itself and the
+    sampler has one output. The frontend loads it and exports it unchanged (the prompt widget still works)."""
+    from glm_image_nodes.headless.workflow_format import api_to_ui
+    from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS
+
+    with open(os.path.join(ROOT, "example_workflows", "api", "glm_image_text_to_image.json"), encoding="utf-8") as f:
+        api = json.load(f)
+    api["6"]["inputs"]["prompt"] = api["5"]["inputs"]["prompt"]
+    old = api_to_ui(api, NODE_CLASS_MAPPINGS)
+    (sampler,) = [n for n in old["nodes"] if n["type"] == "GLMImageARSampler"]
+    assert sampler["outputs"][1]["links"] == []
+    del sampler["outputs"][1]
+    state = json.loads(frontend.evaluate(LOAD_AND_READ % json.dumps(old)))
+    assert {k: v["inputs"] for k, v in state["prompt"].items()} == {k: v["inputs"] for k, v in api.items()}

@@ -38,7 +38,7 @@ def test_problems_are_found():
     del node_defs["GLMImageARSampler"]["inputs"]["top_k"]["tooltip"]
     del node_defs["GLMImageRerank"]["outputs"]["2"]
     node_defs["GLMImageARSampler"]["inputs"]["steps"] = {"name": "步数"}
-    node_defs["GLMImageARSampler"]["outputs"]["1"] = {"name": "多余"}
+    node_defs["GLMImageARSampler"]["outputs"]["2"] = {"name": "多余"}
     node_defs["GLMImageNoSuchNode"] = {"display_name": "无", "description": "无", "inputs": {}, "outputs": {}}
     main = {"nodeCategories": {**main["nodeCategories"], "nowhere": "无处"}}
     del main["nodeCategories"]["vae"]
@@ -49,7 +49,7 @@ def test_problems_are_found():
         "zh: GLMImageARSampler input 'seed' is missing",
         "zh: GLMImageARSampler input 'top_k' has no tooltip (the node defines one)",
         "zh: GLMImageARSampler names input 'steps', which the node does not have",
-        "zh: GLMImageARSampler names output '1', which the node does not have (outputs go by index 0..0)",
+        "zh: GLMImageARSampler names output '2', which the node does not have (outputs go by index 0..1)",
         "zh: GLMImageRerank output 2 is missing",
         "zh: main.json nodeCategories has no entry for 'vae'",
         "zh: main.json nodeCategories names 'nowhere', which no node's category uses",

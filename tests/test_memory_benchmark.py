@@ -18,7 +18,7 @@ def memory():
 
 def test_tiny_run_measures_every_component_and_ends_with_the_summary(memory, tmp_path, capsys):
     out = tmp_path / "memory.json"
-    report = memory.main(["--tiny", "--formats", "q8_0", "--out", str(out)])
+    report = memory.main(["--tiny", "--formats", "q8_0", "--size", "128", "--vae-dtype", "fp32", "--out", str(out)])
     assert json.loads(out.read_text())["summary"] == report["summary"]
     printed = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"formats: 3 checked, worst AR logits cosine 0\.\d{6}, worst DiT relative error \d\.\d{4}",

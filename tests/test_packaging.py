@@ -45,14 +45,14 @@ def test_wheel_holds_the_package_and_its_data(wheel):
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
         metadata = whl.read("glm_image_nodes-0.1.0.dist-info/METADATA").decode()
-    sources = [os.path.relpath(p, ROOT) for sub in ("core", "nodes", "headless", "testing")
+    sources = [os.path.relpath(p, ROOT) for sub in ("core", "nodes", "headless", "serving", "testing")
                for p in glob.glob(os.path.join(ROOT, sub, "**", "*.py"), recursive=True)]
     workflows = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "example_workflows", "**", "*.json"),
                                                              recursive=True)]
     missing = [p for p in sources + workflows + ["__init__.py", "LICENSE"] if f"glm_image_nodes/{p}" not in names]
     assert not missing, missing
     assert not [n for n in names if n.startswith(("glm_image_nodes/tests/", "glm_image_nodes/benchmarks/"))]
-    assert 'Requires-Dist: transformers>=5.0; extra == "caption"' in metadata
+    assert 'Requires-Dist: transformers<5.24,>=5.23; extra == "caption"' in metadata  # the parity tests' 5.23
 
 
 def test_installed_package_imports_away_from_the_checkout(wheel, tmp_path):
@@ -70,3 +70,10 @@ def test_installed_package_imports_away_from_the_checkout(wheel, tmp_path):
     client = subprocess.run([sys.executable, "-m", "glm_image_nodes.headless.client", "--help"], cwd=tmp_path,
                             env=env, capture_output=True, text=True)
     assert client.returncode == 0 and "API-format workflow JSON" in client.stdout
+    # the installed client is stdlib-only: importing it (and so the package) does not import torch
+    quick = subprocess.run([sys.executable, "-c", "import sys, glm_image_nodes.headless.client\n"
+                            "print('torch' in sys.modules)"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert quick.returncode == 0 and quick.stdout.split() == ["False"], quick.stderr
+    serve = subprocess.run([sys.executable, "-m", "glm_image_nodes.serving.cli", "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert serve.returncode == 0 and "--max-batch" in serve.stdout, serve.stderr

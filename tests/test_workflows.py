@@ -154,3 +154,21 @@ def test_ui_workflow_is_named_after_its_file(path):
     """The template browser shows ``extra.info.name``: the file's name in words, not some input's name."""
     expected = os.path.basename(path)[:-len(".json")].replace("_", " ")
     assert load(path)["extra"]["info"]["name"] == expected
+
+
+PROMPT_TAKERS = ("GLMImageGlyphConditioning", "GLMImageRerank")  # nodes that read the AR sampler's prompt
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=os.path.basename)
+def test_the_prompt_is_typed_once(path):
+    """Glyph Conditioning (and Rerank) take the prompt from the node that holds it, never a second widget copy."""
+    graph = load(path)
+    typed = [(node_id, node["inputs"]["prompt"]) for node_id, node in graph.items()
+             if isinstance(node["inputs"].get("prompt"), str) and node["inputs"]["prompt"]]
+    assert len(typed) <= 1, f"{os.path.basename(path)}: the prompt is typed on several nodes {typed}"
+    for node_id, node in graph.items():
+        if node["class_type"] in PROMPT_TAKERS and node["inputs"]["prompt"] != "":
+            assert isinstance(node["inputs"]["prompt"], list), f"node {node_id} ({node['class_type']}) types it again"
+            source_id, slot = node["inputs"]["prompt"]
+            source = NODE_CLASS_MAPPINGS[graph[source_id]["class_type"]]
+            assert source.RETURN_TYPES[slot] == "STRING", (node_id, source_id, slot)

@@ -12,6 +12,7 @@ from .flow_schedule import ShiftSettings
 # socket type names
 AR_MODEL = "GLMIMAGE_AR"
 TOKENIZER = "GLMIMAGE_TOKENIZER"
+AR_TOKENIZER = "GLMIMAGE_AR_TOKENIZER"  # the AR prompt's text tokenizer and ids alone (the AR runs on a server)
 DECODER = "GLMIMAGE_DECODER"
 GLYPH_ENCODER = "GLMIMAGE_GLYPH_ENCODER"
 VAE = "GLMIMAGE_VAE"

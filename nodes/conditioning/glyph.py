@@ -33,7 +33,8 @@ class GLMImageGlyphConditioning:
             "required": {
                 "glyph_encoder": (handles.GLYPH_ENCODER,),
                 "prompt": ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "The same prompt as the AR sampler's; only quoted text is used."}),
+                                      "tooltip": ("The AR sampler's prompt: connect its prompt output here. Only "
+                                                  "quoted text is used.")}),
             },
             "optional": {"texts": ("STRING", {"multiline": True, "default": "",
                                               "tooltip": "Texts to render, one per line; overrides the quotes."})},

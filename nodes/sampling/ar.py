@@ -36,8 +36,10 @@ class GLMImageARSampler(SamplerNode):
     DESCRIPTION = ("Runs the GLM AR model: writes the grid of semantic-VQ tokens (1/32 of the output size) for the "
                    "prompt. With references it edits: their tokens enter the context and only the target grid is "
                    "generated.")
-    RETURN_TYPES = (handles.TOKENS,)
-    RETURN_NAMES = ("tokens",)
+    RETURN_TYPES = (handles.TOKENS, "STRING")
+    RETURN_NAMES = ("tokens", "prompt")
+    OUTPUT_TOOLTIPS = ("The token grid for the decoder sampler.",
+                       "The prompt, unchanged: connect it to Glyph Conditioning's prompt so it is typed once.")
     STAGE = "AR token sampling"
     ADVICE = "lower num_images or the output size"
 
@@ -90,7 +92,7 @@ class GLMImageARSampler(SamplerNode):
                                        source_grids=source_grids,
                                        preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size),
                                        options=run.options)
-        return (grid,)
+        return grid, prompt
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageARSampler": GLMImageARSampler}
