@@ -47,6 +47,7 @@ from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
 from glm_image_nodes.core.stages import ar_sampling  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import build_ar_inputs, load_text_tokenizer  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import DecodeState, SamplingNoise, decode_step  # noqa: E402
+from glm_image_nodes.core.stages.settings import ARSampling  # noqa: E402
 from glm_image_nodes.testing.tiny_glm_image_tokenizer import write_tiny_glm_image_tokenizer  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -163,8 +164,7 @@ class PackAR:
 
     @torch.inference_mode()
     def step(self, fn=decode_step, mode: str = "reference"):
-        fn(self.model, self.cache, self.state, SAMPLING["temperature"], SAMPLING["top_k"], SAMPLING["top_p"],
-           self.codebook_size, RunOptions(kernels=mode))
+        fn(self.model, self.cache, self.state, ARSampling(**SAMPLING), self.codebook_size, RunOptions(kernels=mode))
 
 
 class ReferenceAR:
