@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import HEAD, PREFIX, ARConfig, GlmImageAR, load_ar_model  # noqa: E402
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer  # noqa: E402
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid  # noqa: E402
-from glm_image_nodes.core.stages.remote_ar import SeededSampling, generate_token_grid_remote  # noqa: E402
+from glm_image_nodes.core.stages.remote_ar import generate_token_grid_remote  # noqa: E402
 from glm_image_nodes.core.stages.settings import ARSampling  # noqa: E402
 from glm_image_nodes.testing.tiny_release import write_tiny_release  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -93,7 +93,7 @@ def concurrent_clients(url, tokenizer, size, seeds) -> float:
 
     def one(seed):
         try:
-            generate_token_grid_remote(url, tokenizer, PROMPT, size, size, SeededSampling(seed=seed), timeout=3600)
+            generate_token_grid_remote(url, tokenizer, PROMPT, size, size, ARSampling(seed=seed), timeout=3600)
         except Exception as e:  # reported below
             errors.append(e)
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     health(url)
     startup = time.perf_counter() - started
     system_mb, replica_mb = ray_rss_mb()
-    generate_token_grid_remote(url, tokenizer, PROMPT, args.size, args.size, SeededSampling(seed=0))  # warm-up
+    generate_token_grid_remote(url, tokenizer, PROMPT, args.size, args.size, ARSampling(seed=0))  # warm-up
 
     rows = []
     for n in args.clients:

@@ -8,7 +8,8 @@ Editing works (the source ids are in ``input_ids``), which SGLang's own GLM-Imag
 """
 from __future__ import annotations
 
-from ..core.stages.ar_batch import PromptIds, SeededSampling, TokenRequest, check_request, written_grids
+from ..core.stages.ar_batch import PromptIds, TokenRequest, check_request, written_grids
+from ..core.stages.settings import ARSampling
 
 DISABLED_TOP_K = 16512  # the vision vocabulary: the pack's sampler keeps every codebook id
 
@@ -59,7 +60,7 @@ def parse_generate(body, ids: PromptIds, max_positions: int) -> TokenRequest:
         raise BadRequest(f"logit_bias may only mask ids >= {ids.codebook_size} (the reserved vision ids) with a large "
                          f"negative bias; the service never samples them anyway.")
     try:
-        sampling = SeededSampling(seed=_number(params, "sampling_seed", 0, int),
+        sampling = ARSampling(seed=_number(params, "sampling_seed", 0, int),
                                   temperature=_number(params, "temperature", 1.0, float),
                                   top_p=_number(params, "top_p", 1.0, float), top_k=_top_k(params))
         request = TokenRequest(tuple(input_ids), grids, sampling)

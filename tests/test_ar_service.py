@@ -19,7 +19,6 @@ from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.remote_ar import (
     RemoteARError,
-    SeededSampling,
     build_generate_request,
     generate_token_grid_remote,
     post_json,
@@ -44,7 +43,7 @@ def _size(sources):
 
 def _both(url, local, prompt, seed, sources=None, **kw):
     model, tok = local
-    remote = generate_token_grid_remote(url, tok, prompt, *_size(sources), SeededSampling(seed=seed, **kw), sources,
+    remote = generate_token_grid_remote(url, tok, prompt, *_size(sources), ARSampling(seed=seed, **kw), sources,
                                         timeout=120)
     alone = generate_token_grid(model, tok, prompt, *_size(sources), ARSampling(seed=seed, **kw), source_grids=sources)
     return remote, alone
@@ -76,7 +75,7 @@ def test_batched_with_other_seeds_and_prompt_lengths(ar_service, local):
         prompt, seed, sources, kw = case
         try:
             results[i] = generate_token_grid_remote(url, local[1], prompt, *_size(sources),
-                                                    SeededSampling(seed=seed, **kw), sources, timeout=120)
+                                                    ARSampling(seed=seed, **kw), sources, timeout=120)
         except Exception as e:  # handed to the test thread
             results[i] = e
 
@@ -105,7 +104,7 @@ def _raw_post(url: str, body: dict) -> socket.socket:
 
 def test_survives_a_client_that_disconnects(ar_service, local):
     url, _ = ar_service
-    body, _ = build_generate_request(local[1], "a cat", 128, 96, SeededSampling(seed=5))
+    body, _ = build_generate_request(local[1], "a cat", 128, 96, ARSampling(seed=5))
     for _ in range(2):
         _raw_post(url, body).close()  # gone before the reply
     _same(*_both(url, local, "a dog", 6))
@@ -114,7 +113,7 @@ def test_survives_a_client_that_disconnects(ar_service, local):
 
 def test_bad_request_is_a_400_with_the_reason(ar_service, local):
     url, _ = ar_service
-    body, _ = build_generate_request(local[1], "a cat", 128, 96, SeededSampling(seed=5))
+    body, _ = build_generate_request(local[1], "a cat", 128, 96, ARSampling(seed=5))
     body["sampling_params"]["max_new_tokens"] = 10
     with pytest.raises(RemoteARError, match=r"HTTP 400: sampling_params.max_new_tokens must be 247"):
         post_json(url + "/generate", body, 30)
@@ -124,7 +123,7 @@ def test_killed_replica_gives_a_clear_error_then_recovers(ar_service, local):
     import ray
     url, _ = ar_service
     pid = health(url)["pid"]
-    body, _ = build_generate_request(local[1], "a cat " * 40, 128, 96, SeededSampling(seed=8))
+    body, _ = build_generate_request(local[1], "a cat " * 40, 128, 96, ARSampling(seed=8))
     failure: dict = {}
 
     def wait():
@@ -160,7 +159,7 @@ def _up(url: str) -> bool:
 
 def test_overload_is_a_503_with_the_reason_and_the_service_goes_on(ar_service, local):
     url, _ = ar_service
-    body, _ = build_generate_request(local[1], "a cat", 128, 96, SeededSampling(seed=1))
+    body, _ = build_generate_request(local[1], "a cat", 128, 96, ARSampling(seed=1))
     outcomes: list = []
 
     def send():

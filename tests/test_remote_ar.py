@@ -25,7 +25,7 @@ import time
 import pytest
 import torch
 from glm_image_nodes.core.models.glm_ar import load_ar_model
-from glm_image_nodes.core.stages.ar_batch import PromptIds, SeededSampling, TokenRequest, generate_batch, written_grids
+from glm_image_nodes.core.stages.ar_batch import PromptIds, TokenRequest, generate_batch, written_grids
 from glm_image_nodes.core.stages.ar_prompt import load_text_tokenizer
 from glm_image_nodes.core.stages.ar_sampling import generate_token_grid
 from glm_image_nodes.core.stages.remote_ar import (
@@ -66,7 +66,7 @@ def _expected_body(input_ids, target, preview, sources, sampling):
 
 def test_request_body_is_sglangs_field_by_field(release):
     _, _, tok = release
-    sampling = SeededSampling(seed=42, temperature=0.8, top_p=0.7, top_k=100)
+    sampling = ARSampling(seed=42, temperature=0.8, top_p=0.7, top_k=100)
     body, inputs = build_generate_request(tok, "a red fox", 1024, 768, sampling)
     ids = tok.encode("a red fox<sop>32 24<eop><sop>18 13<eop>" + tok.image_start)
     assert body == _expected_body(ids, (32, 24), (18, 13), [], sampling)
@@ -86,7 +86,7 @@ def test_request_body_is_sglangs_field_by_field(release):
 
 def test_sglang_shaped_reply_is_parsed(release):
     _, _, tok = release
-    _, inputs = build_generate_request(tok, "a cat", 128, 96, SeededSampling(seed=1))
+    _, inputs = build_generate_request(tok, "a cat", 128, 96, ARSampling(seed=1))
     t = inputs.target
     preview, target = list(range(t.ph * t.pw)), list(range(5000, 5000 + t.th * t.tw))
     reply = {"text": "", "output_ids": preview + target + [16385], "meta_info": {"finish_reason": {"type": "length"}}}
@@ -131,7 +131,7 @@ def canned():
 def test_every_failure_is_one_clear_line(release, canned):
     _, _, tok = release
     url, replies = canned
-    sampling = SeededSampling(seed=1)
+    sampling = ARSampling(seed=1)
 
     def call(endpoint, **kw):
         return generate_token_grid_remote(endpoint, tok, "a cat", 128, 96, sampling, **kw)
@@ -170,9 +170,9 @@ def _local(model, tok, prompt, seed, sources=None, **kw):
 
 def _request(tok, prompt, seed, sources=None, **kw):
     size = (128, 128) if sources else (128, 96)
-    body, _ = build_generate_request(tok, prompt, *size, SeededSampling(seed=seed, **kw), sources)
+    body, _ = build_generate_request(tok, prompt, *size, ARSampling(seed=seed, **kw), sources)
     return TokenRequest(tuple(body["input_ids"]), tuple((h, w) for _, h, w in body["image_data"][0]["image_grid_thw"]),
-                        SeededSampling(seed, **kw))
+                        ARSampling(seed, **kw))
 
 
 def test_batched_rows_equal_the_local_sampler(release):
@@ -223,9 +223,9 @@ def test_service_protocol_refuses_what_it_cannot_run(release):
     from glm_image_nodes.serving.protocol import BadRequest, parse_generate
     _, model, tok = release
     ids = prompt_ids(tok, model)
-    body, _ = build_generate_request(tok, "a cat", 128, 96, SeededSampling(seed=3, top_k=40))
+    body, _ = build_generate_request(tok, "a cat", 128, 96, ARSampling(seed=3, top_k=40))
     request = parse_generate(body, ids, 131072)
-    assert request.sampling == SeededSampling(3, 0.9, 0.75, 40) and request.grids == ((4, 3), (18, 13))
+    assert request.sampling == ARSampling(3, 0.9, 0.75, 40) and request.grids == ((4, 3), (18, 13))
     sglang_default = {**body, "sampling_params": {**body["sampling_params"], "top_k": -1}}
     assert parse_generate(sglang_default, ids, 131072).sampling.top_k == 16512  # SGLang's -1: no top-k
     for change, says in ((lambda b: b.update(image_data=[{"image_grid_thw": [[2, 4, 3], [1, 16, 16]]}]), "image_data"),

@@ -21,10 +21,6 @@ from .ar_prompt import rope_index
 from .ar_sampling import SamplingNoise, sample_codebook_ids
 from .settings import ARSampling
 
-# One image's sampling settings with its seed: the local sampler's ARSampling (seed, temperature, top_p, top_k,
-# in that order; one image per request), validated once where it is built.
-SeededSampling = ARSampling
-
 
 def filters(sampling: ARSampling) -> tuple[float, int, float]:
     """The settings that filter the logits: rows that share them share one ``sample_codebook_ids`` call."""
@@ -37,7 +33,7 @@ class TokenRequest:
     the preview: the processor's ``image_grid_thw`` order."""
     input_ids: tuple[int, ...]
     grids: tuple[tuple[int, int], ...]
-    sampling: SeededSampling
+    sampling: ARSampling
 
     def __post_init__(self):
         if not self.input_ids:

@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 
 from ..runtime import checks
-from .ar_batch import SeededSampling
 from .ar_prompt import ARInputs, TextTokenizer, build_ar_inputs
 from .handles import TokenGrid
+from .settings import ARSampling
 
 MASK_BIAS = -1.0e9       # added to the logits of ids the pack never samples (>= the codebook size)
 POLL_SECONDS = 0.1       # how often a waiting request looks at the interrupt check
@@ -44,7 +44,7 @@ class RemoteARError(RuntimeError):
 
 
 def build_generate_request(tokenizer: TextTokenizer, prompt: str, height: int, width: int,
-                           sampling: SeededSampling, source_grids: list[torch.Tensor] | None = None
+                           sampling: ARSampling, source_grids: list[torch.Tensor] | None = None
                            ) -> tuple[dict, ARInputs]:
     """The ``/generate`` body for one image, and the inputs it was built from."""
     checks.check_text(prompt, "prompt")
@@ -180,7 +180,7 @@ def post_json(url: str, body: dict, timeout: float, interrupt_check: Callable[[]
 
 
 def generate_token_grid_remote(endpoint: str, tokenizer: TextTokenizer, prompt: str, height: int, width: int,
-                               sampling: SeededSampling, source_grids: list[torch.Tensor] | None = None,
+                               sampling: ARSampling, source_grids: list[torch.Tensor] | None = None,
                                timeout: float = DEFAULT_TIMEOUT,
                                interrupt_check: Callable[[], None] | None = None) -> TokenGrid:
     """One image's token grid from the AR server at ``endpoint`` (see the module docstring)."""
