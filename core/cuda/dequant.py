@@ -106,16 +106,16 @@ if HAVE_TRITON:
         tl.store(out_ptr + first * VALUES + local * VALUES + e, round_to(value, dtype).to(dtype), mask=mask)
 
 
-def fp8_triton(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q [rows, cols]`` (float8_e4m3fn / e5m2), ``scale`` float32 of one value or one per row -> ``dtype``."""
-    q2 = q.reshape(-1, q.shape[-1]).contiguous()
+def fp8_triton(q_bytes: torch.Tensor, e5m2: bool, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q_bytes [rows, cols]``: a float8_e4m3fn (or, ``e5m2``, float8_e5m2) weight's bytes (uint8); ``scale``
+    float32 of one value or one per row -> ``dtype``."""
+    q2 = q_bytes.reshape(-1, q_bytes.shape[-1]).contiguous()
     rows, cols = q2.shape
     flat = scale.reshape(-1).to(torch.float32)
-    out = torch.empty(rows, cols, dtype=dtype, device=q.device)
-    fp8_kernel[(rows, triton.cdiv(cols, FP8_BLOCK))](
-        q2.view(torch.uint8), flat, out, cols, 0 if flat.numel() == 1 else 1, E5M2=q.dtype == torch.float8_e5m2,
-        BLOCK=FP8_BLOCK, num_warps=4)
-    return out.view(q.shape)
+    out = torch.empty(rows, cols, dtype=dtype, device=q_bytes.device)
+    fp8_kernel[(rows, triton.cdiv(cols, FP8_BLOCK))](q2, flat, out, cols, 0 if flat.numel() == 1 else 1,
+                                                     E5M2=e5m2, BLOCK=FP8_BLOCK, num_warps=4)
+    return out.view(q_bytes.shape)
 
 
 def gguf_triton(blocks: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:

@@ -50,13 +50,18 @@ def kernel_tensor(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in KERNEL_DTYPES
 
 
+def kernel_output(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a Triton kernel writes ``dtype`` on ``device`` (for ops whose inputs are packed bytes)."""
+    return device.type == "cuda" and dtype in KERNEL_DTYPES
+
+
 def fused_for(device: torch.device, dtype: torch.dtype, op: str, mode: str | None = None) -> bool:
     """``use_fused`` for an op whose inputs are not in the compute dtype (packed weights): whether fused ``op``
     writing ``dtype`` on ``device`` runs under ``mode``."""
     mode = mode or default_mode()
     if mode == "fused":
         return True
-    if mode == "reference" or not HAVE_TRITON or device.type != "cuda" or dtype not in KERNEL_DTYPES:
+    if mode == "reference" or not HAVE_TRITON or not kernel_output(device, dtype):
         return False
     return self_check.passed(op, device, dtype)
 

@@ -24,8 +24,9 @@ def op_name(kind: str) -> str:
     return f"dequant_{kind}"
 
 
-def fp8_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return fp8.dequantize(q, scale, dtype)
+def fp8_reference(q_bytes: torch.Tensor, e5m2: bool, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q_bytes``: the float8 weight's bytes (uint8; the custom op takes no float8 tensors)."""
+    return fp8.dequantize(q_bytes.view(FP8_DTYPES[e5m2]), scale, dtype)
 
 
 def gguf_reference(blocks: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
@@ -35,7 +36,7 @@ def gguf_reference(blocks: torch.Tensor, kind: str, dtype: torch.dtype) -> torch
     return direct if direct is not None else ggml.dequantize(blocks, qtype, shape).to(dtype)
 
 
-def _fp8_fake(q, scale, dtype):
+def _fp8_fake(q, e5m2, scale, dtype):
     return q.new_empty(q.shape, dtype=dtype)
 
 
@@ -47,8 +48,8 @@ FP8_OP = dispatch.custom_op("dequant_fp8", fp8_reference, dequant.fp8_triton, _f
 GGUF_OP = dispatch.custom_op("dequant_gguf", gguf_reference, dequant.gguf_triton, _gguf_fake)
 
 
-def _run_fp8(q, scale, dtype):
-    return (dequant.fp8_triton if dispatch.launches_directly(q) else FP8_OP)(q, scale, dtype)
+def _run_fp8(q_bytes, e5m2, scale, dtype):
+    return (dequant.fp8_triton if dispatch.launches_directly(q_bytes) else FP8_OP)(q_bytes, e5m2, scale, dtype)
 
 
 def _run_gguf(blocks, kind, dtype):
@@ -71,7 +72,8 @@ def dequantize(data: torch.Tensor, kind: str, shape: tuple[int, ...], scale: tor
                dtype: torch.dtype) -> torch.Tensor:
     """The fused op's result for a weight ``applies`` accepted."""
     if kind == "fp8":
-        return _run_fp8(data, scale.to(device=data.device, dtype=torch.float32), dtype)
+        return _run_fp8(data.view(torch.uint8), data.dtype == torch.float8_e5m2,
+                        scale.to(device=data.device, dtype=torch.float32), dtype)
     raw = data.reshape(-1).view(torch.uint8) if data.dtype != torch.uint8 else data.reshape(-1)
     return _run_gguf(raw.view(-1, ggml.QTYPES[kind].type_size), kind, dtype).view(shape)
 
@@ -82,7 +84,7 @@ def sample_fp8(device, dtype, rows=24, cols=160, seed=0):
     bits = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8)
     bits[(bits & 0x7F) == 0x7F] = 0x7E  # e4m3fn's NaNs
     scale = torch.rand(rows, 1, generator=g) * 1e-2
-    return bits.view(torch.float8_e4m3fn).to(device), scale.to(device), dtype
+    return bits.to(device), False, scale.to(device), dtype
 
 
 def sample_gguf(kind: str, device, dtype, n=12, seed=0):
@@ -97,9 +99,10 @@ def _exact(_dtype):
     return 0.0
 
 
-self_check.register(op_name("fp8"), self_check.Check(fused=_run_fp8, reference=fp8_reference, sample=sample_fp8,
-                                                      tolerance=_exact))
+# the checks run what the layers would run (looked up at call time)
+self_check.register(op_name("fp8"), self_check.Check(fused=lambda *args: _run_fp8(*args), reference=fp8_reference,
+                                                      sample=sample_fp8, tolerance=_exact))
 for _kind in GGUF_KINDS:
     self_check.register(op_name(_kind), self_check.Check(
-        fused=_run_gguf, reference=gguf_reference, sample=lambda device, dtype, _kind=_kind: sample_gguf(
+        fused=lambda *args: _run_gguf(*args), reference=gguf_reference, sample=lambda device, dtype, _kind=_kind: sample_gguf(
             _kind, device, dtype), tolerance=_exact))
