@@ -12,8 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from glm_image_nodes.core.cuda import (  # noqa: E402
-    activations, adaln, decode_attention, dequant, dispatch, norms, rope)
+from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dequant, dispatch, norms, rope  # noqa: E402
 from glm_image_nodes.core.formats import fp8, fused_dequant, ggml  # noqa: E402
 from triton_harness import compile_sm90, interpreted, ptxas_report, recorded_launches  # noqa: E402
 

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dispatch, norms, rope, self_check  # noqa: E402
+from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dequant, dispatch, norms, rope, self_check  # noqa: E402
 from glm_image_nodes.core.cuda.kernel_checks import kernel_check  # noqa: E402
-from glm_image_nodes.core.cuda import dequant  # noqa: E402
 from glm_image_nodes.core.formats import fp8, fused_dequant, ggml  # noqa: E402
 from glm_image_nodes.core.formats.layers import Linear, Packed  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import ARConfig, GlmImageAR  # noqa: E402

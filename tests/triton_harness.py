@@ -15,8 +15,7 @@ import tempfile
 import torch
 
 triton = __import__("pytest").importorskip("triton")
-from glm_image_nodes.core.cuda import (  # noqa: E402
-    activations, adaln, decode_attention, dequant, norms, rope, triton_support)
+from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dequant, norms, rope, triton_support  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler import compile as triton_compile  # noqa: E402

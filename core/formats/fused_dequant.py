@@ -104,5 +104,5 @@ self_check.register(op_name("fp8"), self_check.Check(fused=lambda *args: _run_fp
                                                       sample=sample_fp8, tolerance=_exact))
 for _kind in GGUF_KINDS:
     self_check.register(op_name(_kind), self_check.Check(
-        fused=lambda *args: _run_gguf(*args), reference=gguf_reference, sample=lambda device, dtype, _kind=_kind: sample_gguf(
-            _kind, device, dtype), tolerance=_exact))
+        fused=lambda *args: _run_gguf(*args), reference=gguf_reference,
+        sample=lambda device, dtype, _kind=_kind: sample_gguf(_kind, device, dtype), tolerance=_exact))
