@@ -116,6 +116,7 @@ def test_dequantization_kernels_on_the_gpu(dtype):
         assert torch.equal(dequant.gguf_triton(*on_gpu(blocks), kind, dtype).cpu(), want), kind
     layer = Linear(512, 64, bias=False)
     layer._init_packing(dtype)
-    data = ggml.quantize(randn(64, 512, scale=0.05), qtype)  # Q6_K
+    qtype = ggml.QTYPES["Q6_K"]
+    data = ggml.quantize(randn(64, 512, scale=0.05), qtype)
     layer.assign_weight(Packed(data, "Q6_K", (64, 512)), CUDA)
     assert torch.equal(layer.compute_weight(CUDA).cpu(), ggml.dequantize(data, qtype, (64, 512)).to(dtype))
