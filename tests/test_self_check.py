@@ -212,8 +212,13 @@ def test_every_dequantization_kernel_passes_its_own_check_in_the_interpreter(mon
 
     from triton_harness import interpreted
     interpreted(monkeypatch)
-    launch = dequant.fp8_triton if op == "dequant_fp8" else dequant.gguf_triton
+    if op == "dequant_fp8":
+        launch = fused_dequant.both_fp8_formats(dequant.fp8_triton)
+        wrong = fused_dequant.both_fp8_formats(lambda *args: dequant.fp8_triton(*args).mul(1 + 2 ** -7))
+    else:
+        launch = dequant.gguf_triton
+        wrong = lambda *args: dequant.gguf_triton(*args).mul(1 + 2 ** -7)  # noqa: E731
     check = dataclasses.replace(self_check.CHECKS[op], fused=launch)
     assert self_check._run(check, torch.device("cpu"), torch.bfloat16) == ""
-    broken = dataclasses.replace(check, fused=lambda *args: launch(*args).mul(1 + 2 ** -7))
+    broken = dataclasses.replace(check, fused=wrong)
     assert "differs from the reference" in self_check._run(broken, torch.device("cpu"), torch.bfloat16)
