@@ -130,6 +130,8 @@ def test_fp8_dequantization(interpret, dtype):
     for q, scale in ((q_bytes.view(torch.float8_e4m3fn), scale), (q_tensor, tensor_scale), (q5, torch.tensor(1.0))):
         got = dequant.fp8_triton(q.view(torch.uint8), q.dtype == torch.float8_e5m2, scale, dtype)
         assert got.dtype == dtype and torch.equal(got, (q.float() * scale).to(dtype)), q.dtype
+    nan = dequant.fp8_triton(torch.tensor([[0x7F, 0xFF, 0x7E]], dtype=torch.uint8), False, torch.tensor(2.0), dtype)
+    assert nan[0, :2].isnan().all() and nan[0, 2].item() == 896.0  # e4m3fn's NaNs; its largest value, scaled
 
 
 @pytest.mark.parametrize("kind", fused_dequant.GGUF_KINDS)

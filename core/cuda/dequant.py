@@ -58,7 +58,7 @@ if HAVE_TRITON:
         else:  # e4m3fn's exponent and mantissa in float16's, 2^8 off (its bias is 7, float16's 15)
             magnitude = ((bits & 0x7F) << 7).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
             value = tl.where(bits >= 0x80, -magnitude, magnitude)
-            value = tl.where((bits & 0x7F) == 0x7F, magnitude - magnitude + float("nan"), value)
+            value = tl.where((bits & 0x7F) == 0x7F, float("nan"), value)
         scale = tl.load(scale_ptr + row * scale_stride)
         dtype: tl.constexpr = out_ptr.dtype.element_ty
         tl.store(out_ptr + row * cols + offs, round_to(value * scale, dtype).to(dtype), mask=mask)
