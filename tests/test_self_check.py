@@ -222,3 +222,16 @@ def test_every_dequantization_kernel_passes_its_own_check_in_the_interpreter(mon
     assert self_check._run(check, torch.device("cpu"), torch.bfloat16) == ""
     broken = dataclasses.replace(check, fused=wrong)
     assert "differs from the reference" in self_check._run(broken, torch.device("cpu"), torch.bfloat16)
+
+
+def test_the_dequantization_decision_follows_the_kernel_mode(fused_looks_available, monkeypatch):
+    """``fused`` forces the op, ``reference`` never runs it, ``auto`` only for outputs a kernel writes (fp16
+    keeps the torch route) and only after the op's check passed."""
+    monkeypatch.setattr(dispatch, "kernel_output", lambda device, dtype: dtype == torch.float32)
+    cpu = torch.device("cpu")
+    assert dispatch.fused_for(cpu, torch.float16, "dequant_Q4_K", "fused")
+    assert not dispatch.fused_for(cpu, torch.float32, "dequant_Q4_K", "reference")
+    assert not dispatch.fused_for(cpu, torch.float16, "dequant_Q4_K", "auto")
+    assert self_check.verdicts() == []
+    assert dispatch.fused_for(cpu, torch.float32, "dequant_Q4_K", "auto")
+    assert [(v.op, v.ok) for v in self_check.verdicts()] == [("dequant_Q4_K", True)]
