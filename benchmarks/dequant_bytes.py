@@ -4,7 +4,10 @@ Counted, not timed: every aten op a packed ``Linear`` dispatches for one token (
 charged the bytes of its tensor inputs (read) and outputs (written); views move nothing. Per weight of a
 ``[512, 1024]`` layer, times the AR's Linear weights (the release's shapes, built on the meta device) gives
 bytes per token. "float32 route": what the pack did before (``q.float() * scale`` / ``ggml.dequantize`` to
-float32, then the compute dtype); "direct": ``layers.dequantize_packed`` now (``core/formats/direct_dequant.py``).
+float32, then the compute dtype); "direct": ``layers.dequantize_packed`` off CUDA (``core/formats/direct_dequant.py``);
+"fused (CUDA)": ``layers.dequantize_packed`` under kernel mode ``fused``, the one-pass kernels' path
+(``core/cuda/dequant.py``): its custom op (``glm_image_nodes::dequant_*``, run here by its CPU reference) is
+charged as one op, its packed input read once and its compute-dtype weight written once, as the kernel does.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 FORMATS = ("bf16", "fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0")
 SHAPE = (512, 1024)
+ROUTES = ("float32 route", "direct", "fused (CUDA)")
 
 
 class ByteCounter(TorchDispatchMode):
@@ -55,11 +59,12 @@ def bytes_per_weight(fmt: str, dtype=torch.bfloat16) -> dict:
     routes = {}
     if fmt == "bf16":
         w = weight.to(dtype)
-        fns = {"float32 route": lambda: F.linear(x, w), "direct": lambda: F.linear(x, w)}
+        fns = dict.fromkeys(ROUTES, lambda: F.linear(x, w))
     else:
         data, kind, scale = _packed(fmt, weight)
         fns = {"float32 route": lambda: F.linear(x, _float32_route(data, kind, SHAPE, scale, dtype)),
-               "direct": lambda: F.linear(x, dequantize_packed(data, kind, SHAPE, scale, dtype))}
+               "direct": lambda: F.linear(x, dequantize_packed(data, kind, SHAPE, scale, dtype, "reference")),
+               "fused (CUDA)": lambda: F.linear(x, dequantize_packed(data, kind, SHAPE, scale, dtype, "fused"))}
     for name, fn in fns.items():
         with ByteCounter() as counter:
             fn()
@@ -86,8 +91,10 @@ def table(config_path: str) -> tuple[list[dict], str]:
                      **{f"{k} GB/token": v * count / 1e9 for k, v in per.items()}})
     bf16 = rows[0]["direct GB/token"]
     lines = [f"AR Linear weights: {count / 1e9:.2f} B; bytes read + written per decode token (batch 1)", "",
-             "| format | float32 route GB/token | direct GB/token | direct / bf16 |", "|---|---|---|---|"]
+             "| format | float32 route GB/token | direct GB/token | direct / bf16 | fused (CUDA) GB/token "
+             "| fused / bf16 |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['format']} | {r['float32 route GB/token']:.1f} | {r['direct GB/token']:.1f} | "
-                     f"{r['direct GB/token'] / bf16:.2f} |")
+                     f"{r['direct GB/token'] / bf16:.2f} | {r['fused (CUDA) GB/token']:.1f} | "
+                     f"{r['fused (CUDA) GB/token'] / bf16:.2f} |")
     return rows, "\n".join(lines)

@@ -88,11 +88,35 @@ def test_captured_and_compiled_steps_give_the_eager_tokens(tmp_path):
 def test_every_fused_op_passes_its_self_check_on_the_gpu(dtype):
     """What a user's first run does: each op checked once against its reference (core/cuda/self_check.py)."""
     from glm_image_nodes.core.cuda import self_check
-    from glm_image_nodes.core.formats import fp8
+    from glm_image_nodes.core.formats import fp8, fused_dequant  # noqa: F401  (registers the dequant checks)
     device = torch.device("cuda", torch.cuda.current_device())
     ops = [op for op in self_check.CHECKS if op != "scaled_mm"]
+    assert "dequant_fp8" in ops and "dequant_Q4_K" in ops
     if dtype == torch.bfloat16 and fp8.has_fp8_matmul(device):
         ops.append("scaled_mm")
     verdicts = [v for v in self_check.check_all(device, dtype, ops) if v.dtype == str(dtype)[6:]]
     failed = {v.op: v.cause for v in verdicts if not v.ok}
     assert not failed, failed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantization_kernels_on_the_gpu(dtype):
+    """The one-pass FP8/GGUF kernels on CUDA: bit-equal to the float32 route computed on the CPU, on random
+    bytes of many blocks (several programs) and through a packed Linear under the default kernel mode."""
+    from glm_image_nodes.core.cuda import dequant
+    from glm_image_nodes.core.formats import fused_dequant, ggml
+    from glm_image_nodes.core.formats.layers import Linear, Packed
+    q_bytes, e5m2, scale, _ = fused_dequant.sample_fp8("cpu", dtype, rows=300, cols=3000)
+    want = (q_bytes.view(torch.float8_e4m3fn).float() * scale).to(dtype)
+    assert torch.equal(dequant.fp8_triton(*on_gpu(q_bytes), e5m2, *on_gpu(scale), dtype).cpu(), want)
+    for kind in fused_dequant.GGUF_KINDS:
+        qtype = ggml.QTYPES[kind]
+        blocks, _, _ = fused_dequant.sample_gguf(kind, "cpu", dtype, n=4099)
+        want = ggml.dequantize(blocks, qtype, (blocks.shape[0], qtype.block_size)).to(dtype)
+        assert torch.equal(dequant.gguf_triton(*on_gpu(blocks), kind, dtype).cpu(), want), kind
+    layer = Linear(512, 64, bias=False)
+    layer._init_packing(dtype)
+    qtype = ggml.QTYPES["Q6_K"]
+    data = ggml.quantize(randn(64, 512, scale=0.05), qtype)
+    layer.assign_weight(Packed(data, "Q6_K", (64, 512)), CUDA)
+    assert torch.equal(layer.compute_weight(CUDA).cpu(), ggml.dequantize(data, qtype, (64, 512)).to(dtype))

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dispatch, norms, rope  # noqa: E402
+from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dequant, dispatch, norms, rope  # noqa: E402
+from glm_image_nodes.core.formats import fp8, fused_dequant, ggml  # noqa: E402
 from triton_harness import compile_sm90, interpreted, ptxas_report, recorded_launches  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -118,6 +119,42 @@ def test_decode_attention(interpret, monkeypatch, dtype, length, index):
     assert (got.float() - exact).abs().max().item() <= tol * max(1.0, exact.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_dequantization(interpret, dtype):
+    """Every e4m3fn bit pattern but NaN (per-row scales, a partial column block), real per-tensor-scaled e4m3fn
+    and unscaled e5m2 weights: bit-equal to the float32 route ``(q.float() * scale).to(dtype)``."""
+    q_bytes, _, scale, _ = fused_dequant.sample_fp8("cpu", dtype)
+    weight = randn(8, 1100, seed=22, scale=0.05)
+    q_tensor, tensor_scale = fp8.quantize(weight, "tensor")
+    q5 = (weight * 100).clamp(-50_000, 50_000).to(torch.float8_e5m2)
+    for q, scale in ((q_bytes.view(torch.float8_e4m3fn), scale), (q_tensor, tensor_scale), (q5, torch.tensor(1.0))):
+        got = dequant.fp8_triton(q.view(torch.uint8), q.dtype == torch.float8_e5m2, scale, dtype)
+        assert got.dtype == dtype and torch.equal(got, (q.float() * scale).to(dtype)), q.dtype
+    nan = dequant.fp8_triton(torch.tensor([[0x7F, 0xFF, 0x7E]], dtype=torch.uint8), False, torch.tensor(2.0), dtype)
+    assert nan[0, :2].isnan().all() and nan[0, 2].item() == 896.0  # e4m3fn's NaNs; its largest value, scaled
+
+
+@pytest.mark.parametrize("kind", fused_dequant.GGUF_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gguf_dequantization(interpret, kind, dtype):
+    """Random block bytes (every quant and scale bit pattern, finite float16 scales; a partial last program) and
+    a weight the pack's quantizer packed: bit-equal to ``ggml.dequantize`` (gguf-py's values) cast once."""
+    qtype = ggml.QTYPES[kind]
+    blocks, _, _ = fused_dequant.sample_gguf(kind, "cpu", dtype, n=37 if qtype.block_size == 32 else 5)
+    packed = ggml.quantize(randn(3, 512, seed=23, scale=0.05), qtype) if kind in ("Q4_K", "Q5_K", "Q6_K") else None
+    for data in (blocks, packed) if packed is not None else (blocks,):
+        data = data.reshape(-1, qtype.type_size)
+        want = ggml.dequantize(data, qtype, (data.shape[0], qtype.block_size)).to(dtype)
+        got = dequant.gguf_triton(data, kind, dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_dequantization_custom_ops_pass_opcheck():
+    torch.library.opcheck(fused_dequant.FP8_OP, fused_dequant.sample_fp8("cpu", torch.bfloat16))
+    for kind in ("Q8_0", "Q4_K"):
+        torch.library.opcheck(fused_dequant.GGUF_OP, fused_dequant.sample_gguf(kind, "cpu", torch.float32))
+
+
 def test_custom_ops_pass_opcheck():
     x, w = randn(2, 3, 32), randn(32)
     q, k, v, cos, sin, caches, valid = decode_inputs(torch.float32)
@@ -159,6 +196,15 @@ def _launches(monkeypatch):
         out += recorded_launches(monkeypatch, adaln, adaln.gated_residual_triton, h, h, mod)
         out += recorded_launches(monkeypatch, adaln, adaln.gated_residual_layernorm_modulate_triton, h, h, mod, mod,
                                  mod)
+        scale = torch.empty(27392, 1, dtype=torch.float32, **meta)  # gate_up_proj [2 * 13696, 4096]
+        for q_dtype in fused_dequant.FP8_DTYPES:
+            out += recorded_launches(monkeypatch, dequant, dequant.fp8_triton,
+                                     torch.empty(27392, 4096, dtype=torch.uint8, **meta),
+                                     q_dtype == torch.float8_e5m2, scale, dtype)
+        for kind, (_, type_size, values) in dequant.GGUF_KINDS.items():
+            out += recorded_launches(monkeypatch, dequant, dequant.gguf_triton,
+                                     torch.empty(27392 * 4096 // values, type_size, dtype=torch.uint8, **meta), kind,
+                                     dtype)
     return out
 
 
@@ -166,7 +212,8 @@ def test_every_kernel_compiles_for_sm90a_without_spills(monkeypatch):
     launches = _launches(monkeypatch)
     kernels = {launch.kernel.__name__ for launch in launches}
     assert kernels == {"rms_norm_kernel", "add_rms_norm_kernel", "silu_mul_kernel", "decode_partial_kernel",
-                       "decode_merge_kernel", "qk_layernorm_rope_kernel", "adaln_kernel"}
+                       "decode_merge_kernel", "qk_layernorm_rope_kernel", "adaln_kernel", "fp8_kernel",
+                       "gguf_kernel"}
     for launch in launches:
         report = ptxas_report(compile_sm90(launch))
         assert report["spill_bytes"] == 0, (launch.kernel.__name__, launch.kwargs, report["log"])

@@ -60,3 +60,32 @@ def test_direct_route_moves_fewer_bytes():
     for fmt, most in (("fp8_e4m3fn", 9.1), ("q8_0", 11.5)):
         routes = dequant_bytes.bytes_per_weight(fmt)
         assert routes["direct"] <= most < routes["float32 route"], (fmt, routes)
+
+
+def test_fused_route_moves_the_packed_bytes_plus_one_weight_write_and_read():
+    """The one-pass kernels' path (its custom op charged its real input and output): per weight, the packed
+    bytes read once, the bf16 weight written once and read once by the GEMM (4 bytes), within 10 %."""
+    import dequant_bytes
+    for fmt in ("fp8_e4m3fn", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0"):
+        routes = dequant_bytes.bytes_per_weight(fmt)
+        qtype = ggml.QTYPES.get(fmt.upper())
+        packed = 1.0 if qtype is None else qtype.type_size / qtype.block_size
+        assert 4 + packed <= routes["fused (CUDA)"] <= 1.1 * 4 + packed, (fmt, routes)
+        assert routes["fused (CUDA)"] < routes["direct"], (fmt, routes)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "Q8_0", "Q4_K"])
+def test_cpu_keeps_the_torch_route_and_the_forced_fused_op_gives_its_values(monkeypatch, kind):
+    from glm_image_nodes.core.formats import fused_dequant
+    if kind == "fp8":
+        data, scale = fp8.quantize(_weight(4, (32, 256)), "channel")
+    else:
+        data, scale = ggml.quantize(_weight(4, (32, 256)), ggml.QTYPES[kind]), None
+    calls = []
+    real_fp8, real_gguf = fused_dequant._run_fp8, fused_dequant._run_gguf
+    monkeypatch.setattr(fused_dequant, "_run_fp8", lambda *a: calls.append(1) or real_fp8(*a))
+    monkeypatch.setattr(fused_dequant, "_run_gguf", lambda *a: calls.append(1) or real_gguf(*a))
+    want = dequantize_packed(data, kind, (32, 256), scale, torch.bfloat16)  # auto: CPU runs the torch route
+    assert calls == []
+    got = dequantize_packed(data, kind, (32, 256), scale, torch.bfloat16, mode="fused")
+    assert calls == [1] and torch.equal(got, want)

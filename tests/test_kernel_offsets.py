@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("triton")
-from glm_image_nodes.core.cuda import activations, adaln, norms, rope  # noqa: E402
+from glm_image_nodes.core.cuda import activations, adaln, dequant, norms, rope  # noqa: E402
 from triton_harness import compile_sm90, recorded_launches  # noqa: E402
 
 META = dict(device="meta", dtype=torch.bfloat16)
@@ -29,13 +29,20 @@ def _launches(monkeypatch):
             + recorded_launches(monkeypatch, norms, norms.add_rms_norm_triton, h, h, w, w, 1e-5)
             + recorded_launches(monkeypatch, activations, activations.silu_mul_triton,
                                 torch.empty(ROWS, 2 * 4096, **META))
-            + recorded_launches(monkeypatch, rope, rope.qk_layernorm_rope_triton, qk, cos, cos, 512))
+            + recorded_launches(monkeypatch, rope, rope.qk_layernorm_rope_triton, qk, cos, cos, 512)
+            # packed weights of more than 2^31 bytes or values (one launch per weight)
+            + recorded_launches(monkeypatch, dequant, dequant.fp8_triton,
+                                torch.empty(600_000, 4096, device="meta", dtype=torch.uint8), False,
+                                torch.empty(600_000, 1, device="meta", dtype=torch.float32), torch.bfloat16)
+            + recorded_launches(monkeypatch, dequant, dequant.gguf_triton,
+                                torch.empty(70_000_000, 34, device="meta", dtype=torch.uint8), "Q8_0", torch.bfloat16))
 
 
 def test_offsets_past_2_31_are_computed_in_64_bits(monkeypatch):
     launches = _launches(monkeypatch)
     assert {launch.kernel.__name__ for launch in launches} == {
-        "adaln_kernel", "rms_norm_kernel", "add_rms_norm_kernel", "silu_mul_kernel", "qk_layernorm_rope_kernel"}
+        "adaln_kernel", "rms_norm_kernel", "add_rms_norm_kernel", "silu_mul_kernel", "qk_layernorm_rope_kernel",
+        "fp8_kernel", "gguf_kernel"}
     for launch in launches:
         ttir = compile_sm90(launch).asm["ttir"]
         pointer_args = set(re.findall(r"%(\w+_ptr): !tt\.ptr", ttir))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dispatch, norms, rope, self_check  # noqa: E402
+from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dequant, dispatch, norms, rope, self_check  # noqa: E402
 from glm_image_nodes.core.cuda.kernel_checks import kernel_check  # noqa: E402
-from glm_image_nodes.core.formats import fp8  # noqa: E402
+from glm_image_nodes.core.formats import fp8, fused_dequant, ggml  # noqa: E402
 from glm_image_nodes.core.formats.layers import Linear, Packed  # noqa: E402
 from glm_image_nodes.core.models.glm_ar import ARConfig, GlmImageAR  # noqa: E402
 from glm_image_nodes.core.runtime.options import RunOptions  # noqa: E402
@@ -169,3 +169,69 @@ def test_eager_cuda_calls_launch_triton_directly_and_compiled_ones_keep_the_cust
     assert torch.equal(dispatch.rms_norm(x, w, 1e-5, "fused"), want) and (launched, dispatched) == ([1], [])
     compiled = torch.compile(lambda a: dispatch.rms_norm(a, w, 1e-5, "fused"), fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), want) and launched == [1] and dispatched
+
+
+def _q4_k_linear():
+    layer = Linear(256, 8, bias=False)
+    layer._init_packing(torch.float32)
+    data = ggml.quantize(torch.randn(8, 256, generator=torch.Generator().manual_seed(2)) * 0.1, ggml.QTYPES["Q4_K"])
+    layer.assign_weight(Packed(data, "Q4_K", (8, 256)), torch.device("cpu"))
+    want_weight = ggml.dequantize(data, ggml.QTYPES["Q4_K"], (8, 256))
+    return layer, want_weight
+
+
+@pytest.mark.parametrize("broken, cause", [(_raises, BUILD_ERROR), ("wrong", "differs from the reference by")])
+def test_a_broken_dequantization_kernel_falls_back_to_the_torch_route(fused_looks_available, monkeypatch, caplog,
+                                                                      broken, cause):
+    """A packed layer whose one-pass kernel fails to build or computes wrong values dequantizes by the torch
+    route, with one warning; a working kernel (here its custom op, on CPU) is checked once and then used."""
+    monkeypatch.setattr(dispatch, "kernel_output", lambda device, dtype: dtype == torch.float32)
+    layer, want_weight = _q4_k_linear()
+    x = torch.randn(3, 256)
+    want = torch.nn.functional.linear(x, want_weight)
+    real, calls = fused_dequant._run_gguf, []
+    monkeypatch.setattr(fused_dequant, "_run_gguf", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(layer(x), want) and torch.equal(layer(x), want)
+    assert len(calls) == 3  # the check, then both calls
+    if broken == "wrong":
+        broken = lambda *a: real(*a) * 1.5  # noqa: E731
+    monkeypatch.setattr(fused_dequant, "_run_gguf", lambda *a: calls.append(1) or broken(*a))
+    self_check.forget()
+    with caplog.at_level(logging.WARNING, logger="glm_image_nodes"):
+        for _ in range(3):
+            assert torch.equal(layer(x), want)
+    assert len(calls) == 4  # the check only
+    message, = _warnings(caplog)
+    assert "fused dequant_Q4_K on cpu/float32" in message and cause in message
+
+
+@pytest.mark.parametrize("op", ["dequant_fp8", "dequant_Q8_0", "dequant_Q4_K", "dequant_Q6_K"])
+def test_every_dequantization_kernel_passes_its_own_check_in_the_interpreter(monkeypatch, op):
+    pytest.importorskip("triton")
+    import dataclasses
+
+    from triton_harness import interpreted
+    interpreted(monkeypatch)
+    if op == "dequant_fp8":
+        launch = fused_dequant.both_fp8_formats(dequant.fp8_triton)
+        wrong = fused_dequant.both_fp8_formats(lambda *args: dequant.fp8_triton(*args).mul(1 + 2 ** -7))
+    else:
+        launch = dequant.gguf_triton
+        wrong = lambda *args: dequant.gguf_triton(*args).mul(1 + 2 ** -7)  # noqa: E731
+    check = dataclasses.replace(self_check.CHECKS[op], fused=launch)
+    assert self_check._run(check, torch.device("cpu"), torch.bfloat16) == ""
+    broken = dataclasses.replace(check, fused=wrong)
+    assert "differs from the reference" in self_check._run(broken, torch.device("cpu"), torch.bfloat16)
+
+
+def test_the_dequantization_decision_follows_the_kernel_mode(fused_looks_available, monkeypatch):
+    """``fused`` forces the op, ``reference`` never runs it, ``auto`` only for outputs a kernel writes (fp16
+    keeps the torch route) and only after the op's check passed."""
+    monkeypatch.setattr(dispatch, "kernel_output", lambda device, dtype: dtype == torch.float32)
+    cpu = torch.device("cpu")
+    assert dispatch.fused_for(cpu, torch.float16, "dequant_Q4_K", "fused")
+    assert not dispatch.fused_for(cpu, torch.float32, "dequant_Q4_K", "reference")
+    assert not dispatch.fused_for(cpu, torch.float16, "dequant_Q4_K", "auto")
+    assert self_check.verdicts() == []
+    assert dispatch.fused_for(cpu, torch.float32, "dequant_Q4_K", "auto")
+    assert [(v.op, v.ok) for v in self_check.verdicts()] == [("dequant_Q4_K", True)]

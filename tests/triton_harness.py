@@ -15,14 +15,14 @@ import tempfile
 import torch
 
 triton = __import__("pytest").importorskip("triton")
-from glm_image_nodes.core.cuda import activations, adaln, decode_attention, norms, rope, triton_support  # noqa: E402
+from glm_image_nodes.core.cuda import activations, adaln, decode_attention, dequant, norms, rope, triton_support  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler import compile as triton_compile  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-KERNEL_MODULES = (activations, adaln, decode_attention, norms, rope, triton_support)
+KERNEL_MODULES = (activations, adaln, decode_attention, dequant, norms, rope, triton_support)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32",
          torch.bool: "i1"}

@@ -50,6 +50,22 @@ def kernel_tensor(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in KERNEL_DTYPES
 
 
+def kernel_output(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a Triton kernel writes ``dtype`` on ``device`` (for ops whose inputs are packed bytes)."""
+    return device.type == "cuda" and dtype in KERNEL_DTYPES
+
+
+def fused_for(device: torch.device, dtype: torch.dtype, op: str, mode: str | None = None) -> bool:
+    """``use_fused`` for an op whose inputs are not in the compute dtype (packed weights): whether fused ``op``
+    writing ``dtype`` on ``device`` runs under ``mode``."""
+    mode = mode or default_mode()
+    if mode == "fused":
+        return True
+    if mode == "reference" or not HAVE_TRITON or not kernel_output(device, dtype):
+        return False
+    return self_check.passed(op, device, dtype)
+
+
 def use_fused(*tensors: torch.Tensor, op: str, mode: str | None = None) -> bool:
     """THE decision: whether fused ``op`` runs on ``tensors`` under ``mode`` (the call's ``RunOptions.kernels``;
     None: the default): forced, never, or where the kernels apply and the op passed its self-check on the first
@@ -78,6 +94,11 @@ def _op(name: str, reference, triton_impl, fake, mutates_args=()):
     if HAVE_TRITON:
         op.register_kernel("cuda")(triton_impl)
     return op
+
+
+def custom_op(name: str, reference, triton_impl, fake):
+    """``glm_image_nodes::name`` for fused ops registered above this floor (their references live there)."""
+    return _op(name, reference, triton_impl, fake)
 
 
 def launches_directly(t: torch.Tensor) -> bool:

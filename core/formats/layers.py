@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cuda import dispatch
-from . import direct_dequant, fp8, ggml
+from . import direct_dequant, fp8, fused_dequant, ggml
 
 WeightPatch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,7 +34,11 @@ class Packed:
 
 
 def dequantize_packed(data: torch.Tensor, kind: str, shape: tuple[int, ...], scale: torch.Tensor | None,
-                      dtype: torch.dtype) -> torch.Tensor:
+                      dtype: torch.dtype, mode: str | None = None) -> torch.Tensor:
+    """``data`` (FP8 or GGUF bytes) as ``dtype``: in one pass where the fused op applies (CUDA, ``mode`` the
+    kernel mode, default ``GLMIMAGE_KERNELS``; fused_dequant), else the torch route."""
+    if fused_dequant.applies(data, kind, scale, dtype, mode):
+        return fused_dequant.dequantize(data, kind, shape, scale, dtype)
     if kind == "fp8":
         return fp8.dequantize(data, scale, dtype)
     direct = direct_dequant.gguf_to(data, kind, shape, dtype)

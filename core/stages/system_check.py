@@ -18,7 +18,7 @@ import torch
 
 from ..cuda import self_check
 from ..cuda.triton_support import HAVE_TRITON
-from ..formats import fp8
+from ..formats import fp8, fused_dequant  # noqa: F401  (fused_dequant registers its kernels' self-checks)
 from ..runtime import attention, sdpa_backends
 
 GIB = 2 ** 30
