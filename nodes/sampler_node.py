@@ -43,5 +43,6 @@ class SamplerNode:
 
     def on_device(self, *models, **placement):
         """The models on the compute device for the run (ComfyUI's memory manager inside ComfyUI); ``placement``:
-        more of ``on_compute_device``'s options (``memory_required``)."""
+        more of ``on_compute_device``'s options (``memory_required``). Yields that device, for the stage's
+        ``device=``: under block swap or a partial load the weights cannot tell it."""
         return memory.on_compute_device(*models, stage=self.STAGE, advice=self.ADVICE, **placement)

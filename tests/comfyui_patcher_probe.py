@@ -69,4 +69,59 @@ found["loaded_models_after_eviction"] = len(mm.current_loaded_models)
 (again,) = NODES["GLMImageGlyphEncoderLoader"]().load(release, "fp32")
 with memory.on_compute_device(again):
     found["reloaded_equal"] = torch.equal(again.model(ids), before)
+
+# a partial load, as ComfyUI makes it when the card is too small (forced here: a CPU-only ComfyUI loads whole):
+# the node's stage computes on the device on_compute_device yields, and no module gets a device attribute
+(partial,) = NODES["GLMImageGlyphEncoderLoader"]().load(release, "fp32")
+glyph_node = NODES["GLMImageGlyphConditioning"]()
+whole = glyph_node.encode(partial, 'a "SALE" sign')[0]
+real_load = mm.load_models_gpu
+
+
+def load_partially(models, **options):
+    real_load(models, **options)
+    for model in models:
+        model.partially_unload(model.offload_device, memory_to_free=2**40)
+
+
+seen = {"devices": set(), "attributes": set()}
+
+
+def spy(module, args):
+    seen["devices"].update(str(a.device) for a in args if isinstance(a, torch.Tensor))
+    seen["attributes"].update(key for m in partial.module.modules() for key in m.__dict__ if "device" in key)
+
+
+hook = partial.module.register_forward_pre_hook(spy)
+mm.load_models_gpu = load_partially
+yielded = []
+real_on_compute_device = memory.on_compute_device
+
+
+def on_compute_device(*items, **options):
+    placement = real_on_compute_device(*items, **options)
+
+    class Recorded:
+        def __enter__(self):
+            device = placement.__enter__()
+            yielded.append(str(device))
+            found["partially_loaded"] = not memory.fully_resident(partial)
+            return device
+
+        def __exit__(self, *exc):
+            return placement.__exit__(*exc)
+    return Recorded()
+
+
+memory.on_compute_device = on_compute_device
+try:
+    parted = glyph_node.encode(partial, 'a "SALE" sign')[0]
+finally:
+    mm.load_models_gpu, memory.on_compute_device = real_load, real_on_compute_device
+    hook.remove()
+found["partial_yielded"] = yielded
+found["partial_input_devices"] = sorted(seen["devices"])
+found["partial_device_attributes"] = sorted(seen["attributes"])
+found["partial_equal"] = torch.equal(parted.cond, whole.cond) and torch.equal(parted.uncond, whole.uncond)
+found["comfy_device"] = str(mm.get_torch_device())
 print(json.dumps(found))

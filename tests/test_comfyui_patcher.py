@@ -25,3 +25,7 @@ def test_pack_patcher_in_comfyui_0_3_64(tmp_path):
     assert found["packed_storage_unchanged"] and found["plain_restored"] and found["packed_patch_removed"]
     assert found["loaded_models_after_run"] == 1 and found["loaded_models_after_eviction"] == 0
     assert found["reloaded_equal"]
+    # a partial load: the stage runs on the device on_compute_device yields (ComfyUI's), the same result
+    assert found["partially_loaded"] and found["partial_yielded"] == [found["comfy_device"]]
+    assert found["partial_input_devices"] == [found["comfy_device"]]
+    assert found["partial_device_attributes"] == [] and found["partial_equal"]

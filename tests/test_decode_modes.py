@@ -113,7 +113,7 @@ def test_the_memory_reserved_before_placement_is_what_the_generation_allocates(r
     model, tok = release
     seen = []
     monkeypatch.setattr(ar_sampling, "check_prefill_fits",
-                        lambda m, *args: seen.append(m.generation_bytes(*args)))
+                        lambda m, *args, device: seen.append(m.generation_bytes(*args)))
     monkeypatch.setattr(ar_sampling, "compiled_decode_step", lambda: ar_sampling.decode_step)  # no compile here
     prompts = [PROMPTS[0], PROMPTS[2]]  # left padding
     settings = ARSampling(seed=0, num_images=2, decode_steps=mode)

@@ -67,7 +67,8 @@ def test_fitted_map_follows_the_real_decode_far_better_than_a_constant(release, 
 def test_factors_are_fitted_once_per_vae_file(release, vae, monkeypatch):
     calls = []
     fit = latent_preview.fit_latent_rgb
-    monkeypatch.setattr(latent_preview, "fit_latent_rgb", lambda v: calls.append(v) or fit(v))
+    monkeypatch.setattr(latent_preview, "fit_latent_rgb",
+                        lambda v, device=None: calls.append(v) or fit(v, device=device))
     first = latent_preview.latent_rgb_for(vae)
     assert latent_preview.latent_rgb_for(vae) is first
     reloaded = load_vae(release, dtype="fp32", device="cpu")                 # the same file, loaded again

@@ -95,3 +95,22 @@ def test_node_returns_the_rewrite(captioner):
     node = NODE_CLASS_MAPPINGS["GLMImagePromptEnhance"]()
     (text,) = node.enhance(handles.ModelHandle(captioner), PROMPT, "auto", NEW_TOKENS, 0.0, 0)
     assert text == enhance_prompt(captioner, PROMPT, max_new_tokens=NEW_TOKENS)
+
+
+def test_the_node_builds_the_chat_on_the_placed_device_not_where_the_weights_are(captioner, monkeypatch):
+    """The node passes the device ``on_compute_device`` yields (``cpu:0`` here: a device other than the weights'
+    ``cpu`` that still works on this machine) while the captioner's weights claim to be elsewhere."""
+    from glm_image_nodes.core.host import memory
+    from glm_image_nodes.core.models.captioner import Captioner
+    from glm_image_nodes.core.stages import prompt_enhance
+
+    compute = torch.device("cpu", 0)
+    monkeypatch.setattr(memory, "get_device", lambda: compute)
+    monkeypatch.setattr(Captioner, "device", property(lambda self: torch.device("cuda")))
+    seen, real = [], prompt_enhance.chat_text_inputs
+    monkeypatch.setattr(prompt_enhance, "chat_text_inputs",
+                        lambda c, messages, device=None: seen.append(device) or real(c, messages, device))
+    node = NODE_CLASS_MAPPINGS["GLMImagePromptEnhance"]()
+    (text,) = node.enhance(handles.ModelHandle(captioner), PROMPT, "auto", NEW_TOKENS, 0.0, 0)
+    assert seen == [compute]
+    assert text == enhance_prompt(captioner, PROMPT, max_new_tokens=NEW_TOKENS, device=torch.device("cpu"))

@@ -1,5 +1,6 @@
-"""RunOptions travel with the call: two samplers with different attention choices in two threads each get their
-own (the attention entry point is spied on per thread), and the options are checked when they are built."""
+"""RunOptions travel with the call: two samplers with different attention choices and compute devices in two
+threads each get their own (the attention entry point and the loop's device are spied on per thread), and the
+options are checked when they are built."""
 import threading
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from glm_image_nodes.core.models.glm_image_dit import GlmImageDiT, GlmImageDiTConfig
 from glm_image_nodes.core.runtime import attention as attention_module
 from glm_image_nodes.core.runtime.options import RunOptions
+from glm_image_nodes.core.stages import decoder_sampling
 from glm_image_nodes.core.stages.decoder_sampling import sample_latents
 from glm_image_nodes.core.stages.handles import GlyphConditioning
 from glm_image_nodes.core.stages.settings import DecoderRun
@@ -22,7 +24,7 @@ def tiny_dit() -> GlmImageDiT:
     return GlmImageDiT(config).eval()
 
 
-def test_two_samplers_in_two_threads_each_use_their_own_attention_backend(monkeypatch):
+def test_two_samplers_in_two_threads_each_use_their_own_attention_backend_and_device(monkeypatch):
     dit = tiny_dit()
     glyph = GlyphConditioning(cond=torch.randn(1, 4, 32), uncond=torch.randn(1, 2, 32))
     ids = torch.randint(0, 64, (1, (H // 16) * (W // 16)), generator=torch.Generator().manual_seed(1))
@@ -34,6 +36,16 @@ def test_two_samplers_in_two_threads_each_use_their_own_attention_backend(monkey
         return spy(q, k, v, causal, scale, backend)
 
     monkeypatch.setattr(attention_module, "_optional_kernel", spying)
+    # cpu:0 differs from cpu as a device while the tensors moved there still work on this CPU-only machine
+    devices = {"auto": torch.device("cpu"), "sdpa": torch.device("cpu", 0)}
+    loop_devices: dict[str, list] = {"auto": [], "sdpa": []}
+    real_noise = decoder_sampling.initial_noise
+
+    def noise_spy(shape, seed, noise, device):
+        loop_devices[threading.current_thread().name].append(device)
+        return real_noise(shape, seed, noise, device)
+
+    monkeypatch.setattr(decoder_sampling, "initial_noise", noise_spy)
     # every step of one sampler waits for the same step of the other: the two runs overlap step by step
     barrier = threading.Barrier(2, timeout=60)
     results, errors = {}, []
@@ -43,7 +55,7 @@ def test_two_samplers_in_two_threads_each_use_their_own_attention_backend(monkey
             results[backend] = sample_latents(dit, ids, glyph, H, W, settings=DecoderRun(steps=STEPS, guidance=1.5,
                                                                                          seed=2),
                                               progress=False, preview=lambda x: barrier.wait(),
-                                              options=RunOptions(attention=backend))
+                                              options=RunOptions(attention=backend), device=devices[backend])
         except BaseException as e:  # surfaced below
             errors.append(e)
             barrier.abort()
@@ -58,6 +70,8 @@ def test_two_samplers_in_two_threads_each_use_their_own_attention_backend(monkey
         # one batched CFG forward per step; per block one attention call for each padding (glyph 4 vs 2 tokens)
         assert len(calls) == STEPS * dit.num_layers * 2, (backend, calls)
         assert set(calls) == {backend}
+    assert loop_devices == {backend: [device] for backend, device in devices.items()}
+    assert not [k for m in dit.modules() for k in m.__dict__ if "device" in k]
     # on CPU both backends are SDPA: the same latents
     assert torch.equal(results["auto"], results["sdpa"])
 

@@ -157,7 +157,7 @@ def test_tiled_decode_close_to_untiled(tmp_path, monkeypatch):
                         or torch.zeros(1, 3, z.shape[-2] * 8, z.shape[-1] * 8))
     assert vae.fits_untiled(8192, 8192)  # on the CPU the exact decode is always chosen
     # auto: tiles only when the exact decode would not fit (decided per output size)
-    monkeypatch.setattr(vae, "fits_untiled", lambda height, width: height * width <= 384 * 384)
+    monkeypatch.setattr(vae, "fits_untiled", lambda height, width, device=None: height * width <= 384 * 384)
     with torch.no_grad():
         vae.decode(latents[..., :48, :48])
         assert calls == []

@@ -116,7 +116,7 @@ def model_patcher(item):
 def _comfy_placement(items, device: torch.device, memory_required: int):
     from contextlib import ExitStack
 
-    from ..loading.residency import EXECUTION_DEVICE, resident
+    from ..loading.residency import resident
 
     for item in items:
         if getattr(item, "block_swap", 0):
@@ -126,12 +126,8 @@ def _comfy_placement(items, device: torch.device, memory_required: int):
     _mm.load_models_gpu([model_patcher(item) for item in handles], memory_required=memory_required)
     with ExitStack() as stack:
         for item in items:
-            module = _module(item)
-            if item in handles:
-                module.__dict__[EXECUTION_DEVICE] = device
-                stack.callback(module.__dict__.pop, EXECUTION_DEVICE, None)
-            else:  # a bare module (scripts, tests): swapped in for the stage as outside ComfyUI
-                stack.enter_context(resident(module, device))
+            if item not in handles:  # a bare module (scripts, tests): swapped in for the stage as outside ComfyUI
+                stack.enter_context(resident(_module(item), device))
         yield device
 
 
@@ -188,6 +184,8 @@ def _on_compute_device(*items, stage: str = "this node", advice: str = "lower th
     the stage runs (stage swap, so the 9B AR model and the 7B decoder never sit there together); a handle's
     ``block_swap`` keeps that many of its blocks on the offload device, streamed in one at a time.
     Running out of memory frees what the stage took and says what to lower.
+    Yields the compute device: the caller passes it to the stage (``device=``), since under block swap or a
+    partial load the weights are partly elsewhere and cannot tell it.
     """
     device = get_device()
     modules = [_module(item) for item in items]

@@ -19,14 +19,6 @@ from torch import nn
 
 from ..formats.layers import PackedLayer
 
-EXECUTION_DEVICE = "execution_device"
-
-
-def placed_device(module: nn.Module, tensor: torch.Tensor) -> torch.device:
-    """The device ``module`` computes on: the one it was placed on for the running stage (its weights may be
-    partly elsewhere: block swap, a partial load), else where ``tensor`` (one of its weights) is."""
-    return module.__dict__.get(EXECUTION_DEVICE) or tensor.device
-
 
 def _own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     for t in list(module._parameters.values()) + list(module._buffers.values()):
@@ -84,7 +76,8 @@ def resolve_blocks(model: nn.Module, path: str | None, count: int) -> list[nn.Mo
 
 @contextmanager
 def resident(module: nn.Module, device: torch.device, blocks: Sequence[nn.Module] = ()):
-    """Run ``module`` on ``device`` (see the module docstring); ``blocks`` are streamed one at a time."""
+    """Run ``module`` on ``device`` (see the module docstring); ``blocks`` are streamed one at a time. Yields
+    ``device``: the caller passes it to the stage, which computes there wherever the weights are."""
     device = torch.device(device)
     swapped = {id(t) for t in _tensors(blocks)}
     moved = _point_to(_tensors([module], skip=swapped), device)
@@ -99,11 +92,9 @@ def resident(module: nn.Module, device: torch.device, blocks: Sequence[nn.Module
             _restore(state.pop("moved", []))
 
         hooks += [block.register_forward_pre_hook(stream_in), block.register_forward_hook(stream_out)]
-    module.__dict__[EXECUTION_DEVICE] = device
     try:
         yield device
     finally:
-        module.__dict__.pop(EXECUTION_DEVICE, None)
         for hook in hooks:
             hook.remove()
         _restore(moved)

@@ -27,6 +27,7 @@ import torch
 from ..formats.reading import CheckpointError, read_config, safetensors_files
 from ..loading.placement import place
 from ..runtime import checks
+from ..runtime.devices import compute_device
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # glm46v: Glm46VForConditionalGeneration, a renamed Glm4v
 SUPPORTED_MODELS = "GLM-4.1V-9B-Thinking, GLM-4.1V-9B-Base or GLM-4.6V-Flash (config model_type glm4v or glm46v)"
@@ -61,6 +62,7 @@ class Captioner:
 
     @property
     def device(self) -> torch.device:
+        # where the (first) weights are; a stage computes on the device its caller passes (partial loads)
         return self.model.device
 
 
@@ -144,9 +146,11 @@ def _to_pil(image: torch.Tensor):
     return Image.fromarray(pixels)
 
 
-def chat_inputs(captioner: Captioner, image: torch.Tensor, instruction: str) -> dict[str, torch.Tensor]:
+def chat_inputs(captioner: Captioner, image: torch.Tensor, instruction: str,
+                device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Model inputs for one user turn (the image, then ``instruction``) and the assistant's turn opened,
-    as ``Glm4vProcessor`` builds them. Templates that can switch thinking off (GLM-4.6V) get it off."""
+    as ``Glm4vProcessor`` builds them, on ``device`` (the compute device; None: where the weights are).
+    Templates that can switch thinking off (GLM-4.6V) get it off."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
     text = captioner.tokenizer.apply_chat_template(messages, chat_template=captioner.chat_template, tokenize=False,
                                                    add_generation_prompt=True, enable_thinking=False)
@@ -158,7 +162,7 @@ def chat_inputs(captioner: Captioner, image: torch.Tensor, instruction: str) -> 
                          f"for the image; it is not a GLM-V template.")
     text = text.replace(captioner.image_token, captioner.image_token * n_tokens)
     input_ids = torch.tensor([captioner.tokenizer(text, add_special_tokens=False)["input_ids"]])
-    device = captioner.device
+    device = compute_device(device, captioner.device)
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids, device=device),
@@ -206,14 +210,15 @@ def check_rerank_prompt(prompt: str) -> str:
     return prompt
 
 
-def chat_text_inputs(captioner: Captioner, messages: list[dict]) -> dict[str, torch.Tensor]:
+def chat_text_inputs(captioner: Captioner, messages: list[dict],
+                     device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Model inputs for a text-only chat (``messages`` of role/content strings) with the assistant's turn
-    opened, as ``Glm4vProcessor.apply_chat_template`` builds them. Thinking is switched off where the template
-    can (GLM-4.6V)."""
+    opened, as ``Glm4vProcessor.apply_chat_template`` builds them, on ``device`` (the compute device; None: where
+    the weights are). Thinking is switched off where the template can (GLM-4.6V)."""
     text = captioner.tokenizer.apply_chat_template(messages, chat_template=captioner.chat_template, tokenize=False,
                                                    add_generation_prompt=True, enable_thinking=False)
     input_ids = torch.tensor([captioner.tokenizer(text, add_special_tokens=False)["input_ids"]])
-    device = captioner.device
+    device = compute_device(device, captioner.device)
     return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids, device=device),
             "mm_token_type_ids": torch.zeros_like(input_ids, dtype=torch.int, device=device)}
 
@@ -227,7 +232,7 @@ def generate_reply_ids(captioner: Captioner, inputs: dict[str, torch.Tensor], ma
     transformers = _require_transformers()
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    device = captioner.device
+    device = inputs["input_ids"].device  # the compute device the inputs were built for
     criteria = [_StepCriterion(step)] if step is not None else []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -243,10 +248,12 @@ def decode_reply(captioner: Captioner, new_tokens: torch.Tensor) -> str:
 
 
 @torch.inference_mode()
-def caption_score(captioner: Captioner, image: torch.Tensor, prompt_ids: list[int]) -> torch.Tensor:
-    """Mean log p(prompt token | image, "Describe this image.", earlier prompt tokens), one image."""
-    inputs = chat_inputs(captioner, image, CAPS_INSTRUCTION)
-    answer = torch.tensor([prompt_ids], device=captioner.device)
+def caption_score(captioner: Captioner, image: torch.Tensor, prompt_ids: list[int],
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Mean log p(prompt token | image, "Describe this image.", earlier prompt tokens), one image, computed on
+    ``device`` (None: where the weights are)."""
+    inputs = chat_inputs(captioner, image, CAPS_INSTRUCTION, device)
+    answer = torch.tensor([prompt_ids], device=inputs["input_ids"].device)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], dim=1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer, dtype=torch.int)], 1)

@@ -18,8 +18,8 @@ from torch import nn
 from ..formats.checkpoint import Checkpoint
 from ..formats.reading import CheckpointError
 from ..loading import components
-from ..loading.residency import placed_device
 from ..runtime.checks import check_finite_output
+from ..runtime.devices import compute_device
 from ..runtime.geometry import check_multiple_of
 
 MEAN = (0.79093, 0.76271, 0.75340)  # dataset statistics of the release's input normalization
@@ -84,38 +84,42 @@ class CogViewVQVAE(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return placed_device(self, self.quantize_t.embed)
+        # where the weights are; a stage computes on the device its caller passes (block swap, partial loads)
+        return self.quantize_t.embed.device
 
     @property
     def n_embed(self) -> int:
         return self.quantize_t.embed.shape[1]
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The encoder's output before quantization, ``[B, H/8, W/8, dim]``."""
+    def features(self, images: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """The encoder's output before quantization, ``[B, H/8, W/8, dim]``, computed on ``device`` (None: where
+        the weights are)."""
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise ValueError(f"CogView VQ-VAE encode expects images [B, H, W, 3]; got shape {tuple(images.shape)}.")
         _, h, w, _ = images.shape
         check_multiple_of(h, w, self.downscale, "CogView VQ-VAE encode", " (the release was trained at 256x256)")
-        x = images[..., :3].to(device=self.device, dtype=torch.float32)
+        x = images[..., :3].to(device=compute_device(device, self.device), dtype=torch.float32)
         x = (x - x.new_tensor(MEAN)) / x.new_tensor(STD)
         return self.enc_b(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B,H,W,3]`` in 0..1, H and W multiples of 8 -> ids ``[B,H/8,W/8]`` int64 on the CPU."""
-        z = self.features(images)
+    def encode(self, images: torch.Tensor, *, device: torch.device | None = None) -> torch.Tensor:
+        """Images ``[B,H,W,3]`` in 0..1, H and W multiples of 8 -> ids ``[B,H/8,W/8]`` int64 on the CPU, computed
+        on ``device`` (None: where the weights are)."""
+        z = self.features(images, device)
         return self.quantize_t.nearest(z.reshape(-1, z.shape[-1])).view(z.shape[:-1]).cpu()
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+    def decode(self, ids: torch.Tensor, *, device: torch.device | None = None) -> torch.Tensor:
         """Ids ``[B,h,w]`` -> images ``[B,8h,8w,3]`` float32 on the CPU, clamped to 0..1 (the original scripts
-        min-max rescale each image instead)."""
+        min-max rescale each image instead), computed on ``device`` (None: where the weights are)."""
         if ids.ndim != 3 or ids.is_floating_point():
             raise ValueError(f"CogView VQ-VAE decode expects integer ids [B, h, w]; "
                              f"got {ids.dtype} {tuple(ids.shape)}.")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.n_embed):
             raise ValueError(f"CogView VQ-VAE ids must be in 0..{self.n_embed - 1}; got {ids.min()}..{ids.max()}.")
-        q = self.quantize_t.lookup(ids.to(device=self.device, dtype=torch.long)).permute(0, 3, 1, 2)
+        ids = ids.to(device=compute_device(device, self.device), dtype=torch.long)
+        q = self.quantize_t.lookup(ids).permute(0, 3, 1, 2)
         x = check_finite_output(self.dec(q).permute(0, 2, 3, 1), "CogView VQ-VAE decode", torch.float32)
         return (x * x.new_tensor(STD) + x.new_tensor(MEAN)).clamp(0, 1).cpu()
 

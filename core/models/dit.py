@@ -22,7 +22,6 @@ from ..formats.layers import compute_dtype
 from ..formats.reading import CheckpointError, ConfigNotInferable
 from ..loading import components
 from ..loading.configs import known_fields
-from ..loading.residency import placed_device
 from ..runtime.attention import attention
 from ..runtime.options import RunOptions
 from .step_cache import BranchCache
@@ -335,7 +334,8 @@ class DiTTrunk(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return placed_device(self, self.proj_out.weight)
+        # where the weights are; a stage computes on the device its caller passes (block swap, partial loads)
+        return self.proj_out.weight.device
 
     @property
     def num_layers(self) -> int:

@@ -20,8 +20,8 @@ from ..cuda.rope import apply_partial_rope
 from ..formats.layers import compute_dtype
 from ..formats.reading import CheckpointError, ConfigNotInferable
 from ..loading import components
-from ..loading.residency import placed_device
 from ..runtime.attention import attention, cached_decode_attention
+from ..runtime.devices import compute_device
 from ..runtime.options import RunOptions
 from .glm_blocks import GlmDecoderLayer, GroupedQueryProjections, RMSNorm
 
@@ -142,15 +142,18 @@ class GlmImageAR(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return placed_device(self, self.lm_head.weight)
+        # where the weights are; a stage computes on the device its caller passes (block swap, partial loads)
+        return self.lm_head.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
         # the compute dtype, not the stored weight's: a GGUF from llama-quantize packs every 2-D weight (uint8)
         return compute_dtype(self.lm_head)
 
-    def new_cache(self, batch: int, max_len: int, attention_mask: torch.Tensor | None = None) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.dtype, self.device, attention_mask)
+    def new_cache(self, batch: int, max_len: int, attention_mask: torch.Tensor | None = None,
+                  device: torch.device | None = None) -> KVCache:
+        """An empty cache on ``device`` (the compute device; None: where the weights are)."""
+        return KVCache(self.config, batch, max_len, self.dtype, compute_device(device, self.device), attention_mask)
 
     def generation_bytes(self, batch: int, prompt_len: int, cache_len: int, padded: bool) -> int:
         """Memory a generation allocates beside the weights: the KV cache of ``cache_len`` slots, the
@@ -164,15 +167,16 @@ class GlmImageAR(nn.Module):
         return cache + batch * prompt_len * per_token * size + mask
 
     def _mask(self, cache: KVCache, start: int | torch.Tensor, n: int) -> torch.Tensor | None:
+        device = cache.key_valid.device  # the compute device the cache was made on
         if isinstance(start, int):
             if start == 0 and not cache.padded:
                 return None  # plain causal
-            keys = torch.arange(start + n, device=self.device)
+            keys = torch.arange(start + n, device=device)
             valid = cache.key_valid[:, :start + n]
         else:
-            keys = torch.arange(cache.max_len, device=self.device)
+            keys = torch.arange(cache.max_len, device=device)
             valid = cache.key_valid
-        queries = start + torch.arange(n, device=self.device)
+        queries = start + torch.arange(n, device=device)
         allowed = (keys[None, :] <= queries[:, None])[None] & valid[:, None, :]
         # a padding query sees nothing valid; let it see itself so its (unused) row stays finite
         allowed = allowed | (keys[None, :] == queries[:, None])[None]

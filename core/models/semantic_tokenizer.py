@@ -24,8 +24,8 @@ from ..formats import reading
 from ..formats.reading import CheckpointError
 from ..loading import components
 from ..loading.configs import known_fields
-from ..loading.residency import placed_device
 from ..runtime.attention import attention
+from ..runtime.devices import compute_device
 from ..runtime.geometry import MAX_PIXELS, MIN_PIXELS, PATCH_SIZE, check_token_grid_size, smart_resize
 from ..runtime.images import resize_reference, to_rgb01, to_uint8
 
@@ -224,7 +224,7 @@ def preprocess_image(image, *, min_pixels: int = MIN_PIXELS, max_pixels: int = M
 
 
 def tokenize_image(tokenizer: SemanticTokenizer, image, target_height: int | None = None,
-                   target_width: int | None = None) -> torch.Tensor:
+                   target_width: int | None = None, *, device: torch.device | None = None) -> torch.Tensor:
     """Token ids ``[h, w]`` int64 of one image (``[H, W, 3]`` in 0..1, or anything ``to_rgb01`` takes).
 
     With a target (output) size the image is first resized to it the way diffusers resizes references (PIL
@@ -232,7 +232,7 @@ def tokenize_image(tokenizer: SemanticTokenizer, image, target_height: int | Non
     of that size. Below the processor's minimum side (512 px) the processor would enlarge the image and change
     the grid, so its minimum is lowered to the target's short side. Without a target the processor's own
     ``smart_resize`` decides; the grid of an H x W image is (H/32, W/32) when H and W are multiples of 32 with
-    sides in 512..2048.
+    sides in 512..2048. ``device``: the compute device (None: where the weights are).
     """
     image = to_rgb01(image)
     cfg = tokenizer.config
@@ -245,13 +245,13 @@ def tokenize_image(tokenizer: SemanticTokenizer, image, target_height: int | Non
         image = resize_reference(image, target_height, target_width)
     pixels = preprocess_image(image, min_pixels=min_pixels, max_pixels=cfg.max_pixels, patch_size=cfg.patch_size)
     weight = tokenizer.model["visual"].patch_embed.proj.weight
-    return tokenizer(pixels.to(device=placed_device(tokenizer, weight), dtype=weight.dtype))[0].cpu()
+    return tokenizer(pixels.to(device=compute_device(device, weight.device), dtype=weight.dtype))[0].cpu()
 
 
 def tokenize_images(tokenizer: SemanticTokenizer, images, target_height: int | None = None,
-                    target_width: int | None = None) -> list[torch.Tensor]:
+                    target_width: int | None = None, *, device: torch.device | None = None) -> list[torch.Tensor]:
     """``tokenize_image`` for each image of a list or a ComfyUI batch ``[B, H, W, 3]``; one ``[h, w]`` grid each."""
-    return [tokenize_image(tokenizer, image, target_height, target_width) for image in images]
+    return [tokenize_image(tokenizer, image, target_height, target_width, device=device) for image in images]
 
 
 # ---- loading ---------------------------------------------------------------------------------------

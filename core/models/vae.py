@@ -21,9 +21,9 @@ from ..formats import reading
 from ..formats.reading import CheckpointError
 from ..loading import components
 from ..loading.configs import known_fields
-from ..loading.residency import placed_device
 from ..runtime.attention import attention
 from ..runtime.checks import check_finite_output
+from ..runtime.devices import compute_device
 from ..runtime.geometry import check_multiple_of
 
 log = logging.getLogger("glm_image_nodes")
@@ -279,16 +279,17 @@ class GlmVAE:
     # resnet input, its two convolution outputs, GroupNorm and SiLU temporaries, and the upsampler.
     DECODE_TENSORS_AT_FULL_RES = 6
 
-    def fits_untiled(self, height: int, width: int) -> bool:
-        """Whether an untiled decode to ``height`` x ``width`` fits the free memory of a CUDA device (always
-        on other devices). Tiles use their own GroupNorm statistics, so tiling changes pixels slightly: it is
-        only chosen when the exact decode would run out of memory."""
-        if self.device.type != "cuda":
+    def fits_untiled(self, height: int, width: int, device: torch.device | None = None) -> bool:
+        """Whether an untiled decode to ``height`` x ``width`` fits the free memory of the CUDA ``device``
+        (None: where the weights are; always on other devices). Tiles use their own GroupNorm statistics, so
+        tiling changes pixels slightly: it is only chosen when the exact decode would run out of memory."""
+        device = compute_device(device, self.device)
+        if device.type != "cuda":
             return True
         channels = self.model.config.block_out_channels[0]
         element = self.model.decoder.conv_out.weight.element_size()
         need = self.DECODE_TENSORS_AT_FULL_RES * channels * height * width * element
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free, _ = torch.cuda.mem_get_info(device)
         return need < 0.8 * free
 
     def __init__(self, model: AutoencoderKL):
@@ -301,7 +302,8 @@ class GlmVAE:
 
     @property
     def device(self) -> torch.device:
-        return placed_device(self.model, self.model.encoder.conv_in.weight)
+        # where the weights are; a stage computes on the device its caller passes (block swap, partial loads)
+        return self.model.encoder.conv_in.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -322,14 +324,15 @@ class GlmVAE:
         return z / self.scaling_factor + self.shift_factor
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, *, device: torch.device | None = None) -> torch.Tensor:
         """ComfyUI images ``[B,H,W,3]`` 0..1 -> normalized latents ``[B,C,H/8,W/8]`` (posterior mode), in the
-        VAE's dtype on its device. H and W must be multiples of 8."""
+        VAE's dtype on ``device`` (the compute device; None: where the weights are). H and W must be multiples
+        of 8."""
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise ValueError(f"VAE encode expects images [B, H, W, 3]; got shape {tuple(images.shape)}.")
         _, h, w, _ = images.shape
         check_multiple_of(h, w, self.downscale, "VAE encode")
-        device, dtype = self.device, self.dtype
+        device, dtype = compute_device(device, self.device), self.dtype
         out = []
         for image in images[..., :3]:
             x = image.permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=dtype) * 2 - 1
@@ -338,7 +341,8 @@ class GlmVAE:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, tiled: bool | None = None, tile_size: int = 128,
-               overlap: int = 32, progress: Callable[..., Any] | None = None) -> torch.Tensor:
+               overlap: int = 32, progress: Callable[..., Any] | None = None,
+               device: torch.device | None = None) -> torch.Tensor:
         """Normalized latents ``[B,C,h,w]`` -> images ``[B,8h,8w,3]`` float32 0..1 on the CPU.
 
         ``tiled``: None tiles only when the exact decode would not fit the free GPU memory (``fits_untiled``);
@@ -346,7 +350,7 @@ class GlmVAE:
         The untiled path is exact; tiles are blended linearly across their overlaps.
         ``progress``: a bar for the tiles, ``progress(total, desc=...)`` used as a context manager whose
         ``update()`` is called per tile (the driving node passes ``host.progress.Progress``, which also honours
-        the user's interrupt); None: none.
+        the user's interrupt); None: none. ``device``: the compute device (None: where the weights are).
         """
         c = self.model.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != c:
@@ -354,11 +358,12 @@ class GlmVAE:
         if tile_size < 8 or not 0 <= overlap <= tile_size // 3:
             raise ValueError(f"tile_size must be >= 8 and overlap in 0..tile_size/3; got {tile_size}, {overlap}.")
         h, w = latents.shape[-2:]
+        device = compute_device(device, self.device)
         if tiled is None:
-            tiled = not self.fits_untiled(h * self.downscale, w * self.downscale)
+            tiled = not self.fits_untiled(h * self.downscale, w * self.downscale, device)
         images = []
         for z in latents:
-            z = self.denormalize(z.unsqueeze(0).to(device=self.device, dtype=self.dtype))
+            z = self.denormalize(z.unsqueeze(0).to(device=device, dtype=self.dtype))
             x = self._decode_tiled(z, tile_size, overlap, progress) if tiled else self.model.decode(z).float()
             check_finite_output(x, "VAE decode", self.dtype)  # before the clamp would turn inf into 0 or 1
             images.append((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())

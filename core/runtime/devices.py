@@ -23,3 +23,10 @@ def offload_device() -> torch.device:
     if _mm is not None:
         return _mm.unet_offload_device()
     return torch.device("cpu")
+
+
+def compute_device(given: torch.device | str | None, weights: torch.device) -> torch.device:
+    """The device a stage computes on: ``given`` (the one its caller placed the models for, see
+    ``host.memory.on_compute_device``), else ``weights``, where the model's weights are (a model loaded whole on
+    one device, as in scripts and tests)."""
+    return torch.device(given) if given is not None else weights

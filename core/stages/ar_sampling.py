@@ -20,6 +20,7 @@ from ..host.memory import OutOfMemory, available_memory
 from ..host.progress import Progress
 from ..models.glm_ar import GlmImageAR, KVCache, mrope_cos_sin
 from ..runtime import checks
+from ..runtime.devices import compute_device
 from ..runtime.options import RunOptions, resolved
 from . import decode_modes
 from .ar_prompt import TextTokenizer, build_ar_inputs
@@ -158,14 +159,16 @@ class StepRunner:
             self.graph.replay()
 
 
-def check_prefill_fits(model: GlmImageAR, batch: int, length: int, cache_len: int, padded: bool) -> None:
-    """Refuse, before allocating, a generation whose KV cache and prefill would not fit the free memory."""
+def check_prefill_fits(model: GlmImageAR, batch: int, length: int, cache_len: int, padded: bool, *,
+                      device: torch.device) -> None:
+    """Refuse, before allocating, a generation whose KV cache and prefill would not fit the free memory of
+    ``device``."""
     need = model.generation_bytes(batch, length, cache_len, padded)
-    free = available_memory(model.device, need)
+    free = available_memory(device, need)
     if free is not None and need > free:
         raise OutOfMemory(f"AR token sampling of a {length}-token prompt for {batch} image(s) needs about "
                           f"{need / 2 ** 30:.1f} GB (KV cache and prefill) but only {free / 2 ** 30:.1f} GB are "
-                          f"free on {model.device}: shorten the prompt, or lower num_images or the output size.")
+                          f"free on {device}: shorten the prompt, or lower num_images or the output size.")
 
 
 def generation_memory(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int, width: int,
@@ -186,7 +189,7 @@ def generation_memory(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str |
 def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str | list[str], height: int,
                         width: int, settings: ARSampling = ARSampling(), *,
                         source_grids: list[torch.Tensor] | None = None, progress: bool = True, preview=None,
-                        options: RunOptions | None = None) -> TokenGrid:
+                        options: RunOptions | None = None, device: torch.device | None = None) -> TokenGrid:
     """Sample the token grid(s) for ``prompt`` at ``height`` x ``width`` (floored to multiples of 32).
 
     ``settings``: seed, temperature, top_k, top_p, num_images and decode_steps (``ARSampling``, checked when
@@ -196,6 +199,7 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     ``settings.decode_steps``: ``eager``; ``cuda graph`` (the eager step captured once, one graph replay per token, on
     CUDA); ``compiled`` (``torch.compile(fullgraph=True)``, also captured on CUDA). Tokens are the same for a
     seed whichever is chosen (up to kernel rounding on GPUs). ``options``: attention kernel and kernel mode.
+    ``device``: the compute device (``host.memory.on_compute_device`` yields it; None: where the weights are).
     """
     options = resolved(options)
     decode_steps = settings.decode_steps
@@ -212,7 +216,7 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     prompts = [p for p in prompts for _ in range(settings.num_images)]
     inputs = build_ar_inputs(tokenizer, prompts, height, width, source_grids)
 
-    device = model.device
+    device = compute_device(device, model.device)
     batch, length = inputs.input_ids.shape
     total = inputs.num_new_tokens
     context = model.config.max_position_embeddings
@@ -223,10 +227,11 @@ def generate_token_grid(model: GlmImageAR, tokenizer: TextTokenizer, prompt: str
     cache_len, rows = length + total - 1, total
     if decode_steps == "compiled":
         cache_len, rows = decode_modes.bucketed(cache_len), decode_modes.bucketed(total)
-    check_prefill_fits(model, batch, length, cache_len, not bool(inputs.attention_mask.all()))
+    check_prefill_fits(model, batch, length, cache_len, not bool(inputs.attention_mask.all()),
+                       device=device)
     input_ids, positions = inputs.input_ids.to(device), inputs.position_ids.to(device)
     decode_positions = inputs.decode_position_ids.to(device)
-    cache = model.new_cache(batch, cache_len, inputs.attention_mask)
+    cache = model.new_cache(batch, cache_len, inputs.attention_mask, device)
     decode_steps = decode_modes.steps_for(model, decode_steps, device)
     noise = SamplingNoise(torch.Generator(device=device).manual_seed(int(settings.seed)), batch, device,
                           settings.greedy, codebook)

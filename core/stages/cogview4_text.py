@@ -17,9 +17,9 @@ from tokenizers import AddedToken, Tokenizer, processors
 from ..formats.layers import compute_dtype
 from ..formats.reading import CheckpointError, component_path
 from ..host.interrupts import check_interrupt
-from ..loading.residency import placed_device
 from ..models.glm_text_encoder import GlmTextEncoder
 from ..runtime.checks import check_finite_output, check_text
+from ..runtime.devices import compute_device
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,13 @@ def cogview4_prompt_ids(tokenizer: CogView4Tokenizer, prompt: str, max_tokens: i
 
 @torch.inference_mode()
 def encode_cogview4_prompt(encoder: GlmTextEncoder, tokenizer: CogView4Tokenizer, prompt: str,
-                           max_tokens: int = MAX_TOKENS, name: str = "prompt") -> torch.Tensor:
-    """Prompt -> CogView4 text conditioning [1, L, hidden] (float32, on the encoder's device). No attention
-    mask: the pads are attended, as in the reference pipeline."""
+                           max_tokens: int = MAX_TOKENS, name: str = "prompt",
+                           device: torch.device | None = None) -> torch.Tensor:
+    """Prompt -> CogView4 text conditioning [1, L, hidden] (float32), computed on and left on ``device`` (the
+    compute device; None: where the weights are). No attention mask: the pads are attended, as in the
+    reference pipeline."""
     check_text(prompt, name)
     embed = encoder.embed_tokens
-    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(placed_device(encoder, embed.weight))
+    ids = cogview4_prompt_ids(tokenizer, prompt, max_tokens).to(compute_device(device, embed.weight.device))
     hidden = encoder(ids, check_interrupt)
     return check_finite_output(hidden, "The CogView4 text encoder (GLM-4)", compute_dtype(embed)).float()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..host.progress import Progress
 from ..models.step_cache import StepCache
 from ..runtime import checks
+from ..runtime.devices import compute_device
 from ..runtime.geometry import check_latent_size, patch_count
 from ..runtime.options import RunOptions, resolved
 from .flow_schedule import FlowSchedule, ShiftSettings, cogview4_schedule, glm_image_schedule
@@ -82,6 +83,7 @@ class ModelConditioning:
     branch: ``cond``, ``uncond`` or ``both`` (the CFG pair batched in one forward, conditional first)."""
     name: str
     batch: int
+    device: torch.device  # where the loop computes (the caller's compute device; the weights may be elsewhere)
     batched: bool        # whether CFG runs as one ``both`` forward
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, branch: str, step_cache, options: RunOptions) -> torch.Tensor:
@@ -105,7 +107,8 @@ def denoise(dit, conditioning: ModelConditioning, height: int, width: int, setti
     steps_cache = StepCache(settings.step_cache)
     b = conditioning.batch
     schedule = conditioning.schedule(settings.steps, height, width, settings.shift_settings)
-    noise = initial_noise((b, dit.config.in_channels, height // 8, width // 8), settings.seed, noise, dit.device)
+    noise = initial_noise((b, dit.config.in_channels, height // 8, width // 8), settings.seed, noise,
+                          conditioning.device)
     x, schedule = start_point(noise, schedule, start_latents, start_sigma)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -139,24 +142,27 @@ def euler(x: torch.Tensor, schedule: FlowSchedule, velocity: Velocity, progress:
 
 
 # ---- GLM-Image -------------------------------------------------------------------------------------------------
-def write_reference_cache(dit, references: ReferenceImages, options: RunOptions | None = None):
-    """One DiT pass per reference (timestep 0, empty glyph stream, its own size and prior ids) storing its K/V."""
+def write_reference_cache(dit, references: ReferenceImages, options: RunOptions | None = None,
+                          device: torch.device | None = None):
+    """One DiT pass per reference (timestep 0, empty glyph stream, its own size and prior ids) storing its K/V,
+    computed on ``device`` (None: where the weights are)."""
+    device = compute_device(device, dit.device)
     cache = dit.new_kv_cache()
     glyph_dim = dit.config.text_embed_dim
     for i, (latents, ids) in enumerate(zip(references.latents, references.prior_ids)):
-        latents = latents.to(device=dit.device, dtype=dit.dtype)
+        latents = latents.to(device=device, dtype=dit.dtype)
         if latents.dim() == 3:
             latents = latents[None]
         h, w = latents.shape[-2:]
         grid = (h // dit.patch_size) * (w // dit.patch_size)
-        ids = ids.reshape(1, -1).to(dit.device)
+        ids = ids.reshape(1, -1).to(device)
         if ids.shape[1] != grid:
             raise ValueError(f"Reference {i}: {ids.shape[1]} prior ids for a latent of {h}x{w} ({grid} patches). "
                              f"Reference sides must be multiples of 32 so the token grid and the latent agree.")
         check_ids(ids, dit.codebook_size, f"reference {i}")
-        dit(latents, latents.new_zeros(1, 0, glyph_dim), ids, False, torch.zeros(1, device=dit.device),
-            torch.tensor([[h * 8, w * 8]], dtype=torch.float32, device=dit.device),
-            torch.zeros(1, 2, device=dit.device), kv_cache=cache, kv_mode="write", options=options)
+        dit(latents, latents.new_zeros(1, 0, glyph_dim), ids, False, torch.zeros(1, device=device),
+            torch.tensor([[h * 8, w * 8]], dtype=torch.float32, device=device),
+            torch.zeros(1, 2, device=device), kv_cache=cache, kv_mode="write", options=options)
     return cache
 
 
@@ -173,8 +179,8 @@ class GlmImageConditioning(ModelConditioning):
     name = "GLM-Image decoder"
 
     def __init__(self, dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, height: int, width: int,
-                 cfg: bool, references: ReferenceImages | None, options: RunOptions):
-        device = dit.device
+                 cfg: bool, references: ReferenceImages | None, options: RunOptions, device: torch.device):
+        self.device = device
         prior_ids = (prior_ids[None] if prior_ids.dim() == 1 else prior_ids).to(device)
         b = self.batch = prior_ids.shape[0]
         checks.check_count(b, "the number of images (token grids)", checks.MAX_BATCH)
@@ -186,8 +192,8 @@ class GlmImageConditioning(ModelConditioning):
         self.dit, self.ids = dit, prior_ids
         self.cond = batch_of(glyph.cond, b, "glyph.cond").to(device=device, dtype=dit.dtype)
         self.uncond = batch_of(glyph.uncond, b, "glyph.uncond").to(device=device, dtype=dit.dtype)
-        self.cache = write_reference_cache(dit, references, options) if references is not None and references.latents \
-            else None
+        self.cache = write_reference_cache(dit, references, options, device) \
+            if references is not None and references.latents else None
         self.size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(b, 2)
         self.crop = torch.zeros(b, 2, device=device)
         self.batched = cfg and self.cache is None
@@ -214,7 +220,7 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
                    settings: DecoderRun = DecoderRun(), *, references: ReferenceImages | None = None,
                    noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
                    start_sigma: float | None = None, progress: bool = True, preview: Preview | None = None,
-                   options: RunOptions | None = None) -> torch.Tensor:
+                   options: RunOptions | None = None, device: torch.device | None = None) -> torch.Tensor:
     """Denoise GLM-Image latents ``[B, 16, H/8, W/8]`` (fp32, normalized: the VAE de-normalizes them with
     latents_mean/std) from 2x-upsampled prior ids ``[B, (H/16)(W/16)]`` and glyph conditioning.
 
@@ -222,10 +228,12 @@ def sample_latents(dit, prior_ids: torch.Tensor, glyph: GlyphConditioning, heigh
     read), seed, step cache and the release's scheduler settings (``flow_schedule.release_shift_settings``).
     references: editing; their K/V are computed once before the loop and read by every conditional pass.
     noise, start_latents + start_sigma, progress, preview, options: see ``denoise``.
+    device: the compute device (``host.memory.on_compute_device`` yields it; None: where the weights are).
     """
     check_latent_size(height, width)
     options = resolved(options)
-    conditioning = GlmImageConditioning(dit, prior_ids, glyph, height, width, settings.cfg, references, options)
+    conditioning = GlmImageConditioning(dit, prior_ids, glyph, height, width, settings.cfg, references, options,
+                                        compute_device(device, dit.device))
     return denoise(dit, conditioning, height, width, settings, noise=noise, start_latents=start_latents,
                    start_sigma=start_sigma, progress=progress, preview=preview, options=options)
 
@@ -237,8 +245,8 @@ class CogView4Conditioning(ModelConditioning):
     batched = True
 
     def __init__(self, dit, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor | None, height: int, width: int,
-                 cfg: bool):
-        device = dit.device
+                 cfg: bool, device: torch.device):
+        self.device = device
         b = self.batch = cond_embeds.shape[0]
         checks.check_count(b, "num_images")
         if cfg and uncond_embeds is None:
@@ -267,12 +275,14 @@ def sample_cogview4_latents(dit, cond_embeds: torch.Tensor, uncond_embeds: torch
                             width: int, settings: DecoderRun = DecoderRun(guidance=5.0), *,
                             noise: torch.Tensor | None = None, start_latents: torch.Tensor | None = None,
                             start_sigma: float | None = None, progress: bool = True, preview: Preview | None = None,
-                            options: RunOptions | None = None) -> torch.Tensor:
+                            options: RunOptions | None = None, device: torch.device | None = None) -> torch.Tensor:
     """Denoise CogView4 latents ``[B, 16, H/8, W/8]`` (fp32, CogView4's space: scaling 1.0, no mean/std) from
     GLM-4 prompt embeddings ``[B, L, 4096]`` (``uncond_embeds`` unused when guidance <= 1).
-    noise, start_latents + start_sigma, progress, preview, options: see ``denoise``."""
+    noise, start_latents + start_sigma, progress, preview, options: see ``denoise``; device: see
+    ``sample_latents``."""
     check_latent_size(height, width)
-    conditioning = CogView4Conditioning(dit, cond_embeds, uncond_embeds, height, width, settings.cfg)
+    conditioning = CogView4Conditioning(dit, cond_embeds, uncond_embeds, height, width, settings.cfg,
+                                        compute_device(device, dit.device))
     return denoise(dit, conditioning, height, width, settings, noise=noise, start_latents=start_latents,
                    start_sigma=start_sigma, progress=progress, preview=preview, options=options)
 

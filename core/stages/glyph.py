@@ -11,9 +11,9 @@ import re
 
 import torch
 
-from ..loading.residency import placed_device
 from ..models.t5_encoder import T5Encoder
 from ..runtime.checks import check_finite_output, check_text
+from ..runtime.devices import compute_device
 from .handles import GlyphConditioning
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,12 @@ def tokenize_glyph_texts(texts: list[str], max_length: int = MAX_LENGTH) -> tupl
 
 
 @torch.inference_mode()
-def encode_glyph_texts(encoder: T5Encoder, texts: list[str]) -> torch.Tensor:
-    """float32 ``[1, L, D]``: the valid positions of every text's encoding, concatenated (on the encoder's device)."""
+def encode_glyph_texts(encoder: T5Encoder, texts: list[str], device: torch.device | None = None) -> torch.Tensor:
+    """float32 ``[1, L, D]``: the valid positions of every text's encoding, concatenated, computed on ``device``
+    (the compute device; None: where the weights are) and left there."""
     if not texts:
         raise ValueError("encode_glyph_texts needs at least one text; the pipeline encodes [\"\"] when there is none.")
-    device = placed_device(encoder, encoder.shared.weight)
+    device = compute_device(device, encoder.shared.weight.device)
     ids, mask = tokenize_glyph_texts(texts)
     ids, mask = ids.to(device), mask.to(device)
     hidden = check_finite_output(encoder(ids, mask), "The glyph encoder (Glyph-ByT5)", encoder.shared.weight.dtype)
@@ -100,8 +101,10 @@ def check_glyph_width(glyph: GlyphConditioning, width: int) -> None:
                          f"Conditioning of the Glyph-ByT5 loaded from this decoder's release.")
 
 
-def glyph_conditioning(encoder: T5Encoder, prompt: str, texts: list[str] | None = None) -> GlyphConditioning:
-    """Glyph embeddings of the prompt's quoted text (or of ``texts`` when given) and of ``""``, float32 on CPU."""
+def glyph_conditioning(encoder: T5Encoder, prompt: str, texts: list[str] | None = None, *,
+                       device: torch.device | None = None) -> GlyphConditioning:
+    """Glyph embeddings of the prompt's quoted text (or of ``texts`` when given) and of ``""``, float32 on CPU,
+    computed on ``device`` (None: where the weights are)."""
     texts = glyph_texts(prompt, texts)
-    return GlyphConditioning(cond=encode_glyph_texts(encoder, texts).cpu(),
-                             uncond=encode_glyph_texts(encoder, [""]).cpu(), texts=texts)
+    return GlyphConditioning(cond=encode_glyph_texts(encoder, texts, device).cpu(),
+                             uncond=encode_glyph_texts(encoder, [""], device).cpu(), texts=texts)

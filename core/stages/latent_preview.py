@@ -63,20 +63,20 @@ def fitting_latents(channels: int, count: int = FIT_LATENTS, side: int = PREVIEW
     return (z - z.mean((2, 3), keepdim=True)) / z.std((2, 3), keepdim=True)
 
 
-def cell_colours(vae, latents: torch.Tensor) -> torch.Tensor:
-    """The real decode of normalized ``latents`` ``[B, C, h, w]`` averaged over each latent pixel's cell:
-    ``[B, 3, h, w]`` in -1..1."""
-    images = vae.decode(latents, tiled=False) * 2 - 1           # [B, H, W, 3], float32, CPU
+def cell_colours(vae, latents: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """The real decode (on ``device``; None: where the weights are) of normalized ``latents`` ``[B, C, h, w]``
+    averaged over each latent pixel's cell: ``[B, 3, h, w]`` in -1..1."""
+    images = vae.decode(latents, tiled=False, device=device) * 2 - 1           # [B, H, W, 3], float32, CPU
     return F.avg_pool2d(images.permute(0, 3, 1, 2), vae.downscale)
 
 
-def fit_latent_rgb(vae, latents: torch.Tensor | None = None) -> LatentRGB:
+def fit_latent_rgb(vae, latents: torch.Tensor | None = None, device: torch.device | None = None) -> LatentRGB:
     """Least-squares latent-to-RGB map of ``vae`` (a ``GlmVAE``) from the decode of ``latents`` (default
-    ``fitting_latents``)."""
+    ``fitting_latents``) on ``device`` (None: where the weights are)."""
     channels = vae.model.config.latent_channels
     if latents is None:
         latents = fitting_latents(channels)
-    targets = cell_colours(vae, latents).permute(0, 2, 3, 1).reshape(-1, 3).double()
+    targets = cell_colours(vae, latents, device).permute(0, 2, 3, 1).reshape(-1, 3).double()
     inputs = latents.permute(0, 2, 3, 1).reshape(-1, channels).double()
     design = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)
     solution = torch.linalg.lstsq(design, targets).solution.float()
@@ -102,8 +102,8 @@ def latent_rgb_for(vae) -> LatentRGB:
     key = fingerprint(vae)
     if key not in _fitted:
         with memory.on_compute_device(vae.model, stage="fitting the preview colours",
-                                            advice="set ComfyUI's --preview-method to none"):
-            _fitted[key] = fit_latent_rgb(vae)
+                                     advice="set ComfyUI's --preview-method to none") as device:
+            _fitted[key] = fit_latent_rgb(vae, device=device)
     return _fitted[key]
 
 

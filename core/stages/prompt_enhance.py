@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from ..host.progress import Progress
 from ..models.captioner import Captioner, chat_text_inputs, decode_reply, generate_reply_ids
 from ..runtime import checks
@@ -100,10 +102,11 @@ def enhance_messages(prompt: str, language: str = "auto") -> list[dict]:
 
 
 def enhance_prompt(captioner: Captioner, prompt: str, *, language: str = "auto", max_new_tokens: int = 1024,
-                   temperature: float = 0.0, seed: int = 0) -> str:
+                   temperature: float = 0.0, seed: int = 0, device: torch.device | None = None) -> str:
     """The GLM-V captioner's rewrite of ``prompt`` for GLM-Image. ``temperature`` 0 decodes greedily (the same
-    rewrite every time); the official utility samples at 1.0."""
-    inputs = chat_text_inputs(captioner, enhance_messages(prompt, language))
+    rewrite every time); the official utility samples at 1.0. ``device``: the compute device (None: where the
+    weights are)."""
+    inputs = chat_text_inputs(captioner, enhance_messages(prompt, language), device)
     with Progress(max_new_tokens, desc="prompt enhance") as progress:
         reply_ids = generate_reply_ids(captioner, inputs, max_new_tokens, temperature, seed, progress.update)
     reply = decode_reply(captioner, reply_ids)

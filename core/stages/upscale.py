@@ -44,19 +44,20 @@ def upsample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x[0].permute(1, 2, 0).clamp(0, 1)
 
 
-def refine_start(image: torch.Tensor, vae: GlmVAE, height: int, width: int, strength: float) -> dict:
+def refine_start(image: torch.Tensor, vae: GlmVAE, height: int, width: int, strength: float,
+                 device: torch.device | None = None) -> dict:
     """``start_latents``/``start_sigma`` for the samplers: the VAE latent of the bicubic upsample, or nothing
     (pure noise) at strength 1."""
     if strength >= 1:
         return {}
-    latents = vae.encode(upsample(image, height, width)[None]).float()
+    latents = vae.encode(upsample(image, height, width)[None], device=device).float()
     return {"start_latents": latents, "start_sigma": float(strength)}
 
 
 def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, glyph: GlyphConditioning,
                steps: int = 30, guidance: float = 1.5, seed: int = 0, strength: float = 1.0,
                use_reference: bool = True, shift_settings: ShiftSettings | None = None,
-               preview=None) -> torch.Tensor:
+               preview=None, device: torch.device | None = None) -> torch.Tensor:
     """Upscale one image ``[H, W, 3]`` 0..1 to ``[2H', 2W', 3]`` (H', W': the input rounded to multiples of 16)
     by re-decoding its semantic tokens at twice the size with the GLM-Image decoder.
 
@@ -64,17 +65,19 @@ def upscale_2x(image, *, decoder, vae: GlmVAE, tokenizer: SemanticTokenizer, gly
     strength < 1: refine the bicubic upsample from that noise level instead of decoding from pure noise.
     glyph: the glyph-text conditioning (the encoding of "" when the image has no text to render).
     preview: live previews of the decoder (``latent_preview.decoder_preview``).
+    device: the compute device of the three models (None: where their weights are).
     """
     image = to_rgb01(image)
     height, width = upscale_2x_size(*image.shape[:2])
     check_strength(strength)
     settings = DecoderRun(seed=seed, steps=steps, guidance=guidance, shift_settings=shift_settings)
-    ids = tokenize_image(tokenizer, image, height, width)
+    ids = tokenize_image(tokenizer, image, height, width, device=device)
     prior_ids = upsample_ids(ids)[None]
-    references = prepare_references([image], vae, tokenizer)[0] if use_reference else None
+    references = prepare_references([image], vae, tokenizer, device=device)[0] if use_reference else None
     latents = sample_latents(decoder, prior_ids, glyph, height, width, settings=settings, references=references,
-                             preview=preview, **refine_start(image, vae, height, width, strength))
-    return vae.decode(latents, progress=Progress)[0]
+                             preview=preview, device=device, **refine_start(image, vae, height, width, strength,
+                                                                            device))
+    return vae.decode(latents, progress=Progress, device=device)[0]
 
 
 def refine_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -92,14 +95,16 @@ def refine_size(height: int, width: int, scale: float) -> tuple[int, int]:
 def refine_cogview4(image, *, decoder, vae: GlmVAE, cond_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
                     scale: float = 2.0, steps: int = 30, guidance: float = 5.0, seed: int = 0,
                     strength: float = 0.5, shift_settings: ShiftSettings | None = None,
-                    preview=None) -> torch.Tensor:
+                    preview=None, device: torch.device | None = None) -> torch.Tensor:
     """Refine one image ``[H, W, 3]`` 0..1 with CogView4 at ``scale`` times its size (rounded to multiples of 32):
     bicubic upsample, VAE encode, noise to sigma = strength, denoise the rest with the prompt embeddings
-    ``[1, L, 4096]``. Returns ``[H_out, W_out, 3]``; ``vae`` is CogView4's."""
+    ``[1, L, 4096]``. Returns ``[H_out, W_out, 3]``; ``vae`` is CogView4's. ``device``: the compute device of
+    both models (None: where their weights are)."""
     image = to_rgb01(image)
     height, width = refine_size(image.shape[0], image.shape[1], scale)
     check_strength(strength)
     settings = DecoderRun(seed=seed, steps=steps, guidance=guidance, shift_settings=shift_settings)
     latents = sample_cogview4_latents(decoder, cond_embeds, uncond_embeds, height, width, settings=settings,
-                                      preview=preview, **refine_start(image, vae, height, width, strength))
-    return vae.decode(latents, progress=Progress)[0]
+                                      preview=preview, device=device,
+                                      **refine_start(image, vae, height, width, strength, device))
+    return vae.decode(latents, progress=Progress, device=device)[0]

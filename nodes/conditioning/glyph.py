@@ -48,8 +48,8 @@ class GLMImageGlyphConditioning:
 
     def encode(self, glyph_encoder, prompt, texts=""):
         check_now(locals(), *self.CHECKS)
-        with memory.on_compute_device(glyph_encoder, stage="glyph conditioning"):
-            return (glyph_conditioning(glyph_encoder.model, prompt, texts=texts_to_render(texts)),)
+        with memory.on_compute_device(glyph_encoder, stage="glyph conditioning") as device:
+            return (glyph_conditioning(glyph_encoder.model, prompt, texts=texts_to_render(texts), device=device),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageGlyphConditioning": GLMImageGlyphConditioning}

@@ -34,8 +34,8 @@ class GLMImageReferenceImages:
                 checks.check_image_batch(batch, name)
         images = [img for batch in (image, image_2, image_3) if batch is not None for img in batch]
         reference_sizes(images)  # a reference that cannot be used is refused before the models move
-        with memory.on_compute_device(vae, tokenizer, stage="reference images"):
-            references, note = prepare_references(images, vae.model, tokenizer.model)
+        with memory.on_compute_device(vae, tokenizer, stage="reference images") as device:
+            references, note = prepare_references(images, vae.model, tokenizer.model, device=device)
         return (references, note)
 
 
@@ -61,8 +61,9 @@ class GLMImageImageToTokens:
     def tokenize(self, tokenizer, image, width, height):
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
-        with memory.on_compute_device(tokenizer, stage="image to tokens"):
-            ids = torch.stack(tokenize_images(tokenizer.model, image, target_height=height, target_width=width))
+        with memory.on_compute_device(tokenizer, stage="image to tokens") as device:
+            ids = torch.stack(tokenize_images(tokenizer.model, image, target_height=height, target_width=width,
+                                              device=device))
         return (handles.TokenGrid(ids=ids, height=height, width=width),)
 
 

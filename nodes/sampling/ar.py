@@ -86,12 +86,12 @@ class GLMImageARSampler(SamplerNode):
         settings = run[ARSampling]
         reserve = generation_memory(ar_model.model, ar_model.tokenizer, prompt, height, width, settings,
                                     source_grids)  # the KV cache: placed before the capture decision
-        with self.on_device(ar_model, memory_required=reserve):
+        with self.on_device(ar_model, memory_required=reserve) as device:
             settings = replace(settings, decode_steps=memory.capturable_steps(ar_model, decode_steps))
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, settings,
                                        source_grids=source_grids,
                                        preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size),
-                                       options=run.options)
+                                       options=run.options, device=device)
         return grid, prompt
 
 

@@ -63,9 +63,9 @@ class GLMImageCaption:
     def caption(self, captioner, image, preset, max_new_tokens, temperature, seed, custom_instruction="", append=""):
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(image, "image")
-        with memory.on_compute_device(captioner):
+        with memory.on_compute_device(captioner) as device:
             captions = [caption_image(captioner.model, img, preset, max_new_tokens=max_new_tokens, seed=seed,
-                                      custom_instruction=custom_instruction, temperature=temperature)
+                                      custom_instruction=custom_instruction, temperature=temperature, device=device)
                         for img in image]
         if append.strip():
             captions = [f"{caption} {append.strip()}" for caption in captions]
@@ -95,8 +95,8 @@ class GLMImageRerank:
     def rerank(self, captioner, images, prompt):
         check_now(locals(), *self.CHECKS)
         checks.check_image_batch(images, "images")
-        with memory.on_compute_device(captioner):
-            order, scores = rerank(captioner.model, images, prompt)
+        with memory.on_compute_device(captioner) as device:
+            order, scores = rerank(captioner.model, images, prompt, device)
         report = "\n".join(f"#{rank + 1}: image {int(i)} score {float(scores[i]):.4f}" for rank, i in enumerate(order))
         return (images[order[:1]], images[order], report)
 
@@ -131,9 +131,9 @@ class GLMImagePromptEnhance:
 
     def enhance(self, captioner, prompt, language, max_new_tokens, temperature, seed):
         check_now(locals(), *self.CHECKS)
-        with memory.on_compute_device(captioner):
+        with memory.on_compute_device(captioner) as device:
             return (enhance_prompt(captioner.model, prompt, language=language, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, seed=seed),)
+                                   temperature=temperature, seed=seed, device=device),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCaption": GLMImageCaption,

@@ -44,10 +44,10 @@ class GLMImageCogView4TextEncode:
     def encode(self, text_encoder, prompt, negative_prompt):
         check_now(locals(), *self.CHECKS)
         with memory.on_compute_device(text_encoder, stage="CogView4 text encoding",
-                                             advice="shorten the prompt"):
-            cond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, prompt).cpu()
+                                      advice="shorten the prompt") as device:
+            cond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, prompt, device=device).cpu()
             uncond = encode_cogview4_prompt(text_encoder.model, text_encoder.tokenizer, negative_prompt,
-                                            name="negative_prompt").cpu()
+                                            name="negative_prompt", device=device).cpu()
         return (handles.CogView4Conditioning(cond=cond, uncond=uncond, prompt=prompt),)
 
 
@@ -85,9 +85,9 @@ class GLMImageCogView4Sampler(SamplerNode):
         cond = conditioning.cond.expand(num_images, -1, -1)
         uncond = conditioning.uncond.expand(num_images, -1, -1)
         preview = decoder_preview(COGVIEW4, vae.model if vae is not None else None, release=decoder.path)
-        with self.on_device(decoder):
+        with self.on_device(decoder) as device:
             latents = sample_cogview4_latents(decoder.model, cond, uncond, height, width, settings, preview=preview,
-                                              options=run.options)
+                                              options=run.options, device=device)
         return ({"samples": latents.float().cpu()},)
 
 

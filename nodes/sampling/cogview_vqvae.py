@@ -21,8 +21,8 @@ class GLMImageCogViewVQEncode:
 
     def encode(self, vqvae, image):
         checks.check_image_batch(image, "image")
-        with memory.on_compute_device(vqvae):
-            return (vqvae.model.encode(image),)
+        with memory.on_compute_device(vqvae) as device:
+            return (vqvae.model.encode(image, device=device),)
 
 
 class GLMImageCogViewVQDecode:
@@ -38,8 +38,8 @@ class GLMImageCogViewVQDecode:
 
     def decode(self, vqvae, tokens):
         checks.check_token_ids(tokens, "tokens", vqvae.model.n_embed)
-        with memory.on_compute_device(vqvae):
-            return (vqvae.model.decode(tokens),)
+        with memory.on_compute_device(vqvae) as device:
+            return (vqvae.model.decode(tokens, device=device),)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageCogViewVQEncode": GLMImageCogViewVQEncode,

@@ -51,9 +51,9 @@ class GLMImageDecoderSampler(SamplerNode):
         settings = replace(run[DecoderRun], shift_settings=decoder.shift_settings)
         # before the decoder takes the GPU: a first use fits on the VAE
         preview = decoder_preview(GLM_IMAGE, vae.model if vae is not None else None, release=decoder.path)
-        with self.on_device(decoder):
+        with self.on_device(decoder) as device:
             latents = sample_latents(decoder.model, tokens.upsampled(), glyph, tokens.height, tokens.width, settings,
-                                     references=references, preview=preview, options=run.options)
+                                     references=references, preview=preview, options=run.options, device=device)
         return ({"samples": latents.float().cpu()},)
 
 

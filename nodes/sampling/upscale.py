@@ -54,10 +54,11 @@ class GLMImageUpscale:
         upscale_2x_size(image.shape[1], image.shape[2])
         preview = decoder_preview(GLM_IMAGE, vae.model)
         with memory.on_compute_device(decoder, vae, tokenizer, stage="upscaling",
-                                             advice="upscale a smaller image"):
+                                      advice="upscale a smaller image") as device:
             out = [upscale_2x(img, decoder=decoder.model, vae=vae.model, tokenizer=tokenizer.model, glyph=glyph,
                               steps=steps, guidance=guidance, seed=seed, strength=strength,
-                              use_reference=use_reference, shift_settings=decoder.shift_settings, preview=preview)
+                              use_reference=use_reference, shift_settings=decoder.shift_settings, preview=preview,
+                              device=device)
                    for img in image]
         return (torch.stack(out),)
 
@@ -97,11 +98,11 @@ class GLMImageCogView4Refine:
         checks.check_image_batch(image, "image")
         refine_size(image.shape[1], image.shape[2], scale)
         preview = decoder_preview(COGVIEW4, vae.model)
-        with memory.on_compute_device(decoder, vae, stage="refining", advice="lower the scale"):
+        with memory.on_compute_device(decoder, vae, stage="refining", advice="lower the scale") as device:
             out = [refine_cogview4(img, decoder=decoder.model, vae=vae.model, cond_embeds=conditioning.cond,
                                    uncond_embeds=conditioning.uncond, scale=scale, steps=steps, guidance=guidance,
                                    seed=seed, strength=strength, shift_settings=decoder.shift_settings,
-                                   preview=preview)
+                                   preview=preview, device=device)
                    for img in image]
         return (torch.stack(out),)
 

@@ -25,8 +25,8 @@ class GLMImageVAEDecode:
     def decode(self, vae, latent, tiling):
         samples = checks.check_latent(latent, "latent")
         tiled = {"auto": None, "on": True, "off": False}[tiling]
-        with memory.on_compute_device(vae, stage="VAE decode", advice="set tiling to on"):
-            return (vae.model.decode(samples, tiled=tiled, progress=Progress),)
+        with memory.on_compute_device(vae, stage="VAE decode", advice="set tiling to on") as device:
+            return (vae.model.decode(samples, tiled=tiled, progress=Progress, device=device),)
 
 
 class GLMImageVAEEncode:
@@ -42,8 +42,8 @@ class GLMImageVAEEncode:
 
     def encode(self, vae, image):
         checks.check_image_batch(image, "image")
-        with memory.on_compute_device(vae, stage="VAE encode", advice="encode fewer or smaller images"):
-            return ({"samples": vae.model.encode(image).float().cpu()},)
+        with memory.on_compute_device(vae, stage="VAE encode", advice="encode fewer or smaller images") as device:
+            return ({"samples": vae.model.encode(image, device=device).float().cpu()},)
 
 
 NODE_CLASS_MAPPINGS = {"GLMImageVAEDecode": GLMImageVAEDecode, "GLMImageVAEEncode": GLMImageVAEEncode}
