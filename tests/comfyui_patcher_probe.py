@@ -29,7 +29,7 @@ from glm_image_nodes.core.host import memory  # noqa: E402
 from glm_image_nodes.core.host.comfy_patcher import PackModelPatcher  # noqa: E402
 from glm_image_nodes.nodes import NODE_CLASS_MAPPINGS as NODES  # noqa: E402
 
-found = {"comfy_compat_sees_comfyui": memory._mm is not None}
+found = {"host_memory_sees_comfyui": memory._mm is not None}
 
 # patches on a plain and a GGUF-packed weight, through ComfyUI's own patch_model / unpatch_model
 g = torch.Generator().manual_seed(0)

@@ -20,7 +20,7 @@ def test_pack_patcher_in_comfyui_0_3_64(tmp_path):
     done = subprocess.run([PYTHON, PROBE, COMFYUI, ROOT, release], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found["comfy_compat_sees_comfyui"]
+    assert found["host_memory_sees_comfyui"]
     assert found["plain_patched_err"] <= 1e-6 and found["packed_patched_err"] <= 1e-6
     assert found["packed_storage_unchanged"] and found["plain_restored"] and found["packed_patch_removed"]
     assert found["loaded_models_after_run"] == 1 and found["loaded_models_after_eviction"] == 0
