@@ -1,5 +1,6 @@
 """``pip install .``: the repository root is the package ``glm_image_nodes`` (ComfyUI loads the same folder as a
-custom node pack under its folder's name); every package under core/, nodes/, headless/ and testing/ goes with it.
+custom node pack under its folder's name); every package under core/, nodes/, headless/, serving/ and testing/ goes
+with it.
 Metadata and dependencies are in pyproject.toml."""
 from setuptools import find_packages, setup
 

@@ -49,7 +49,10 @@ def test_wheel_holds_the_package_and_its_data(wheel):
                for p in glob.glob(os.path.join(ROOT, sub, "**", "*.py"), recursive=True)]
     workflows = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "example_workflows", "**", "*.json"),
                                                              recursive=True)]
-    missing = [p for p in sources + workflows + ["__init__.py", "LICENSE"] if f"glm_image_nodes/{p}" not in names]
+    locales = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "locales", "*", "*.json"))]
+    assert locales
+    missing = [p for p in sources + workflows + locales + ["__init__.py", "LICENSE"]
+               if f"glm_image_nodes/{p}" not in names]
     assert not missing, missing
     assert not [n for n in names if n.startswith(("glm_image_nodes/tests/", "glm_image_nodes/benchmarks/"))]
     assert 'Requires-Dist: transformers<5.24,>=5.23; extra == "caption"' in metadata  # the parity tests' 5.23
@@ -77,3 +80,22 @@ def test_installed_package_imports_away_from_the_checkout(wheel, tmp_path):
     serve = subprocess.run([sys.executable, "-m", "glm_image_nodes.serving.cli", "--help"], cwd=tmp_path, env=env,
                            capture_output=True, text=True)
     assert serve.returncode == 0 and "--max-batch" in serve.stdout, serve.stderr
+
+
+def test_every_console_script_answers_help_installed(wheel, tmp_path):
+    """Each [project.scripts] entry is in the wheel's entry points and its target, imported from the installed
+    package away from the checkout, prints its --help."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    with zipfile.ZipFile(wheel) as whl:
+        entry_points = whl.read("glm_image_nodes-0.1.0.dist-info/entry_points.txt").decode()
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), wheel],
+                   check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    for name, target in scripts.items():
+        assert f"{name} = {target}" in entry_points, (name, entry_points)
+        module, function = target.split(":")
+        code = f"import sys; from {module} import {function}; sys.exit({function}(['--help']))"
+        run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert run.returncode == 0 and "usage:" in run.stdout, (name, run.stderr[-2000:])
