@@ -99,3 +99,18 @@ def test_every_console_script_answers_help_installed(wheel, tmp_path):
         code = f"import sys; from {module} import {function}; sys.exit({function}(['--help']))"
         run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert run.returncode == 0 and "usage:" in run.stdout, (name, run.stderr[-2000:])
+
+
+def test_requirements_and_readme_test_command_match_pyproject():
+    """requirements.txt (ComfyUI users: ComfyUI brings torch) is pyproject's dependencies without torch, and the
+    README's test install command names exactly the test extra, as .ci/run installs it."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as f:
+        requirements = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert requirements == [d for d in project["dependencies"] if not d.startswith("torch")]
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    command = readme.split("pip install torch==2.13.0 && pip install -r requirements.txt", 1)[1].split("\nruff", 1)[0]
+    named = command.replace("\\\n", " ").replace('"', "").split()
+    assert sorted(named) == sorted(project["optional-dependencies"]["test"]), named
