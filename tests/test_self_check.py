@@ -102,6 +102,18 @@ def test_broken_kernels_fall_back_to_the_references_and_warn_once(fused_looks_av
     assert len(calls) > 8  # a passing op does run fused: the check is not a blanket switch-off (1 check + decodes)
 
 
+def test_a_kernel_of_the_wrong_output_shape_falls_back_too(fused_looks_available, monkeypatch, caplog):
+    """A wrong shape is a wrong result: the reference takes over (the check must not raise into the model)."""
+    model = _tiny_ar()
+    want = _generate(model, "reference")
+    monkeypatch.setitem(dispatch.OPS, "silu_mul", lambda gate_up: gate_up)  # [.., 2n] where [.., n] is due
+    with caplog.at_level(logging.WARNING, logger="glm_image_nodes"):
+        got = _generate(model, "auto")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    message, = _warnings(caplog)
+    assert "fused silu_mul" in message and "has shape" in message and "glm-image-check" in message
+
+
 def test_forced_fused_mode_skips_the_check_and_raises(fused_looks_available, monkeypatch):
     model = _tiny_ar()
     monkeypatch.setitem(dispatch.OPS, "rms_norm", _raises)
