@@ -114,6 +114,31 @@ def test_a_kernel_of_the_wrong_output_shape_falls_back_too(fused_looks_available
     assert "fused silu_mul" in message and "has shape" in message and "glm-image-check" in message
 
 
+def test_two_threads_run_a_check_once(fused_looks_available, monkeypatch, caplog):
+    """Two samplers in two threads asking for the same op, device and dtype: one check, one warning."""
+    import threading
+    import time
+
+    runs = []
+
+    def slow_and_broken(*args):
+        runs.append(1)
+        time.sleep(0.2)  # the second thread asks while the first is still checking
+        return _raises()
+
+    monkeypatch.setitem(self_check.CHECKS, "rms_norm", kernel_check("rms_norm", slow_and_broken))
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        self_check.passed("rms_norm", torch.device("cpu"), torch.float32))) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="glm_image_nodes"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert answers == [False, False] and len(runs) == 1
+    assert len(_warnings(caplog)) == 1
+
+
 def test_forced_fused_mode_skips_the_check_and_raises(fused_looks_available, monkeypatch):
     model = _tiny_ar()
     monkeypatch.setitem(dispatch.OPS, "rms_norm", _raises)

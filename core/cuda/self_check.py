@@ -13,6 +13,7 @@ plain Python bool computed eagerly (``torch.compiler`` sees a constant: ``assume
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ def kernel_tolerance(dtype: torch.dtype) -> float:
 
 CHECKS: dict[str, Check] = {}
 _verdicts: dict[tuple[str, torch.device, torch.dtype], Verdict] = {}
+_checking = threading.RLock()  # two samplers in two threads run (and warn about) each check once
 
 
 def register(op: str, check: Check) -> None:
@@ -107,14 +109,18 @@ def passed(op: str, device: torch.device, dtype: torch.dtype) -> bool:
     on first use; warns once when it fails."""
     key = (op, device, dtype)
     verdict = _verdicts.get(key)
-    if verdict is None:
-        with torch.no_grad():
-            cause = _run(CHECKS[op], device, dtype)
-        verdict = _verdicts[key] = Verdict(op, str(device), str(dtype).removeprefix("torch."), not cause, cause)
-        if cause:
-            fix = MISMATCH_FIX if cause.startswith("output") else BUILD_FIX
-            log.warning("glm-image: fused %s on %s/%s failed its self-check (%s); using the torch reference "
-                        "from now on. Fix: %s (%s).", op, device, verdict.dtype, cause, fix, SILENCE)
+    if verdict is not None:
+        return verdict.ok
+    with _checking:
+        verdict = _verdicts.get(key)
+        if verdict is None:
+            with torch.no_grad():
+                cause = _run(CHECKS[op], device, dtype)
+            verdict = _verdicts[key] = Verdict(op, str(device), str(dtype).removeprefix("torch."), not cause, cause)
+            if cause:
+                fix = MISMATCH_FIX if cause.startswith("output") else BUILD_FIX
+                log.warning("glm-image: fused %s on %s/%s failed its self-check (%s); using the torch reference "
+                            "from now on. Fix: %s (%s).", op, device, verdict.dtype, cause, fix, SILENCE)
     return verdict.ok
 
 
@@ -131,4 +137,5 @@ def verdicts() -> list[Verdict]:
 
 def forget() -> None:
     """Drop every verdict (tests; a new process starts empty)."""
-    _verdicts.clear()
+    with _checking:
+        _verdicts.clear()
