@@ -163,6 +163,7 @@ def test_a_broken_fp8_gemm_falls_back_to_the_dequantized_weight(fused_looks_avai
     assert len(gemm_calls) == 1  # the check only
     message, = _warnings(caplog)
     assert "fused scaled_mm on cpu/bfloat16" in message
+    assert "GLMIMAGE_KERNELS=reference does not switch the FP8 GEMM off" in message  # no false off switch
 
 
 def test_a_working_fp8_gemm_passes_its_check(fused_looks_available, monkeypatch):

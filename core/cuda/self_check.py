@@ -34,13 +34,15 @@ class Check:
     """``fused`` and ``reference`` take the arguments ``sample(device, dtype)`` returns (a fresh set per call:
     ops may write into their inputs; ``mutated`` indexes the arguments compared after the call too).
     ``tolerance(dtype)`` bounds the max abs error relative to max(1, max |reference|), or, with ``relative``,
-    the error norm relative to the reference's norm."""
+    the error norm relative to the reference's norm. ``off_switch``: how a user skips this fused path (said
+    in the warning)."""
     fused: Callable
     reference: Callable
     sample: Callable[[torch.device, torch.dtype], tuple]
     tolerance: Callable[[torch.dtype], float]
     mutated: tuple[int, ...] = ()
     relative: bool = False
+    off_switch: str = SILENCE
 
 
 @dataclass(frozen=True)
@@ -114,13 +116,14 @@ def passed(op: str, device: torch.device, dtype: torch.dtype) -> bool:
     with _checking:
         verdict = _verdicts.get(key)
         if verdict is None:
+            check = CHECKS[op]
             with torch.no_grad():
-                cause = _run(CHECKS[op], device, dtype)
+                cause = _run(check, device, dtype)
             verdict = _verdicts[key] = Verdict(op, str(device), str(dtype).removeprefix("torch."), not cause, cause)
             if cause:
                 fix = MISMATCH_FIX if cause.startswith("output") else BUILD_FIX
                 log.warning("glm-image: fused %s on %s/%s failed its self-check (%s); using the torch reference "
-                            "from now on. Fix: %s (%s).", op, device, verdict.dtype, cause, fix, SILENCE)
+                            "from now on. Fix: %s (%s).", op, device, verdict.dtype, cause, fix, check.off_switch)
     return verdict.ok
 
 
