@@ -72,6 +72,25 @@ def test_gpu_report_names_failed_ops_and_causes(monkeypatch):
     assert "No CUDA device" not in text
 
 
+def test_the_fp8_gemm_line_gives_this_devices_cause(monkeypatch):
+    """With verdicts of another GPU recorded first, the FP8 GEMM line names the checked device's cause."""
+    monkeypatch.setattr(system_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(system_check.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(system_check.torch.cuda, "mem_get_info", lambda d: (3 * 2 ** 30, 24 * 2 ** 30))
+    monkeypatch.setattr(system_check.torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(system_check.torch.cuda, "get_device_name", lambda d: "Fake L40S")
+    monkeypatch.setattr(system_check.torch.cuda, "get_device_capability", lambda d: (8, 9))
+    monkeypatch.setattr(system_check, "HAVE_TRITON", False)
+    monkeypatch.setattr(system_check, "_sdpa_choice", lambda device, dtype, shape: ["flash"])
+    monkeypatch.setattr(system_check.fp8, "has_fp8_matmul", lambda d: True)
+    monkeypatch.setattr(system_check.self_check, "passed", lambda op, device, dtype: False)
+    monkeypatch.setattr(system_check.self_check, "verdicts", lambda: [
+        self_check.Verdict("scaled_mm", "cuda:1", "bfloat16", False, "cuda:1's cause"),
+        self_check.Verdict("scaled_mm", "cuda:0", "float32", False, "float32's cause"),
+        self_check.Verdict("scaled_mm", "cuda:0", "bfloat16", False, "cuda:0's cause")])
+    assert system_check.report(None)["fp8_gemm"] == "cuda:0's cause"
+
+
 def test_console_script_runs_as_a_module():
     out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); import conftest; "
                           "from glm_image_nodes.core.stages.system_check import main; main(['--device', 'cpu'])"],
