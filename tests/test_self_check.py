@@ -139,6 +139,20 @@ def test_two_threads_run_a_check_once(fused_looks_available, monkeypatch, caplog
     assert len(_warnings(caplog)) == 1
 
 
+def test_out_of_memory_during_a_check_leaves_no_verdict(fused_looks_available, monkeypatch):
+    """A device full at the first use says nothing about the kernel: the OOM propagates, the op is not
+    switched off for the process, and the next use checks again."""
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setitem(self_check.CHECKS, "rms_norm", kernel_check("rms_norm", out_of_memory))
+    with pytest.raises(torch.OutOfMemoryError):
+        self_check.passed("rms_norm", torch.device("cpu"), torch.float32)
+    assert self_check.verdicts() == []
+    monkeypatch.setitem(self_check.CHECKS, "rms_norm", kernel_check("rms_norm", norms.rms_norm_reference))
+    assert self_check.passed("rms_norm", torch.device("cpu"), torch.float32)
+
+
 def test_forced_fused_mode_skips_the_check_and_raises(fused_looks_available, monkeypatch):
     model = _tiny_ar()
     monkeypatch.setitem(dispatch.OPS, "rms_norm", _raises)

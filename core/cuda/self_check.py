@@ -4,8 +4,9 @@ A fused op (a Triton kernel, FP8 ``_scaled_mm``) can fail on a user's machine in
 builds its launcher with the system C compiler and ``Python.h`` at the first launch, a Triton/driver pair may
 not load, a PTX may not assemble, a kernel may compute wrong values on an untested GPU. So the first time an
 op is about to run on a device and dtype, it runs once on a small input against its torch reference; any
-exception, non-finite value or error beyond the op's stated tolerance marks it failed for the rest of the
-process, the caller uses the reference, and one warning line names the op, the cause and the fix.
+exception (but running out of memory, which propagates and leaves no verdict), non-finite value, wrong shape or
+error beyond the op's stated tolerance marks it failed for the rest of the process, the caller uses the
+reference, and one warning line names the op, the cause and the fix.
 
 Ops register their sample inputs here (``register``); ``passed`` is what the dispatch asks. The verdict is a
 plain Python bool computed eagerly (``torch.compiler`` sees a constant: ``assume_constant_result``).
@@ -88,6 +89,8 @@ def _run(check: Check, device: torch.device, dtype: torch.dtype) -> str:
         got = _outputs(check.fused(*args), args, check.mutated)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    except torch.OutOfMemoryError:  # a full device says nothing of the kernel: no verdict, the caller's OOM
+        raise
     except Exception as error:  # any failure to build, load or launch: the reference takes over
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
         return f"{type(error).__name__}: {first_line}"
