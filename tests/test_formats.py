@@ -161,6 +161,19 @@ def test_comfyui_weight_functions_never_touch_the_stored_weight():
     assert torch.equal(layer.weight, w)
 
 
+@pytest.mark.parametrize("kind, stored, dtype", [("BF16", torch.bfloat16, torch.bfloat16),
+                                                  ("F32", torch.float32, torch.float32)])
+def test_comfyui_weight_functions_never_touch_a_stored_gguf_float_weight(kind, stored, dtype):
+    """A GGUF F32/BF16 weight read in its own dtype is the stored tensor itself: it is copied for ComfyUI's
+    in-place patches too, so every call sees the stored weight + 1, not + 1 per call."""
+    w, x = torch.randn(8, 16).to(stored), torch.randn(2, 16).to(dtype)
+    layer = linear_layer(Packed(w.clone(), kind, (8, 16), None), dtype=dtype)
+    layer.weight_function = [lambda weight: weight.add_(1.0)]
+    want = torch.nn.functional.linear(x, (w + 1.0).to(dtype), layer.bias.to(dtype))
+    assert torch.equal(layer(x), want) and torch.equal(layer(x), want)
+    assert torch.equal(layer.weight, w)
+
+
 def test_plain_layer_runs_exactly_as_torch():
     w, x = torch.randn(8, 16), torch.randn(2, 16)
     layer = linear_layer(w)

@@ -37,3 +37,16 @@ def test_a_failing_compile_falls_back_to_the_eager_passes(caplog):
     assert calls == [1] and fused.failed
     message, = [r.getMessage() for r in caplog.records if r.name == "glm_image_nodes"]
     assert "Failed to find C compiler" in message
+
+
+def test_out_of_memory_is_not_taken_for_a_failed_compile():
+    """An OOM in the compiled region propagates (the stage's OOM message) and keeps the compiled path for later."""
+    fused = fp8_activation.FusedQuantize(compile_on=lambda t: True)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    fused.compiled = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        fused(torch.randn(5, 64), True)
+    assert not fused.failed

@@ -102,6 +102,57 @@ def test_broken_kernels_fall_back_to_the_references_and_warn_once(fused_looks_av
     assert len(calls) > 8  # a passing op does run fused: the check is not a blanket switch-off (1 check + decodes)
 
 
+def test_a_kernel_of_the_wrong_output_shape_falls_back_too(fused_looks_available, monkeypatch, caplog):
+    """A wrong shape is a wrong result: the reference takes over (the check must not raise into the model)."""
+    model = _tiny_ar()
+    want = _generate(model, "reference")
+    monkeypatch.setitem(dispatch.OPS, "silu_mul", lambda gate_up: gate_up)  # [.., 2n] where [.., n] is due
+    with caplog.at_level(logging.WARNING, logger="glm_image_nodes"):
+        got = _generate(model, "auto")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    message, = _warnings(caplog)
+    assert "fused silu_mul" in message and "has shape" in message and "glm-image-check" in message
+
+
+def test_two_threads_run_a_check_once(fused_looks_available, monkeypatch, caplog):
+    """Two samplers in two threads asking for the same op, device and dtype: one check, one warning."""
+    import threading
+    import time
+
+    runs = []
+
+    def slow_and_broken(*args):
+        runs.append(1)
+        time.sleep(0.2)  # the second thread asks while the first is still checking
+        return _raises()
+
+    monkeypatch.setitem(self_check.CHECKS, "rms_norm", kernel_check("rms_norm", slow_and_broken))
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        self_check.passed("rms_norm", torch.device("cpu"), torch.float32))) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="glm_image_nodes"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert answers == [False, False] and len(runs) == 1
+    assert len(_warnings(caplog)) == 1
+
+
+def test_out_of_memory_during_a_check_leaves_no_verdict(fused_looks_available, monkeypatch):
+    """A device full at the first use says nothing about the kernel: the OOM propagates, the op is not
+    switched off for the process, and the next use checks again."""
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setitem(self_check.CHECKS, "rms_norm", kernel_check("rms_norm", out_of_memory))
+    with pytest.raises(torch.OutOfMemoryError):
+        self_check.passed("rms_norm", torch.device("cpu"), torch.float32)
+    assert self_check.verdicts() == []
+    monkeypatch.setitem(self_check.CHECKS, "rms_norm", kernel_check("rms_norm", norms.rms_norm_reference))
+    assert self_check.passed("rms_norm", torch.device("cpu"), torch.float32)
+
+
 def test_forced_fused_mode_skips_the_check_and_raises(fused_looks_available, monkeypatch):
     model = _tiny_ar()
     monkeypatch.setitem(dispatch.OPS, "rms_norm", _raises)
@@ -126,6 +177,7 @@ def test_a_broken_fp8_gemm_falls_back_to_the_dequantized_weight(fused_looks_avai
     assert len(gemm_calls) == 1  # the check only
     message, = _warnings(caplog)
     assert "fused scaled_mm on cpu/bfloat16" in message
+    assert "GLMIMAGE_KERNELS=reference does not switch the FP8 GEMM off" in message  # no false off switch
 
 
 def test_a_working_fp8_gemm_passes_its_check(fused_looks_available, monkeypatch):

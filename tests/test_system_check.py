@@ -40,18 +40,23 @@ def test_node_and_console_script_print_the_report(capsys):
     assert "GLM-Image System Check" in (ROOT / "README.md").read_text()
 
 
-def test_gpu_report_names_failed_ops_and_causes(monkeypatch):
-    """CUDA faked: the report runs the checks on the device and prints each op's verdict and cause."""
-    cpu = torch.device("cpu")
+def fake_cuda(monkeypatch, name, capability, *, bf16, triton, fp8_gemm):
+    """CUDA device 0 faked for the report: 3 of 24 GiB free, SDPA runs flash, efficient, math."""
     monkeypatch.setattr(system_check.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(system_check.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(system_check.torch.cuda, "mem_get_info", lambda d: (3 * 2 ** 30, 24 * 2 ** 30))
-    monkeypatch.setattr(system_check.torch.cuda, "is_bf16_supported", lambda: False)
-    monkeypatch.setattr(system_check.torch.cuda, "get_device_name", lambda d: "Fake RTX 3090")
-    monkeypatch.setattr(system_check.torch.cuda, "get_device_capability", lambda d: (8, 6))
-    monkeypatch.setattr(system_check.fp8, "has_fp8_matmul", lambda d: False)
-    monkeypatch.setattr(system_check, "HAVE_TRITON", True)
+    monkeypatch.setattr(system_check.torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(system_check.torch.cuda, "get_device_name", lambda d: name)
+    monkeypatch.setattr(system_check.torch.cuda, "get_device_capability", lambda d: capability)
+    monkeypatch.setattr(system_check.fp8, "has_fp8_matmul", lambda d: fp8_gemm)
+    monkeypatch.setattr(system_check, "HAVE_TRITON", triton)
     monkeypatch.setattr(system_check, "_sdpa_choice", lambda device, dtype, shape: ["flash", "efficient", "math"])
+
+
+def test_gpu_report_names_failed_ops_and_causes(monkeypatch):
+    """CUDA faked: the report runs the checks on the device and prints each op's verdict and cause."""
+    cpu = torch.device("cpu")
+    fake_cuda(monkeypatch, "Fake RTX 3090", (8, 6), bf16=False, triton=True, fp8_gemm=False)
     seen = []
 
     def check_all(device, dtype, ops):
@@ -70,6 +75,17 @@ def test_gpu_report_names_failed_ops_and_causes(monkeypatch):
     assert "  rms_norm: RuntimeError: Python.h" in text and "GPU: Fake RTX 3090" in text
     assert "SDPA kernels for the DiT (torch's pick first): flash, efficient, math" in text
     assert "No CUDA device" not in text
+
+
+def test_the_fp8_gemm_line_gives_this_devices_cause(monkeypatch):
+    """With verdicts of another GPU recorded first, the FP8 GEMM line names the checked device's cause."""
+    fake_cuda(monkeypatch, "Fake L40S", (8, 9), bf16=True, triton=False, fp8_gemm=True)
+    monkeypatch.setattr(system_check.self_check, "passed", lambda op, device, dtype: False)
+    monkeypatch.setattr(system_check.self_check, "verdicts", lambda: [
+        self_check.Verdict("scaled_mm", "cuda:1", "bfloat16", False, "cuda:1's cause"),
+        self_check.Verdict("scaled_mm", "cuda:0", "float32", False, "float32's cause"),
+        self_check.Verdict("scaled_mm", "cuda:0", "bfloat16", False, "cuda:0's cause")])
+    assert system_check.report(None)["fp8_gemm"] == "cuda:0's cause"
 
 
 def test_console_script_runs_as_a_module():

@@ -38,6 +38,8 @@ class FusedQuantize:
             self.compiled = torch.compile(quantize_activation, dynamic=True, fullgraph=True)
         try:
             return self.compiled(x2, rowwise)
+        except torch.OutOfMemoryError:  # the activations' size, not the compile: the caller's OOM handling
+            raise
         except Exception as error:  # a compile that cannot build: the eager passes give the same values
             self.failed = True
             log.warning("glm-image: the fused FP8 activation quantization could not be compiled (%s: %s); "

@@ -106,6 +106,8 @@ class PackedLayer:
             scale = getattr(self, fp8.SCALE, None)
             weight = dequantize_packed(data, self.weight_kind, self.weight_shape,
                                        _on(scale, device) if scale is not None else None, dtype)
+            if self.weight_function and weight.data_ptr() == self.weight.data_ptr():
+                weight = weight.clone()  # a GGUF float weight in its own dtype is the stored one: patched in place
         for patch in [*self.weight_function, *self.weight_patches]:
             patched = patch(weight)
             if tuple(patched.shape) != self.weight_shape:

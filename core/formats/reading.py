@@ -123,6 +123,13 @@ def component_path(path: str, subfolder: str) -> str:
     return path
 
 
+def release_roots(path: str) -> tuple[str, str]:
+    """Where the release of the component at ``path`` (release root, component folder or file) may be: the
+    folder itself (or the file's folder), then one folder up; its siblings (``scheduler/``, ``vae/``) live there."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return folder, os.path.dirname(os.path.abspath(folder))
+
+
 def config_or_none(path: str) -> dict | None:
     """The component's config.json when ``path`` is a folder (or a file with a config.json beside it)."""
     folder = path if os.path.isdir(path) else None

@@ -95,6 +95,8 @@ def comfy_lora_patcher(base_patcher, loras: Sequence[AppliedLora], prefix: str):
         if applied.strength != 0:
             patcher.add_patches(comfy_patches(applied.lora, prefix), applied.strength)
     return patcher
+
+
 def _packed_layer(model, key: str) -> PackedLayer | None:
     """The pack's layer whose packed (FP8 / GGUF) weight ``key`` names, else None."""
     if not key.endswith(".weight"):

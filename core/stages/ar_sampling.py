@@ -92,9 +92,10 @@ class DecodeState:
     tokens: torch.Tensor     # [B, 1] the last sampled ids, fed next
     index: torch.Tensor      # 0-dim: the cache slot of ``tokens``
     step: torch.Tensor       # 0-dim: k, the token this step produces
-    cos: torch.Tensor        # [B, 1, total, R] M-RoPE of the decode positions; token k comes from feeding
+    cos: torch.Tensor        # [B, 1, rows, R] M-RoPE of the decode positions; token k comes from feeding
     sin: torch.Tensor        # token k-1 at position k-1
-    out: torch.Tensor        # [B, total] every produced id
+    out: torch.Tensor        # [B, rows] every produced id (rows: the token count, rounded up to
+                             # decode_modes.BUCKET under ``compiled``; the rows past it are never read)
     noise: SamplingNoise
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.reading import CheckpointError, read_json
+from ..formats.reading import CheckpointError, read_json, release_roots
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,7 @@ def read_shift_settings(path: str | None) -> ShiftSettings:
 def release_shift_settings(path: str) -> ShiftSettings:
     """The scheduler settings of the release ``path`` (release root, component folder or file) belongs to:
     ``scheduler/scheduler_config.json`` there or one folder up; the defaults when there is none."""
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    for root in (folder, os.path.dirname(os.path.abspath(folder))):
+    for root in release_roots(path):
         config = os.path.join(root, "scheduler", "scheduler_config.json")
         if os.path.isfile(config):
             return read_shift_settings(config)

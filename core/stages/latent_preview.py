@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..formats.reading import release_roots
 from ..host import memory, progress
 from ..models.vae import load_vae
 from ..runtime.devices import offload_device
@@ -123,8 +124,7 @@ def release_vae_folder(path: str | None) -> str | None:
     belongs to: there or one folder up; None outside a release."""
     if not path:
         return None
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    for root in (folder, os.path.dirname(os.path.abspath(folder))):
+    for root in release_roots(path):
         vae = os.path.join(root, "vae")
         if os.path.isfile(os.path.join(vae, "config.json")):
             return vae

@@ -101,7 +101,8 @@ def report(device: torch.device | str | None = None) -> dict:
     out["fp8_gemm"] = ("no FP8 matrix math on this GPU (needs compute capability 8.9+): FP8 weights are "
                        "dequantized per layer") if not has_fp8 else (
         "passed" if self_check.passed("scaled_mm", device, torch.bfloat16)
-        else next(v.cause for v in self_check.verdicts() if v.op == "scaled_mm"))
+        else next(v.cause for v in self_check.verdicts()
+                  if (v.op, v.device, v.dtype) == ("scaled_mm", str(device), "bfloat16")))
     out["sdpa_dit"] = _sdpa_choice(device, dtype, DIT_SHAPE)
     out["sdpa_ar_prefill"] = _sdpa_choice(device, dtype, AR_SHAPE)
     out["cudnn_first_by_torch"] = sdpa_backends.torch_prefers_cudnn(out["capability"], out["cudnn"])
