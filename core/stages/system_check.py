@@ -158,3 +158,7 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, default=str)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
