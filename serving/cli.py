@@ -60,6 +60,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ServeSettings]:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per replica")
     args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:  # else Ray starts (seconds) and Serve's proxy fails with a traceback
+        p.error(f"--port must be 1..65535 (got {args.port}).")
     try:
         settings = ServeSettings(os.path.abspath(args.release), args.replicas, args.gpus_per_replica,
                                  args.cpus_per_replica, args.max_batch, args.batch_wait_ms, args.max_queue, args.dtype,

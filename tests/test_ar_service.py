@@ -188,3 +188,6 @@ def test_command_refuses_a_bad_release_before_starting_ray(tmp_path, capsys):
     assert "is not a folder: give the GLM-Image release folder" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="bad release: No GLM-Image tokenizer found"):
         cli.main(["--release", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.main(["--release", str(tmp_path), "--port", "70000"])
+    assert "--port must be 1..65535 (got 70000)" in capsys.readouterr().err
