@@ -230,6 +230,8 @@ class Executor:
                     getattr(cls(), cls.FUNCTION)(**inputs)
             except Exception as e:
                 raise NodeFailed(node_id, node["class_type"], e) from e
+            if isinstance(out, dict):  # ComfyUI's {"ui": ..., "result": outputs} of an output node
+                out = tuple(out.get("result", ()))
             self.on_node(node_id, node["class_type"], time.perf_counter() - start)
             results[node_id] = out
             return out

@@ -136,6 +136,28 @@ def test_round_trip_saves_inside_the_output_folder(release, folders):
     assert sorted(os.listdir(os.path.join(out, "sub"))) == ["trip_00000.png", "trip_00001.png"]
 
 
+def test_an_output_node_that_returns_ui_and_result_feeds_its_outputs_on(folders):
+    """The System Check node returns ComfyUI's {"ui": ..., "result": (report,)}: a node linked to its report gets
+    the text (a ``result`` tuple indexed by the link), not a KeyError."""
+    got = []
+
+    class TextSink:
+        FUNCTION, RETURN_TYPES, OUTPUT_NODE = "take", (), True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"text": ("STRING", {})}}
+
+        def take(self, text):
+            got.append(text)
+            return ()
+
+    graph = {"1": {"class_type": "GLMImageSystemCheck", "inputs": {}},
+             "2": {"class_type": "TextSink", "inputs": {"text": ["1", 0]}}}
+    Executor({**NODES, "TextSink": TextSink}, folders[0], input_dir=folders[1]).run(graph)
+    assert len(got) == 1 and isinstance(got[0], str) and "torch" in got[0]
+
+
 def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, folders):
     executor = Executor(NODES, folders[0], input_dir=folders[1])
     interrupts.request_interrupt()
