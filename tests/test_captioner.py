@@ -55,6 +55,12 @@ def test_loader_accepts_glmv_and_rejects_others(release, captioner, tmp_path):
         load_captioner(str(empty), device="cpu")
 
 
+def test_loader_refuses_the_fp8_choice(release):
+    """fp8_e4m3fn is a choice of the pack's own loaders; the captioner must not take it as auto."""
+    with pytest.raises(CheckpointError, match="no fp8_e4m3fn form: choose auto, bf16, fp32 or fp16"):
+        load_captioner(release, dtype="fp8_e4m3fn", device="cpu")
+
+
 def test_loader_says_how_to_install_transformers(release, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'transformers>=5'.*caption"):

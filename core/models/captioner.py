@@ -124,6 +124,8 @@ def load_captioner(path: str, dtype: str = "auto", device: torch.device | str | 
     config = _check_release_folder(path)
     transformers = _require_transformers()
     placement = place(dtype, device, compute_device, component="GLM-V captioner")
+    if placement.fp8:  # place() takes the FP8 choice of the pack's own components; transformers' model has none
+        raise CheckpointError(f"The GLM-V captioner has no {dtype} form: choose auto, bf16, fp32 or fp16.")
     device, torch_dtype = placement.weights, placement.dtype
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
