@@ -214,7 +214,11 @@ def test_demo_refuses_invalid_arguments(capsys, monkeypatch, tmp_path):
     import demo
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a_file = tmp_path.parent / f"{tmp_path.name}_a_file"
+    a_file.write_text("")
     for argv, message in ((["--width", "0"], "0x512 (WxH) is not one. The nearest valid size is 512x512"),
+                          (["--out", str(a_file)], f"--out {a_file} is a file: give a folder"),
+                          (["--previews", str(a_file)], f"--previews {a_file} is a file: give a folder"),
                           (["--width", "1000"], "The nearest valid size is 992x512"),
                           (["--steps", "0"], "--steps = 0 is out of range: it must be 1..200"),
                           (["--seed", "-1"], "--seed = -1 is out of range"),
