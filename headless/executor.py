@@ -54,7 +54,7 @@ def _next_number(base: str) -> int:
 
 
 def _save_images(images: torch.Tensor, out_dir: str, prefix: str) -> list[str]:
-    base = inside(out_dir, prefix)
+    base = inside(out_dir, prefix + "_")[:-1]  # as validated; an empty prefix or "sub/" names files "_00000.png"
     os.makedirs(os.path.dirname(base), exist_ok=True)
     first = _next_number(base)
     paths = []

@@ -158,6 +158,15 @@ def test_an_output_node_that_returns_ui_and_result_feeds_its_outputs_on(folders)
     assert len(got) == 1 and isinstance(got[0], str) and "torch" in got[0]
 
 
+def test_an_empty_or_folder_prefix_saves_inside_the_output_folder(release, folders):
+    out, _ = folders
+    real = os.path.realpath(out)
+    assert Executor(NODES, out, input_dir=folders[1]).run(round_trip(release, prefix="")) == [
+        os.path.join(real, "_00000.png")]
+    assert Executor(NODES, out, input_dir=folders[1]).run(round_trip(release, prefix="sub/")) == [
+        os.path.join(real, "sub", "_00000.png")]
+
+
 def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, folders):
     executor = Executor(NODES, folders[0], input_dir=folders[1])
     interrupts.request_interrupt()
