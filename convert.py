@@ -112,6 +112,9 @@ def main(argv=None) -> int:
         if args.comfyui_models and not is_release:
             parser.error(f"--comfyui-models lays out a whole release, but {args.src} has no model_index.json: give "
                          f"the release folder, or use --out FILE for one component.")
+        folder = args.comfyui_models or (args.out if is_release else None)
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            parser.error(f"{folder} is a file: a release is written into a folder; give a folder (it is created).")
         if args.comfyui_models:
             jobs = comfyui_jobs(args.src, args.format, args.comfyui_models)
         elif is_release:
@@ -145,6 +148,9 @@ def main(argv=None) -> int:
             report_release_folder(args.src, args.comfyui_models)
     except (CheckpointError, ValueError) as e:
         print(f"convert.py: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be made or written, a full disk
+        print(f"convert.py: {e.filename or 'a file'}: {e.strerror or e}.", file=sys.stderr)
         return 2
     return 0
 

@@ -103,6 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--weights {args.weights} is not a GLM-Image release folder (no model_index.json): give "
                              f"the folder of zai-org/GLM-Image, or leave --weights out for tiny random weights.")
         check_component_paths(args)
+        for option in ("out", "previews"):
+            folder = getattr(args, option)
+            if folder and os.path.exists(folder) and not os.path.isdir(folder):
+                raise ValueError(f"--{option} {folder} is a file: give a folder for the images (it is created).")
     except ValueError as e:
         parser.error(str(e))
     return args

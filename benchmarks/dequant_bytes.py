@@ -8,6 +8,8 @@ float32, then the compute dtype); "direct": ``layers.dequantize_packed`` off CUD
 "fused (CUDA)": ``layers.dequantize_packed`` under kernel mode ``fused``, the one-pass kernels' path
 (``core/cuda/dequant.py``): its custom op (``glm_image_nodes::dequant_*``, run here by its CPU reference) is
 charged as one op, its packed input read once and its compute-dtype weight written once, as the kernel does.
+
+Not a script of its own: ``python benchmarks/memory.py --bytes-per-token`` prints its table.
 """
 from __future__ import annotations
 

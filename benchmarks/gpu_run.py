@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (420; tiny 170)")
     args = parser.parse_args(argv)
     budget = args.budget or (170 if args.tiny else 420)
+    args.out = os.path.abspath(args.out)  # the stages run in the repository root and write their results here
     os.makedirs(args.out, exist_ok=True)
     os.environ["PYTHONUNBUFFERED"] = "1"
     start = time.perf_counter()

@@ -375,6 +375,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         check_server_url(args.server)
+        for option, folder in (("--out", args.out), ("--previews", args.previews)):
+            if folder and os.path.exists(folder) and not os.path.isdir(folder):
+                raise WorkflowError(f"{option} {folder} is a file: give a folder for the images (it is created).")
         graph = load_workflow(args.workflow)
         for assignment in args.set:
             set_input(graph, assignment)

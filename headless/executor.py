@@ -54,7 +54,7 @@ def _next_number(base: str) -> int:
 
 
 def _save_images(images: torch.Tensor, out_dir: str, prefix: str) -> list[str]:
-    base = inside(out_dir, prefix)
+    base = inside(out_dir, prefix + "_")[:-1]  # as validated; an empty prefix or "sub/" names files "_00000.png"
     os.makedirs(os.path.dirname(base), exist_ok=True)
     first = _next_number(base)
     paths = []
@@ -230,6 +230,8 @@ class Executor:
                     getattr(cls(), cls.FUNCTION)(**inputs)
             except Exception as e:
                 raise NodeFailed(node_id, node["class_type"], e) from e
+            if isinstance(out, dict):  # ComfyUI's {"ui": ..., "result": outputs} of an output node
+                out = tuple(out.get("result", ()))
             self.on_node(node_id, node["class_type"], time.perf_counter() - start)
             results[node_id] = out
             return out

@@ -60,6 +60,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ServeSettings]:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per replica")
     args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:  # else Ray starts (seconds) and Serve's proxy fails with a traceback
+        p.error(f"--port must be 1..65535 (got {args.port}).")
     try:
         settings = ServeSettings(os.path.abspath(args.release), args.replicas, args.gpus_per_replica,
                                  args.cpus_per_replica, args.max_batch, args.batch_wait_ms, args.max_queue, args.dtype,
@@ -79,8 +81,12 @@ def start(settings: ServeSettings, host: str, port: int, address: str | None = N
     if not ray.is_initialized():
         if address is None:  # a local cluster: its workers run the AR, at normal priority (Ray nices them to 15)
             os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                 log_to_driver=False)
+        try:
+            ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
+                     log_to_driver=False)
+        except (ValueError, ConnectionError) as e:  # a malformed address; a cluster that does not answer
+            raise SystemExit(f"glm-image-serve: cannot reach the Ray cluster at --address {address!r}: {e}. Give "
+                             f"ray://HEAD:10001 or auto, or leave --address out for a local cluster.") from None
     serve.start(http_options={"host": host, "port": port})
     local = address is None or address == "local"
     serve.run(build_app(settings, package_runtime_env() if local else None), name="glm-image", route_prefix="/")

@@ -8,6 +8,8 @@ Editing works (the source ids are in ``input_ids``), which SGLang's own GLM-Imag
 """
 from __future__ import annotations
 
+import math
+
 from ..core.stages.ar_batch import PromptIds, TokenRequest, check_request, written_grids
 from ..core.stages.settings import ARSampling
 
@@ -20,13 +22,23 @@ class BadRequest(ValueError):
 
 def _number(params: dict, key: str, default, kind):
     value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    # JSON's Infinity and NaN parse as floats; int() of them raises OverflowError / ValueError
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and (not math.isfinite(value) or value != int(value))):
         raise BadRequest(f"sampling_params.{key} must be a{'n integer' if kind is int else ' number'} (got {value!r}).")
     return kind(value)
 
 
 def _bad_frames(t) -> bool:
     raise ValueError(f"image_grid_thw frame count {t!r} is not 1")
+
+
+def _masks_reserved(key, bias, codebook_size: int) -> bool:
+    """A ``logit_bias`` entry that masks a reserved vision id (``>= codebook_size``) with a large negative bias."""
+    try:
+        return int(key) >= codebook_size and float(bias) <= -1e4
+    except (TypeError, ValueError):  # "abc", None, "²" (isdigit, but not int)
+        return False
 
 
 def _top_k(params: dict) -> int:
@@ -55,8 +67,7 @@ def parse_generate(body, ids: PromptIds, max_positions: int) -> TokenRequest:
     if params.get("ignore_eos") is not True:
         raise BadRequest("sampling_params.ignore_eos must be true: the grid has a fixed number of tokens.")
     bias = params.get("logit_bias") or {}
-    if not isinstance(bias, dict) or any(not str(k).isdigit() or int(k) < ids.codebook_size or float(v) > -1e4
-                                         for k, v in bias.items()):
+    if not isinstance(bias, dict) or not all(_masks_reserved(k, v, ids.codebook_size) for k, v in bias.items()):
         raise BadRequest(f"logit_bias may only mask ids >= {ids.codebook_size} (the reserved vision ids) with a large "
                          f"negative bias; the service never samples them anyway.")
     try:

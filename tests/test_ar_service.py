@@ -7,6 +7,7 @@ a killed replica gives the waiting client a clear error and the service answers 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -188,3 +189,22 @@ def test_command_refuses_a_bad_release_before_starting_ray(tmp_path, capsys):
     assert "is not a folder: give the GLM-Image release folder" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="bad release: No GLM-Image tokenizer found"):
         cli.main(["--release", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.main(["--release", str(tmp_path), "--port", "70000"])
+    assert "--port must be 1..65535 (got 70000)" in capsys.readouterr().err
+
+
+def test_command_refuses_a_malformed_ray_address_in_one_line(tmp_path):
+    """In a fresh process (this one may hold the test cluster): Ray's ValueError becomes the command's one line."""
+    import subprocess
+    import sys
+
+    from glm_image_nodes.testing.tiny_release import write_tiny_release
+    release = write_tiny_release(str(tmp_path / "GLM-Image"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from standalone import register_pack; register_pack(); "
+            "from glm_image_nodes.serving.cli import main; main(['--release', sys.argv[2], '--address', 'foo'])")
+    done = subprocess.run([sys.executable, "-c", code, root, str(release)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "glm-image-serve: cannot reach the Ray cluster at --address 'foo': Invalid address format" in done.stderr

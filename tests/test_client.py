@@ -173,6 +173,8 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, not_comfy):
                                             f"server?"),
         ((str(api), "--server", not_comfy + "/sub"), "/prompt answered HTTP 404 ('<html>"),
         ((str(api), "--set", "7.seed=1"), "--set 7.seed=1: no node '7' in the workflow (ids: 1)"),
+        ((str(api), "--out", str(api)), f"--out {api} is a file: give a folder for the images"),
+        ((str(api), "--previews", str(api)), f"--previews {api} is a file: give a folder for the images"),
     ]
     for argv, message in cases:
         assert message in _main(capsys, *argv), argv

@@ -87,3 +87,18 @@ def test_a_component_folder_is_refused(release, capsys):
     with pytest.raises(SystemExit):
         convert.main([root, "--format", "q4_k", "--comfyui-models", str(models), "--out", str(models)])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_destination_that_is_a_file_or_cannot_be_made_is_one_line(release, capsys, tmp_path):
+    _, root = release
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for option in ("--out", "--comfyui-models"):
+        with pytest.raises(SystemExit) as exit_:
+            convert.main([root, "--format", "q8_0", option, str(a_file)])
+        assert exit_.value.code == 2
+        assert f"{a_file} is a file: a release is written into a folder" in capsys.readouterr().err
+    # a folder below a file cannot be made: one line, exit code 2, no traceback
+    assert convert.main([root, "--format", "q8_0", "--out", str(a_file / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"convert.py: {a_file / 'sub'}") and "Traceback" not in err and len(err.splitlines()) == 1

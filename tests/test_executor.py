@@ -136,6 +136,37 @@ def test_round_trip_saves_inside_the_output_folder(release, folders):
     assert sorted(os.listdir(os.path.join(out, "sub"))) == ["trip_00000.png", "trip_00001.png"]
 
 
+def test_an_output_node_that_returns_ui_and_result_feeds_its_outputs_on(folders):
+    """The System Check node returns ComfyUI's {"ui": ..., "result": (report,)}: a node linked to its report gets
+    the text (a ``result`` tuple indexed by the link), not a KeyError."""
+    got = []
+
+    class TextSink:
+        FUNCTION, RETURN_TYPES, OUTPUT_NODE = "take", (), True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"text": ("STRING", {})}}
+
+        def take(self, text):
+            got.append(text)
+            return ()
+
+    graph = {"1": {"class_type": "GLMImageSystemCheck", "inputs": {}},
+             "2": {"class_type": "TextSink", "inputs": {"text": ["1", 0]}}}
+    Executor({**NODES, "TextSink": TextSink}, folders[0], input_dir=folders[1]).run(graph)
+    assert len(got) == 1 and isinstance(got[0], str) and "torch" in got[0]
+
+
+def test_an_empty_or_folder_prefix_saves_inside_the_output_folder(release, folders):
+    out, _ = folders
+    real = os.path.realpath(out)
+    assert Executor(NODES, out, input_dir=folders[1]).run(round_trip(release, prefix="")) == [
+        os.path.join(real, "_00000.png")]
+    assert Executor(NODES, out, input_dir=folders[1]).run(round_trip(release, prefix="sub/")) == [
+        os.path.join(real, "sub", "_00000.png")]
+
+
 def test_an_interrupt_requested_while_idle_does_not_abort_the_next_run(release, folders):
     executor = Executor(NODES, folders[0], input_dir=folders[1])
     interrupts.request_interrupt()
@@ -192,7 +223,11 @@ def test_demo_refuses_invalid_arguments(capsys, monkeypatch, tmp_path):
     import demo
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a_file = tmp_path.parent / f"{tmp_path.name}_a_file"
+    a_file.write_text("")
     for argv, message in ((["--width", "0"], "0x512 (WxH) is not one. The nearest valid size is 512x512"),
+                          (["--out", str(a_file)], f"--out {a_file} is a file: give a folder"),
+                          (["--previews", str(a_file)], f"--previews {a_file} is a file: give a folder"),
                           (["--width", "1000"], "The nearest valid size is 992x512"),
                           (["--steps", "0"], "--steps = 0 is out of range: it must be 1..200"),
                           (["--seed", "-1"], "--seed = -1 is out of range"),

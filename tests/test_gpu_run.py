@@ -51,3 +51,19 @@ def test_stages_past_the_budget_are_skipped_and_results_written_each_time(tmp_pa
     assert report["stages"]["kernel_tests"]["seen_before"] == ["system"]  # saved after the first stage
     assert report["stages"]["cuda_graph_decode"]["status"].startswith("skipped")
     assert report["stages"]["compiled_dit_block"]["status"].startswith("skipped")
+
+
+def test_a_relative_out_is_the_folder_under_the_callers_directory(tmp_path, monkeypatch):
+    """The stages run in the repository root: a relative --out given from elsewhere must still be where they write."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def fake_run(stage, timeout, out):
+        seen.append((stage, out))
+        return {"status": "passed", "seconds": 0.1}
+
+    monkeypatch.setattr(gpu_run, "run_stage", fake_run)
+    assert gpu_run.main(["--tiny", "--out", "relative"]) == 0
+    assert [out for _, out in seen] == [str(tmp_path / "relative")] * len(ORDER)
+    assert all(stage.result.startswith(str(tmp_path / "relative")) for stage, _ in seen if stage.result)
+    assert (tmp_path / "relative" / "gpu_run.json").is_file()

@@ -231,7 +231,11 @@ def test_service_protocol_refuses_what_it_cannot_run(release):
     for change, says in ((lambda b: b.update(image_data=[{"image_grid_thw": [[2, 4, 3], [1, 16, 16]]}]), "image_data"),
                          (lambda b: b["sampling_params"].update(ignore_eos=False), "ignore_eos must be true"),
                          (lambda b: b["sampling_params"].update(logit_bias={"5": -1e9}), "logit_bias may only mask"),
+                         (lambda b: b["sampling_params"].update(logit_bias={"16400": "x"}), "logit_bias may only"),
+                         (lambda b: b["sampling_params"].update(logit_bias={"\u00b2": -1e9}), "logit_bias may only"),
                          (lambda b: b["sampling_params"].update(temperature="hot"), "temperature must be a number"),
+                         (lambda b: b["sampling_params"].update(sampling_seed=math.inf), "sampling_seed must be an"),
+                         (lambda b: b["sampling_params"].update(top_k=math.nan), "top_k must be an integer"),
                          (lambda b: b.update(input_ids=b["input_ids"][:-1]), "image start marker"),
                          (lambda b: b.update(text="a cat", input_ids=None), "input_ids")):
         broken = json.loads(json.dumps(body))
