@@ -94,3 +94,16 @@ def test_console_script_runs_as_a_module():
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "GLM-Image system check" in out.stdout
+
+
+def test_bad_arguments_get_one_line_before_any_check(tmp_path, capsys):
+    for args, says in ((["--device", "bogus"], "is not a torch device"),
+                       (["--json", str(tmp_path / "missing" / "x.json")], "its folder does not exist")):
+        try:
+            system_check.main(args)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{args} was accepted")
+        out, err = capsys.readouterr()
+        assert says in err and "Traceback" not in err and out == ""  # refused before the report

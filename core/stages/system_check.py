@@ -151,6 +151,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="device to check (default: cuda when available, else cpu)")
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError as e:
+            parser.error(f"--device {args.device!r} is not a torch device ({e}); give e.g. cuda, cuda:1 or cpu.")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json}: its folder does not exist; create it or give another path.")
     info = report(args.device)
     print(format_report(info))
     if args.json:
