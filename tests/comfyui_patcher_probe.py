@@ -105,7 +105,7 @@ def on_compute_device(*items, **options):
         def __enter__(self):
             device = placement.__enter__()
             yielded.append(str(device))
-            found["partially_loaded"] = not memory.fully_resident(partial)
+            found["partially_loaded"] = bool(getattr(partial.patcher.model, "model_lowvram", False))
             return device
 
         def __exit__(self, *exc):

@@ -55,27 +55,26 @@ def kernel_output(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in KERNEL_DTYPES
 
 
-def fused_for(device: torch.device, dtype: torch.dtype, op: str, mode: str | None = None) -> bool:
-    """``use_fused`` for an op whose inputs are not in the compute dtype (packed weights): whether fused ``op``
-    writing ``dtype`` on ``device`` runs under ``mode``."""
+def _decide(op: str, mode: str | None, kernels_apply: bool, device: torch.device, dtype: torch.dtype) -> bool:
     mode = mode or default_mode()
     if mode == "fused":
         return True
-    if mode == "reference" or not HAVE_TRITON or not kernel_output(device, dtype):
+    if mode == "reference" or not HAVE_TRITON or not kernels_apply:
         return False
     return self_check.passed(op, device, dtype)
+
+
+def fused_for(device: torch.device, dtype: torch.dtype, op: str, mode: str | None = None) -> bool:
+    """``use_fused`` for an op whose inputs are not in the compute dtype (packed weights): whether fused ``op``
+    writing ``dtype`` on ``device`` runs under ``mode``."""
+    return _decide(op, mode, kernel_output(device, dtype), device, dtype)
 
 
 def use_fused(*tensors: torch.Tensor, op: str, mode: str | None = None) -> bool:
     """THE decision: whether fused ``op`` runs on ``tensors`` under ``mode`` (the call's ``RunOptions.kernels``;
     None: the default): forced, never, or where the kernels apply and the op passed its self-check on the first
     tensor's device and dtype."""
-    mode = mode or default_mode()
-    if mode == "fused":
-        return True
-    if mode == "reference" or not HAVE_TRITON or not all(kernel_tensor(t) for t in tensors):
-        return False
-    return self_check.passed(op, tensors[0].device, tensors[0].dtype)
+    return _decide(op, mode, all(kernel_tensor(t) for t in tensors), tensors[0].device, tensors[0].dtype)
 
 
 def use_checked(op: str, x: torch.Tensor, mode: str | None = None) -> bool:

@@ -31,3 +31,9 @@ def gguf_to(data: torch.Tensor, kind: str, shape: tuple[int, ...], dtype: torch.
     blocks = raw.reshape(-1, ggml.QTYPES[kind].type_size)
     scale = blocks[:, :2].contiguous().view(torch.float16).float()  # [n, 1]
     return blocks[:, 2:].contiguous().view(torch.int8).to(dtype).mul_(scale).reshape(shape)
+
+
+def gguf_in(data: torch.Tensor, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A GGUF tensor in ``dtype``: directly where that is exact, else through float32 (``ggml.dequantize``)."""
+    direct = gguf_to(data, kind, shape, dtype)
+    return direct if direct is not None else ggml.dequantize(data, ggml.QTYPES[kind], shape).to(dtype)

@@ -30,10 +30,7 @@ def fp8_reference(q_bytes: torch.Tensor, e5m2: bool, scale: torch.Tensor, dtype:
 
 
 def gguf_reference(blocks: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    qtype = ggml.QTYPES[kind]
-    shape = (blocks.shape[0], qtype.block_size)
-    direct = direct_dequant.gguf_to(blocks, kind, shape, dtype)
-    return direct if direct is not None else ggml.dequantize(blocks, qtype, shape).to(dtype)
+    return direct_dequant.gguf_in(blocks, kind, (blocks.shape[0], ggml.QTYPES[kind].block_size), dtype)
 
 
 def _fp8_fake(q, e5m2, scale, dtype):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cuda import dispatch
-from . import direct_dequant, fp8, fused_dequant, ggml
+from . import direct_dequant, fp8, fused_dequant
 
 WeightPatch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,8 +41,7 @@ def dequantize_packed(data: torch.Tensor, kind: str, shape: tuple[int, ...], sca
         return fused_dequant.dequantize(data, kind, shape, scale, dtype)
     if kind == "fp8":
         return fp8.dequantize(data, scale, dtype)
-    direct = direct_dequant.gguf_to(data, kind, shape, dtype)
-    return direct if direct is not None else ggml.dequantize(data, ggml.QTYPES[kind], shape).to(dtype)
+    return direct_dequant.gguf_in(data, kind, shape, dtype)
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:

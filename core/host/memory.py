@@ -147,25 +147,6 @@ def _swap_placement(items, device: torch.device):
         yield device
 
 
-def fully_resident(item) -> bool:
-    """Whether all of a handle's weights sit on the compute device while its stage runs (no block swap, no
-    partial load by ComfyUI)."""
-    patcher = getattr(item, "patcher", None)
-    partial = patcher is not None and getattr(patcher.model, "model_lowvram", False)
-    return not getattr(item, "block_swap", 0) and not partial
-
-
-def capturable_steps(item, decode_steps: str) -> str:
-    """``decode_steps`` for the AR sampler: a CUDA graph cannot hold the weight copies of block swap or of a
-    partial load, so those run eagerly (and say so once)."""
-    if decode_steps == "eager" or fully_resident(item):
-        return decode_steps
-    _say_once("graph_offload", f"decode_steps {decode_steps!r} needs the whole AR model on the GPU; it is partly "
-                               f"on the offload device (block_swap or ComfyUI's partial load), so the steps run "
-                               f"eagerly.")
-    return "eager"
-
-
 @contextmanager
 def on_compute_device(*items, **options):
     """``_on_compute_device`` within a ``run_scope``: a node called on its own starts a run there."""

@@ -137,16 +137,17 @@ def generate_batch(model: GlmImageAR, requests: list[TokenRequest], ids: PromptI
         logits = model(out[:, k - 1:k], None, cache, torch.tensor(length + k - 1, device=device), rope=rope)[:, -1]
         for noise in noises:
             noise.refill_for(k)
-        for sampling, rows in groups:
+        for sampling, members, rows in groups:
             # row-wise filters: one call for the rows that share settings gives each row what it gets alone
-            noise = None if sampling.greedy else torch.cat([noises[i].at(k) for i in rows.tolist()])
+            noise = None if sampling.greedy else torch.cat([noises[i].at(k) for i in members])
             out[rows, k] = sample_codebook_ids(logits.index_select(0, rows), sampling, noise, codebook)
     return out.cpu().tolist()
 
 
-def _settings_groups(requests: list[TokenRequest], device) -> list[tuple[ARSampling, torch.Tensor]]:
-    """(the settings of the first row of each group, the group's rows)."""
+def _settings_groups(requests: list[TokenRequest], device) -> list[tuple[ARSampling, list[int], torch.Tensor]]:
+    """(the settings of the first row of each group, the group's rows as a list and on ``device``: the loop
+    indexes with both and never reads a device tensor back)."""
     groups: dict = {}
     for i, r in enumerate(requests):
         groups.setdefault(filters(r.sampling), []).append(i)
-    return [(requests[rows[0]].sampling, torch.tensor(rows, device=device)) for rows in groups.values()]
+    return [(requests[rows[0]].sampling, rows, torch.tensor(rows, device=device)) for rows in groups.values()]

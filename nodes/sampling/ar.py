@@ -1,9 +1,6 @@
 """AR token sampling: prompt (and optional reference images) -> a semantic-VQ token grid."""
 from __future__ import annotations
 
-from dataclasses import replace
-
-from ...core.host import memory
 from ...core.runtime import checks
 from ...core.runtime.geometry import check_glm_image_size
 from ...core.stages import handles
@@ -17,13 +14,15 @@ SAME_AS_REFERENCE = " 0: the size of the first reference image (editing)."
 
 
 def output_size(width: int, height: int, references) -> tuple[int, int]:
-    if width and height:
-        return width, height
-    if references is None:
-        raise ValueError("width and height 0 mean the size of the first reference image, but no references are "
-                         "connected: connect references or set the output size.")
-    ref_height, ref_width = references.sizes[0]
-    return width or ref_width, height or ref_height
+    """The size to generate, checked: the widgets', where 0 takes the first reference image's."""
+    if not (width and height):
+        if references is None:
+            raise ValueError("width and height 0 mean the size of the first reference image, but no references are "
+                             "connected: connect references or set the output size.")
+        ref_height, ref_width = references.sizes[0]
+        width, height = width or ref_width, height or ref_height
+    check_glm_image_size(height, width)
+    return width, height
 
 
 def check_output_size(width: int, height: int) -> None:
@@ -81,13 +80,11 @@ class GLMImageARSampler(SamplerNode):
                attention="auto", decode_steps="eager"):
         run = self.checked(locals())
         width, height = output_size(width, height, references)
-        check_glm_image_size(height, width)
         source_grids = references.token_ids if references is not None else None
         settings = run[ARSampling]
         reserve = generation_memory(ar_model.model, ar_model.tokenizer, prompt, height, width, settings,
                                     source_grids)  # the KV cache: placed before the capture decision
         with self.on_device(ar_model, memory_required=reserve) as device:
-            settings = replace(settings, decode_steps=memory.capturable_steps(ar_model, decode_steps))
             grid = generate_token_grid(ar_model.model, ar_model.tokenizer, prompt, height, width, settings,
                                        source_grids=source_grids,
                                        preview=ar_preview(ar_model.model, ar_model.vocabulary.codebook_size),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from ...core.host import interrupts
 from ...core.runtime import checks
-from ...core.runtime.geometry import check_glm_image_size
 from ...core.stages import handles
 from ...core.stages.remote_ar import RemoteARError, generate_token_grid_remote, generate_url
 from ...core.stages.settings import ARSampling
@@ -59,7 +58,6 @@ class GLMImageARServerSampler:
                timeout=600):
         settings = check_now(locals(), *self.CHECKS)[ARSampling]  # one image per request
         width, height = output_size(width, height, references)
-        check_glm_image_size(height, width)
         source_grids = references.token_ids if references is not None else None
         grid = generate_token_grid_remote(endpoint, ar_tokenizer, prompt, height, width,
                                           settings, source_grids,
